@@ -1,0 +1,501 @@
+//! The tamper-evident audit log: JSON Lines where each record names the hash of the one before.
+//!
+//! Both tank's audit logs use this one format: the kernel log written by `tank-loader` and
+//! the request log written by `egress-proxy`, so one verifier serves an auditor for both.
+//!
+//! # Format
+//! One JSON object per line. The writer puts two fields first:
+//! - `seq`: 1 for the first record, then +1 per record, no gaps;
+//! - `prev`: lowercase hex SHA-256 of the previous record's line (its exact bytes, without the
+//!   newline); 64 zeros ([`GENESIS`]) for the first record.
+//!
+//! An edit to a record breaks the next record's `prev`; a deleted or reordered record breaks
+//! `seq` and `prev`; a crash mid-write leaves a partial last line, which is reported and never
+//! accepted. The last record has no successor to vouch for it, so the writer also keeps an
+//! anchor beside the log (`<log>.head`: the `seq` and hash of the last record it made
+//! durable), and [`verify`] reports a log that ends before its anchor, or whose anchored record
+//! changed. An attacker who can rewrite both files can rewrite history; the writers therefore
+//! also log each anchor to their system log (journald), which is shipped off the host.
+//!
+//! # Durability
+//! [`ChainWriter::append`] issues one `write(2)` per record on an `O_APPEND` descriptor, so a
+//! crash can only cut the last line. [`ChainWriter::sync`] makes everything appended so far
+//! durable (`fdatasync`) and then moves the anchor; callers decide how often (see
+//! docs/audit-format.md for each log's policy).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// `prev` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Failure to open or append to a chained log.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// The log or its anchor could not be opened, read or written.
+    #[error("audit log `{path}`: {action}")]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The existing log's last record cannot be continued from.
+    #[error("audit log `{path}` cannot be continued: {problem}")]
+    Unreadable {
+        /// The log.
+        path: PathBuf,
+        /// What is wrong with its tail.
+        problem: String,
+    },
+    /// The record to append did not serialize to a JSON object without `seq`/`prev`.
+    #[error("audit record is not a JSON object free of the reserved fields `seq` and `prev`")]
+    BadRecord,
+}
+
+/// The position of a record in a chain: its `seq` and the hex SHA-256 of its line.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Head {
+    /// Sequence number (0 for an empty log).
+    pub seq: u64,
+    /// Hash of the record's line ([`GENESIS`] for an empty log).
+    pub hash: String,
+}
+
+/// What [`ChainWriter::open`] found and repaired at the end of an existing log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// Bytes of the partial last line a crash left; it stays in the log, terminated by a
+    /// newline, and [`verify`] keeps reporting it.
+    pub partial_bytes: usize,
+}
+
+/// Appends records to a chained log.
+#[derive(Debug)]
+pub struct ChainWriter {
+    path: PathBuf,
+    file: File,
+    head: Head,
+    line: Vec<u8>,
+}
+
+impl ChainWriter {
+    /// Opens `path` for appending, creating it (mode 0640) if absent, and continues its chain.
+    ///
+    /// A partial last line (a crash mid-write) is terminated and reported in the returned
+    /// [`Recovery`]; the chain continues from the last complete record.
+    pub fn open(path: &Path) -> Result<(Self, Option<Recovery>), ChainError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let io_err = |action| move |source| ChainError::Io { path: path.to_owned(), action, source };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .mode(0o640)
+            .open(path)
+            .map_err(io_err("open for appending"))?;
+        let (head, partial_bytes) = read_tail(&mut file).map_err(|e| match e {
+            TailError::Io(source) => ChainError::Io { path: path.to_owned(), action: "read its tail", source },
+            TailError::Bad(problem) => ChainError::Unreadable { path: path.to_owned(), problem },
+        })?;
+        let recovery = if partial_bytes > 0 {
+            file.write_all(b"\n").map_err(io_err("terminate a partial last line"))?;
+            Some(Recovery { partial_bytes })
+        } else {
+            None
+        };
+        Ok((Self { path: path.to_owned(), file, head, line: Vec::with_capacity(1024) }, recovery))
+    }
+
+    /// Appends one record; `record` must serialize to a JSON object. Returns its `seq`.
+    ///
+    /// The record reaches the file in one `write(2)`, but is durable only after [`Self::sync`].
+    pub fn append<T: Serialize>(&mut self, record: &T) -> Result<u64, ChainError> {
+        let serde_json::Value::Object(fields) =
+            serde_json::to_value(record).map_err(|_| ChainError::BadRecord)?
+        else {
+            return Err(ChainError::BadRecord);
+        };
+        if fields.contains_key("seq") || fields.contains_key("prev") {
+            return Err(ChainError::BadRecord);
+        }
+        let seq = self.head.seq + 1;
+        self.line.clear();
+        write!(self.line, "{{\"seq\":{seq},\"prev\":\"{}\"", self.head.hash).expect("write to Vec");
+        if !fields.is_empty() {
+            let body = serde_json::to_vec(&fields).map_err(|_| ChainError::BadRecord)?;
+            self.line.push(b',');
+            self.line.extend_from_slice(&body[1..]);
+        } else {
+            self.line.push(b'}');
+        }
+        let hash = hash_line(&self.line);
+        self.line.push(b'\n');
+        self.file.write_all(&self.line).map_err(|source| ChainError::Io {
+            path: self.path.clone(),
+            action: "append a record",
+            source,
+        })?;
+        self.head = Head { seq, hash };
+        Ok(seq)
+    }
+
+    /// Makes every appended record durable, then moves the anchor to the last one.
+    pub fn sync(&mut self) -> Result<&Head, ChainError> {
+        self.file.sync_data().map_err(|source| ChainError::Io {
+            path: self.path.clone(),
+            action: "fdatasync",
+            source,
+        })?;
+        let anchor = anchor_path(&self.path);
+        let tmp = anchor.with_extension("head.tmp");
+        let body = serde_json::to_vec(&self.head).expect("Head serializes");
+        std::fs::write(&tmp, body)
+            .and_then(|()| std::fs::rename(&tmp, &anchor))
+            .map_err(|source| ChainError::Io { path: anchor.clone(), action: "write the anchor", source })?;
+        Ok(&self.head)
+    }
+
+    /// The last record appended.
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+}
+
+/// Where the anchor of the log at `log` lives: `<log>.head`.
+pub fn anchor_path(log: &Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".head");
+    PathBuf::from(name)
+}
+
+/// Lowercase hex SHA-256 of one record's line (without its newline).
+pub fn hash_line(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}
+
+enum TailError {
+    Io(io::Error),
+    Bad(String),
+}
+
+/// Finds the last complete record (its head) and the length of a partial line after it.
+fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
+    let len = file.seek(SeekFrom::End(0)).map_err(TailError::Io)?;
+    if len == 0 {
+        return Ok((Head { seq: 0, hash: GENESIS.to_owned() }, 0));
+    }
+    // Read backwards in growing windows until the window holds a whole last record.
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start)).map_err(TailError::Io)?;
+        let mut buf = Vec::with_capacity((len - start) as usize);
+        file.take(len - start).read_to_end(&mut buf).map_err(TailError::Io)?;
+        let partial = buf.iter().rev().take_while(|&&b| b != b'\n').count();
+        let complete = &buf[..buf.len() - partial];
+        if complete.is_empty() && start == 0 {
+            // Only a partial line: a crash during the very first record.
+            return Ok((Head { seq: 0, hash: GENESIS.to_owned() }, partial));
+        }
+        let body = &complete[..complete.len().saturating_sub(1)];
+        match body.iter().rposition(|&b| b == b'\n') {
+            Some(nl) => return head_of(&body[nl + 1..]).map(|h| (h, partial)),
+            None if start == 0 => return head_of(body).map(|h| (h, partial)),
+            None => window *= 4,
+        }
+    }
+}
+
+fn head_of(line: &[u8]) -> Result<Head, TailError> {
+    let seq = serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("seq").and_then(|s| s.as_u64()))
+        .ok_or_else(|| TailError::Bad("its last complete line is not a chained record".to_owned()))?;
+    Ok(Head { seq, hash: hash_line(line) })
+}
+
+/// One way in which a log fails to verify.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "problem", rename_all = "snake_case")]
+pub enum Problem {
+    /// A line is not a JSON object with a numeric `seq` and a string `prev`.
+    Malformed {
+        /// 1-based line number.
+        line: usize,
+    },
+    /// `seq` is not the previous record's plus one: records deleted, inserted or reordered.
+    SeqGap {
+        /// 1-based line number.
+        line: usize,
+        /// The `seq` that should be here.
+        expected: u64,
+        /// The `seq` found.
+        found: u64,
+    },
+    /// `prev` does not match the previous record: that record was edited, or records moved.
+    HashMismatch {
+        /// 1-based line number of the record whose `prev` does not match.
+        line: usize,
+    },
+    /// The file ends in a line with no newline: a crash or a cut mid-record.
+    PartialLastLine {
+        /// 1-based line number.
+        line: usize,
+    },
+    /// The log ends before the record its anchor names: records were cut off the end.
+    Truncated {
+        /// `seq` named by the anchor.
+        anchored: u64,
+        /// Last `seq` in the log.
+        last: u64,
+    },
+    /// The record the anchor names differs from what the anchor recorded: it was edited.
+    AnchorMismatch {
+        /// `seq` named by the anchor.
+        seq: u64,
+    },
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::Malformed { line } => write!(f, "line {line}: not a chained record"),
+            Problem::SeqGap { line, expected, found } => {
+                write!(f, "line {line}: seq {found} where {expected} was due (records deleted, inserted or reordered)")
+            }
+            Problem::HashMismatch { line } => {
+                write!(f, "line {line}: prev does not match the record before it (that record was edited or moved)")
+            }
+            Problem::PartialLastLine { line } => {
+                write!(f, "line {line}: partial record with no newline (crash or cut mid-write); never accepted")
+            }
+            Problem::Truncated { anchored, last } => {
+                write!(f, "log ends at seq {last} but its anchor names seq {anchored} (records cut off the end)")
+            }
+            Problem::AnchorMismatch { seq } => write!(f, "record seq {seq} differs from its anchored hash (edited)"),
+        }
+    }
+}
+
+/// A record of a verified log.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// 1-based line number.
+    pub line: usize,
+    /// Its `seq`.
+    pub seq: u64,
+    /// The whole record, chain fields included.
+    pub value: serde_json::Value,
+}
+
+/// The outcome of verifying a log.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    /// Complete records read.
+    pub records: u64,
+    /// The last complete record.
+    pub head: Head,
+    /// The anchor found beside the log, if any.
+    pub anchor: Option<Head>,
+    /// Everything that is wrong; empty for an intact log.
+    pub problems: Vec<Problem>,
+}
+
+impl Report {
+    /// True when the log verified with no problem at all.
+    pub fn is_intact(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Verifies the log at `path` against its chain and its anchor, if one exists.
+pub fn verify(path: &Path) -> io::Result<Report> {
+    read(path).map(|(report, _)| report)
+}
+
+/// Verifies the log at `path` and returns its records (also those after a problem, so a
+/// report can still say what the damaged log claims).
+pub fn read(path: &Path) -> io::Result<(Report, Vec<Record>)> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut records = Vec::new();
+    let mut problems = Vec::new();
+    let mut head = Head { seq: 0, hash: GENESIS.to_owned() };
+    let mut line_no = 0;
+    let mut buf = Vec::new();
+    let mut hashes: Vec<(u64, String)> = Vec::new();
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        line_no += 1;
+        if buf.last() != Some(&b'\n') {
+            problems.push(Problem::PartialLastLine { line: line_no });
+            break;
+        }
+        buf.pop();
+        let parsed = serde_json::from_slice::<serde_json::Value>(&buf).ok().and_then(|v| {
+            let seq = v.get("seq")?.as_u64()?;
+            let prev = v.get("prev")?.as_str()?.to_owned();
+            Some((seq, prev, v))
+        });
+        let Some((seq, prev, value)) = parsed else {
+            problems.push(Problem::Malformed { line: line_no });
+            continue;
+        };
+        if seq != head.seq + 1 {
+            problems.push(Problem::SeqGap { line: line_no, expected: head.seq + 1, found: seq });
+        }
+        if prev != head.hash {
+            problems.push(Problem::HashMismatch { line: line_no });
+        }
+        head = Head { seq, hash: hash_line(&buf) };
+        hashes.push((seq, head.hash.clone()));
+        records.push(Record { line: line_no, seq, value });
+    }
+    let anchor = match std::fs::read(anchor_path(path)) {
+        Ok(bytes) => serde_json::from_slice::<Head>(&bytes).ok(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    if let Some(anchor) = &anchor {
+        match hashes.iter().rev().find(|(seq, _)| *seq == anchor.seq) {
+            Some((_, hash)) if *hash != anchor.hash => problems.push(Problem::AnchorMismatch { seq: anchor.seq }),
+            Some(_) => {}
+            None if anchor.seq > head.seq => {
+                problems.push(Problem::Truncated { anchored: anchor.seq, last: head.seq })
+            }
+            None if anchor.seq != 0 => problems.push(Problem::AnchorMismatch { seq: anchor.seq }),
+            None => {}
+        }
+    }
+    Ok((Report { records: records.len() as u64, head, anchor, problems }, records))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn log_with(n: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (mut w, rec) = ChainWriter::open(&path).unwrap();
+        assert_eq!(rec, None);
+        for i in 0..n {
+            assert_eq!(w.append(&json!({"i": i, "note": "x"})).unwrap(), i + 1);
+        }
+        w.sync().unwrap();
+        (dir, path)
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    fn write_lines(path: &Path, lines: &[String]) {
+        std::fs::write(path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    }
+
+    #[test]
+    fn intact_log_verifies_and_fields_come_first() {
+        let (_d, path) = log_with(5);
+        let report = verify(&path).unwrap();
+        assert!(report.is_intact(), "{:?}", report.problems);
+        assert_eq!(report.records, 5);
+        assert_eq!(report.anchor.unwrap().seq, 5);
+        assert!(lines(&path)[0].starts_with(&format!("{{\"seq\":1,\"prev\":\"{GENESIS}\",")));
+    }
+
+    #[test]
+    fn reopening_continues_the_chain() {
+        let (_d, path) = log_with(3);
+        let (mut w, _) = ChainWriter::open(&path).unwrap();
+        assert_eq!(w.append(&json!({"more": true})).unwrap(), 4);
+        w.sync().unwrap();
+        assert!(verify(&path).unwrap().is_intact());
+    }
+
+    #[test]
+    fn an_edit_is_caught() {
+        let (_d, path) = log_with(4);
+        let mut l = lines(&path);
+        l[1] = l[1].replace("\"note\":\"x\"", "\"note\":\"y\"");
+        write_lines(&path, &l);
+        assert_eq!(verify(&path).unwrap().problems, vec![Problem::HashMismatch { line: 3 }]);
+    }
+
+    #[test]
+    fn an_edit_of_the_last_record_is_caught_by_the_anchor() {
+        let (_d, path) = log_with(4);
+        let mut l = lines(&path);
+        l[3] = l[3].replace("\"note\":\"x\"", "\"note\":\"y\"");
+        write_lines(&path, &l);
+        assert_eq!(verify(&path).unwrap().problems, vec![Problem::AnchorMismatch { seq: 4 }]);
+    }
+
+    #[test]
+    fn a_deletion_is_caught() {
+        let (_d, path) = log_with(4);
+        let mut l = lines(&path);
+        l.remove(1);
+        write_lines(&path, &l);
+        let problems = verify(&path).unwrap().problems;
+        assert!(problems.contains(&Problem::SeqGap { line: 2, expected: 2, found: 3 }), "{problems:?}");
+        assert!(problems.contains(&Problem::HashMismatch { line: 2 }), "{problems:?}");
+    }
+
+    #[test]
+    fn a_reordering_is_caught() {
+        let (_d, path) = log_with(4);
+        let mut l = lines(&path);
+        l.swap(1, 2);
+        write_lines(&path, &l);
+        let problems = verify(&path).unwrap().problems;
+        assert!(problems.contains(&Problem::SeqGap { line: 2, expected: 2, found: 3 }), "{problems:?}");
+        assert!(problems.iter().filter(|p| matches!(p, Problem::HashMismatch { .. })).count() >= 2);
+    }
+
+    #[test]
+    fn truncation_of_whole_records_is_caught_by_the_anchor() {
+        let (_d, path) = log_with(4);
+        let mut l = lines(&path);
+        l.truncate(2);
+        write_lines(&path, &l);
+        assert_eq!(verify(&path).unwrap().problems, vec![Problem::Truncated { anchored: 4, last: 2 }]);
+    }
+
+    #[test]
+    fn a_partial_last_line_is_reported_and_never_accepted() {
+        let (_d, path) = log_with(3);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":4,\"prev\":\"ab").unwrap();
+        drop(f);
+        assert_eq!(verify(&path).unwrap().problems, vec![Problem::PartialLastLine { line: 4 }]);
+
+        // A writer restarting after the crash terminates the fragment and continues from seq 3;
+        // the fragment stays reported.
+        let (mut w, rec) = ChainWriter::open(&path).unwrap();
+        assert_eq!(rec, Some(Recovery { partial_bytes: 19 }));
+        assert_eq!(w.append(&json!({"after": "crash"})).unwrap(), 4);
+        w.sync().unwrap();
+        assert_eq!(verify(&path).unwrap().problems, vec![Problem::Malformed { line: 4 }]);
+    }
+
+    #[test]
+    fn reserved_fields_and_non_objects_are_refused() {
+        let (_d, path) = log_with(0);
+        let (mut w, _) = ChainWriter::open(&path).unwrap();
+        assert!(matches!(w.append(&json!({"seq": 9})), Err(ChainError::BadRecord)));
+        assert!(matches!(w.append(&json!([1, 2])), Err(ChainError::BadRecord)));
+        assert_eq!(w.append(&json!({})).unwrap(), 1);
+    }
+}

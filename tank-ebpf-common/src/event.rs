@@ -1,0 +1,126 @@
+//! The record the kernel programs write to the ring buffer for every attempt they judge.
+
+/// Name of the ring buffer in the eBPF object and under the pin directory.
+pub const MAP_NAME: &str = "TANK_EVENTS";
+
+/// Default ring buffer size in bytes (a power of two, a multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+
+/// One judged attempt.
+///
+/// Addresses are in network byte order with IPv4 mapped into IPv6 (`::ffff:a.b.c.d`); ports
+/// are in host byte order. `family` says what the socket itself was.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds; userspace converts to wall time.
+    pub ktime_ns: u64,
+    /// Socket cookie: ties the records of one socket together.
+    pub cookie: u64,
+    /// cgroup v2 id of the task that made the attempt.
+    pub cgroup_id: u64,
+    /// Kernel thread id.
+    pub pid: u32,
+    /// Thread-group id: what userspace calls the process id.
+    pub tgid: u32,
+    /// Real user id of the task.
+    pub uid: u32,
+    /// Real group id of the task.
+    pub gid: u32,
+    /// Task name, NUL padded.
+    pub comm: [u8; 16],
+    /// Destination address.
+    pub dst_addr: [u8; 16],
+    /// Local (source) address, where the hook knows it; zero otherwise.
+    pub src_addr: [u8; 16],
+    /// Destination port.
+    pub dst_port: u16,
+    /// Local (source) port, where the hook knows it; zero otherwise.
+    pub src_port: u16,
+    /// Socket address family (`AF_INET` = 2, `AF_INET6` = 10).
+    pub family: u16,
+    /// Socket type (`SOCK_STREAM` = 1, `SOCK_DGRAM` = 2, ...).
+    pub sock_type: u16,
+    /// IP protocol number.
+    pub protocol: u16,
+    /// Which program judged it (one of [`hook`]).
+    pub hook: u8,
+    /// One of [`verdict`].
+    pub verdict: u8,
+    /// Why (one of [`reason`]).
+    pub reason: u8,
+    /// Mode in force (one of [`crate::settings::mode`], narrowed to a byte).
+    pub mode: u8,
+    /// Explicit padding to the 8-byte alignment; always zero.
+    pub _pad: [u8; 2],
+}
+
+/// Which kernel program produced an event.
+pub mod hook {
+    /// `cgroup/connect4`.
+    pub const CONNECT4: u8 = 1;
+    /// `cgroup/connect6`.
+    pub const CONNECT6: u8 = 2;
+    /// `cgroup/sendmsg4`.
+    pub const SENDMSG4: u8 = 3;
+    /// `cgroup/sendmsg6`.
+    pub const SENDMSG6: u8 = 4;
+
+    /// Stable name of a hook code, for logs.
+    pub fn name(code: u8) -> &'static str {
+        match code {
+            CONNECT4 => "connect4",
+            CONNECT6 => "connect6",
+            SENDMSG4 => "sendmsg4",
+            SENDMSG6 => "sendmsg6",
+            _ => "unknown",
+        }
+    }
+}
+
+/// What the kernel did with the attempt.
+pub mod verdict {
+    /// The attempt went ahead.
+    pub const ALLOW: u8 = 1;
+    /// The attempt failed with EPERM.
+    pub const DENY: u8 = 2;
+
+    /// Stable name of a verdict code, for logs.
+    pub fn name(code: u8) -> &'static str {
+        match code {
+            ALLOW => "allow",
+            DENY => "deny",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Why the kernel decided as it did. Stable: never renumber, keep retired codes reserved.
+pub mod reason {
+    /// Allowed: the destination is an egress proxy endpoint.
+    pub const PROXY: u8 = 1;
+    /// Allowed: the destination is an endpoint the operator listed.
+    pub const LISTED_ENDPOINT: u8 = 2;
+    /// Denied: the destination is not in the allow map.
+    pub const NOT_LISTED: u8 = 3;
+    /// Allowed in audit mode although the destination is not in the allow map.
+    pub const AUDIT_NOT_LISTED: u8 = 4;
+
+    /// Stable name of a reason code, for logs.
+    pub fn name(code: u8) -> &'static str {
+        match code {
+            PROXY => "proxy",
+            LISTED_ENDPOINT => "listed_endpoint",
+            NOT_LISTED => "not_listed",
+            AUDIT_NOT_LISTED => "audit_not_listed",
+            _ => "unknown",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), Copy, explicit padding only (checked below), every bit pattern valid.
+unsafe impl aya::Pod for Event {}
+
+const _: () = assert!(core::mem::size_of::<Event>() == 104);
+const _: () = assert!(core::mem::align_of::<Event>() == 8);
