@@ -55,6 +55,12 @@ pub enum ChainError {
         /// What is wrong with its tail.
         problem: String,
     },
+    /// Another writer holds the log: two writers would fork the chain.
+    #[error("audit log `{path}` is held by another writer (is tank-loader or egress-proxy already running?)")]
+    Locked {
+        /// The log.
+        path: PathBuf,
+    },
     /// The record to append did not serialize to a JSON object without `seq`/`prev`.
     #[error("audit record is not a JSON object free of the reserved fields `seq` and `prev`")]
     BadRecord,
@@ -88,6 +94,7 @@ pub struct ChainWriter {
 
 impl ChainWriter {
     /// Opens `path` for appending, creating it (mode 0640) if absent, and continues its chain.
+    /// The writer holds an exclusive `flock` on the log for its lifetime.
     ///
     /// A partial last line (a crash mid-write) is terminated and reported in the returned
     /// [`Recovery`]; the chain continues from the last complete record.
@@ -101,6 +108,10 @@ impl ChainWriter {
             .mode(0o640)
             .open(path)
             .map_err(io_err("open for appending"))?;
+        lock(&file).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => ChainError::Locked { path: path.to_owned() },
+            _ => ChainError::Io { path: path.to_owned(), action: "lock", source: e },
+        })?;
         let (head, partial_bytes) = read_tail(&mut file).map_err(|e| match e {
             TailError::Io(source) => ChainError::Io { path: path.to_owned(), action: "read its tail", source },
             TailError::Bad(problem) => ChainError::Unreadable { path: path.to_owned(), problem },
@@ -166,6 +177,26 @@ impl ChainWriter {
     /// The last record appended.
     pub fn head(&self) -> &Head {
         &self.head
+    }
+}
+
+fn lock(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; released when the file is closed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// True when a writer currently holds the log at `path`.
+pub fn is_held(path: &Path) -> io::Result<bool> {
+    let file = File::open(path)?;
+    match lock(&file) {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+        Err(e) => Err(e),
     }
 }
 
@@ -488,6 +519,14 @@ mod tests {
         assert_eq!(w.append(&json!({"after": "crash"})).unwrap(), 4);
         w.sync().unwrap();
         assert_eq!(verify(&path).unwrap().problems, vec![Problem::Malformed { line: 4 }]);
+    }
+
+    #[test]
+    fn a_second_writer_is_refused() {
+        let (_d, path) = log_with(1);
+        let (_w, _) = ChainWriter::open(&path).unwrap();
+        assert!(is_held(&path).unwrap());
+        assert!(matches!(ChainWriter::open(&path), Err(ChainError::Locked { .. })));
     }
 
     #[test]
