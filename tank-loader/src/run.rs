@@ -1,0 +1,98 @@
+//! `tank-loader run`: put enforcement in place, then drain events into the audit log.
+//!
+//! Order matters for fail-closed: the audit log is opened (and locked) before anything is
+//! attached, so a loader that cannot record never starts enforcing-with-gaps; the gate is
+//! attached and pinned before systemd is told we are ready, so the agent never starts unguarded.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+
+use anyhow::Context;
+use aya::maps::RingBuf;
+use tank_ebpf_common::chain::ChainWriter;
+use tank_ebpf_common::event;
+
+use crate::cgroup::AgentCgroup;
+use crate::config::Config;
+use crate::record::{self, Origin};
+use crate::{drain, gate, privileges};
+
+/// Runs the loader until SIGTERM or SIGINT. Enforcement stays pinned when it returns.
+pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path)?;
+    let cgroup = AgentCgroup::open_or_create(&cfg.cgroup)?;
+
+    if let Some(dir) = cfg.audit_log.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)
+            .with_context(|| format!("cannot create audit log directory {}", dir.display()))?;
+    }
+    let (mut log, recovery) = ChainWriter::open(&cfg.audit_log)?;
+    if let Some(r) = recovery {
+        tracing::warn!(log = %cfg.audit_log.display(), partial_bytes = r.partial_bytes,
+            "the audit log ended in a partial record (a crash mid-write); it stays in the log and `audit verify` reports it");
+    }
+
+    let installed = gate::install(&cfg, &cgroup)?;
+    let origin = Origin { hostname: nix::unistd::gethostname()?.to_string_lossy().into_owned() };
+    let hooks: Vec<_> = installed.hooks.iter()
+        .map(|(h, outcome, id)| serde_json::json!({"hook": h.name, "outcome": outcome, "program_id": id}))
+        .collect();
+    for (hook, outcome, id) in &installed.hooks {
+        tracing::info!(hook = hook.name, ?outcome, program_id = id, "hook in place");
+    }
+    let endpoints: Vec<_> = cfg.endpoints.iter()
+        .map(|e| serde_json::json!({"endpoint": e.addr.to_string(), "protocol": e.protocol, "proxy": e.is_proxy}))
+        .collect();
+    log.append(&origin.lifecycle_record(
+        record::ACTIVITY_START,
+        format!("enforcement in place on cgroup {}", cgroup.path.display()),
+        serde_json::json!({
+            "cgroup": cgroup.path, "cgroup_id": cgroup.id, "mode": cfg.mode,
+            "hooks": hooks, "endpoints": endpoints, "loader_pid": std::process::id(),
+        }),
+    ))?;
+    log.sync()?;
+
+    let mut ebpf = installed.ebpf;
+    let ring = RingBuf::try_from(ebpf.take_map(event::MAP_NAME).context("ring buffer missing from the object")?)?;
+    // Programs stay loaded through their pinned links; the loader needs only the ring buffer.
+    drop(ebpf);
+
+    privileges::drop_all()?;
+    notify_ready();
+    tracing::info!(cgroup = %cgroup.dir.display(), cgroup_id = cgroup.id, mode = ?cfg.mode,
+        endpoints = cfg.endpoints.len(), log = %cfg.audit_log.display(), "enforcing; draining events into the audit log");
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let written = runtime.block_on(drain::run(ring, &mut log, &origin, shutdown_signal()))?;
+    tracing::info!(events = written, seq = log.head().seq, "stopping; enforcement stays pinned (`tank-loader detach` removes it)");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Tells systemd (Type=notify) that enforcement is in place. No-op outside systemd.
+fn notify_ready() {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|s| {
+        let bytes = socket.as_encoded_bytes();
+        if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+            s.send_to_addr(b"READY=1\nSTATUS=enforcing", &addr)
+        } else {
+            s.send_to(b"READY=1\nSTATUS=enforcing", Path::new(&socket))
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd of readiness");
+    }
+}
