@@ -1,19 +1,8 @@
 //! `tank-loader`: puts tank's kernel egress gate on an agent's cgroup and keeps its audit log.
 //!
-//! The binary is thin: each subcommand lives in its own module. Errors reach the user as one
-//! line, `tank-loader: <what failed>: <why>`, and exit codes are documented in `--help`.
+//! The binary is thin: each subcommand lives in its own module of the library. Errors reach the
+//! user as one line, `tank-loader: <what failed>: <why>`, and exit codes are documented in `--help`.
 
-mod bpffs;
-mod cgroup;
-mod config;
-mod drain;
-mod gate;
-mod privileges;
-mod query;
-mod record;
-mod run;
-mod status;
-mod trace;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,7 +12,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tank_ebpf_common::chain;
 
-use crate::config::Config;
+use tank_loader::config::{self, Config};
+use tank_loader::{gate, record, run, status, trace};
 
 /// Kernel-enforced egress containment for an AI agent's cgroup.
 ///

@@ -1,1 +1,237 @@
+//! Fixtures for tank's root integration tests: unique cgroups, a real loader process, and
+//! probes run inside the guarded cgroup.
+//!
+//! Every fixture removes what it created when dropped, also when a test panics: processes are
+//! killed, cgroups removed, pins detached. Tests panic with a message rather than skip: a root
+//! test that cannot get what it needs must fail loudly in CI.
 
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tank_ebpf_common::chain;
+use tank_loader::record::{NetworkRecord, NETWORK_ACTIVITY};
+
+/// Panics unless the tests run as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "tank's integration tests need root (cgroup v2, BPF, nftables, network namespaces): run `cargo xtask test` as root"
+    );
+}
+
+/// A name no other test or run uses.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Path of a binary of this workspace, next to the test executable's target directory.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} not built; `cargo xtask test` builds every binary first", bin.display());
+    bin
+}
+
+/// A uniquely named cgroup tree for one test: `/<name>/agent` (guarded) and `/<name>/sibling`.
+pub struct TestCgroups {
+    /// The parent directory.
+    pub root: PathBuf,
+    /// Path of the agent cgroup inside the hierarchy (for the loader's config).
+    pub agent_path: String,
+    /// The agent cgroup's directory.
+    pub agent: PathBuf,
+    /// A sibling cgroup, not guarded.
+    pub sibling: PathBuf,
+}
+
+impl TestCgroups {
+    /// Creates the tree under the cgroup2 mount.
+    pub fn new() -> Self {
+        require_root();
+        let name = unique("tank-it");
+        let root = tank_loader::cgroup::cgroup2_mount().expect("cgroup2 mount").join(&name);
+        let agent = root.join("agent");
+        let sibling = root.join("sibling");
+        for dir in [&root, &agent, &sibling] {
+            std::fs::create_dir(dir).unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", dir.display()));
+        }
+        Self { agent_path: format!("/{name}/agent"), root, agent, sibling }
+    }
+}
+
+impl Drop for TestCgroups {
+    fn drop(&mut self) {
+        for dir in [&self.agent, &self.sibling] {
+            kill_all_in(dir);
+            let _ = std::fs::remove_dir(dir);
+        }
+        let _ = std::fs::remove_dir(&self.root);
+    }
+}
+
+/// Kills every process in the cgroup at `dir` and waits (bounded) until it is empty.
+pub fn kill_all_in(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            return;
+        }
+        for pid in procs.lines().filter_map(|p| p.parse().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `tank-loader run`, its config and its files, in a temporary directory.
+pub struct Loader {
+    child: Option<Child>,
+    /// Temporary directory holding config, log and notify socket.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    /// The audit log.
+    pub audit_log: PathBuf,
+    /// The bpffs pin directory.
+    pub pin_dir: PathBuf,
+}
+
+impl Loader {
+    /// Writes a config (`extra` is appended TOML: mode, proxies, allow, ring size) and starts
+    /// the loader, returning once it told us (sd_notify) that enforcement is in place.
+    pub fn start(cgroups: &TestCgroups, extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("tank-it"));
+        let audit_log = dir.path().join("kernel-audit.jsonl");
+        let config = dir.path().join("loader.toml");
+        let text = format!(
+            "cgroup = \"{}\"\npin_dir = \"{}\"\naudit_log = \"{}\"\n{extra}\n",
+            cgroups.agent_path,
+            pin_dir.display(),
+            audit_log.display()
+        );
+        std::fs::write(&config, text).expect("write config");
+        let mut loader = Self { child: None, dir, config, audit_log, pin_dir };
+        loader.restart();
+        loader
+    }
+
+    /// Starts (again) the loader on the same config and waits until it is ready.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "loader already running");
+        let socket_path = self.dir.path().join("notify.sock");
+        let _ = std::fs::remove_file(&socket_path);
+        let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
+        socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut child = Command::new(workspace_bin("tank-loader"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tank-loader");
+        let mut buf = [0u8; 256];
+        match socket.recv(&mut buf) {
+            Ok(n) => assert!(buf[..n].starts_with(b"READY=1"), "unexpected notify message"),
+            Err(e) => {
+                let _ = child.kill();
+                let mut stderr = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut stderr).ok();
+                panic!("tank-loader did not become ready ({e}): {stderr}");
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// The loader's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9 tank-loader");
+            child.wait().expect("reap tank-loader");
+        }
+    }
+
+    /// SIGTERM and wait: the loader drains what is pending and exits 0.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+            let status = child.wait().expect("wait for tank-loader");
+            assert!(status.success(), "tank-loader exited with {status} on SIGTERM");
+        }
+    }
+
+    /// Runs `tank-loader ARGS... --config <ours>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(workspace_bin("tank-loader")).args(args).arg("--config").arg(&self.config).output().expect("run tank-loader")
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// Waits (bounded) until the audit log has at least `n` connection records, then returns
+    /// them all, after checking the log's hash chain is intact.
+    pub fn records(&self, n: usize) -> Vec<NetworkRecord> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = network_records(&self.audit_log);
+            if records.len() >= n || Instant::now() > deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = self.cli(&["detach"]);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// The connection records of a verified kernel audit log (panics if the chain is broken).
+pub fn network_records(log: &Path) -> Vec<NetworkRecord> {
+    let Ok((report, records)) = chain::read(log) else { return Vec::new() };
+    assert!(report.is_intact(), "audit log {} does not verify: {:?}", log.display(), report.problems);
+    records
+        .into_iter()
+        .filter(|r| r.value.get("class_uid").and_then(|c| c.as_u64()) == Some(u64::from(NETWORK_ACTIVITY)))
+        .map(|r| serde_json::from_value(r.value).expect("connection record parses"))
+        .collect()
+}
+
+/// Runs `tank-probe` inside the cgroup at `cgroup` (as `uid` if given) and returns its answer.
+pub fn probe(cgroup: &Path, uid: Option<u32>, args: &[&str]) -> (u32, String) {
+    let mut cmd = Command::new(workspace_bin("tank-probe"));
+    cmd.arg("--cgroup").arg(cgroup);
+    if let Some(uid) = uid {
+        cmd.args(["--uid", &uid.to_string()]);
+    }
+    let child = cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn tank-probe");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("tank-probe");
+    assert!(out.status.success(), "tank-probe {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    (pid, String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Counters from `status --json`, by name.
+pub fn counter(status: &serde_json::Value, name: &str) -> u64 {
+    status["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name} missing from status: {status}"))
+}

@@ -1,0 +1,16 @@
+//! tank-loader's library: everything the binary does, in modules named for their job.
+//!
+//! The binary (`main.rs`) only parses the command line. The root integration tests use this
+//! library too, so they read audit records and find cgroups with the same code as the loader.
+
+pub mod bpffs;
+pub mod cgroup;
+pub mod config;
+pub mod drain;
+pub mod gate;
+pub mod privileges;
+pub mod query;
+pub mod record;
+pub mod run;
+pub mod status;
+pub mod trace;
