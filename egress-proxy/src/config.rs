@@ -1,0 +1,709 @@
+//! The TOML configuration, validated into a [`Config`] with line-precise errors.
+//!
+//! Every error names `FILE:LINE:COL`; validation collects all problems of a file rather
+//! than stopping at the first. See docs/proxy.md for every key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::policy::{Limits, Pattern, Policy, Ports, Rule};
+use crate::target::{canonical_host, Host};
+
+/// Default port of an `allowed_domains` entry that names none.
+pub const DEFAULT_PORT: u16 = 443;
+/// Default admin (metrics) listener.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9464";
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Proxy listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Admin listener (`/metrics`, `/healthz`), if enabled.
+    pub admin_listen: Option<SocketAddr>,
+    /// The chained audit log.
+    pub audit_log: PathBuf,
+    /// Everything a reload may change.
+    pub policy: Policy,
+}
+
+/// One problem in a configuration file, at a position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub col: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A configuration that failed to load.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config `{path}`")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file has problems.
+    #[error("{}", render(.path, .diagnostics))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem found, in file order.
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+fn render(path: &Path, diags: &[Diagnostic]) -> String {
+    diags
+        .iter()
+        .map(|d| format!("{}:{}:{}: {}", path.display(), d.line, d.col, d.message))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Loads and validates the configuration at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse(&text, path).map_err(|diagnostics| ConfigError::Invalid { path: path.to_owned(), diagnostics })
+}
+
+/// Validates configuration `text`; relative paths in it are relative to `path`'s directory.
+pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Diagnostic>> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let (line, col) = line_col(text, e.span().map_or(0, |s| s.start));
+        vec![Diagnostic { line, col, message: e.message().trim().to_owned() }]
+    })?;
+    let mut v = Validator { text, diags: Vec::new() };
+    let config = v.config(raw, path);
+    if v.diags.is_empty() {
+        Ok(config)
+    } else {
+        v.diags.sort_by_key(|d| (d.line, d.col));
+        Err(v.diags)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary_compat(offset)];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+trait FloorBoundary {
+    fn floor_char_boundary_compat(&self, i: usize) -> usize;
+}
+impl FloorBoundary for str {
+    fn floor_char_boundary_compat(&self, mut i: usize) -> usize {
+        while i > 0 && !self.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    }
+}
+
+// ---- the file as written ----------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Spanned<Vec<Spanned<String>>>,
+    admin_listen: Option<Spanned<String>>,
+    client_networks: Spanned<Vec<Spanned<String>>>,
+    audit_log: Spanned<String>,
+    #[serde(default)]
+    allowed_domains: Vec<Spanned<RuleSpec>>,
+    #[serde(default)]
+    denied_domains: Vec<Spanned<RuleSpec>>,
+    #[serde(default)]
+    system_resolver: Option<bool>,
+    #[serde(default)]
+    hosts: BTreeMap<Spanned<String>, Spanned<Addrs>>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_header_bytes: Option<Spanned<i64>>,
+    header_read_timeout_secs: Option<Spanned<f64>>,
+    idle_timeout_secs: Option<Spanned<f64>>,
+    connect_timeout_secs: Option<Spanned<f64>>,
+    max_connections: Option<Spanned<i64>>,
+    max_connections_per_client: Option<Spanned<i64>>,
+    shutdown_grace_secs: Option<Spanned<f64>>,
+}
+
+/// An `allowed_domains`/`denied_domains` entry: a string, or a table.
+enum RuleSpec {
+    Short(String),
+    Full(RuleTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleTable {
+    domain: Spanned<String>,
+    ports: Option<Spanned<PortsSpec>>,
+    methods: Option<Spanned<Vec<Spanned<String>>>>,
+    path_prefixes: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    allow_private: Option<Spanned<bool>>,
+    name: Option<Spanned<String>>,
+}
+
+impl<'de> Deserialize<'de> for RuleSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RuleSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a domain string (\"example.com\", \"*.example.com:8443\") or a table with `domain`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RuleSpec, E> {
+                Ok(RuleSpec::Short(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RuleSpec, A::Error> {
+                RuleTable::deserialize(de::value::MapAccessDeserializer::new(map)).map(RuleSpec::Full)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+enum PortsSpec {
+    Any,
+    List(Vec<i64>),
+}
+
+impl<'de> Deserialize<'de> for PortsSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PortsSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of ports, or \"*\" for any port")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortsSpec, E> {
+                if v == "*" {
+                    Ok(PortsSpec::Any)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PortsSpec, A::Error> {
+                let mut out = Vec::new();
+                while let Some(p) = seq.next_element::<i64>()? {
+                    out.push(p);
+                }
+                Ok(PortsSpec::List(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A `[hosts]` value: one address or a list.
+struct Addrs(Vec<Spanned<String>>);
+
+impl<'de> Deserialize<'de> for Addrs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Addrs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address or a list of addresses")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Addrs, E> {
+                // A bare string has no span of its own here; the caller reports at the value.
+                Ok(Addrs(vec![Spanned::new(0..0, v.to_owned())]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Addrs, A::Error> {
+                let mut out = Vec::new();
+                while let Some(a) = seq.next_element::<Spanned<String>>()? {
+                    out.push(a);
+                }
+                Ok(Addrs(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---- validation -------------------------------------------------------------------------
+
+struct Validator<'a> {
+    text: &'a str,
+    diags: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, span.start);
+        self.diags.push(Diagnostic { line, col, message: message.into() });
+    }
+
+    fn config(&mut self, raw: RawConfig, path: &Path) -> Config {
+        let mut listen = Vec::new();
+        if raw.listen.get_ref().is_empty() {
+            self.err(raw.listen.span(), "`listen` needs at least one address, e.g. [\"0.0.0.0:3128\", \"[::]:3128\"]");
+        }
+        for a in raw.listen.get_ref() {
+            match a.get_ref().parse::<SocketAddr>() {
+                Ok(sa) if listen.contains(&sa) => self.err(a.span(), format!("`{sa}` is listed twice")),
+                Ok(sa) => listen.push(sa),
+                Err(_) => self.err(a.span(), format!("`{}` is not an address:port (IPv6 in brackets: \"[::]:3128\")", a.get_ref())),
+            }
+        }
+        let admin_listen = match &raw.admin_listen {
+            None => Some(DEFAULT_ADMIN.parse().expect("valid default")),
+            Some(s) if s.get_ref() == "off" => None,
+            Some(s) => match s.get_ref().parse::<SocketAddr>() {
+                Ok(sa) if listen.contains(&sa) => {
+                    self.err(s.span(), "`admin_listen` must differ from the proxy listeners");
+                    None
+                }
+                Ok(sa) => Some(sa),
+                Err(_) => {
+                    self.err(s.span(), format!("`{}` is not an address:port, or \"off\"", s.get_ref()));
+                    None
+                }
+            },
+        };
+        let mut client_networks = Vec::new();
+        if raw.client_networks.get_ref().is_empty() {
+            self.err(raw.client_networks.span(), "`client_networks` is empty: no agent host could use the proxy");
+        }
+        for n in raw.client_networks.get_ref() {
+            match parse_net(n.get_ref()) {
+                Ok(net) => client_networks.push(net),
+                Err(m) => self.err(n.span(), m),
+            }
+        }
+        let audit_log = if raw.audit_log.get_ref().is_empty() {
+            self.err(raw.audit_log.span(), "`audit_log` is empty");
+            PathBuf::new()
+        } else {
+            let p = PathBuf::from(raw.audit_log.get_ref());
+            if p.is_absolute() {
+                p
+            } else {
+                path.parent().unwrap_or(Path::new(".")).join(p)
+            }
+        };
+        let allowed = raw.allowed_domains.iter().filter_map(|r| self.rule(r, true)).collect();
+        let denied = raw.denied_domains.iter().filter_map(|r| self.rule(r, false)).collect();
+        let mut hosts = HashMap::new();
+        for (name, addrs) in &raw.hosts {
+            match canonical_host(name.get_ref()) {
+                Ok(Host::Name(n)) => {
+                    let mut ips = Vec::new();
+                    if addrs.get_ref().0.is_empty() {
+                        self.err(addrs.span(), format!("hosts entry `{n}` has no address"));
+                    }
+                    for a in &addrs.get_ref().0 {
+                        let span = if a.span() == (0..0) { addrs.span() } else { a.span() };
+                        match a.get_ref().parse::<IpAddr>() {
+                            Ok(ip) => ips.push(ip),
+                            Err(_) => self.err(span, format!("`{}` is not an IP address", a.get_ref())),
+                        }
+                    }
+                    if hosts.insert(n.clone(), ips).is_some() {
+                        self.err(name.span(), format!("hosts entry `{n}` is listed twice (names are compared canonicalised)"));
+                    }
+                }
+                Ok(Host::Ip(_)) => self.err(name.span(), "a hosts entry must be a name, not an address"),
+                Err(e) => self.err(name.span(), format!("hosts entry: {e}")),
+            }
+        }
+        let limits = self.limits(&raw.limits);
+        Config {
+            listen,
+            admin_listen,
+            audit_log,
+            policy: Policy {
+                allowed,
+                denied,
+                client_networks,
+                hosts,
+                system_resolver: raw.system_resolver.unwrap_or(true),
+                limits,
+            },
+        }
+    }
+
+    fn limits(&mut self, raw: &RawLimits) -> Limits {
+        let d = Limits::default();
+        let mut int = |v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: usize| match v {
+            None => default,
+            Some(s) if (min..=max).contains(s.get_ref()) => *s.get_ref() as usize,
+            Some(s) => {
+                self.err(s.span(), format!("`{key}` must be from {min} to {max}"));
+                default
+            }
+        };
+        let max_header_bytes = int(&raw.max_header_bytes, "max_header_bytes", 1024, 1 << 20, d.max_header_bytes);
+        let max_connections = int(&raw.max_connections, "max_connections", 1, 1 << 20, d.max_connections);
+        let max_connections_per_client =
+            int(&raw.max_connections_per_client, "max_connections_per_client", 1, 1 << 20, d.max_connections_per_client);
+        let mut secs = |v: &Option<Spanned<f64>>, key: &str, min: f64, max: f64, default: Duration| match v {
+            None => default,
+            Some(s) if (min..=max).contains(s.get_ref()) => Duration::from_secs_f64(*s.get_ref()),
+            Some(s) => {
+                self.err(s.span(), format!("`{key}` must be from {min} to {max} seconds"));
+                default
+            }
+        };
+        Limits {
+            max_header_bytes,
+            header_read_timeout: secs(&raw.header_read_timeout_secs, "header_read_timeout_secs", 0.1, 3600.0, d.header_read_timeout),
+            idle_timeout: secs(&raw.idle_timeout_secs, "idle_timeout_secs", 0.1, 7.0 * 86400.0, d.idle_timeout),
+            connect_timeout: secs(&raw.connect_timeout_secs, "connect_timeout_secs", 0.1, 600.0, d.connect_timeout),
+            max_connections,
+            max_connections_per_client,
+            shutdown_grace: secs(&raw.shutdown_grace_secs, "shutdown_grace_secs", 0.0, 3600.0, d.shutdown_grace),
+        }
+    }
+
+    fn rule(&mut self, spec: &Spanned<RuleSpec>, allow: bool) -> Option<Rule> {
+        let list = if allow { "allowed_domains" } else { "denied_domains" };
+        let default_ports = if allow { Ports::List(vec![DEFAULT_PORT]) } else { Ports::Any };
+        match spec.get_ref() {
+            RuleSpec::Short(s) => {
+                let (pattern, ports) = match parse_short(s) {
+                    Ok(x) => x,
+                    Err(m) => {
+                        self.err(spec.span(), format!("{list}: {m}"));
+                        return None;
+                    }
+                };
+                let ports = ports.unwrap_or(default_ports);
+                let id = format!("{list}:{}", default_name(&pattern, &ports, allow));
+                Some(Rule { id, pattern, ports, methods: None, path_prefixes: None, allow_private: false })
+            }
+            RuleSpec::Full(t) => {
+                let before = self.diags.len();
+                let pattern = match parse_pattern(t.domain.get_ref()) {
+                    Ok(p) => Some(p),
+                    Err(m) => {
+                        self.err(t.domain.span(), format!("{list}: {m}"));
+                        None
+                    }
+                };
+                let ports = match t.ports.as_ref().map(|p| (p.span(), p.get_ref())) {
+                    None => default_ports,
+                    Some((_, PortsSpec::Any)) => Ports::Any,
+                    Some((span, PortsSpec::List(l))) => {
+                        if l.is_empty() {
+                            self.err(span.clone(), "`ports` is empty; use \"*\" for any port");
+                        }
+                        if let Some(bad) = l.iter().find(|p| !(1..=65535).contains(*p)) {
+                            self.err(span, format!("port {bad} is not from 1 to 65535"));
+                        }
+                        Ports::List(l.iter().map(|&p| p as u16).collect())
+                    }
+                };
+                let methods = t.methods.as_ref().map(|m| {
+                    if m.get_ref().is_empty() {
+                        self.err(m.span(), "`methods` is empty: the rule would match nothing");
+                    }
+                    m.get_ref()
+                        .iter()
+                        .filter_map(|x| {
+                            let up = x.get_ref().to_ascii_uppercase();
+                            if !up.is_empty() && up.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+                                Some(up)
+                            } else {
+                                self.err(x.span(), format!("`{}` is not an HTTP method", x.get_ref()));
+                                None
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                });
+                let path_prefixes = t.path_prefixes.as_ref().map(|m| {
+                    if m.get_ref().is_empty() {
+                        self.err(m.span(), "`path_prefixes` is empty: the rule would match nothing");
+                    }
+                    m.get_ref()
+                        .iter()
+                        .filter_map(|x| {
+                            let p = x.get_ref();
+                            if p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()) {
+                                Some(p.clone())
+                            } else {
+                                self.err(x.span(), format!("path prefix `{p}` must start with `/` and hold no spaces or control characters"));
+                                None
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                });
+                if let (Some(m), Some(p)) = (&methods, &t.path_prefixes) {
+                    if m.iter().all(|x| x == "CONNECT") {
+                        self.err(p.span(), "`path_prefixes` never match CONNECT tunnels (the proxy cannot see their paths)");
+                    }
+                }
+                let allow_private = match &t.allow_private {
+                    Some(a) if !allow && *a.get_ref() => {
+                        self.err(a.span(), "`allow_private` has no meaning in denied_domains");
+                        false
+                    }
+                    Some(a) => *a.get_ref(),
+                    None => false,
+                };
+                let name = match &t.name {
+                    Some(n) if n.get_ref().is_empty()
+                        || n.get_ref().len() > 128
+                        || !n.get_ref().bytes().all(|b| b.is_ascii_graphic() || b == b' ') =>
+                    {
+                        self.err(n.span(), "`name` must be 1 to 128 printable ASCII characters");
+                        None
+                    }
+                    Some(n) => Some(n.get_ref().clone()),
+                    None => None,
+                };
+                if self.diags.len() != before {
+                    return None;
+                }
+                let pattern = pattern?;
+                let name = name.unwrap_or_else(|| default_name(&pattern, &ports, allow));
+                Some(Rule { id: format!("{list}:{name}"), pattern, ports, methods, path_prefixes, allow_private })
+            }
+        }
+    }
+}
+
+fn default_name(p: &Pattern, ports: &Ports, allow: bool) -> String {
+    let host = match p {
+        Pattern::Exact(n) => n.clone(),
+        Pattern::Subdomains(s) => format!("*.{s}"),
+        Pattern::Net(n) if n.prefix_len() == n.max_prefix_len() => match n.addr() {
+            IpAddr::V6(a) => format!("[{a}]"),
+            a => a.to_string(),
+        },
+        Pattern::Net(n) => n.to_string(),
+    };
+    let is_default = match ports {
+        Ports::Any => !allow,
+        Ports::List(l) => allow && l == &[DEFAULT_PORT],
+    };
+    match ports {
+        _ if is_default => host,
+        Ports::Any => format!("{host}:*"),
+        Ports::List(l) => format!("{host}:{}", l.iter().map(u16::to_string).collect::<Vec<_>>().join(",")),
+    }
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    let net: IpNet = s.parse().map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
+    if net.trunc() != net {
+        return Err(format!("`{s}` has host bits set; did you mean `{}`?", net.trunc()));
+    }
+    Ok(net)
+}
+
+/// Parses a rule's host part: `name`, `*.suffix`, an IP address or a CIDR network.
+fn parse_pattern(s: &str) -> Result<Pattern, String> {
+    if s == "*" {
+        return Err("`*` alone would match every host; list the domains instead".to_owned());
+    }
+    let unbracketed = s.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(s);
+    if unbracketed.contains('/') || unbracketed.contains(':') || unbracketed.parse::<IpAddr>().is_ok() {
+        return parse_net(unbracketed).map(Pattern::Net);
+    }
+    if let Some(suffix) = s.strip_prefix("*.") {
+        return match canonical_host(suffix) {
+            Ok(Host::Name(n)) => Ok(Pattern::Subdomains(n)),
+            Ok(Host::Ip(_)) => Err(format!("`{s}`: a wildcard needs a domain suffix, not an address")),
+            Err(e) => Err(format!("`{s}`: {e}")),
+        };
+    }
+    if s.contains('*') {
+        return Err(format!("`{s}`: a wildcard is only allowed as a whole first label (`*.example.com`)"));
+    }
+    match canonical_host(s) {
+        Ok(Host::Name(n)) => Ok(Pattern::Exact(n)),
+        Ok(Host::Ip(ip)) => Ok(Pattern::Net(IpNet::from(ip))),
+        Err(e) => Err(format!("`{s}`: {e}")),
+    }
+}
+
+/// Parses the string form of a rule: pattern, optionally `:port`, `:p1,p2` or `:*`.
+fn parse_short(s: &str) -> Result<(Pattern, Option<Ports>), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((inner, "")) => (inner, None),
+            Some((inner, after)) => match after.strip_prefix(':') {
+                Some(p) => (inner, Some(p)),
+                None => return Err(format!("`{s}`: expected `:port` after `]`")),
+            },
+            None => return Err(format!("`{s}`: missing `]`")),
+        }
+    } else if s.matches(':').count() > 1 {
+        (s, None) // bare IPv6 address or network
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let pattern = parse_pattern(host)?;
+    let ports = match port {
+        None => None,
+        Some("*") => Some(Ports::Any),
+        Some(list) => {
+            let mut out = Vec::new();
+            for p in list.split(',') {
+                match p.parse::<u16>() {
+                    Ok(n) if n != 0 && p.bytes().all(|b| b.is_ascii_digit()) => out.push(n),
+                    _ => return Err(format!("`{s}`: `{p}` is not a port from 1 to 65535")),
+                }
+            }
+            Some(Ports::List(out))
+        }
+    };
+    Ok((pattern, ports))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "listen = [\"127.0.0.1:3128\", \"[::1]:3128\"]\nclient_networks = [\"10.0.0.0/8\"]\naudit_log = \"/var/log/a.jsonl\"\n";
+
+    fn ok(extra: &str) -> Config {
+        parse(&format!("{BASE}{extra}"), Path::new("/etc/p.toml")).unwrap_or_else(|d| panic!("{d:?}"))
+    }
+
+    fn errs(text: &str) -> Vec<(usize, usize, String)> {
+        parse(text, Path::new("/etc/p.toml")).unwrap_err().into_iter().map(|d| (d.line, d.col, d.message)).collect()
+    }
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = ok(r#"allowed_domains = [
+  "GitHub.com",
+  "*.githubusercontent.com",
+  "pypi.org:80,443",
+  "192.0.2.10:*",
+  "[2001:db8::1]:8443",
+  { domain = "origin.test", ports = [8443], allow_private = true, name = "test origin" },
+  { domain = "files.test", ports = [80], methods = ["get", "HEAD"], path_prefixes = ["/pub/"] },
+]
+denied_domains = ["gist.github.com", { domain = "*.evil.test", ports = [443] }]
+system_resolver = false
+
+[hosts]
+"Origin.Test" = "127.0.0.1"
+"files.test" = ["127.0.0.1", "::1"]
+
+[limits]
+max_header_bytes = 8192
+idle_timeout_secs = 2.5
+"#);
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.admin_listen, Some(DEFAULT_ADMIN.parse().unwrap()));
+        let ids: Vec<_> = c.policy.allowed.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "allowed_domains:github.com",
+                "allowed_domains:*.githubusercontent.com",
+                "allowed_domains:pypi.org:80,443",
+                "allowed_domains:192.0.2.10:*",
+                "allowed_domains:[2001:db8::1]:8443",
+                "allowed_domains:test origin",
+                "allowed_domains:files.test:80",
+            ]
+        );
+        assert_eq!(c.policy.allowed[6].methods, Some(vec!["GET".to_owned(), "HEAD".to_owned()]));
+        assert!(c.policy.allowed[5].allow_private);
+        assert_eq!(c.policy.denied[0].ports, Ports::Any);
+        assert_eq!(c.policy.denied[1].id, "denied_domains:*.evil.test:443");
+        assert_eq!(c.policy.hosts["origin.test"], vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.policy.hosts["files.test"].len(), 2);
+        assert!(!c.policy.system_resolver);
+        assert_eq!(c.policy.limits.max_header_bytes, 8192);
+        assert_eq!(c.policy.limits.idle_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn relative_audit_log_is_beside_the_config() {
+        let c = parse(
+            "listen = [\"127.0.0.1:0\"]\nclient_networks = [\"127.0.0.1\"]\naudit_log = \"audit.jsonl\"\nadmin_listen = \"off\"\n",
+            Path::new("/etc/tank/p.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.audit_log, PathBuf::from("/etc/tank/audit.jsonl"));
+        assert_eq!(c.admin_listen, None);
+    }
+
+    #[test]
+    fn errors_are_line_precise() {
+        let text = format!("{BASE}allowed_domains = [\n  \"ok.test\",\n  \"bad domain.test\",\n  \"*\",\n  \"a.*.test\",\n  \"x.test:0\",\n]\n");
+        let e = errs(&text);
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert_eq!((e[0].0, e[0].1), (6, 3));
+        assert!(e[0].2.contains("bad domain.test"), "{e:?}");
+        assert_eq!((e[1].0, e[1].1), (7, 3));
+        assert_eq!((e[2].0, e[2].1), (8, 3));
+        assert_eq!((e[3].0, e[3].1), (9, 3));
+    }
+
+    #[test]
+    fn syntax_and_unknown_keys_are_line_precise() {
+        let e = errs(&format!("{BASE}allowedDomains = [\"x.test\"]\n"));
+        assert_eq!(e[0].0, 4, "{e:?}");
+        assert!(e[0].2.contains("allowedDomains"), "{e:?}");
+        let e = errs(&format!("{BASE}\n\nallowed_domains = [\"x.test\"\n"));
+        assert!(e[0].0 >= 6, "{e:?}");
+        let e = errs(&format!("{BASE}allowed_domains = [{{ domain = \"x.test\", port = 1 }}]\n"));
+        assert_eq!(e[0].0, 4, "{e:?}");
+        assert!(e[0].2.contains("port"), "{e:?}");
+        let e = errs("listen = [\"127.0.0.1:1\"]\naudit_log = \"x\"\n");
+        assert!(e[0].2.contains("client_networks"), "{e:?}");
+    }
+
+    #[test]
+    fn values_are_checked() {
+        let e = errs(&format!(
+            "{BASE}denied_domains = [{{ domain = \"x.test\", allow_private = true }}]\n[hosts]\n\"a.test\" = \"not-an-ip\"\n\"1.2.3.4\" = \"1.2.3.4\"\n[limits]\nmax_header_bytes = 10\n"
+        ));
+        let lines: Vec<usize> = e.iter().map(|x| x.0).collect();
+        assert_eq!(lines, [4, 6, 7, 9], "{e:?}");
+        let e = errs("listen = [\"127.0.0.1\"]\nclient_networks = [\"10.0.0.1/8\"]\naudit_log = \"\"\n");
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[1].2.contains("10.0.0.0/8"), "{e:?}");
+    }
+
+    #[test]
+    fn short_forms() {
+        assert_eq!(parse_short("a.test").unwrap(), (Pattern::Exact("a.test".into()), None));
+        assert_eq!(parse_short("*.a.test:*").unwrap(), (Pattern::Subdomains("a.test".into()), Some(Ports::Any)));
+        assert_eq!(parse_short("10.0.0.0/8").unwrap().0, Pattern::Net("10.0.0.0/8".parse().unwrap()));
+        assert_eq!(parse_short("fd00::/8").unwrap().0, Pattern::Net("fd00::/8".parse().unwrap()));
+        assert_eq!(parse_short("[::1]:80").unwrap(), (Pattern::Net("::1/128".parse().unwrap()), Some(Ports::List(vec![80]))));
+        assert!(parse_short("a.test:http").is_err());
+        assert!(parse_short("127.1").is_err());
+    }
+}

@@ -1,0 +1,479 @@
+//! The policy: which clients may use the proxy and which targets they may reach.
+//!
+//! Decisions run in a fixed order, each step refusing with a stable [`Reason`]:
+//! 1. the client address must be in `client_networks`;
+//! 2. a matching `denied_domains` rule refuses (denials win over allowances);
+//! 3. some `allowed_domains` rule must match the host, then the port, then the method, then
+//!    the path: the first step that leaves no rule names the refusal (`default-deny`,
+//!    `port-not-allowed`, ...);
+//! 4. after resolution, each address must be connectable under the deciding rule
+//!    (see [`crate::addr`]).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::addr::{classify, AddrClass};
+use crate::target::{Host, Target};
+
+/// Why a request was refused. The strings are stable: they appear in the
+/// `X-Tank-Refused-By` header, the audit log and the metrics, and are never renamed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The client's address is not in `client_networks`.
+    ClientNetwork,
+    /// A `denied_domains` rule matched (the rule is named separately).
+    DeniedDomain,
+    /// No `allowed_domains` rule matches the host.
+    DefaultDeny,
+    /// The target is an IP literal and no rule names that address.
+    IpLiteral,
+    /// A rule matches the host but none allows the port.
+    PortNotAllowed,
+    /// A rule matches host and port but none allows the method.
+    MethodNotAllowed,
+    /// A rule matches host, port and method but none allows the path.
+    PathNotAllowed,
+    /// Every resolved address is private and the rule does not allow private addresses.
+    PrivateAddress,
+    /// Every resolved address is never connectable (metadata, unspecified, multicast...).
+    ForbiddenAddress,
+    /// The request could not be parsed, or names a malformed target.
+    BadRequest,
+    /// The request head exceeded `max_header_bytes`.
+    HeaderTooLarge,
+    /// The request head did not arrive within `header_read_timeout_secs`.
+    HeaderTimeout,
+    /// The client already has `max_connections_per_client` connections.
+    ClientConnectionLimit,
+    /// The proxy already has `max_connections` connections.
+    ConnectionLimit,
+    /// The audit log cannot be written; nothing is let through unrecorded.
+    AuditUnavailable,
+}
+
+impl Reason {
+    /// Every reason, for metrics.
+    pub const ALL: [Reason; 15] = [
+        Reason::ClientNetwork,
+        Reason::DeniedDomain,
+        Reason::DefaultDeny,
+        Reason::IpLiteral,
+        Reason::PortNotAllowed,
+        Reason::MethodNotAllowed,
+        Reason::PathNotAllowed,
+        Reason::PrivateAddress,
+        Reason::ForbiddenAddress,
+        Reason::BadRequest,
+        Reason::HeaderTooLarge,
+        Reason::HeaderTimeout,
+        Reason::ClientConnectionLimit,
+        Reason::ConnectionLimit,
+        Reason::AuditUnavailable,
+    ];
+
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::ClientNetwork => "client-network",
+            Reason::DeniedDomain => "denied-domain",
+            Reason::DefaultDeny => "default-deny",
+            Reason::IpLiteral => "ip-literal",
+            Reason::PortNotAllowed => "port-not-allowed",
+            Reason::MethodNotAllowed => "method-not-allowed",
+            Reason::PathNotAllowed => "path-not-allowed",
+            Reason::PrivateAddress => "private-address",
+            Reason::ForbiddenAddress => "forbidden-address",
+            Reason::BadRequest => "bad-request",
+            Reason::HeaderTooLarge => "header-too-large",
+            Reason::HeaderTimeout => "header-timeout",
+            Reason::ClientConnectionLimit => "client-connection-limit",
+            Reason::ConnectionLimit => "connection-limit",
+            Reason::AuditUnavailable => "audit-unavailable",
+        }
+    }
+
+    /// The HTTP status a refusal for this reason answers with.
+    pub fn status(self) -> (u16, &'static str) {
+        match self {
+            Reason::BadRequest => (400, "Bad Request"),
+            Reason::HeaderTimeout => (408, "Request Timeout"),
+            Reason::HeaderTooLarge => (431, "Request Header Fields Too Large"),
+            Reason::ClientConnectionLimit => (429, "Too Many Requests"),
+            Reason::ConnectionLimit | Reason::AuditUnavailable => (503, "Service Unavailable"),
+            _ => (403, "Forbidden"),
+        }
+    }
+}
+
+/// A refusal: the reason, the rule that decided if one did, and a human explanation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The reason.
+    pub reason: Reason,
+    /// `denied_domains:<name>` when a deny rule decided.
+    pub rule: Option<String>,
+    /// One sentence for the response body and the log.
+    pub detail: String,
+}
+
+impl Refusal {
+    /// A refusal not decided by a named rule.
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self { reason, rule: None, detail: detail.into() }
+    }
+
+    /// What refused: the rule's id, or the reason.
+    pub fn by(&self) -> &str {
+        self.rule.as_deref().unwrap_or(self.reason.as_str())
+    }
+}
+
+/// What a rule's host pattern matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Exactly this canonical name.
+    Exact(String),
+    /// Any name strictly below this canonical suffix (`*.example.com` matches
+    /// `api.example.com`, not `example.com`).
+    Subdomains(String),
+    /// IP-literal targets inside this network.
+    Net(IpNet),
+}
+
+impl Pattern {
+    fn matches(&self, host: &Host) -> bool {
+        match (self, host) {
+            (Pattern::Exact(n), Host::Name(h)) => n == h,
+            (Pattern::Subdomains(s), Host::Name(h)) => {
+                h.len() > s.len() + 1 && h.ends_with(s.as_str()) && h.as_bytes()[h.len() - s.len() - 1] == b'.'
+            }
+            (Pattern::Net(net), Host::Ip(ip)) => net.contains(&canonical_ip(*ip)),
+            _ => false,
+        }
+    }
+}
+
+/// Ports a rule covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ports {
+    /// Any port.
+    Any,
+    /// These ports.
+    List(Vec<u16>),
+}
+
+/// One entry of `allowed_domains` or `denied_domains`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// `allowed_domains:<name>` or `denied_domains:<name>`.
+    pub id: String,
+    /// Hosts matched.
+    pub pattern: Pattern,
+    /// Ports matched.
+    pub ports: Ports,
+    /// Methods matched (uppercase; `CONNECT` for tunnels); `None` = any.
+    pub methods: Option<Vec<String>>,
+    /// Path prefixes matched for plain HTTP; `None` = any. A rule with prefixes never
+    /// matches a CONNECT tunnel, whose paths the proxy cannot see.
+    pub path_prefixes: Option<Vec<String>>,
+    /// May connect to private addresses (see [`crate::addr`]).
+    pub allow_private: bool,
+}
+
+impl Rule {
+    fn port_ok(&self, port: u16) -> bool {
+        match &self.ports {
+            Ports::Any => true,
+            Ports::List(l) => l.contains(&port),
+        }
+    }
+    fn method_ok(&self, method: &str) -> bool {
+        self.methods.as_ref().is_none_or(|m| m.iter().any(|x| x == method))
+    }
+    fn path_ok(&self, path: Option<&str>) -> bool {
+        match (&self.path_prefixes, path) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(prefixes), Some(p)) => path_is_plain(p) && prefixes.iter().any(|x| p.starts_with(x.as_str())),
+        }
+    }
+    fn matches(&self, t: &Target, method: &str, path: Option<&str>) -> bool {
+        self.pattern.matches(&t.host) && self.port_ok(t.port) && self.method_ok(method) && self.path_ok(path)
+    }
+}
+
+/// True when a request path has no dot-segments or backslashes, even percent-decoded, so a
+/// prefix rule (`/simple/`) cannot be escaped by `/simple/../admin` or `/simple/%2e%2e/admin`.
+pub fn path_is_plain(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    if !path.starts_with('/') {
+        return false;
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = |b: u8| (b as char).to_digit(16);
+            match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+                (Some(h), Some(l)) => {
+                    decoded.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => return false,
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    if decoded.contains(&b'\\') || decoded.contains(&0) {
+        return false;
+    }
+    !decoded.split(|&b| b == b'/').any(|seg| seg == b"." || seg == b"..")
+}
+
+/// IPv4-mapped IPv6 addresses count as the IPv4 they carry.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Limits on connections; reloadable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head accepted.
+    pub max_header_bytes: usize,
+    /// Time allowed for the whole request head to arrive.
+    pub header_read_timeout: Duration,
+    /// A tunnel or request with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time allowed for resolution plus the TCP connect to the origin.
+    pub connect_timeout: Duration,
+    /// Connections open at once, all clients.
+    pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_connections_per_client: usize,
+    /// On SIGTERM, how long open tunnels may run before they are cut.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            max_connections: 8192,
+            max_connections_per_client: 2048,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The reloadable part of the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// `allowed_domains`, in file order.
+    pub allowed: Vec<Rule>,
+    /// `denied_domains`, in file order.
+    pub denied: Vec<Rule>,
+    /// Networks whose hosts may use the proxy.
+    pub client_networks: Vec<IpNet>,
+    /// Static name → addresses table, consulted before the system resolver.
+    pub hosts: HashMap<String, Vec<IpAddr>>,
+    /// Whether names missing from `hosts` go to the system resolver.
+    pub system_resolver: bool,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl Policy {
+    /// Whether `client` may use the proxy.
+    pub fn client_allowed(&self, client: IpAddr) -> bool {
+        let client = canonical_ip(client);
+        self.client_networks.iter().any(|n| n.contains(&client))
+    }
+
+    /// Decides a request for `target` with `method` (`CONNECT` for tunnels) and, for plain
+    /// HTTP, its `path`. Returns the allowing rule.
+    pub fn decide(&self, target: &Target, method: &str, path: Option<&str>) -> Result<&Rule, Refusal> {
+        if let Some(rule) = self.denied.iter().find(|r| r.matches(target, method, path)) {
+            return Err(Refusal {
+                reason: Reason::DeniedDomain,
+                rule: Some(rule.id.clone()),
+                detail: format!("{target} is denied by {}", rule.id),
+            });
+        }
+        let hosts: Vec<&Rule> = self.allowed.iter().filter(|r| r.pattern.matches(&target.host)).collect();
+        if hosts.is_empty() {
+            return Err(match target.host {
+                Host::Ip(_) => Refusal::new(
+                    Reason::IpLiteral,
+                    format!("{target} is an IP literal and no rule in allowed_domains names it"),
+                ),
+                Host::Name(_) => Refusal::new(
+                    Reason::DefaultDeny,
+                    format!("no rule in allowed_domains matches {}", target.host),
+                ),
+            });
+        }
+        let ports: Vec<&Rule> = hosts.into_iter().filter(|r| r.port_ok(target.port)).collect();
+        if ports.is_empty() {
+            return Err(Refusal::new(
+                Reason::PortNotAllowed,
+                format!("port {} of {} is not allowed by any rule", target.port, target.host),
+            ));
+        }
+        let methods: Vec<&Rule> = ports.into_iter().filter(|r| r.method_ok(method)).collect();
+        if methods.is_empty() {
+            return Err(Refusal::new(
+                Reason::MethodNotAllowed,
+                format!("method {method} to {target} is not allowed by any rule"),
+            ));
+        }
+        methods.into_iter().find(|r| r.path_ok(path)).ok_or_else(|| {
+            Refusal::new(
+                Reason::PathNotAllowed,
+                match path {
+                    Some(p) => format!("path {p} on {target} is not allowed by any rule"),
+                    None => format!("the rules for {target} allow only plain-HTTP paths, not tunnels"),
+                },
+            )
+        })
+    }
+
+    /// Keeps the addresses `rule` may connect to. When none is left, the refusal says why.
+    pub fn connectable(&self, rule: &Rule, addrs: &[IpAddr], local: &[IpAddr]) -> Result<Vec<IpAddr>, Refusal> {
+        let mut ok = Vec::new();
+        let mut worst: Option<(Reason, String)> = None;
+        for &ip in addrs {
+            let ip = canonical_ip(ip);
+            let class = match classify(ip) {
+                AddrClass::Public if local.contains(&ip) => AddrClass::Private("local-interface"),
+                c => c,
+            };
+            match class {
+                AddrClass::Public => ok.push(ip),
+                AddrClass::Private(_) if rule.allow_private => ok.push(ip),
+                AddrClass::Private(kind) => {
+                    if worst.is_none() {
+                        worst = Some((Reason::PrivateAddress, format!("{ip} is {kind}")));
+                    }
+                }
+                AddrClass::Forbidden(kind) => {
+                    worst = Some((Reason::ForbiddenAddress, format!("{ip} is {kind}")));
+                }
+            }
+        }
+        if ok.is_empty() {
+            let (reason, what) = worst.unwrap_or((Reason::PrivateAddress, "no address".to_owned()));
+            let hint = if reason == Reason::PrivateAddress { " and the rule lacks allow_private" } else { "" };
+            return Err(Refusal::new(reason, format!("{what}{hint}")));
+        }
+        Ok(ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::parse_authority;
+
+    fn rule(id: &str, pattern: Pattern, ports: Ports) -> Rule {
+        Rule {
+            id: id.to_owned(),
+            pattern,
+            ports,
+            methods: None,
+            path_prefixes: None,
+            allow_private: false,
+        }
+    }
+
+    fn policy() -> Policy {
+        let mut pypi = rule("allowed_domains:pypi", Pattern::Exact("pypi.org".into()), Ports::List(vec![80]));
+        pypi.methods = Some(vec!["GET".into(), "HEAD".into()]);
+        pypi.path_prefixes = Some(vec!["/simple/".into()]);
+        Policy {
+            allowed: vec![
+                rule("allowed_domains:gh", Pattern::Subdomains("github.com".into()), Ports::List(vec![443])),
+                rule("allowed_domains:gh-apex", Pattern::Exact("github.com".into()), Ports::List(vec![443])),
+                rule("allowed_domains:net", Pattern::Net("192.0.2.0/24".parse().unwrap()), Ports::Any),
+                pypi,
+            ],
+            denied: vec![rule("denied_domains:gist", Pattern::Exact("gist.github.com".into()), Ports::Any)],
+            client_networks: vec!["10.0.0.0/8".parse().unwrap()],
+            hosts: HashMap::new(),
+            system_resolver: false,
+            limits: Limits::default(),
+        }
+    }
+
+    fn decide(p: &Policy, auth: &str, method: &str, path: Option<&str>) -> Result<String, Reason> {
+        let t = parse_authority(auth, None).unwrap();
+        p.decide(&t, method, path).map(|r| r.id.clone()).map_err(|e| e.reason)
+    }
+
+    #[test]
+    fn decisions() {
+        let p = policy();
+        assert_eq!(decide(&p, "api.github.com:443", "CONNECT", None).unwrap(), "allowed_domains:gh");
+        assert_eq!(decide(&p, "github.com:443", "CONNECT", None).unwrap(), "allowed_domains:gh-apex");
+        assert_eq!(decide(&p, "gist.github.com:443", "CONNECT", None), Err(Reason::DeniedDomain));
+        assert_eq!(decide(&p, "evilgithub.com:443", "CONNECT", None), Err(Reason::DefaultDeny));
+        assert_eq!(decide(&p, "api.github.com:22", "CONNECT", None), Err(Reason::PortNotAllowed));
+        assert_eq!(decide(&p, "8.8.8.8:443", "CONNECT", None), Err(Reason::IpLiteral));
+        assert_eq!(decide(&p, "192.0.2.7:1234", "CONNECT", None).unwrap(), "allowed_domains:net");
+        assert_eq!(decide(&p, "pypi.org:80", "GET", Some("/simple/x/")).unwrap(), "allowed_domains:pypi");
+        assert_eq!(decide(&p, "pypi.org:80", "POST", Some("/simple/x/")), Err(Reason::MethodNotAllowed));
+        assert_eq!(decide(&p, "pypi.org:80", "GET", Some("/admin")), Err(Reason::PathNotAllowed));
+        assert_eq!(decide(&p, "pypi.org:80", "GET", Some("/simple/../admin")), Err(Reason::PathNotAllowed));
+        assert_eq!(decide(&p, "pypi.org:80", "GET", Some("/simple/%2E%2e/admin")), Err(Reason::PathNotAllowed));
+        assert_eq!(decide(&p, "pypi.org:80", "CONNECT", None), Err(Reason::MethodNotAllowed));
+    }
+
+    #[test]
+    fn clients() {
+        let p = policy();
+        assert!(p.client_allowed("10.1.2.3".parse().unwrap()));
+        assert!(p.client_allowed("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!p.client_allowed("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn addresses() {
+        let p = policy();
+        let mut r = rule("x", Pattern::Exact("a".into()), Ports::Any);
+        let ips = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect::<Vec<IpAddr>>();
+        assert_eq!(p.connectable(&r, &ips(&["127.0.0.1"]), &[]).unwrap_err().reason, Reason::PrivateAddress);
+        assert_eq!(p.connectable(&r, &ips(&["10.0.0.1", "8.8.8.8"]), &[]).unwrap(), ips(&["8.8.8.8"]));
+        assert_eq!(
+            p.connectable(&r, &ips(&["8.8.8.8"]), &ips(&["8.8.8.8"])).unwrap_err().reason,
+            Reason::PrivateAddress
+        );
+        r.allow_private = true;
+        assert_eq!(p.connectable(&r, &ips(&["127.0.0.1"]), &[]).unwrap(), ips(&["127.0.0.1"]));
+        assert_eq!(
+            p.connectable(&r, &ips(&["169.254.169.254", "0.0.0.0"]), &[]).unwrap_err().reason,
+            Reason::ForbiddenAddress
+        );
+    }
+
+    #[test]
+    fn plain_paths() {
+        assert!(path_is_plain("/simple/a.b/c?x=../y"));
+        assert!(!path_is_plain("/a/./b"));
+        assert!(!path_is_plain("/a/.."));
+        assert!(!path_is_plain("/a%2f..%2fb"));
+        assert!(!path_is_plain("/a\\b"));
+        assert!(!path_is_plain("/a%zz"));
+        assert!(!path_is_plain("a/b"));
+    }
+}

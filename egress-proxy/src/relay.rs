@@ -1,0 +1,338 @@
+//! Relaying bytes between client and origin.
+//!
+//! Tunnels move data with `splice(2)` through a pipe per direction: the payload goes from
+//! one socket's receive queue to the other's send queue without being copied through user
+//! space, which is what lets a tunnel run near loopback speed. If a pipe cannot be had the
+//! relay falls back to read/write through a buffer.
+//!
+//! Both directions run in one task; a tunnel ends when both sides have closed (half-close is
+//! passed on), on an error, after `idle_timeout` with no bytes either way, or on shutdown.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{BodyKind, ChunkedScanner};
+use crate::metrics::Metrics;
+
+/// Bytes moved per splice call at most.
+const CHUNK: usize = 1 << 20;
+/// Buffer of the read/write fallback and of request-body forwarding.
+const BUF: usize = 64 * 1024;
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both sides closed (or, for a forwarded request, the origin finished its response).
+    Closed,
+    /// No bytes either way for the idle timeout.
+    Idle,
+    /// The proxy is shutting down and the grace period ran out.
+    Shutdown,
+    /// A socket error, or a malformed request body.
+    Error(io::Error),
+}
+
+impl End {
+    /// The error text for the audit record, if the relay did not end cleanly.
+    pub fn error(&self) -> Option<String> {
+        match self {
+            End::Closed => None,
+            End::Idle => Some("idle timeout".to_owned()),
+            End::Shutdown => Some("cut at shutdown".to_owned()),
+            End::Error(e) => Some(e.to_string()),
+        }
+    }
+}
+
+/// Bytes relayed and how the relay ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Origin → client.
+    pub bytes_in: u64,
+    /// Client → origin.
+    pub bytes_out: u64,
+    /// Why it ended.
+    pub end: End,
+}
+
+/// What flows from client to origin.
+#[derive(Clone, Copy, Debug)]
+pub enum Upstream {
+    /// A tunnel: everything, until the client closes.
+    Tunnel,
+    /// A forwarded request: exactly its body, then nothing (a pipelined second request
+    /// never reaches the origin unchecked).
+    Body(BodyKind),
+}
+
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A larger pipe means fewer system calls per byte; best effort (pipe-max-size).
+        // SAFETY: F_SETPIPE_SZ on a pipe we own.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 256 * 1024) };
+        Ok(Pipe { r, w })
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain system call on descriptors owned by the caller; null offsets.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn shutdown_write(s: &TcpStream) {
+    // SAFETY: shutdown(2) on a socket the caller owns; failure (already closed) is harmless.
+    unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) };
+}
+
+/// The last time bytes moved, as nanoseconds after a base instant (atomics keep the
+/// connection future `Send`).
+struct Activity {
+    base: Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last.store(self.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.base + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+}
+
+struct Side<'a> {
+    count: &'a AtomicU64,
+    total: &'a crate::metrics::Counter,
+    activity: &'a Activity,
+}
+
+impl Side<'_> {
+    fn moved(&self, n: usize) {
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        self.total.add(n as u64);
+        self.activity.touch();
+    }
+}
+
+/// Moves everything from `from` to `to` until `from` closes, then half-closes `to`.
+async fn pump(from: &TcpStream, to: &TcpStream, pipe: Option<Pipe>, side: Side<'_>) -> io::Result<()> {
+    match pipe {
+        Some(pipe) => loop {
+            let n = loop {
+                from.readable().await?;
+                match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            if n == 0 {
+                shutdown_write(to);
+                return Ok(());
+            }
+            let mut left = n;
+            while left > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || splice(pipe.r.as_raw_fd(), to.as_raw_fd(), left)) {
+                    Ok(m) => {
+                        left -= m;
+                        side.moved(m);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        },
+        None => {
+            let mut buf = vec![0u8; BUF];
+            loop {
+                let n = read(from, &mut buf).await?;
+                if n == 0 {
+                    shutdown_write(to);
+                    return Ok(());
+                }
+                write_all(to, &buf[..n]).await?;
+                side.moved(n);
+            }
+        }
+    }
+}
+
+async fn read(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        s.readable().await?;
+        match s.try_read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes all of `buf` to a shared stream.
+pub async fn write_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        s.writable().await?;
+        match s.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Forwards exactly one request body (`early` holds bytes already read after the head).
+async fn body(from: &TcpStream, to: &TcpStream, kind: BodyKind, early: &[u8], side: Side<'_>) -> io::Result<()> {
+    let malformed = || io::Error::new(io::ErrorKind::InvalidData, "malformed chunked request body");
+    let mut buf = vec![0u8; BUF];
+    match kind {
+        BodyKind::None => Ok(()),
+        BodyKind::Length(mut left) => {
+            let first = (left.min(early.len() as u64)) as usize;
+            write_all(to, &early[..first]).await?;
+            side.moved(first);
+            left -= first as u64;
+            while left > 0 {
+                let want = left.min(BUF as u64) as usize;
+                let n = read(from, &mut buf[..want]).await?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed mid-body"));
+                }
+                write_all(to, &buf[..n]).await?;
+                side.moved(n);
+                left -= n as u64;
+            }
+            Ok(())
+        }
+        BodyKind::Chunked => {
+            let mut scanner = ChunkedScanner::default();
+            if !early.is_empty() {
+                let n = scanner.feed(early).map_err(|_| malformed())?.unwrap_or(early.len());
+                write_all(to, &early[..n]).await?;
+                side.moved(n);
+            }
+            while !scanner.is_done() {
+                let n = read(from, &mut buf).await?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed mid-body"));
+                }
+                let take = scanner.feed(&buf[..n]).map_err(|_| malformed())?.unwrap_or(n);
+                write_all(to, &buf[..take]).await?;
+                side.moved(take);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Relays between `client` and `origin` until the exchange ends. `early` holds client
+/// bytes already read past the request head.
+pub async fn relay(
+    client: &TcpStream,
+    origin: &TcpStream,
+    upstream: Upstream,
+    early: &[u8],
+    idle: Duration,
+    cancel: &CancellationToken,
+    metrics: &Metrics,
+) -> Outcome {
+    let (bytes_in, bytes_out) = (AtomicU64::new(0), AtomicU64::new(0));
+    let activity = Activity { base: Instant::now(), last: AtomicU64::new(0) };
+    let out_side = || Side { count: &bytes_out, total: &metrics.bytes_out, activity: &activity };
+    let in_side = Side { count: &bytes_in, total: &metrics.bytes_in, activity: &activity };
+    let pipes = || Pipe::new().ok();
+    let up = async {
+        match upstream {
+            Upstream::Tunnel => {
+                if !early.is_empty() {
+                    write_all(origin, early).await?;
+                    out_side().moved(early.len());
+                }
+                pump(client, origin, pipes(), out_side()).await
+            }
+            Upstream::Body(kind) => body(client, origin, kind, early, out_side()).await,
+        }
+    };
+    let down = pump(origin, client, pipes(), in_side);
+    let watchdog = async {
+        loop {
+            let deadline = activity.last() + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::pin!(up, down, watchdog);
+    let (mut up_done, mut down_done) = (false, false);
+    let end = loop {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(e) => break End::Error(e),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(e) => break End::Error(e),
+            },
+            () = &mut watchdog => break End::Idle,
+            () = cancel.cancelled() => break End::Shutdown,
+        }
+        // A tunnel ends when both sides have closed; a forwarded request when the origin
+        // has sent its whole response (it was asked to close the connection after it).
+        if down_done && (up_done || matches!(upstream, Upstream::Body(_))) {
+            break End::Closed;
+        }
+    };
+    Outcome { bytes_in: bytes_in.load(Ordering::Relaxed), bytes_out: bytes_out.load(Ordering::Relaxed), end }
+}
+
+/// Reads and discards what a refused client still sends, briefly, so that closing the
+/// socket does not reset the connection before the client has read the refusal.
+pub async fn linger(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut total = 0;
+    while total < 256 * 1024 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => total += n,
+            _ => break,
+        }
+    }
+}
