@@ -268,7 +268,7 @@ impl Validator<'_> {
         }
         for a in raw.listen.get_ref() {
             match a.get_ref().parse::<SocketAddr>() {
-                Ok(sa) if listen.contains(&sa) => self.err(a.span(), format!("`{sa}` is listed twice")),
+                Ok(sa) if sa.port() != 0 && listen.contains(&sa) => self.err(a.span(), format!("`{sa}` is listed twice")),
                 Ok(sa) => listen.push(sa),
                 Err(_) => self.err(a.span(), format!("`{}` is not an address:port (IPv6 in brackets: \"[::]:3128\")", a.get_ref())),
             }
@@ -277,7 +277,7 @@ impl Validator<'_> {
             None => Some(DEFAULT_ADMIN.parse().expect("valid default")),
             Some(s) if s.get_ref() == "off" => None,
             Some(s) => match s.get_ref().parse::<SocketAddr>() {
-                Ok(sa) if listen.contains(&sa) => {
+                Ok(sa) if sa.port() != 0 && listen.contains(&sa) => {
                     self.err(s.span(), "`admin_listen` must differ from the proxy listeners");
                     None
                 }

@@ -105,8 +105,6 @@ pub async fn run(config_path: PathBuf, config: Config, ready_file: Option<PathBu
     raise_nofile();
     let metrics = Arc::new(Metrics::default());
     metrics.audit_healthy.set(1);
-    let (audit, audit_thread) = Audit::open(&config.audit_log, metrics.clone())
-        .with_context(|| format!("cannot open the audit log `{}`", config.audit_log.display()))?;
     let mut listeners = Vec::new();
     for addr in &config.listen {
         listeners.push(bind(*addr).with_context(|| format!("cannot listen on {addr}"))?);
@@ -120,6 +118,9 @@ pub async fn run(config_path: PathBuf, config: Config, ready_file: Option<PathBu
         }
         None => None,
     };
+    // Listeners first: a proxy that cannot listen fails before touching the audit log.
+    let (audit, audit_thread) = Audit::open(&config.audit_log, metrics.clone())
+        .with_context(|| format!("cannot open the audit log `{}`", config.audit_log.display()))?;
     let bound = Bound {
         listen: listeners.iter().map(|l| l.local_addr()).collect::<io::Result<_>>()?,
         admin: admin.as_ref().map(|l| l.local_addr()).transpose()?,
@@ -553,6 +554,8 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
             if let Err(e) = relay::write_all(&origin, head).await {
                 return upstream_error(shared, stream, draft, "connect", format!("sending the request: {e}"), &what).await;
             }
+            draft.traffic.bytes_out = head.len() as u64;
+            shared.metrics.bytes_out.add(head.len() as u64);
             Upstream::Body(*body)
         }
     };
@@ -564,7 +567,7 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
         info!(client = %draft.client, request = %what, "closed after idle_timeout_secs without traffic");
     }
     draft.traffic.bytes_in = outcome.bytes_in;
-    draft.traffic.bytes_out = outcome.bytes_out;
+    draft.traffic.bytes_out += outcome.bytes_out;
     draft.error = outcome.end.error();
 }
 

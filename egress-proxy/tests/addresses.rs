@@ -1,0 +1,192 @@
+//! Names and addresses: a name resolving to a private address is refused unless its rule
+//! allows private addresses; IP literals need a rule naming them; metadata addresses are
+//! never reached; malformed and disguised targets are refused; names are canonicalised;
+//! clients outside client_networks are refused.
+
+mod common;
+use common::*;
+
+fn refused_by(head: &str) -> &str {
+    header(head, "X-Tank-Refused-By").unwrap_or_else(|| panic!("no X-Tank-Refused-By in:\n{head}"))
+}
+
+#[test]
+fn a_name_resolving_to_a_private_address_is_refused_unless_allowed() {
+    let dir = tempdir();
+    let origin = Origin::echo();
+    let p = origin.port;
+    let proxy = Proxy::start(
+        dir.path(),
+        &format!(
+            r#"allowed_domains = [
+  "internal.test:{p}",
+  {{ domain = "lab.test", ports = [{p}], allow_private = true }},
+  {{ domain = "metadata.test", ports = [{p}], allow_private = true }},
+  {{ domain = "unspecified.test", ports = [{p}], allow_private = true }},
+  "nowhere.test:{p}",
+]
+[hosts]
+"internal.test" = "127.0.0.1"
+"lab.test" = ["::1", "127.0.0.1"]
+"metadata.test" = "169.254.169.254"
+"unspecified.test" = "0.0.0.0"
+"#
+        ),
+    );
+    let (_, head) = connect_tunnel(proxy.addr, &format!("internal.test:{p}"));
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert_eq!(refused_by(&head), "private-address");
+    assert!(head.contains("127.0.0.1 is loopback"), "{head}");
+    // Cloud metadata and 0.0.0.0 are never reached, not even with allow_private.
+    let (_, head) = connect_tunnel(proxy.addr, &format!("metadata.test:{p}"));
+    assert_eq!(refused_by(&head), "forbidden-address", "{head}");
+    let (_, head) = connect_tunnel(proxy.addr, &format!("unspecified.test:{p}"));
+    assert_eq!(refused_by(&head), "forbidden-address", "{head}");
+    assert_eq!(origin.served(), 0);
+
+    // allow_private: the first checked address that accepts is used (::1 has no listener,
+    // 127.0.0.1 does), and exactly that address is recorded.
+    let (mut s, head) = connect_tunnel(proxy.addr, &format!("lab.test:{p}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    use std::io::{Read, Write};
+    s.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    drop(s);
+    assert_eq!(origin.served(), 1);
+
+    // A name neither in [hosts] nor resolvable (system resolver off) is a 502, not a 403.
+    let (_, head) = connect_tunnel(proxy.addr, &format!("nowhere.test:{p}"));
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert_eq!(header(&head, "X-Tank-Error"), Some("resolve"));
+
+    let records = proxy.wait_records(5);
+    assert_eq!(records[0]["unmapped"]["rule"], "private-address");
+    assert!(records[0]["dst_endpoint"]["ip"].is_null());
+    // Records are written when a connection ends, so find them by host.
+    let by_host = |h: &str| records.iter().find(|r| r["dst_endpoint"]["hostname"] == h).unwrap().clone();
+    let lab = by_host("lab.test");
+    assert_eq!(lab["action"], "Allowed");
+    assert_eq!(lab["dst_endpoint"]["ip"], "127.0.0.1");
+    assert_eq!(lab["traffic"]["bytes_in"], 4);
+    assert_eq!(lab["traffic"]["bytes_out"], 4);
+    let nowhere = by_host("nowhere.test");
+    assert_eq!(nowhere["action"], "Allowed");
+    assert!(nowhere["unmapped"]["error"].as_str().unwrap().contains("not in [hosts]"));
+}
+
+#[test]
+fn ip_literals_are_refused_unless_a_rule_names_them() {
+    let dir = tempdir();
+    let origin = Origin::echo();
+    let p = origin.port;
+    let proxy = Proxy::start(
+        dir.path(),
+        &format!(
+            r#"allowed_domains = [
+  {{ domain = "127.0.0.1", ports = [{p}], allow_private = true }},
+  "127.0.0.2:{p}",
+]
+"#
+        ),
+    );
+    let (_, head) = connect_tunnel(proxy.addr, &format!("127.0.0.3:{p}"));
+    assert_eq!(refused_by(&head), "ip-literal", "{head}");
+    let (_, head) = connect_tunnel(proxy.addr, &format!("[::1]:{p}"));
+    assert_eq!(refused_by(&head), "ip-literal", "{head}");
+    // Named, but loopback without allow_private.
+    let (_, head) = connect_tunnel(proxy.addr, &format!("127.0.0.2:{p}"));
+    assert_eq!(refused_by(&head), "private-address", "{head}");
+    // Disguised forms of 127.0.0.1 are malformed targets, not matches.
+    for disguised in ["127.1", "2130706433", "0x7f.0.0.1", "0177.0.0.1", "[::ffff:7f00:1]x"] {
+        let (_, head) = connect_tunnel(proxy.addr, &format!("{disguised}:{p}"));
+        assert!(head.starts_with("HTTP/1.1 400"), "{disguised}: {head}");
+        assert_eq!(refused_by(&head), "bad-request");
+    }
+    assert_eq!(origin.served(), 0);
+    let (s, head) = connect_tunnel(proxy.addr, &format!("127.0.0.1:{p}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(s);
+    let records = proxy.wait_records(9);
+    let allowed: Vec<_> = records.iter().filter(|r| r["action"] == "Allowed").collect();
+    assert_eq!(allowed.len(), 1);
+    assert_eq!(allowed[0]["unmapped"]["rule"], format!("allowed_domains:127.0.0.1:{p}"));
+    assert_eq!(allowed[0]["dst_endpoint"]["hostname"], "127.0.0.1");
+}
+
+#[test]
+fn names_are_canonicalised_before_matching() {
+    let dir = tempdir();
+    let origin = Origin::echo();
+    let p = origin.port;
+    let proxy = Proxy::start(
+        dir.path(),
+        &format!(
+            r#"allowed_domains = [{{ domain = "bücher.test", ports = [{p}], allow_private = true }}, {{ domain = "origin.test", ports = [{p}], allow_private = true }}]
+[hosts]
+"BÜCHER.test" = "127.0.0.1"
+"origin.test" = "127.0.0.1"
+"#
+        ),
+    );
+    for spelling in ["ORIGIN.test", "origin.test.", "xn--bcher-kva.test", "XN--BCHER-KVA.TEST."] {
+        let (s, head) = connect_tunnel(proxy.addr, &format!("{spelling}:{p}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{spelling}: {head}");
+        drop(s);
+    }
+    for bad in ["origin..test", "-origin.test", "origin.test..", "ori gin.test", "origin.test:99999", "origin.test"] {
+        // "origin.test" alone has no port: CONNECT needs one.
+        let (_, head) = connect_tunnel(proxy.addr, bad);
+        assert!(head.starts_with("HTTP/1.1 400"), "{bad}: {head}");
+    }
+    let records = proxy.wait_records(10);
+    let mut allowed: Vec<&str> =
+        records.iter().filter(|r| r["action"] == "Allowed").map(|r| r["dst_endpoint"]["hostname"].as_str().unwrap()).collect();
+    allowed.sort();
+    assert_eq!(allowed, ["origin.test", "origin.test", "xn--bcher-kva.test", "xn--bcher-kva.test"]);
+}
+
+#[test]
+fn clients_outside_client_networks_are_refused_and_recorded() {
+    let dir = tempdir();
+    let origin = Origin::echo();
+    let p = origin.port;
+    // Only 127.0.0.2 may use the proxy; the test connects from 127.0.0.1.
+    let config = format!(
+        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\nadmin_listen = \"127.0.0.1:0\"\nclient_networks = [\"127.0.0.2/32\"]\naudit_log = \"{}\"\nsystem_resolver = false\nallowed_domains = [{{ domain = \"127.0.0.1\", ports = [{p}], allow_private = true }}]\n",
+        dir.path().join("audit.jsonl").display()
+    );
+    let proxy = Proxy::start_raw(dir.path(), &config);
+    let (_, head) = connect_tunnel(proxy.addr, &format!("127.0.0.1:{p}"));
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert_eq!(refused_by(&head), "client-network");
+    // From 127.0.0.2 it works.
+    let mut s = bind_connect("127.0.0.2", proxy.addr);
+    use std::io::{Read, Write};
+    write!(s, "CONNECT 127.0.0.1:{p} HTTP/1.1\r\n\r\n").unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    drop(s);
+    assert_eq!(origin.served(), 1);
+    let records = proxy.wait_records(2);
+    assert_eq!(records[0]["unmapped"]["rule"], "client-network");
+    assert_eq!(records[0]["src_endpoint"]["ip"], "127.0.0.1");
+    let last = records.iter().find(|r| r["action"] == "Allowed").expect("an allowed record");
+    assert_eq!(last["src_endpoint"]["ip"], "127.0.0.2");
+}
+
+/// A TCP connection from a chosen loopback source address.
+fn bind_connect(src: &str, dst: std::net::SocketAddr) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        let s = sock.connect(dst).await.unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        s
+    })
+}
