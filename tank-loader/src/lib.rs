@@ -5,6 +5,7 @@
 
 pub mod bpffs;
 pub mod cgroup;
+pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod gate;

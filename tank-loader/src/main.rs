@@ -5,113 +5,16 @@
 
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use tank_ebpf_common::chain;
 
-use tank_loader::config::{self, Config};
+use tank_loader::cli::{AuditCommand, Cli, Command};
+use tank_loader::config::Config;
 use tank_loader::{gate, record, run, status, trace};
-
-/// Kernel-enforced egress containment for an AI agent's cgroup.
-///
-/// tank-loader attaches eBPF programs to the agent's cgroup so that its processes can connect
-/// only to the egress proxy and to endpoints you list; everything else fails with EPERM. Every
-/// attempt, allowed or denied, is written to a hash-chained audit log. Enforcement is pinned in
-/// bpffs: it stays in force when the loader exits or crashes, until `tank-loader detach`.
-///
-/// Exit codes: 0 success; 1 failure, an invalid config, a log that does not verify, or (status)
-/// enforcement not fully in place; 2 usage error.
-#[derive(Parser)]
-#[command(name = "tank-loader", version, about, long_about, max_term_width = 100)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Put enforcement in place and drain events into the audit log (the systemd service).
-    ///
-    /// Creates the agent cgroup if needed, loads and attaches the gate (or re-adopts what a
-    /// previous run pinned, without a moment unguarded), tells systemd it is ready, drops all
-    /// capabilities and writes every attempt to the audit log until SIGTERM.
-    Run {
-        /// Configuration file.
-        #[arg(long, short, default_value = config::DEFAULT_PATH)]
-        config: PathBuf,
-    },
-    /// Validate a configuration file; errors name FILE:LINE:COL.
-    Check {
-        /// Configuration file to validate.
-        file: PathBuf,
-    },
-    /// Show what the kernel enforces now: hooks, cgroup, mode, counters, pins.
-    Status {
-        /// Configuration file (for the cgroup, pin directory and log).
-        #[arg(long, short, default_value = config::DEFAULT_PATH)]
-        config: PathBuf,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Live view of connection attempts, as they reach the audit log.
-    ///
-    /// Follows the audit log (never the ring buffer, which has one reader: the loader), so it
-    /// shows exactly what was recorded. Ctrl-C stops it.
-    Trace {
-        /// Configuration file (for the audit log path).
-        #[arg(long, short, default_value = config::DEFAULT_PATH)]
-        config: PathBuf,
-        /// One JSON record per line, as in the log.
-        #[arg(long)]
-        json: bool,
-        /// Only denied attempts.
-        #[arg(long)]
-        denied: bool,
-        /// Only attempts by this process id.
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Only attempts by processes with this name (comm, up to 15 characters).
-        #[arg(long)]
-        comm: Option<String>,
-        /// Start from the beginning of the log instead of its end.
-        #[arg(long)]
-        history: bool,
-        /// Exit at the end of the log instead of waiting for new records.
-        #[arg(long)]
-        no_follow: bool,
-    },
-    /// Remove enforcement: unpin the gate's links and maps. The one way to end it.
-    ///
-    /// Refuses while the loader runs (stop the service first). Appends a record of the removal
-    /// to the audit log and logs it.
-    Detach {
-        /// Configuration file (for the pin directory and log).
-        #[arg(long, short, default_value = config::DEFAULT_PATH)]
-        config: PathBuf,
-    },
-    /// Audit-log tools.
-    Audit {
-        #[command(subcommand)]
-        command: AuditCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum AuditCommand {
-    /// Verify a hash-chained audit log (kernel or proxy): edits, deletions, reordering,
-    /// truncation and partial records are reported; exit 1 if any is found.
-    Verify {
-        /// The log file.
-        file: PathBuf,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
