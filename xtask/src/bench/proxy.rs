@@ -1,0 +1,596 @@
+//! `cargo xtask bench proxy`: egress-proxy side by side with squid and tinyproxy.
+//!
+//! Everything runs on loopback on this machine, in one run: local origins (a byte source,
+//! an echo server, an accept-and-close server) in this process, each proxy started from a
+//! config in a temp dir on a port of its own, measured, then killed. Figures:
+//! - CONNECT tunnel throughput (origin → client, one stream) as a ratio of direct loopback TCP;
+//! - new tunnels per second (CONNECT, `200`, close) from several client threads;
+//! - p99 latency a proxy adds to a small request: a 64-byte request and answer over a new
+//!   tunnel (connect, CONNECT, request) and over an established one, against the same over
+//!   direct TCP.
+//!
+//! squid and tinyproxy are installed with `apt-get install -y` when absent. Peers log every
+//! request as egress-proxy does (egress-proxy's log is chained and fsynced; theirs are not).
+//! Release build; bounded durations (the whole bench takes well under two minutes).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+/// Throughput: measured window per run, runs per target (median taken), warm-up per run.
+const THROUGHPUT_WINDOW: Duration = Duration::from_millis(1200);
+const THROUGHPUT_RUNS: usize = 3;
+const THROUGHPUT_WARMUP: Duration = Duration::from_millis(200);
+/// New tunnels per second: window and client threads.
+const RATE_WINDOW: Duration = Duration::from_secs(2);
+const RATE_CLIENTS: usize = 4;
+/// Latency samples per mode (after a tenth as many warm-up rounds), and a time cap per mode.
+const LATENCY_SAMPLES: usize = 2000;
+const LATENCY_CAP: Duration = Duration::from_secs(4);
+const CHUNK: usize = 256 * 1024;
+
+/// Runs the benchmark, prints a table and returns the figures.
+pub fn run() -> Result<Value> {
+    let started = Instant::now();
+    let root = workspace_root()?;
+    let bin = build_proxy(&root)?;
+    ensure_installed(&[("squid", "squid"), ("tinyproxy", "tinyproxy")])?;
+    let dir = TempDir::new("tank-bench-proxy")?;
+    let origins = Origins::start()?;
+
+    eprintln!("bench: direct loopback TCP baseline");
+    let direct_tput = median((0..THROUGHPUT_RUNS).map(|_| throughput(None, origins.source)).collect::<Result<_>>()?);
+    let direct_new = latency(None, origins.echo, true)?;
+    let direct_est = latency(None, origins.echo, false)?;
+
+    let mut rows = Vec::new();
+    for kind in [Peer::EgressProxy, Peer::Squid, Peer::Tinyproxy] {
+        eprintln!("bench: {}", kind.name());
+        let proxy = start_peer(kind, &bin, dir.path(), &origins)?;
+        let addr = proxy.addr;
+        let tput = median((0..THROUGHPUT_RUNS).map(|_| throughput(Some(addr), origins.source)).collect::<Result<_>>()?);
+        let rate = tunnel_rate(addr, origins.closer)?;
+        let new = latency(Some(addr), origins.echo, true)?;
+        let est = latency(Some(addr), origins.echo, false)?;
+        let version = proxy.version.clone();
+        drop(proxy);
+        rows.push(json!({
+            "proxy": kind.name(),
+            "version": version,
+            "throughput_mib_s": round(tput / MIB, 1),
+            "throughput_ratio_to_direct": round(tput / direct_tput, 3),
+            "new_tunnels_per_s": round(rate.per_s, 0),
+            "new_tunnel_errors": rate.errors,
+            "new_tunnel_request_p50_us": new.p50,
+            "new_tunnel_request_p99_us": new.p99,
+            "p99_added_latency_new_tunnel_us": new.p99.saturating_sub(direct_new.p99),
+            "tunnel_request_p50_us": est.p50,
+            "tunnel_request_p99_us": est.p99,
+            "p99_added_latency_established_us": est.p99.saturating_sub(direct_est.p99),
+        }));
+    }
+
+    let get = |name: &str, key: &str| {
+        rows.iter().find(|r| r["proxy"] == name).and_then(|r| r[key].as_f64()).unwrap_or(f64::NAN)
+    };
+    let ours = |k: &str| get("egress-proxy", k);
+    let goals = json!({
+        "throughput_ratio_ge_0_90": ours("throughput_ratio_to_direct") >= 0.90,
+        "throughput_above_squid_and_tinyproxy": ours("throughput_mib_s") > get("squid", "throughput_mib_s")
+            && ours("throughput_mib_s") > get("tinyproxy", "throughput_mib_s"),
+        "new_tunnels_ge_2x_squid": ours("new_tunnels_per_s") >= 2.0 * get("squid", "new_tunnels_per_s"),
+        "new_tunnels_ge_1_5x_tinyproxy": ours("new_tunnels_per_s") >= 1.5 * get("tinyproxy", "new_tunnels_per_s"),
+    });
+    let result = json!({
+        "machine": { "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(0) },
+        "direct": {
+            "throughput_mib_s": round(direct_tput / MIB, 1),
+            "new_connection_request_p50_us": direct_new.p50,
+            "new_connection_request_p99_us": direct_new.p99,
+            "request_p50_us": direct_est.p50,
+            "request_p99_us": direct_est.p99,
+        },
+        "proxies": rows,
+        "goals": goals,
+        "settings": {
+            "throughput_window_ms": THROUGHPUT_WINDOW.as_millis() as u64,
+            "throughput_runs": THROUGHPUT_RUNS,
+            "rate_window_ms": RATE_WINDOW.as_millis() as u64,
+            "rate_clients": RATE_CLIENTS,
+            "latency_samples": LATENCY_SAMPLES,
+            "request_bytes": 64,
+        },
+        "elapsed_s": round(started.elapsed().as_secs_f64(), 1),
+    });
+    print_table(&result);
+    Ok(result)
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn print_table(r: &Value) {
+    let d = &r["direct"];
+    println!();
+    println!("egress-proxy benchmark (loopback, {} CPUs, release build)", r["machine"]["cpus"]);
+    println!(
+        "direct TCP: {} MiB/s; 64 B request p50/p99 {}/{} us on a new connection, {}/{} us on an open one",
+        d["throughput_mib_s"], d["new_connection_request_p50_us"], d["new_connection_request_p99_us"], d["request_p50_us"], d["request_p99_us"]
+    );
+    println!(
+        "{:<13} {:>11} {:>8} {:>11} {:>22} {:>22}",
+        "proxy", "tput MiB/s", "ratio", "tunnels/s", "p99 added, new (us)", "p99 added, open (us)"
+    );
+    for p in r["proxies"].as_array().into_iter().flatten() {
+        // serde_json's Display ignores widths: render each cell first.
+        let cell = |k: &str| p[k].to_string();
+        println!(
+            "{:<13} {:>11} {:>8} {:>11} {:>22} {:>22}",
+            p["proxy"].as_str().unwrap_or("?"),
+            cell("throughput_mib_s"),
+            cell("throughput_ratio_to_direct"),
+            cell("new_tunnels_per_s"),
+            cell("p99_added_latency_new_tunnel_us"),
+            cell("p99_added_latency_established_us"),
+        );
+    }
+    println!("(p99 added = proxy p99 minus direct p99, floored at 0; the machine's other load shows in it)");
+    println!("goals: {}", r["goals"]);
+}
+
+// ---- building and installing ------------------------------------------------------------
+
+fn workspace_root() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("TANK_WORKSPACE") {
+        return Ok(PathBuf::from(dir));
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_owned).context("xtask has no parent directory")
+}
+
+/// Builds egress-proxy in release mode and returns the binary's path.
+fn build_proxy(root: &Path) -> Result<PathBuf> {
+    eprintln!("bench: cargo build --release -p egress-proxy");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--release", "-p", "egress-proxy", "--bin", "egress-proxy", "--message-format=json-render-diagnostics"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run cargo")?;
+    if !out.status.success() {
+        bail!("building egress-proxy failed");
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
+        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "egress-proxy" {
+            if let Some(exe) = msg["executable"].as_str() {
+                return Ok(PathBuf::from(exe));
+            }
+        }
+    }
+    bail!("cargo did not report the egress-proxy executable")
+}
+
+fn on_path(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]).any(|d| d.join(tool).is_file())
+}
+
+fn ensure_installed(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools.iter().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("bench: installing {} from Debian", missing.join(" "));
+    let update = Command::new("apt-get").args(["update", "-qq"]).status().context("cannot run apt-get")?;
+    if !update.success() {
+        bail!("apt-get update failed");
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("cannot run apt-get")?;
+    if !status.success() {
+        bail!("apt-get install -y {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> Result<TempDir> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let path = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        // squid drops to the `proxy` user and must write its logs here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
+        Ok(TempDir(path))
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---- origins ------------------------------------------------------------------------------
+
+/// Local origins on 127.0.0.1, stopped when dropped.
+struct Origins {
+    /// Writes bytes until the client goes away.
+    source: SocketAddr,
+    /// Echoes.
+    echo: SocketAddr,
+    /// Accepts and closes at once (new-tunnel rate).
+    closer: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Origins {
+    fn start() -> Result<Origins> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let mut serve = |handler: fn(TcpStream)| -> Result<SocketAddr> {
+            let l = TcpListener::bind("127.0.0.1:0")?;
+            let addr = l.local_addr()?;
+            let stop = stop.clone();
+            threads.push(thread::spawn(move || {
+                for s in l.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if let Ok(s) = s {
+                        handler(s);
+                    }
+                }
+            }));
+            Ok(addr)
+        };
+        let source = serve(|s| {
+            thread::spawn(move || {
+                let buf = vec![0x5au8; CHUNK];
+                let mut s = s;
+                while s.write_all(&buf).is_ok() {}
+            });
+        })?;
+        let echo = serve(|s| {
+            thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut s = s;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        })?;
+        let closer = serve(drop)?;
+        Ok(Origins { source, echo, closer, stop, threads })
+    }
+}
+
+impl Drop for Origins {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for a in [self.source, self.echo, self.closer] {
+            let _ = TcpStream::connect(a); // wakes the accept loop, which sees the flag
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---- peers --------------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+enum Peer {
+    EgressProxy,
+    Squid,
+    Tinyproxy,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::EgressProxy => "egress-proxy",
+            Peer::Squid => "squid",
+            Peer::Tinyproxy => "tinyproxy",
+        }
+    }
+}
+
+/// A running proxy; killed (and reaped) when dropped.
+struct Running {
+    child: Child,
+    addr: SocketAddr,
+    version: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn version_of(cmd: &str, arg: &str) -> String {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            text.lines().next().unwrap_or_default().trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn start_peer(kind: Peer, bin: &Path, dir: &Path, origins: &Origins) -> Result<Running> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let sub = dir.join(kind.name());
+    std::fs::create_dir_all(&sub)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777))?;
+    let log = std::fs::File::create(sub.join("stderr.log"))?;
+    let (mut cmd, version) = match kind {
+        Peer::EgressProxy => {
+            let ports: Vec<String> = [origins.source, origins.echo, origins.closer].iter().map(|a| a.port().to_string()).collect();
+            let config = format!(
+                "listen = [\"{addr}\"]\nadmin_listen = \"off\"\nclient_networks = [\"127.0.0.0/8\"]\naudit_log = \"{}\"\nsystem_resolver = false\nallowed_domains = [{{ domain = \"127.0.0.1\", ports = [{}], allow_private = true }}]\n",
+                sub.join("audit.jsonl").display(),
+                ports.join(", ")
+            );
+            let path = sub.join("egress-proxy.toml");
+            std::fs::write(&path, config)?;
+            let mut c = Command::new(bin);
+            c.args(["run", "--config"]).arg(&path).env("RUST_LOG", "warn");
+            (c, version_of(bin.to_str().unwrap_or("egress-proxy"), "--version"))
+        }
+        Peer::Squid => {
+            let config = format!(
+                "http_port {addr}\npid_filename {d}/squid.pid\ncache_log {d}/cache.log\naccess_log stdio:{d}/access.log\ncache deny all\ncache_mem 8 MB\ncoredump_dir {d}\nacl bench src 127.0.0.0/8\nhttp_access allow bench\nhttp_access deny all\nshutdown_lifetime 0 seconds\nmax_filedescriptors 16384\nvia off\nforwarded_for delete\n",
+                d = sub.display()
+            );
+            let path = sub.join("squid.conf");
+            std::fs::write(&path, config)?;
+            let mut c = Command::new("squid");
+            c.args(["-N", "-f"]).arg(&path);
+            (c, version_of("squid", "-v"))
+        }
+        Peer::Tinyproxy => {
+            let config = format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 2048\nAllow 127.0.0.1\nLogFile \"{d}/tinyproxy.log\"\nLogLevel Connect\nPidFile \"{d}/tinyproxy.pid\"\nDisableViaHeader Yes\n",
+                d = sub.display()
+            );
+            let path = sub.join("tinyproxy.conf");
+            std::fs::write(&path, config)?;
+            let mut c = Command::new("tinyproxy");
+            c.args(["-d", "-c"]).arg(&path);
+            (c, version_of("tinyproxy", "-v"))
+        }
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", kind.name()))?;
+    let mut running = Running { child, addr, version };
+    // Ready when a CONNECT through it reaches the echo origin.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = running.child.try_wait() {
+            let log = std::fs::read_to_string(sub.join("stderr.log")).unwrap_or_default();
+            bail!("{} exited with {status} at start:\n{log}", kind.name());
+        }
+        if let Ok((mut s, _)) = open_tunnel(addr, origins.echo) {
+            if s.write_all(b"ping").is_ok() {
+                let mut b = [0u8; 4];
+                if s.read_exact(&mut b).is_ok() && &b == b"ping" {
+                    break;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not come up on {addr}", kind.name());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok(running)
+}
+
+// ---- measurements ---------------------------------------------------------------------------
+
+/// Opens a CONNECT tunnel to `target` through `proxy`; returns the stream once `200` arrived.
+fn open_tunnel(proxy: SocketAddr, target: SocketAddr) -> Result<(TcpStream, usize)> {
+    let mut s = TcpStream::connect(proxy)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")?;
+    // Read in chunks, as a real client does; bytes past the head are tunnel data (only the
+    // byte source sends any before being asked), returned as a count.
+    let mut head = Vec::with_capacity(256);
+    let mut b = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut b)?;
+        if n == 0 || head.len() > 8192 {
+            bail!("proxy closed during the CONNECT answer");
+        }
+        head.extend_from_slice(&b[..n]);
+    };
+    if !(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200")) {
+        bail!("CONNECT refused: {}", String::from_utf8_lossy(&head).lines().next().unwrap_or_default());
+    }
+    Ok((s, head.len() - end))
+}
+
+fn connect(proxy: Option<SocketAddr>, target: SocketAddr) -> Result<TcpStream> {
+    match proxy {
+        Some(p) => open_tunnel(p, target).map(|(s, _)| s),
+        None => {
+            let s = TcpStream::connect(target)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            Ok(s)
+        }
+    }
+}
+
+/// Bytes per second read from the source origin over one stream.
+fn throughput(proxy: Option<SocketAddr>, source: SocketAddr) -> Result<f64> {
+    let mut s = connect(proxy, source)?;
+    let mut buf = vec![0u8; CHUNK];
+    let start = Instant::now();
+    while start.elapsed() < THROUGHPUT_WARMUP {
+        if s.read(&mut buf)? == 0 {
+            bail!("source closed early");
+        }
+    }
+    let t0 = Instant::now();
+    let mut bytes = 0u64;
+    while t0.elapsed() < THROUGHPUT_WINDOW {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            bail!("source closed early");
+        }
+        bytes += n as u64;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let _ = s.shutdown(Shutdown::Both);
+    Ok(bytes as f64 / secs)
+}
+
+struct Rate {
+    per_s: f64,
+    errors: u64,
+}
+
+fn linger_zero(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt with a valid linger struct on our socket. A reset on close keeps
+    // tens of thousands of client ports out of TIME_WAIT during the run.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+/// New tunnels per second: CONNECT, wait for `200`, close; several client threads.
+fn tunnel_rate(proxy: SocketAddr, closer: SocketAddr) -> Result<Rate> {
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..RATE_CLIENTS)
+        .map(|_| {
+            let (ok, errors) = (ok.clone(), errors.clone());
+            thread::spawn(move || {
+                while start.elapsed() < RATE_WINDOW {
+                    match open_tunnel(proxy, closer) {
+                        Ok((s, _)) => {
+                            linger_zero(&s);
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Rate { per_s: ok.load(Ordering::Relaxed) as f64 / secs, errors: errors.load(Ordering::Relaxed) })
+}
+
+struct Percentiles {
+    p50: u64,
+    p99: u64,
+}
+
+/// Latency of a 64-byte request answered by the echo origin: over a new connection (or
+/// tunnel) each time when `fresh`, else over one open connection.
+fn latency(proxy: Option<SocketAddr>, echo: SocketAddr, fresh: bool) -> Result<Percentiles> {
+    let msg = [0x42u8; 64];
+    let mut back = [0u8; 64];
+    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
+    let mut open = if fresh { None } else { Some(connect(proxy, echo)?) };
+    let cap = Instant::now();
+    let warmup = LATENCY_SAMPLES / 10;
+    let mut round = 0;
+    while samples.len() < LATENCY_SAMPLES && cap.elapsed() < LATENCY_CAP {
+        round += 1;
+        let t = Instant::now();
+        match &mut open {
+            Some(s) => {
+                s.write_all(&msg)?;
+                s.read_exact(&mut back)?;
+            }
+            None => {
+                let mut s = connect(proxy, echo)?;
+                s.write_all(&msg)?;
+                s.read_exact(&mut back)?;
+                linger_zero(&s);
+            }
+        }
+        if round > warmup {
+            samples.push(t.elapsed().as_micros() as u64);
+        }
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Ok(Percentiles { p50: at(0.50), p99: at(0.99) })
+}
