@@ -65,6 +65,11 @@ pub mod hook {
     pub const SENDMSG4: u8 = 3;
     /// `cgroup/sendmsg6`.
     pub const SENDMSG6: u8 = 4;
+    /// `cgroup/sock_create`: an AF_INET/AF_INET6 socket being created. Events carry the
+    /// socket's family, type and protocol; there is no destination yet (zero address and port).
+    pub const SOCK_CREATE: u8 = 5;
+    /// BPF LSM `socket_create`: a socket of any family being created (where BPF LSM loads).
+    pub const LSM_SOCKET_CREATE: u8 = 6;
 
     /// Stable name of a hook code, for logs.
     pub fn name(code: u8) -> &'static str {
@@ -73,6 +78,8 @@ pub mod hook {
             CONNECT6 => "connect6",
             SENDMSG4 => "sendmsg4",
             SENDMSG6 => "sendmsg6",
+            SOCK_CREATE => "sock_create",
+            LSM_SOCKET_CREATE => "lsm_socket_create",
             _ => "unknown",
         }
     }
@@ -105,6 +112,16 @@ pub mod reason {
     pub const NOT_LISTED: u8 = 3;
     /// Allowed in audit mode although the destination is not in the allow map.
     pub const AUDIT_NOT_LISTED: u8 = 4;
+    /// A raw socket (`SOCK_RAW`): it would bypass every transport-level check. Refused in
+    /// enforce mode; in audit mode the same reason comes with verdict allow.
+    pub const RAW_SOCKET: u8 = 5;
+    /// An ICMP/ICMPv6 datagram ("ping") socket: a channel no connect hook judges.
+    pub const PING_SOCKET: u8 = 6;
+    /// An IP protocol other than TCP and UDP (MPTCP unless the config allows it, SCTP, ...).
+    pub const PROTOCOL_NOT_ALLOWED: u8 = 7;
+    /// A socket family other than AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK (AF_VSOCK,
+    /// AF_PACKET, ...).
+    pub const FAMILY_NOT_ALLOWED: u8 = 8;
 
     /// Stable name of a reason code, for logs.
     pub fn name(code: u8) -> &'static str {
@@ -113,6 +130,10 @@ pub mod reason {
             LISTED_ENDPOINT => "listed_endpoint",
             NOT_LISTED => "not_listed",
             AUDIT_NOT_LISTED => "audit_not_listed",
+            RAW_SOCKET => "raw_socket",
+            PING_SOCKET => "ping_socket",
+            PROTOCOL_NOT_ALLOWED => "protocol_not_allowed",
+            FAMILY_NOT_ALLOWED => "family_not_allowed",
             _ => "unknown",
         }
     }

@@ -73,6 +73,12 @@ impl AgentCgroup {
         Ok(Self { id: meta.ino(), dir, path: path.to_owned() })
     }
 
+    /// Depth in the cgroup2 hierarchy (`/tank/agent` is 2): the level at which nft's
+    /// `socket cgroupv2` and the BPF LSM program find the agent among a task's ancestors.
+    pub fn level(&self) -> u32 {
+        self.path.components().filter(|c| matches!(c, std::path::Component::Normal(_))).count() as u32
+    }
+
     /// An open descriptor of the cgroup directory, for attaching programs.
     pub fn fd(&self) -> anyhow::Result<std::fs::File> {
         std::fs::File::open(&self.dir).with_context(|| format!("cannot open cgroup {}", self.dir.display()))

@@ -32,6 +32,48 @@ pub struct Config {
     pub ring_buffer_bytes: u32,
     /// Every endpoint the agent may reach directly: the proxies first, then listed endpoints.
     pub endpoints: Vec<Endpoint>,
+    /// Whether the agent may create MPTCP sockets (refused at sock_create unless true).
+    pub allow_mptcp: bool,
+    /// Whether the BPF LSM layer is used, and whether its absence stops the loader.
+    pub lsm: LsmMode,
+    /// The nftables baseline.
+    pub nft: NftConfig,
+}
+
+/// `lsm`: the BPF LSM `socket_create` layer (families other than AF_UNIX, AF_INET, AF_INET6,
+/// AF_NETLINK).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LsmMode {
+    /// Use it where the kernel loads it; where it does not, warn on every start and in `status`.
+    Auto,
+    /// Refuse to start without it (fail closed).
+    Required,
+    /// Do not load it (and remove one a previous run pinned).
+    Off,
+}
+
+impl LsmMode {
+    /// The value as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            LsmMode::Auto => "auto",
+            LsmMode::Required => "required",
+            LsmMode::Off => "off",
+        }
+    }
+}
+
+/// `[nft]`: the nftables baseline that rejects the agent's packets to anything not allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftConfig {
+    /// Install the table (`enabled`, default true).
+    pub enabled: bool,
+    /// Name of tank's table in the `inet` family (`table`, default `tank`).
+    pub table: String,
+    /// Host UID range of the agent's users (`uid_range = "100000-165535"`): rootless Podman maps
+    /// the container's users there. Packets of sockets owned by these users are the agent's too.
+    pub uid_range: Option<(u32, u32)>,
 }
 
 /// Enforcement mode.
@@ -103,6 +145,22 @@ struct RawConfig {
     proxies: Vec<Spanned<String>>,
     #[serde(default)]
     allow: Vec<RawEndpoint>,
+    #[serde(default)]
+    allow_mptcp: bool,
+    #[serde(default = "default_lsm")]
+    lsm: LsmMode,
+    #[serde(default)]
+    nft: Option<RawNft>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNft {
+    #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default = "default_table")]
+    table: Spanned<String>,
+    uid_range: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +188,15 @@ fn default_ring() -> Spanned<u64> {
 }
 fn default_protocol() -> Protocol {
     Protocol::Tcp
+}
+fn default_lsm() -> LsmMode {
+    LsmMode::Auto
+}
+fn default_true() -> bool {
+    true
+}
+fn default_table() -> Spanned<String> {
+    Spanned::new(0..0, "tank".to_owned())
 }
 
 /// A configuration that failed to load, located in its file.
@@ -209,6 +276,26 @@ impl Config {
             return Err(at(0..0, format!("{} allowed endpoints exceed the kernel map's {} entries", endpoints.len(), allow::MAX_ENTRIES)));
         }
 
+        if let Some(bad) = cgroup.chars().find(|c| matches!(c, '"' | '\\') || c.is_control()) {
+            // The nft baseline quotes the path; such a character could not be written there.
+            return Err(at(raw.cgroup.span(), format!("cgroup path contains {bad:?}, which tank does not accept")));
+        }
+
+        let raw_nft = raw.nft.unwrap_or_else(|| RawNft { enabled: true, table: default_table(), uid_range: None });
+        let table = raw_nft.table.get_ref();
+        let valid_name = table.len() <= 64
+            && table.starts_with(|c: char| c.is_ascii_alphabetic())
+            && table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_name {
+            return Err(at(raw_nft.table.span(), format!("nft table name `{table}` must start with a letter and hold only letters, digits, `_` and `-` (at most 64)")));
+        }
+        let uid_range = match &raw_nft.uid_range {
+            None => None,
+            Some(value) => Some(parse_uid_range(value.get_ref()).ok_or_else(|| {
+                at(value.span(), format!("uid_range `{}` must be \"FIRST-LAST\" with FIRST <= LAST (e.g. \"100000-165535\")", value.get_ref()))
+            })?),
+        };
+
         Ok(Config {
             cgroup: cgroup_path.to_owned(),
             mode: raw.mode,
@@ -216,12 +303,21 @@ impl Config {
             audit_log: PathBuf::from(raw.audit_log.into_inner()),
             ring_buffer_bytes: ring as u32,
             endpoints,
+            allow_mptcp: raw.allow_mptcp,
+            lsm: raw.lsm,
+            nft: NftConfig { enabled: raw_nft.enabled, table: raw_nft.table.into_inner(), uid_range },
         })
     }
 }
 
+fn parse_uid_range(text: &str) -> Option<(u32, u32)> {
+    let (first, last) = text.split_once('-')?;
+    let (first, last) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+    (first <= last).then_some((first, last))
+}
+
 /// IPv4 and its IPv4-mapped IPv6 form are the same destination to the kernel gate.
-fn ip_key(ip: IpAddr) -> IpAddr {
+pub fn ip_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -288,6 +384,31 @@ comment = "resolver"
         assert!(err("cgroup = \"a/../b\"\n").starts_with("t.toml:1:10: cgroup `a/../b` must be an absolute path"));
         assert!(err("cgroup = \"/a\"\nring_buffer_bytes = 5000\n").starts_with("t.toml:2:21: ring_buffer_bytes 5000"));
         assert!(err("proxies = []\n").contains("missing field `cgroup`"));
+    }
+
+    #[test]
+    fn defense_layers_default_on_and_parse() {
+        let c = Config::parse("cgroup = \"/a/b\"\n", "t.toml").unwrap();
+        assert_eq!((c.lsm, c.allow_mptcp), (LsmMode::Auto, false));
+        assert_eq!(c.nft, NftConfig { enabled: true, table: "tank".into(), uid_range: None });
+        let c = Config::parse(
+            "cgroup = \"/a/b\"\nlsm = \"required\"\nallow_mptcp = true\n[nft]\ntable = \"tank-x_1\"\nuid_range = \"100000-165535\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!((c.lsm, c.allow_mptcp), (LsmMode::Required, true));
+        assert_eq!(c.nft, NftConfig { enabled: true, table: "tank-x_1".into(), uid_range: Some((100_000, 165_535)) });
+        assert!(!Config::parse("cgroup = \"/a/b\"\n[nft]\nenabled = false\n", "t").unwrap().nft.enabled);
+    }
+
+    #[test]
+    fn defense_layer_errors_point_at_the_value() {
+        assert!(err("cgroup = \"/a\"\nlsm = \"maybe\"\n").starts_with("t.toml:2:7: unknown variant `maybe`"));
+        assert!(err("cgroup = \"/a\"\n[nft]\ntable = \"1tank\"\n").starts_with("t.toml:3:9: nft table name `1tank`"));
+        assert!(err("cgroup = \"/a\"\n[nft]\ntable = \"t;flush\"\n").starts_with("t.toml:3:9: nft table name"));
+        assert!(err("cgroup = \"/a\"\n[nft]\nuid_range = \"5-1\"\n").starts_with("t.toml:3:13: uid_range `5-1`"));
+        assert!(err("cgroup = \"/a\"\n[nft]\ntabel = \"x\"\n").starts_with("t.toml:3:1: unknown field `tabel`"));
+        assert!(err("cgroup = \"/a/\\\"x\"\n").starts_with("t.toml:1:10: cgroup path contains"));
     }
 
     #[test]

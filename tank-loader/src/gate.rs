@@ -1,11 +1,12 @@
-//! The kernel gate: loading `tank-ebpf`, filling its maps, attaching it to the agent's cgroup
-//! and pinning everything so enforcement outlives the loader.
+//! The kernel programs: loading `tank-ebpf`, filling its maps, attaching each program (the
+//! sock_addr gate and sock_create on the agent's cgroup, BPF LSM `socket_create` where the
+//! kernel allows it) and pinning everything so enforcement outlives the loader.
 //!
 //! Restarts re-adopt: a pinned link whose program is byte-identical (same kernel tag) and still
-//! attached to the configured cgroup is kept as it is. Otherwise the new program is attached
-//! *next to* the old one before the old link is removed: while both run, an attempt needs both
-//! to allow it, so there is no moment with the cgroup unguarded and, afterwards, exactly one
-//! attachment per hook.
+//! attached (to the configured cgroup, for cgroup hooks) is kept as it is. Otherwise the new
+//! program is attached *next to* the old one before the old link is removed: while both run, an
+//! attempt needs both to allow it, so there is no moment unguarded and, afterwards, exactly one
+//! attachment per hook. One routine ([`place`]) does this for every kind of hook.
 
 use std::collections::HashMap as StdHashMap;
 use std::os::fd::AsFd;
@@ -14,36 +15,64 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramInfo};
-use aya::{Ebpf, EbpfLoader};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, ProgramInfo};
+use aya::{Btf, Ebpf, EbpfLoader};
 use tank_ebpf_common::{allow, counters, event, settings};
 
 use crate::cgroup::AgentCgroup;
-use crate::config::{Config, Mode};
+use crate::config::{Config, LsmMode, Mode};
 use crate::{bpffs, query};
 
 /// The compiled kernel programs, built by this crate's build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tank-ebpf.o"));
 
-/// One hook of the gate.
+/// One hook tank attaches a program to.
 #[derive(Clone, Copy, Debug)]
 pub struct Hook {
     /// Name used for the link pin, in logs and in `status`.
     pub name: &'static str,
     /// Program name in the object.
     program: &'static str,
-    /// Kernel `bpf_attach_type` (BPF_CGROUP_INET4_CONNECT = 10, INET6_CONNECT = 11,
-    /// UDP4_SENDMSG = 14, UDP6_SENDMSG = 15).
-    pub attach_type: u32,
+    /// Where the program goes.
+    pub kind: HookKind,
 }
 
-/// Every hook tank attaches to the agent cgroup.
-pub const HOOKS: [Hook; 4] = [
-    Hook { name: "connect4", program: "tank_connect4", attach_type: 10 },
-    Hook { name: "connect6", program: "tank_connect6", attach_type: 11 },
-    Hook { name: "sendmsg4", program: "tank_sendmsg4", attach_type: 14 },
-    Hook { name: "sendmsg6", program: "tank_sendmsg6", attach_type: 15 },
+/// Where a hook's program is attached.
+#[derive(Clone, Copy, Debug)]
+pub enum HookKind {
+    /// A cgroup `sock_addr` program on the agent cgroup, at this kernel `bpf_attach_type`
+    /// (BPF_CGROUP_INET4_CONNECT = 10, INET6_CONNECT = 11, UDP4_SENDMSG = 14, UDP6_SENDMSG = 15).
+    SockAddr(u32),
+    /// A cgroup `sock` program on the agent cgroup, at this `bpf_attach_type`
+    /// (BPF_CGROUP_INET_SOCK_CREATE = 2).
+    Sock(u32),
+    /// A BPF LSM program on this LSM hook; it is host-wide and scopes itself to the agent
+    /// cgroup through the settings map.
+    Lsm(&'static str),
+}
+
+impl Hook {
+    /// The `bpf_attach_type` on the agent cgroup, for cgroup hooks.
+    pub fn cgroup_attach_type(&self) -> Option<u32> {
+        match self.kind {
+            HookKind::SockAddr(t) | HookKind::Sock(t) => Some(t),
+            HookKind::Lsm(_) => None,
+        }
+    }
+}
+
+/// Every hook tank attaches to the agent cgroup; each must be in place for `status` to call the
+/// cgroup enforced.
+pub const HOOKS: [Hook; 5] = [
+    Hook { name: "connect4", program: "tank_connect4", kind: HookKind::SockAddr(10) },
+    Hook { name: "connect6", program: "tank_connect6", kind: HookKind::SockAddr(11) },
+    Hook { name: "sendmsg4", program: "tank_sendmsg4", kind: HookKind::SockAddr(14) },
+    Hook { name: "sendmsg6", program: "tank_sendmsg6", kind: HookKind::SockAddr(15) },
+    Hook { name: "sock_create", program: "tank_sock_create", kind: HookKind::Sock(2) },
 ];
+
+/// The BPF LSM hook, used as `lsm` in the config says.
+pub const LSM_HOOK: Hook = Hook { name: "lsm_socket_create", program: "tank_socket_create", kind: HookKind::Lsm("socket_create") };
 
 /// What `install` did for one hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -57,12 +86,26 @@ pub enum Outcome {
     Replaced,
 }
 
-/// The loaded gate: its maps, and what happened to each hook.
+/// The loaded programs: their maps, and what happened to each hook.
 pub struct Installed {
     /// The loaded object; its maps are the pinned ones.
     pub ebpf: Ebpf,
-    /// Per hook: what was done and the id of the program now attached.
+    /// Per hook in place: what was done and the id of the program now attached.
     pub hooks: Vec<(Hook, Outcome, u32)>,
+    /// Whether the BPF LSM layer is in force, and if not, why.
+    pub lsm: LsmState,
+}
+
+/// The BPF LSM layer after `install`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum LsmState {
+    /// Attached and pinned.
+    InForce,
+    /// `lsm = "off"` in the config.
+    Off,
+    /// `lsm = "auto"` and the kernel would not take it: the reason, from the kernel.
+    Unavailable(String),
 }
 
 /// Path of the pin of `hook`'s link under `pin_dir`.
@@ -80,64 +123,128 @@ pub fn install(cfg: &Config, cgroup: &AgentCgroup) -> anyhow::Result<Installed> 
         .load(OBJECT)
         .context("cannot load tank's eBPF object into the kernel")?;
     warn_on_ring_size(&ebpf, cfg);
-    apply_policy(&mut ebpf, cfg)?;
+    apply_policy(&mut ebpf, cfg, cgroup)?;
 
     let cgroup_fd = cgroup.fd()?;
-    let mut hooks = Vec::with_capacity(HOOKS.len());
+    let mut hooks = Vec::with_capacity(HOOKS.len() + 1);
     for hook in HOOKS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(hook.program)
-            .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?
-            .try_into()?;
-        program.load().with_context(|| format!("the kernel refused program {}", hook.program))?;
-        let tag = program.info()?.tag();
-        let pin = link_pin(&cfg.pin_dir, &hook);
-        let attached = query::attached_programs(cgroup_fd.as_fd(), hook.attach_type)
-            .with_context(|| format!("cannot query programs on {}", cgroup.dir.display()))?;
-
-        let old = match PinnedLink::from_pin(&pin) {
-            Ok(link) => Some(FdLink::from(link)),
-            Err(_) if !pin.exists() => None,
-            Err(e) => return Err(e).with_context(|| format!("cannot open pinned link {}", pin.display())),
-        };
-        if let Some(old) = &old {
-            let old_program = old.info()?.program_id();
-            if attached.contains(&old_program) && program_tag(old_program)? == Some(tag) {
-                hooks.push((hook, Outcome::Adopted, old_program));
-                continue;
-            }
-        }
-
-        // bpf_link_create takes no attach flags for cgroups: link attachments always stack
-        // like BPF_F_ALLOW_MULTI, which is what lets old and new run side by side.
-        let link_id = program
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .with_context(|| format!("cannot attach {} to {}", hook.program, cgroup.dir.display()))?;
-        let link: FdLink = program.take_link(link_id)?.try_into()?;
-        // bpffs refuses names with a dot.
-        let staged = pin.with_file_name(format!("{}_staged", hook.name));
-        let _ = std::fs::remove_file(&staged);
-        let link = link.pin(&staged).with_context(|| format!("cannot pin link at {}", staged.display()))?;
-        let outcome = match old {
-            Some(old) => {
-                // The new program already guards the cgroup; closing our descriptor and
-                // unpinning drop the last references to the old link, which detaches it.
-                drop(old);
-                std::fs::remove_file(&pin).with_context(|| format!("cannot remove old link pin {}", pin.display()))?;
-                Outcome::Replaced
-            }
-            None => Outcome::Attached,
-        };
-        std::fs::rename(&staged, &pin).with_context(|| format!("cannot move link pin to {}", pin.display()))?;
-        drop(link);
-        hooks.push((hook, outcome, program.info()?.id()));
+        hooks.push(place(&mut ebpf, hook, &cfg.pin_dir, cgroup, &cgroup_fd)?);
     }
-    Ok(Installed { ebpf, hooks })
+    let lsm = match cfg.lsm {
+        LsmMode::Off => {
+            remove_pin(&link_pin(&cfg.pin_dir, &LSM_HOOK))?;
+            LsmState::Off
+        }
+        LsmMode::Auto | LsmMode::Required => match place(&mut ebpf, LSM_HOOK, &cfg.pin_dir, cgroup, &cgroup_fd) {
+            Ok(placed) => {
+                hooks.push(placed);
+                LsmState::InForce
+            }
+            Err(e) if cfg.lsm == LsmMode::Required => {
+                return Err(e.context("lsm = \"required\" but the BPF LSM program cannot be put in place on this kernel"))
+            }
+            Err(e) => LsmState::Unavailable(format!("{e:#}")),
+        },
+    };
+    Ok(Installed { ebpf, hooks, lsm })
 }
 
-/// Writes mode and allowlist into the (pinned) maps. New entries go in before stale ones are
-/// removed, so a restart with the same policy never denies an allowed endpoint in passing.
-fn apply_policy(ebpf: &mut Ebpf, cfg: &Config) -> anyhow::Result<()> {
+/// Loads `hook`'s program and makes sure it is attached exactly once, adopting what a previous
+/// run pinned when it is the same program, replacing it without a gap otherwise.
+fn place(ebpf: &mut Ebpf, hook: Hook, pin_dir: &Path, cgroup: &AgentCgroup, cgroup_fd: &std::fs::File) -> anyhow::Result<(Hook, Outcome, u32)> {
+    let loaded = load(ebpf, &hook)?;
+    let pin = link_pin(pin_dir, &hook);
+    let old = match PinnedLink::from_pin(&pin) {
+        Ok(link) => Some(FdLink::from(link)),
+        Err(_) if !pin.exists() => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot open pinned link {}", pin.display())),
+    };
+    if let Some(old) = &old {
+        let old_program = old.info()?.program_id();
+        let still_attached = match hook.cgroup_attach_type() {
+            Some(attach_type) => query::attached_programs(cgroup_fd.as_fd(), attach_type)
+                .with_context(|| format!("cannot query programs on {}", cgroup.dir.display()))?
+                .contains(&old_program),
+            // An LSM link is its own attachment: while it is pinned, the program runs.
+            None => true,
+        };
+        if still_attached && program_tag(old_program)? == Some(loaded.tag()) {
+            return Ok((hook, Outcome::Adopted, old_program));
+        }
+    }
+
+    let link = attach(ebpf, &hook, cgroup_fd).with_context(|| format!("cannot attach {} ({})", hook.program, hook.name))?;
+    // bpffs refuses names with a dot.
+    let staged = pin.with_file_name(format!("{}_staged", hook.name));
+    let _ = std::fs::remove_file(&staged);
+    let link = link.pin(&staged).with_context(|| format!("cannot pin link at {}", staged.display()))?;
+    let outcome = match old {
+        Some(old) => {
+            // The new program already guards; closing our descriptor and unpinning drop the
+            // last references to the old link, which detaches it.
+            drop(old);
+            std::fs::remove_file(&pin).with_context(|| format!("cannot remove old link pin {}", pin.display()))?;
+            Outcome::Replaced
+        }
+        None => Outcome::Attached,
+    };
+    std::fs::rename(&staged, &pin).with_context(|| format!("cannot move link pin to {}", pin.display()))?;
+    drop(link);
+    Ok((hook, outcome, loaded.id()))
+}
+
+/// Asks the kernel to load `hook`'s program (the verifier runs here).
+fn load(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<ProgramInfo> {
+    let program = ebpf.program_mut(hook.program).ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
+    let refused = || format!("the kernel refused program {}", hook.program);
+    match hook.kind {
+        HookKind::SockAddr(_) => {
+            let p: &mut CgroupSockAddr = program.try_into()?;
+            p.load().with_context(refused)?;
+            Ok(p.info()?)
+        }
+        HookKind::Sock(_) => {
+            let p: &mut CgroupSock = program.try_into()?;
+            p.load().with_context(refused)?;
+            Ok(p.info()?)
+        }
+        HookKind::Lsm(lsm_hook) => {
+            let btf = Btf::from_sys_fs().context("BPF LSM needs the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+            let p: &mut Lsm = program.try_into()?;
+            p.load(lsm_hook, &btf).with_context(refused)?;
+            Ok(p.info()?)
+        }
+    }
+}
+
+/// Attaches a loaded program and hands back its link, not yet pinned.
+fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup_fd: &std::fs::File) -> anyhow::Result<FdLink> {
+    let program = ebpf.program_mut(hook.program).ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
+    // bpf_link_create takes no attach flags for cgroups: link attachments always stack like
+    // BPF_F_ALLOW_MULTI, which is what lets old and new run side by side.
+    Ok(match hook.kind {
+        HookKind::SockAddr(_) => {
+            let p: &mut CgroupSockAddr = program.try_into()?;
+            let id = p.attach(cgroup_fd, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into()?
+        }
+        HookKind::Sock(_) => {
+            let p: &mut CgroupSock = program.try_into()?;
+            let id = p.attach(cgroup_fd, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into()?
+        }
+        HookKind::Lsm(_) => {
+            let p: &mut Lsm = program.try_into()?;
+            let id = p.attach()?;
+            p.take_link(id)?.into()
+        }
+    })
+}
+
+/// Writes mode, MPTCP choice, the agent cgroup's place (for the LSM program's scope) and the
+/// allowlist into the (pinned) maps. New entries go in before stale ones are removed, so a
+/// restart with the same policy never denies an allowed endpoint in passing.
+fn apply_policy(ebpf: &mut Ebpf, cfg: &Config, cgroup: &AgentCgroup) -> anyhow::Result<()> {
     let wanted: StdHashMap<allow::AllowKey, u8> = cfg.endpoints.iter().map(|e| e.allow_entry()).collect();
     let mut allow_map: HashMap<_, allow::AllowKey, u8> = HashMap::try_from(map_mut(ebpf, allow::MAP_NAME)?)?;
     for (key, kind) in &wanted {
@@ -148,7 +255,18 @@ fn apply_policy(ebpf: &mut Ebpf, cfg: &Config) -> anyhow::Result<()> {
         allow_map.remove(&key).context("cannot prune the allow map")?;
     }
     let mut settings_map: Array<_, u32> = Array::try_from(map_mut(ebpf, settings::MAP_NAME)?)?;
-    settings_map.set(settings::MODE, mode_code(cfg.mode), 0).context("cannot set the mode")?;
+    let values = [
+        (settings::MODE, mode_code(cfg.mode)),
+        (settings::ALLOW_MPTCP, u32::from(cfg.allow_mptcp)),
+        (settings::AGENT_LEVEL, cgroup.level()),
+        (settings::AGENT_ID_LO, cgroup.id as u32),
+        (settings::AGENT_ID_HI, (cgroup.id >> 32) as u32),
+    ];
+    for (slot, value) in values {
+        settings_map.set(slot, value, 0).with_context(|| {
+            format!("cannot write settings slot {slot} (a settings map pinned by an older tank has fewer slots: `tank-loader detach`, then start again)")
+        })?;
+    }
     Ok(())
 }
 
@@ -214,17 +332,24 @@ pub fn read_mode(pin_dir: &Path) -> anyhow::Result<Mode> {
 /// Returns the pins removed.
 pub fn detach(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    let links = HOOKS.iter().map(|h| link_pin(pin_dir, h));
+    let links = HOOKS.iter().chain([&LSM_HOOK]).map(|h| link_pin(pin_dir, h));
     let maps = [allow::MAP_NAME, settings::MAP_NAME, counters::MAP_NAME, event::MAP_NAME].map(|m| pin_dir.join(m));
     for pin in links.chain(maps) {
-        match std::fs::remove_file(&pin) {
-            Ok(()) => removed.push(pin),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot remove pin {}", pin.display())),
+        if remove_pin(&pin)? {
+            removed.push(pin);
         }
     }
     for dir in [pin_dir.join("links"), pin_dir.to_owned()] {
         let _ = std::fs::remove_dir(dir);
     }
     Ok(removed)
+}
+
+/// Removes one pin; false when there was none.
+fn remove_pin(pin: &Path) -> anyhow::Result<bool> {
+    match std::fs::remove_file(pin) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot remove pin {}", pin.display())),
+    }
 }

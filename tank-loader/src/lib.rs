@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod gate;
+pub mod nft;
 pub mod privileges;
 pub mod query;
 pub mod record;

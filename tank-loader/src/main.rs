@@ -14,7 +14,7 @@ use tank_ebpf_common::chain;
 
 use tank_loader::cli::{AuditCommand, Cli, Command};
 use tank_loader::config::Config;
-use tank_loader::{gate, record, run, status, trace};
+use tank_loader::{gate, nft, record, run, status, trace};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -78,15 +78,19 @@ fn detach(config: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     let (mut log, _) = chain::ChainWriter::open(&cfg.audit_log)
         .context("stop tank-loader first (systemctl stop tank-loader), then detach")?;
     let removed = gate::detach(&cfg.pin_dir)?;
+    let nft_removed = nft::remove(&cfg.nft.table)?;
     let origin = record::Origin { hostname: nix::unistd::gethostname()?.to_string_lossy().into_owned() };
     log.append(&origin.lifecycle_record(
         record::ACTIVITY_REMOVE,
         format!("enforcement removed from cgroup {}", cfg.cgroup.display()),
-        serde_json::json!({ "cgroup": cfg.cgroup, "pins_removed": removed, "by_uid": nix::unistd::getuid().as_raw() }),
+        serde_json::json!({ "cgroup": cfg.cgroup, "pins_removed": removed, "nft_table_removed": nft_removed.then_some(&cfg.nft.table), "by_uid": nix::unistd::getuid().as_raw() }),
     ))?;
     log.sync()?;
     tracing::warn!(cgroup = %cfg.cgroup.display(), pins = removed.len(), "enforcement removed: the agent cgroup is no longer guarded by tank");
     writeln!(out, "detached: removed {} pins under {}", removed.len(), cfg.pin_dir.display())?;
+    if nft_removed {
+        writeln!(out, "detached: removed nftables table inet {}", cfg.nft.table)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,8 +1,10 @@
 //! `tank-loader run`: put enforcement in place, then drain events into the audit log.
 //!
 //! Order matters for fail-closed: the audit log is opened (and locked) before anything is
-//! attached, so a loader that cannot record never starts enforcing-with-gaps; the gate is
-//! attached and pinned before systemd is told we are ready, so the agent never starts unguarded.
+//! attached, so a loader that cannot record never starts enforcing-with-gaps; the programs are
+//! attached and pinned, and the nftables table installed, before systemd is told we are ready,
+//! so the agent never starts unguarded. Everything privileged (BPF, nft) happens before the
+//! loader drops every capability.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
@@ -14,8 +16,9 @@ use tank_ebpf_common::event;
 
 use crate::cgroup::AgentCgroup;
 use crate::config::Config;
+use crate::gate::LsmState;
 use crate::record::{self, Origin};
-use crate::{drain, gate, privileges};
+use crate::{drain, gate, nft, privileges};
 
 /// Runs the loader until SIGTERM or SIGINT. Enforcement stays pinned when it returns.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -40,6 +43,25 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     for (hook, outcome, id) in &installed.hooks {
         tracing::info!(hook = hook.name, ?outcome, program_id = id, "hook in place");
     }
+    match &installed.lsm {
+        LsmState::InForce => {}
+        // Loud on every start: without it, only the container's seccomp profile keeps the agent
+        // from AF_VSOCK, AF_PACKET and the other families.
+        LsmState::Unavailable(reason) => tracing::warn!(%reason,
+            "BPF LSM layer NOT in force: this kernel does not load tank's socket_create program; socket families other than unix/inet/inet6/netlink are refused only by the agent container's seccomp profile (image/seccomp/tank-agent.json). Set lsm = \"required\" to refuse to start without it"),
+        LsmState::Off => tracing::warn!("BPF LSM layer off (lsm = \"off\"): socket families other than unix/inet/inet6/netlink are refused only by the agent container's seccomp profile"),
+    }
+    let nft_state = if cfg.nft.enabled {
+        let state = nft::install(&cfg.nft, &cgroup, &cfg.endpoints)?;
+        tracing::info!(table = %state.table, rules = state.rules, "nftables baseline in place");
+        Some(state)
+    } else {
+        if nft::remove(&cfg.nft.table)? {
+            tracing::warn!(table = %cfg.nft.table, "nftables baseline disabled in the config: removed its table");
+        }
+        tracing::warn!("nftables baseline off ([nft] enabled = false): the BPF gate is the only egress control");
+        None
+    };
     let endpoints: Vec<_> = cfg.endpoints.iter()
         .map(|e| serde_json::json!({"endpoint": e.addr.to_string(), "protocol": e.protocol, "proxy": e.is_proxy}))
         .collect();
@@ -49,6 +71,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         serde_json::json!({
             "cgroup": cgroup.path, "cgroup_id": cgroup.id, "mode": cfg.mode,
             "hooks": hooks, "endpoints": endpoints, "loader_pid": std::process::id(),
+            "lsm": installed.lsm, "nft": nft_state,
         }),
     ))?;
     log.sync()?;

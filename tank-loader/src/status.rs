@@ -1,7 +1,9 @@
 //! `tank-loader status`: what the kernel is enforcing right now, read from the kernel itself.
 //!
-//! It reads the pins, asks the kernel which programs are attached to the cgroup and sums the
-//! counters; it does not trust anything the running loader believes.
+//! It reads the pins, asks the kernel which programs are attached to the cgroup, sums the
+//! counters, probes whether the kernel loads BPF LSM programs and reads tank's nftables table;
+//! it does not trust anything the running loader believes. `layers` lists each defence layer
+//! and whether it is in force on this host (docs/security.md describes them).
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -10,13 +12,17 @@ use serde::Serialize;
 use tank_ebpf_common::{chain, counters};
 
 use crate::cgroup::AgentCgroup;
-use crate::config::{Config, Mode};
-use crate::{gate, query};
+use crate::config::{Config, LsmMode, Mode};
+use crate::{gate, nft, query};
+
+/// What `status` says about the seccomp layer: the loader cannot see it from the host.
+pub const SECCOMP_NOTE: &str = "applied by the container runtime (SeccompProfile=); see image/seccomp/tank-agent.json";
 
 /// The whole report.
 #[derive(Debug, Serialize)]
 pub struct Status {
-    /// True when every hook is pinned and attached exactly once to the agent cgroup.
+    /// True when every cgroup hook is pinned and attached exactly once to the agent cgroup, the
+    /// nftables table is present (when enabled) and the LSM program is in force (when required).
     pub enforcing: bool,
     /// Mode read from the pinned settings map.
     pub mode: Option<Mode>,
@@ -30,6 +36,43 @@ pub struct Status {
     pub pin_dir: PathBuf,
     /// The audit log.
     pub audit_log: LogStatus,
+    /// Each defence layer and whether it is in force.
+    pub layers: Layers,
+}
+
+/// The defence layers besides the gate's hooks (listed in `hooks`).
+#[derive(Debug, Serialize)]
+pub struct Layers {
+    /// BPF LSM `socket_create`.
+    pub lsm: LsmStatus,
+    /// The nftables baseline.
+    pub nft: NftStatus,
+    /// The container's seccomp profile.
+    pub seccomp: &'static str,
+}
+
+/// The BPF LSM layer.
+#[derive(Debug, Serialize)]
+pub struct LsmStatus {
+    /// `lsm` in the config.
+    pub config: LsmMode,
+    /// Its link is pinned and holds a program.
+    pub in_force: bool,
+    /// The program behind the link.
+    pub program_id: Option<u32>,
+    /// Why it is not in force.
+    pub reason: Option<String>,
+}
+
+/// The nftables layer.
+#[derive(Debug, Serialize)]
+pub struct NftStatus {
+    /// `[nft] enabled`.
+    pub enabled: bool,
+    /// What the kernel holds; `None` when the table does not exist.
+    pub table: Option<nft::TableState>,
+    /// Why the table could not be read.
+    pub error: Option<String>,
 }
 
 /// The agent cgroup as found on this host.
@@ -83,7 +126,8 @@ pub fn collect(cfg: &Config) -> Status {
                 .map(|i| i.program_id());
             let attached_ids = cgroup_fd
                 .as_ref()
-                .and_then(|fd| query::attached_programs(fd.as_fd(), hook.attach_type).ok())
+                .zip(hook.cgroup_attach_type())
+                .and_then(|(fd, attach_type)| query::attached_programs(fd.as_fd(), attach_type).ok())
                 .unwrap_or_default();
             HookStatus {
                 hook: hook.name,
@@ -98,8 +142,13 @@ pub fn collect(cfg: &Config) -> Status {
         counters::NAMES.iter().zip(sums).map(|(name, n)| ((*name).to_owned(), n.into())).collect()
     });
     let anchor = std::fs::read(chain::anchor_path(&cfg.audit_log)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let layers = Layers { lsm: lsm_status(cfg), nft: nft_status(cfg), seccomp: SECCOMP_NOTE };
+    let hooks_ok = hooks.iter().all(|h| h.attached && h.attachments == 1);
+    let nft_ok = !cfg.nft.enabled || layers.nft.table.is_some();
+    let lsm_ok = cfg.lsm != LsmMode::Required || layers.lsm.in_force;
     Status {
-        enforcing: hooks.iter().all(|h| h.attached && h.attachments == 1),
+        enforcing: hooks_ok && nft_ok && lsm_ok,
+        layers,
         mode: gate::read_mode(&cfg.pin_dir).ok(),
         cgroup: CgroupStatus { path: cfg.cgroup.clone(), dir: cgroup.as_ref().map(|c| c.dir.clone()), id: cgroup.as_ref().map(|c| c.id) },
         hooks,
@@ -110,6 +159,32 @@ pub fn collect(cfg: &Config) -> Status {
             loader_running: chain::is_held(&cfg.audit_log).unwrap_or(false),
             anchor,
         },
+    }
+}
+
+fn lsm_status(cfg: &Config) -> LsmStatus {
+    let program_id = aya::programs::links::PinnedLink::from_pin(gate::link_pin(&cfg.pin_dir, &gate::LSM_HOOK))
+        .ok()
+        .and_then(|l| aya::programs::links::FdLink::from(l).info().ok())
+        .map(|i| i.program_id());
+    let reason = match (program_id, cfg.lsm) {
+        (Some(_), _) => None,
+        (None, LsmMode::Off) => Some("lsm = \"off\" in the config".to_owned()),
+        (None, _) => Some(
+            match aya::sys::is_program_supported(aya::programs::ProgramType::Lsm(aya::programs::LsmAttachType::Mac)) {
+                Ok(false) => "this kernel does not load BPF LSM programs (BPF_PROG_LOAD of a trivial LSM program fails); families other than unix/inet/inet6/netlink are refused only by the container's seccomp profile".to_owned(),
+                Ok(true) => "the kernel loads BPF LSM programs but tank's is not attached (is tank-loader started with this config?)".to_owned(),
+                Err(e) => format!("cannot probe BPF LSM support: {e}"),
+            },
+        ),
+    };
+    LsmStatus { config: cfg.lsm, in_force: program_id.is_some(), program_id, reason }
+}
+
+fn nft_status(cfg: &Config) -> NftStatus {
+    match nft::inspect(&cfg.nft.table) {
+        Ok(table) => NftStatus { enabled: cfg.nft.enabled, table, error: None },
+        Err(e) => NftStatus { enabled: cfg.nft.enabled, table: None, error: Some(format!("{e:#}")) },
     }
 }
 
@@ -135,6 +210,22 @@ pub fn render(s: &Status) -> String {
             h.hook, yes(h.pinned), yes(h.attached), h.program_id.map_or("-".to_owned(), |i| i.to_string()), h.attachments
         );
     }
+    out += "layers:\n";
+    out += &format!("  gate        {}\n", if s.hooks.iter().filter(|h| h.hook != "sock_create").all(|h| h.attached) { "in force (connect4/6, sendmsg4/6)" } else { "NOT in force (see hooks)" });
+    out += &format!("  sock_create {}\n", if s.hooks.iter().any(|h| h.hook == "sock_create" && h.attached) { "in force (raw, ping, non-TCP/UDP inet sockets refused)" } else { "NOT in force" });
+    let lsm = &s.layers.lsm;
+    out += &match (&lsm.program_id, &lsm.reason) {
+        (Some(id), _) => format!("  lsm         in force (socket_create, program {id})\n"),
+        (None, reason) => format!("  lsm         NOT in force (lsm = \"{}\"): {}\n", lsm.config.name(), reason.as_deref().unwrap_or("-")),
+    };
+    let nft = &s.layers.nft;
+    out += &match (&nft.table, &nft.error) {
+        (Some(t), _) => format!("  nft         in force (table inet {}, {} rules, {} packets refused)\n", t.table, t.rules, t.refused_packets),
+        (None, Some(e)) => format!("  nft         unknown: {e}\n"),
+        (None, None) if nft.enabled => "  nft         NOT in force: the table is missing\n".to_owned(),
+        (None, None) => "  nft         off ([nft] enabled = false)\n".to_owned(),
+    };
+    out += &format!("  seccomp     {}\n", s.layers.seccomp);
     match &s.counters {
         Some(c) => {
             out += "counters:\n";

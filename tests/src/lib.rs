@@ -5,7 +5,8 @@
 //! killed, cgroups removed, pins detached. Tests panic with a message rather than skip: a root
 //! test that cannot get what it needs must fail loudly in CI.
 
-use std::io::Read;
+pub mod seccomp;
+
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -29,10 +30,14 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Path of a binary of this workspace, next to the test executable's target directory.
+/// Path of a binary of this workspace built with the same profile as the running executable
+/// (a test in `target/<profile>/deps/` or a binary in `target/<profile>/`).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let mut dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("profile directory");
+    }
     let bin = dir.join(name);
     assert!(bin.exists(), "{} not built; `cargo xtask test` builds every binary first", bin.display());
     bin
@@ -93,6 +98,7 @@ pub fn kill_all_in(dir: &Path) {
 /// A running `tank-loader run`, its config and its files, in a temporary directory.
 pub struct Loader {
     child: Option<Child>,
+    bin: PathBuf,
     /// Temporary directory holding config, log and notify socket.
     pub dir: tempfile::TempDir,
     /// The config file.
@@ -101,54 +107,109 @@ pub struct Loader {
     pub audit_log: PathBuf,
     /// The bpffs pin directory.
     pub pin_dir: PathBuf,
+    /// The loader's stderr (its logs), appended to by every start.
+    pub log: PathBuf,
+    /// The nftables table the config names (unique per loader unless the test names one).
+    pub nft_table: Option<String>,
+    /// Extra environment for the loader process.
+    env: Vec<(String, String)>,
 }
 
 impl Loader {
     /// Writes a config (`extra` is appended TOML: mode, proxies, allow, ring size) and starts
     /// the loader, returning once it told us (sd_notify) that enforcement is in place.
+    ///
+    /// Unless `extra` has an `[nft]` section (see [`nft_section`]), the nftables layer is off,
+    /// so a test of the BPF gate sees the gate alone (audit mode then refuses nothing). The
+    /// table a config names is removed on drop, also when the loader could not remove it.
     pub fn start(cgroups: &TestCgroups, extra: &str) -> Self {
+        let mut loader = Self::configure(cgroups, extra);
+        loader.restart();
+        loader
+    }
+
+    /// Writes the config like [`Loader::start`] without starting anything.
+    pub fn configure(cgroups: &TestCgroups, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("tank-it"));
         let audit_log = dir.path().join("kernel-audit.jsonl");
         let config = dir.path().join("loader.toml");
-        let text = format!(
+        let mut text = format!(
             "cgroup = \"{}\"\npin_dir = \"{}\"\naudit_log = \"{}\"\n{extra}\n",
             cgroups.agent_path,
             pin_dir.display(),
             audit_log.display()
         );
+        if !extra.contains("[nft]") {
+            text += &format!("[nft]\nenabled = false\ntable = \"{}\"\n", unique("tank-it"));
+        }
+        let nft_table = tank_loader::config::Config::parse(&text, "test").ok().map(|c| c.nft.table);
         std::fs::write(&config, text).expect("write config");
-        let mut loader = Self { child: None, dir, config, audit_log, pin_dir };
-        loader.restart();
-        loader
+        let bin = workspace_bin("tank-loader");
+        let log = dir.path().join("loader.log");
+        Self { child: None, bin, dir, config, audit_log, pin_dir, log, nft_table, env: Vec::new() }
+    }
+
+    /// Sets an environment variable for the next starts.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
     }
 
     /// Starts (again) the loader on the same config and waits until it is ready.
     pub fn restart(&mut self) {
+        if let Err(e) = self.try_restart() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the loader and waits (bounded) until it is ready or has exited. On failure,
+    /// returns what it wrote to stderr (its one-line error and logs).
+    pub fn try_restart(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "loader already running");
         let socket_path = self.dir.path().join("notify.sock");
         let _ = std::fs::remove_file(&socket_path);
         let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
-        socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut child = Command::new(workspace_bin("tank-loader"))
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let log_start = std::fs::metadata(&self.log).map_or(0, |m| m.len()) as usize;
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("loader log");
+        let mut child = Command::new(&self.bin)
             .args(["run", "--config"])
             .arg(&self.config)
             .env("NOTIFY_SOCKET", &socket_path)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("spawn tank-loader");
+        let this_run = |log: &Path| std::fs::read_to_string(log).unwrap_or_default().get(log_start..).unwrap_or_default().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(20);
         let mut buf = [0u8; 256];
-        match socket.recv(&mut buf) {
-            Ok(n) => assert!(buf[..n].starts_with(b"READY=1"), "unexpected notify message"),
-            Err(e) => {
+        loop {
+            match socket.recv(&mut buf) {
+                Ok(n) => {
+                    assert!(buf[..n].starts_with(b"READY=1"), "unexpected notify message");
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                Err(e) if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    panic!("notify socket: {e}")
+                }
+                Err(_) => {}
+            }
+            if let Some(status) = child.try_wait().expect("poll tank-loader") {
+                return Err(format!("tank-loader exited ({status}) before it was ready: {}", this_run(&self.log)));
+            }
+            if Instant::now() > deadline {
                 let _ = child.kill();
-                let mut stderr = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut stderr).ok();
-                panic!("tank-loader did not become ready ({e}): {stderr}");
+                let _ = child.wait();
+                return Err(format!("tank-loader did not become ready in 20 s: {}", this_run(&self.log)));
             }
         }
-        self.child = Some(child);
+    }
+
+    /// Everything the loader wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The loader's process id.
@@ -175,7 +236,7 @@ impl Loader {
 
     /// Runs `tank-loader ARGS... --config <ours>`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(workspace_bin("tank-loader")).args(args).arg("--config").arg(&self.config).output().expect("run tank-loader")
+        Command::new(&self.bin).args(args).arg("--config").arg(&self.config).output().expect("run tank-loader")
     }
 
     /// `status --json`, parsed.
@@ -203,7 +264,17 @@ impl Drop for Loader {
         self.kill9();
         let _ = self.cli(&["detach"]);
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if let Some(table) = &self.nft_table {
+            let _ = tank_loader::nft::remove(table);
+        }
     }
+}
+
+/// An `[nft]` config section that turns the nftables layer on with a table no other test uses
+/// (`extra` holds more keys of the section, e.g. `uid_range = "..."`); returns it and the name.
+pub fn nft_section(extra: &str) -> (String, String) {
+    let table = unique("tank-it");
+    (format!("\n[nft]\nenabled = true\ntable = \"{table}\"\n{extra}\n"), table)
 }
 
 /// The connection records of a verified kernel audit log (panics if the chain is broken).
