@@ -531,3 +531,18 @@ fn the_agent_uid_is_the_same_everywhere() {
     assert!(USER_DROPIN.contains(&format!("user@{uid}.service.d")));
     assert!(read("image/cloud-init/user-data.yaml").contains(&format!("XDG_RUNTIME_DIR=/run/user/{uid}")));
 }
+
+#[test]
+fn the_nft_uid_range_is_the_agents_subordinate_range() {
+    let containerfile = read("image/Containerfile");
+    let subuid = containerfile
+        .split("echo \"agent:")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("the Containerfile gives `agent` a subordinate UID range");
+    let (first, count) = subuid.split_once(':').unwrap();
+    let (first, count): (u32, u32) = (first.parse().unwrap(), count.parse().unwrap());
+    let range = format!("uid_range = \"{first}-{}\"", first + count - 1);
+    assert!(read("image/config/loader.toml").contains(&range), "loader.toml lacks {range}");
+    assert!(cloud_init_file("/etc/tank/loader.toml").contains(&range), "the cloud-init loader.toml lacks {range}");
+}
