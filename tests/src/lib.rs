@@ -245,6 +245,19 @@ impl Loader {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stderr)))
     }
 
+    /// Waits (bounded) for the connection record of process `pid` and returns it.
+    pub fn record_of(&self, pid: u32) -> NetworkRecord {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = network_records(&self.audit_log);
+            if let Some(r) = records.iter().find(|r| r.actor.process.pid == pid) {
+                return r.clone();
+            }
+            assert!(Instant::now() < deadline, "no record of pid {pid} in {records:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits (bounded) until the audit log has at least `n` connection records, then returns
     /// them all, after checking the log's hash chain is intact.
     pub fn records(&self, n: usize) -> Vec<NetworkRecord> {
@@ -288,12 +301,35 @@ pub fn network_records(log: &Path) -> Vec<NetworkRecord> {
         .collect()
 }
 
-/// Runs `tank-probe` inside the cgroup at `cgroup` (as `uid` if given) and returns its answer.
+/// Runs `tank-probe` inside the cgroup at `cgroup` (as `uid` if given) and returns its pid
+/// and answer.
 pub fn probe(cgroup: &Path, uid: Option<u32>, args: &[&str]) -> (u32, String) {
+    probe_with(cgroup, &ProbeOpts { uid, ..ProbeOpts::default() }, args)
+}
+
+/// Where and how a probe runs, besides its cgroup.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProbeOpts<'a> {
+    /// Drop to this user (and group) after joining the cgroup.
+    pub uid: Option<u32>,
+    /// Enter this network namespace (a [`TestNetns`]) first.
+    pub netns: Option<&'a Path>,
+    /// Apply the agent container's seccomp profile right before the attempt.
+    pub seccomp: bool,
+}
+
+/// [`probe`] with every option.
+pub fn probe_with(cgroup: &Path, opts: &ProbeOpts<'_>, args: &[&str]) -> (u32, String) {
     let mut cmd = Command::new(workspace_bin("tank-probe"));
     cmd.arg("--cgroup").arg(cgroup);
-    if let Some(uid) = uid {
+    if let Some(netns) = opts.netns {
+        cmd.arg("--netns").arg(netns);
+    }
+    if let Some(uid) = opts.uid {
         cmd.args(["--uid", &uid.to_string()]);
+    }
+    if opts.seccomp {
+        cmd.arg("--seccomp");
     }
     let child = cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn tank-probe");
     let pid = child.id();
@@ -305,4 +341,70 @@ pub fn probe(cgroup: &Path, uid: Option<u32>, args: &[&str]) -> (u32, String) {
 /// Counters from `status --json`, by name.
 pub fn counter(status: &serde_json::Value, name: &str) -> u64 {
     status["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name} missing from status: {status}"))
+}
+
+/// A network namespace of its own for one test, with an interface `tank0` holding
+/// documentation and link-local addresses (192.0.2.1/24, 2001:db8::1/64, fe80::1/64) and ping
+/// sockets open to every group. Traffic to those addresses never leaves the namespace.
+pub struct TestNetns {
+    /// Its name under /run/netns.
+    pub name: String,
+    /// `/run/netns/<name>`, for setns.
+    pub path: PathBuf,
+}
+
+impl TestNetns {
+    /// Creates it (with `ip`), panicking with the command's error if it cannot.
+    pub fn new() -> Self {
+        require_root();
+        let name = unique("tank-it");
+        let ns = Self { path: PathBuf::from("/run/netns").join(&name), name };
+        ip(&["netns", "add", &ns.name]);
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            // A veth pair with both ends inside: the dummy driver is not on every kernel.
+            &["link", "add", "tank0", "type", "veth", "peer", "name", "tank1"],
+            &["link", "set", "tank0", "up"],
+            &["link", "set", "tank1", "up"],
+            &["addr", "add", "192.0.2.1/24", "dev", "tank0"],
+            &["addr", "add", "2001:db8::1/64", "dev", "tank0", "nodad"],
+            &["addr", "add", "fe80::1/64", "dev", "tank0", "nodad"],
+        ] {
+            ip(&[&["-n", &ns.name][..], args].concat());
+        }
+        // ping_group_range is per namespace; opening it here lets the sock_create hook, not
+        // the sysctl, be what refuses a ping socket.
+        ns.in_netns(|| std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647").expect("open ping_group_range"));
+        ns
+    }
+
+    /// Runs `f` on a thread that has entered the namespace; sockets it creates stay there.
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(&self.path).expect("open the test netns");
+                    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the test netns");
+                    f()
+                })
+                .join()
+                .expect("netns thread")
+        })
+    }
+
+    /// Interface index of `tank0`, for link-local scope ids.
+    pub fn ifindex(&self) -> u32 {
+        self.in_netns(|| nix::net::if_::if_nametoindex("tank0").expect("tank0 exists"))
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (package iproute2)");
+    assert!(out.status.success(), "ip {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
