@@ -172,9 +172,12 @@ fn lsm_status(cfg: &Config) -> LsmStatus {
         (None, LsmMode::Off) => Some("lsm = \"off\" in the config".to_owned()),
         (None, _) => Some(
             match aya::sys::is_program_supported(aya::programs::ProgramType::Lsm(aya::programs::LsmAttachType::Mac)) {
-                Ok(false) => "this kernel does not load BPF LSM programs (BPF_PROG_LOAD of a trivial LSM program fails); families other than unix/inet/inet6/netlink are refused only by the container's seccomp profile".to_owned(),
                 Ok(true) => "the kernel loads BPF LSM programs but tank's is not attached (is tank-loader started with this config?)".to_owned(),
-                Err(e) => format!("cannot probe BPF LSM support: {e}"),
+                // Both mean the kernel would not load a trivial LSM program (here: EPERM).
+                refused => format!(
+                    "this kernel does not load BPF LSM programs ({}); families other than unix/inet/inet6/netlink are refused only by the container's seccomp profile",
+                    refused.map_or_else(|e| format!("{:#}", anyhow::Error::from(e)), |_| "BPF_PROG_LOAD refused".to_owned())
+                ),
             },
         ),
     };
