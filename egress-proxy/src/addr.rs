@@ -3,11 +3,11 @@
 //! A name an agent may reach can still resolve (by accident, a DNS rebind, or a hostile
 //! zone) to something inside the proxy's own network. Every address is classified after
 //! resolution and before the connect:
-//! - [`AddrClass::Public`]: connectable;
-//! - [`AddrClass::Private`]: loopback, RFC 1918, link-local, CGNAT, unique-local,
+//! - [`AddrClass::Public`] is connectable;
+//! - [`AddrClass::Private`] covers loopback, RFC 1918, link-local, CGNAT, unique-local,
 //!   documentation/benchmarking and similar ranges, and the proxy host's own interface
 //!   addresses: connectable only through a rule with `allow_private = true`;
-//! - [`AddrClass::Forbidden`]: unspecified (`0.0.0.0` reaches the local host on Linux),
+//! - [`AddrClass::Forbidden`] covers unspecified (`0.0.0.0` reaches the local host on Linux),
 //!   multicast, broadcast/reserved, and cloud metadata endpoints: never connectable.
 //!
 //! Addresses that embed an IPv4 address (IPv4-mapped, NAT64, 6to4) are judged by it.

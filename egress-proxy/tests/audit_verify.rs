@@ -63,7 +63,8 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
     assert_eq!(report["records"], 6);
     assert_eq!(report["problems"].as_array().unwrap().len(), 0);
 
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<String>)>, &str)> = vec![
+    type Tamper = Box<dyn FnOnce(&mut Vec<String>)>;
+    let cases: Vec<(&str, Tamper, &str)> = vec![
         ("edit", Box::new(|l| l[2] = l[2].replace("\"Allowed\"", "\"Denied\"")), "line 4: prev does not match"),
         ("edit-last", Box::new(|l| l[5] = l[5].replace("\"Denied\"", "\"Allowed\"")), "differs from its anchored hash"),
         ("delete", Box::new(|l| { l.remove(3); }), "line 4: seq 5 where 4 was due"),
