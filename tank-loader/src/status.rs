@@ -209,7 +209,7 @@ pub fn render(s: &Status) -> String {
     out += "hooks:\n";
     for h in &s.hooks {
         out += &format!(
-            "  {:<9} pinned {:<3}  attached {:<3}  program {:<6}  programs on cgroup {}\n",
+            "  {:<11} pinned {:<3}  attached {:<3}  program {:<6}  programs on cgroup {}\n",
             h.hook, yes(h.pinned), yes(h.attached), h.program_id.map_or("-".to_owned(), |i| i.to_string()), h.attachments
         );
     }

@@ -355,6 +355,8 @@ pub struct TestNetns {
 
 impl TestNetns {
     /// Creates it (with `ip`), panicking with the command's error if it cannot.
+    // Not `Default`: creating a namespace is a side effect, not a default value.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         require_root();
         let name = unique("tank-it");
