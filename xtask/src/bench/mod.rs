@@ -1,0 +1,46 @@
+//! `cargo xtask bench [kernel|proxy|all]`: benchmarks, each ratio measured side by side in
+//! one run. Results go to `target/bench/<suite>.json` and a table on stdout.
+
+mod proxy;
+
+use anyhow::bail;
+
+use crate::{cmd, setup};
+
+/// Which suite to run.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Suite {
+    /// The kernel gate (root): connect latency, throughput, denied-attempt rate, cold start.
+    Kernel,
+    /// egress-proxy against squid and tinyproxy.
+    Proxy,
+    /// Both.
+    All,
+}
+
+/// Options of `cargo xtask bench`.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Suite to run.
+    #[arg(value_enum, default_value = "all")]
+    suite: Suite,
+}
+
+/// Runs the chosen suites.
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let out = cmd::root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    if matches!(opts.suite, Suite::Kernel | Suite::All) {
+        if !cmd::is_root() {
+            bail!("the kernel benchmark loads eBPF programs and creates cgroups: run it as root");
+        }
+        setup::run(&setup::Options::default())?;
+        cmd::run(&mut cmd::cargo(&["build", "--release", "-p", "tank-loader", "-p", "tank-integration-tests", "--bins"]))?;
+        cmd::run(std::process::Command::new(cmd::root().join("target/release/tank-bench")).arg(out.join("kernel.json")))?;
+    }
+    if matches!(opts.suite, Suite::Proxy | Suite::All) {
+        let figures = proxy::run()?;
+        std::fs::write(out.join("proxy.json"), serde_json::to_vec_pretty(&figures)?)?;
+    }
+    Ok(())
+}

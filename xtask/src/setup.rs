@@ -1,0 +1,96 @@
+//! `cargo xtask setup`: install what a fresh machine of the project's kind lacks.
+//!
+//! The project's machines are Debian 12 as root. The eBPF side needs `-Z build-std=core`, so
+//! it needs the standard library's source; rustup's `rust-src` cannot be had here, so the
+//! documented route is Debian's matched compiler + source pair (`rustc-web`, `rust-web-src`)
+//! and bpf-linker built against Debian's LLVM 22 (see docs/development.md). Idempotent: it
+//! checks first and prints nothing when everything is there.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+use crate::cmd;
+
+/// Debian packages and why each is needed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "matched compiler for the eBPF target"),
+    ("cargo-web", "its cargo"),
+    ("rust-web-src", "library source for -Z build-std=core"),
+    ("llvm-22-dev", "bpf-linker links against LLVM 22"),
+    ("libpolly-22-dev", "needed to link LLVM 22"),
+    ("libzstd-dev", "needed to link LLVM 22"),
+    ("zlib1g-dev", "needed to link LLVM 22"),
+    ("nftables", "the nft baseline and its tests"),
+    ("iproute2", "network namespaces in tests and the demo"),
+    ("curl", "real client in tests and the demo"),
+    ("python3", "second real client in tests"),
+    ("systemd", "systemd-analyze verify of the image's units"),
+    ("util-linux", "mountpoint, used by the image checks"),
+    ("procps", "kill, used by the image checks"),
+    ("bpftool", "inspecting programs in the bypass tests"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Options of `cargo xtask setup`.
+#[derive(clap::Args, Default)]
+pub struct Options {
+    /// Say what is checked even when nothing is missing.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+/// Installs what is missing.
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if !std::path::Path::new("/etc/debian_version").exists() {
+        let missing: Vec<_> = PACKAGES.iter().map(|(p, _)| *p).collect();
+        bail!("not a Debian system: install the equivalents of {} and bpf-linker {BPF_LINKER_VERSION} yourself (docs/development.md)", missing.join(", "));
+    }
+    let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    if !missing.is_empty() {
+        if !cmd::is_root() {
+            bail!("missing Debian packages {}; run `cargo xtask setup` as root to install them", missing.join(" "));
+        }
+        eprintln!("setup: installing {}", missing.join(" "));
+        cmd::run(Command::new("apt-get").args(["update", "-qq"]))
+            .context("apt-get update failed: no route to Debian's mirrors?")?;
+        cmd::run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+            .with_context(|| format!("cannot install {}", missing.join(" ")))?;
+    } else if opts.verbose {
+        eprintln!("setup: all {} Debian packages present", PACKAGES.len());
+    }
+
+    let linker = cargo_home().join("bin/bpf-linker");
+    let version = Command::new(&linker).arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    if version.as_deref().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        if opts.verbose {
+            eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+        }
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    let llvm = "/usr/lib/llvm-22";
+    let path = format!("{llvm}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    cmd::run(
+        cmd::cargo(&["install", "--quiet", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path)
+            .env("LLVM_SYS_221_PREFIX", llvm)
+            .env("RUSTFLAGS", format!("-L {llvm}/lib")),
+    )
+    .context("cannot build bpf-linker (needs crates.io and llvm-22-dev)")
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", package])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout == b"installed")
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"))
+}
