@@ -18,7 +18,12 @@ const LIBRARY_SOURCE: &str = "/usr/lib/rustlib/src/rust/library/core";
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let ebpf_dir = manifest_dir.join("../tank-ebpf");
-    for watched in ["../tank-ebpf/src", "../tank-ebpf/Cargo.toml", "../tank-ebpf/Cargo.lock", "../tank-ebpf-common/src"] {
+    for watched in [
+        "../tank-ebpf/src",
+        "../tank-ebpf/Cargo.toml",
+        "../tank-ebpf/Cargo.lock",
+        "../tank-ebpf-common/src",
+    ] {
         println!("cargo:rerun-if-changed={watched}");
     }
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
@@ -34,7 +39,15 @@ fn main() {
     let target_dir = out_dir.join("ebpf-target");
     let status = Command::new(CARGO)
         .current_dir(&ebpf_dir)
-        .args(["build", "--release", "--locked", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .env("RUSTC", RUSTC)
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_DIR", &target_dir)
@@ -68,13 +81,18 @@ fn linker_search_path() -> std::ffi::OsString {
 }
 
 fn check_toolchain(path: &std::ffi::OsStr) -> Result<(), String> {
-    for (file, what) in [(RUSTC, "Debian's rustc (package rustc-web)"), (CARGO, "Debian's cargo (package cargo-web)")] {
+    for (file, what) in [
+        (RUSTC, "Debian's rustc (package rustc-web)"),
+        (CARGO, "Debian's cargo (package cargo-web)"),
+    ] {
         if !Path::new(file).exists() {
             return Err(format!("{what} is missing at {file}"));
         }
     }
     if !Path::new(LIBRARY_SOURCE).exists() {
-        return Err(format!("the standard library source (package rust-web-src) is missing at {LIBRARY_SOURCE}"));
+        return Err(format!(
+            "the standard library source (package rust-web-src) is missing at {LIBRARY_SOURCE}"
+        ));
     }
     if !env::split_paths(path).any(|dir| dir.join("bpf-linker").is_file()) {
         return Err("bpf-linker is not installed (cargo install bpf-linker)".to_owned());

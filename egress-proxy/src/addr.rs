@@ -26,12 +26,19 @@ pub enum AddrClass {
 }
 
 /// Cloud metadata endpoints (AWS/GCP/Azure/OpenStack, AWS ECS, Alibaba; AWS IPv6).
-const METADATA_V4: [Ipv4Addr; 3] =
-    [Ipv4Addr::new(169, 254, 169, 254), Ipv4Addr::new(169, 254, 170, 2), Ipv4Addr::new(100, 100, 100, 200)];
+const METADATA_V4: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(169, 254, 169, 254),
+    Ipv4Addr::new(169, 254, 170, 2),
+    Ipv4Addr::new(100, 100, 100, 200),
+];
 const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 
 fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
     (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
 }
 
@@ -58,7 +65,10 @@ pub fn classify_v4(ip: Ipv4Addr) -> AddrClass {
         ([198, 18, 0, 0], 15, Private("benchmarking")),
         ([192, 88, 99, 0], 24, Private("special-purpose")),
     ];
-    table.iter().find(|(net, prefix, _)| in_v4(ip, *net, *prefix)).map_or(Public, |(_, _, class)| *class)
+    table
+        .iter()
+        .find(|(net, prefix, _)| in_v4(ip, *net, *prefix))
+        .map_or(Public, |(_, _, class)| *class)
 }
 
 /// Classifies an IPv6 address.

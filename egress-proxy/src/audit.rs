@@ -33,7 +33,9 @@ pub const SYNC_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// OCSF product metadata.
@@ -76,7 +78,10 @@ pub struct Endpoint {
 
 impl From<SocketAddr> for Endpoint {
     fn from(a: SocketAddr) -> Self {
-        Self { ip: crate::policy::canonical_ip(a.ip()), port: a.port() }
+        Self {
+            ip: crate::policy::canonical_ip(a.ip()),
+            port: a.port(),
+        }
     }
 }
 
@@ -244,11 +249,12 @@ impl Draft {
     pub fn finish(self, hostname: &str) -> Record {
         let duration = self.started.elapsed().as_millis() as u64;
         let end = self.start_ms + duration;
-        let (activity_id, action, action_id, disposition, disposition_id, severity_id) = if self.allowed {
-            (1, "Allowed", 1, "Allowed", 1, 1)
-        } else {
-            (5, "Denied", 2, "Blocked", 2, 3)
-        };
+        let (activity_id, action, action_id, disposition, disposition_id, severity_id) =
+            if self.allowed {
+                (1, "Allowed", 1, "Allowed", 1, 1)
+            } else {
+                (5, "Denied", 2, "Blocked", 2, 3)
+            };
         Record {
             class_uid: 4001,
             category_uid: 4,
@@ -264,18 +270,36 @@ impl Draft {
             disposition,
             disposition_id,
             metadata: Metadata {
-                product: Product { name: "egress-proxy", vendor_name: "tank", version: env!("CARGO_PKG_VERSION") },
+                product: Product {
+                    name: "egress-proxy",
+                    vendor_name: "tank",
+                    version: env!("CARGO_PKG_VERSION"),
+                },
                 version: "1.1.0",
                 log_name: "proxy",
             },
-            device: Device { hostname: hostname.to_owned() },
+            device: Device {
+                hostname: hostname.to_owned(),
+            },
             src_endpoint: self.client.into(),
             proxy_endpoint: self.local.into(),
-            dst_endpoint: DstEndpoint { hostname: self.host, ip: self.ip, port: self.port },
-            connection_info: ConnectionInfo { protocol_name: "tcp", protocol_num: 6, direction_id: 2 },
+            dst_endpoint: DstEndpoint {
+                hostname: self.host,
+                ip: self.ip,
+                port: self.port,
+            },
+            connection_info: ConnectionInfo {
+                protocol_name: "tcp",
+                protocol_num: 6,
+                direction_id: 2,
+            },
             traffic: self.traffic,
             http_request: self.http,
-            unmapped: Unmapped { kind: self.kind, rule: self.rule, error: self.error },
+            unmapped: Unmapped {
+                kind: self.kind,
+                rule: self.rule,
+                error: self.error,
+            },
         }
     }
 }
@@ -336,7 +360,12 @@ impl Audit {
     }
 }
 
-fn writer_loop(mut writer: ChainWriter, mut rx: mpsc::Receiver<Record>, healthy: Arc<AtomicBool>, metrics: Arc<Metrics>) {
+fn writer_loop(
+    mut writer: ChainWriter,
+    mut rx: mpsc::Receiver<Record>,
+    healthy: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut last_anchor_log = Instant::now();
     let mut last_sync = Instant::now() - SYNC_INTERVAL;
@@ -364,7 +393,9 @@ fn writer_loop(mut writer: ChainWriter, mut rx: mpsc::Receiver<Record>, healthy:
             if last_sync.elapsed() >= SYNC_INTERVAL || rx.is_closed() && rx.is_empty() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(1).min(SYNC_INTERVAL.saturating_sub(last_sync.elapsed())));
+            std::thread::sleep(
+                Duration::from_millis(1).min(SYNC_INTERVAL.saturating_sub(last_sync.elapsed())),
+            );
         }
         last_sync = Instant::now();
         match writer.sync() {

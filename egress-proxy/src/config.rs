@@ -79,17 +79,30 @@ fn render(path: &Path, diags: &[Diagnostic]) -> String {
 
 /// Loads and validates the configuration at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    parse(&text, path).map_err(|diagnostics| ConfigError::Invalid { path: path.to_owned(), diagnostics })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path).map_err(|diagnostics| ConfigError::Invalid {
+        path: path.to_owned(),
+        diagnostics,
+    })
 }
 
 /// Validates configuration `text`; relative paths in it are relative to `path`'s directory.
 pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Diagnostic>> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let (line, col) = line_col(text, e.span().map_or(0, |s| s.start));
-        vec![Diagnostic { line, col, message: e.message().trim().to_owned() }]
+        vec![Diagnostic {
+            line,
+            col,
+            message: e.message().trim().to_owned(),
+        }]
     })?;
-    let mut v = Validator { text, diags: Vec::new() };
+    let mut v = Validator {
+        text,
+        diags: Vec::new(),
+    };
     let config = v.config(raw, path);
     if v.diags.is_empty() {
         Ok(config)
@@ -182,7 +195,8 @@ impl<'de> Deserialize<'de> for RuleSpec {
                 Ok(RuleSpec::Short(v.to_owned()))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RuleSpec, A::Error> {
-                RuleTable::deserialize(de::value::MapAccessDeserializer::new(map)).map(RuleSpec::Full)
+                RuleTable::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RuleSpec::Full)
             }
         }
         d.deserialize_any(V)
@@ -258,19 +272,34 @@ struct Validator<'a> {
 impl Validator<'_> {
     fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, col) = line_col(self.text, span.start);
-        self.diags.push(Diagnostic { line, col, message: message.into() });
+        self.diags.push(Diagnostic {
+            line,
+            col,
+            message: message.into(),
+        });
     }
 
     fn config(&mut self, raw: RawConfig, path: &Path) -> Config {
         let mut listen = Vec::new();
         if raw.listen.get_ref().is_empty() {
-            self.err(raw.listen.span(), "`listen` needs at least one address, e.g. [\"0.0.0.0:3128\", \"[::]:3128\"]");
+            self.err(
+                raw.listen.span(),
+                "`listen` needs at least one address, e.g. [\"0.0.0.0:3128\", \"[::]:3128\"]",
+            );
         }
         for a in raw.listen.get_ref() {
             match a.get_ref().parse::<SocketAddr>() {
-                Ok(sa) if sa.port() != 0 && listen.contains(&sa) => self.err(a.span(), format!("`{sa}` is listed twice")),
+                Ok(sa) if sa.port() != 0 && listen.contains(&sa) => {
+                    self.err(a.span(), format!("`{sa}` is listed twice"))
+                }
                 Ok(sa) => listen.push(sa),
-                Err(_) => self.err(a.span(), format!("`{}` is not an address:port (IPv6 in brackets: \"[::]:3128\")", a.get_ref())),
+                Err(_) => self.err(
+                    a.span(),
+                    format!(
+                        "`{}` is not an address:port (IPv6 in brackets: \"[::]:3128\")",
+                        a.get_ref()
+                    ),
+                ),
             }
         }
         let admin_listen = match &raw.admin_listen {
@@ -278,19 +307,28 @@ impl Validator<'_> {
             Some(s) if s.get_ref() == "off" => None,
             Some(s) => match s.get_ref().parse::<SocketAddr>() {
                 Ok(sa) if sa.port() != 0 && listen.contains(&sa) => {
-                    self.err(s.span(), "`admin_listen` must differ from the proxy listeners");
+                    self.err(
+                        s.span(),
+                        "`admin_listen` must differ from the proxy listeners",
+                    );
                     None
                 }
                 Ok(sa) => Some(sa),
                 Err(_) => {
-                    self.err(s.span(), format!("`{}` is not an address:port, or \"off\"", s.get_ref()));
+                    self.err(
+                        s.span(),
+                        format!("`{}` is not an address:port, or \"off\"", s.get_ref()),
+                    );
                     None
                 }
             },
         };
         let mut client_networks = Vec::new();
         if raw.client_networks.get_ref().is_empty() {
-            self.err(raw.client_networks.span(), "`client_networks` is empty: no agent host could use the proxy");
+            self.err(
+                raw.client_networks.span(),
+                "`client_networks` is empty: no agent host could use the proxy",
+            );
         }
         for n in raw.client_networks.get_ref() {
             match parse_net(n.get_ref()) {
@@ -309,8 +347,16 @@ impl Validator<'_> {
                 path.parent().unwrap_or(Path::new(".")).join(p)
             }
         };
-        let allowed = raw.allowed_domains.iter().filter_map(|r| self.rule(r, true)).collect();
-        let denied = raw.denied_domains.iter().filter_map(|r| self.rule(r, false)).collect();
+        let allowed = raw
+            .allowed_domains
+            .iter()
+            .filter_map(|r| self.rule(r, true))
+            .collect();
+        let denied = raw
+            .denied_domains
+            .iter()
+            .filter_map(|r| self.rule(r, false))
+            .collect();
         let mut hosts = HashMap::new();
         for (name, addrs) in &raw.hosts {
             match canonical_host(name.get_ref()) {
@@ -320,17 +366,25 @@ impl Validator<'_> {
                         self.err(addrs.span(), format!("hosts entry `{n}` has no address"));
                     }
                     for a in &addrs.get_ref().0 {
-                        let span = if a.span() == (0..0) { addrs.span() } else { a.span() };
+                        let span = if a.span() == (0..0) {
+                            addrs.span()
+                        } else {
+                            a.span()
+                        };
                         match a.get_ref().parse::<IpAddr>() {
                             Ok(ip) => ips.push(ip),
-                            Err(_) => self.err(span, format!("`{}` is not an IP address", a.get_ref())),
+                            Err(_) => {
+                                self.err(span, format!("`{}` is not an IP address", a.get_ref()))
+                            }
                         }
                     }
                     if hosts.insert(n.clone(), ips).is_some() {
                         self.err(name.span(), format!("hosts entry `{n}` is listed twice (names are compared canonicalised)"));
                     }
                 }
-                Ok(Host::Ip(_)) => self.err(name.span(), "a hosts entry must be a name, not an address"),
+                Ok(Host::Ip(_)) => {
+                    self.err(name.span(), "a hosts entry must be a name, not an address")
+                }
                 Err(e) => self.err(name.span(), format!("hosts entry: {e}")),
             }
         }
@@ -352,40 +406,96 @@ impl Validator<'_> {
 
     fn limits(&mut self, raw: &RawLimits) -> Limits {
         let d = Limits::default();
-        let mut int = |v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: usize| match v {
-            None => default,
-            Some(s) if (min..=max).contains(s.get_ref()) => *s.get_ref() as usize,
-            Some(s) => {
-                self.err(s.span(), format!("`{key}` must be from {min} to {max}"));
-                default
-            }
-        };
-        let max_header_bytes = int(&raw.max_header_bytes, "max_header_bytes", 1024, 1 << 20, d.max_header_bytes);
-        let max_connections = int(&raw.max_connections, "max_connections", 1, 1 << 20, d.max_connections);
-        let max_connections_per_client =
-            int(&raw.max_connections_per_client, "max_connections_per_client", 1, 1 << 20, d.max_connections_per_client);
-        let mut secs = |v: &Option<Spanned<f64>>, key: &str, min: f64, max: f64, default: Duration| match v {
-            None => default,
-            Some(s) if (min..=max).contains(s.get_ref()) => Duration::from_secs_f64(*s.get_ref()),
-            Some(s) => {
-                self.err(s.span(), format!("`{key}` must be from {min} to {max} seconds"));
-                default
-            }
-        };
+        let mut int =
+            |v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: usize| match v {
+                None => default,
+                Some(s) if (min..=max).contains(s.get_ref()) => *s.get_ref() as usize,
+                Some(s) => {
+                    self.err(s.span(), format!("`{key}` must be from {min} to {max}"));
+                    default
+                }
+            };
+        let max_header_bytes = int(
+            &raw.max_header_bytes,
+            "max_header_bytes",
+            1024,
+            1 << 20,
+            d.max_header_bytes,
+        );
+        let max_connections = int(
+            &raw.max_connections,
+            "max_connections",
+            1,
+            1 << 20,
+            d.max_connections,
+        );
+        let max_connections_per_client = int(
+            &raw.max_connections_per_client,
+            "max_connections_per_client",
+            1,
+            1 << 20,
+            d.max_connections_per_client,
+        );
+        let mut secs =
+            |v: &Option<Spanned<f64>>, key: &str, min: f64, max: f64, default: Duration| match v {
+                None => default,
+                Some(s) if (min..=max).contains(s.get_ref()) => {
+                    Duration::from_secs_f64(*s.get_ref())
+                }
+                Some(s) => {
+                    self.err(
+                        s.span(),
+                        format!("`{key}` must be from {min} to {max} seconds"),
+                    );
+                    default
+                }
+            };
         Limits {
             max_header_bytes,
-            header_read_timeout: secs(&raw.header_read_timeout_secs, "header_read_timeout_secs", 0.1, 3600.0, d.header_read_timeout),
-            idle_timeout: secs(&raw.idle_timeout_secs, "idle_timeout_secs", 0.1, 7.0 * 86400.0, d.idle_timeout),
-            connect_timeout: secs(&raw.connect_timeout_secs, "connect_timeout_secs", 0.1, 600.0, d.connect_timeout),
+            header_read_timeout: secs(
+                &raw.header_read_timeout_secs,
+                "header_read_timeout_secs",
+                0.1,
+                3600.0,
+                d.header_read_timeout,
+            ),
+            idle_timeout: secs(
+                &raw.idle_timeout_secs,
+                "idle_timeout_secs",
+                0.1,
+                7.0 * 86400.0,
+                d.idle_timeout,
+            ),
+            connect_timeout: secs(
+                &raw.connect_timeout_secs,
+                "connect_timeout_secs",
+                0.1,
+                600.0,
+                d.connect_timeout,
+            ),
             max_connections,
             max_connections_per_client,
-            shutdown_grace: secs(&raw.shutdown_grace_secs, "shutdown_grace_secs", 0.0, 3600.0, d.shutdown_grace),
+            shutdown_grace: secs(
+                &raw.shutdown_grace_secs,
+                "shutdown_grace_secs",
+                0.0,
+                3600.0,
+                d.shutdown_grace,
+            ),
         }
     }
 
     fn rule(&mut self, spec: &Spanned<RuleSpec>, allow: bool) -> Option<Rule> {
-        let list = if allow { "allowed_domains" } else { "denied_domains" };
-        let default_ports = if allow { Ports::List(vec![DEFAULT_PORT]) } else { Ports::Any };
+        let list = if allow {
+            "allowed_domains"
+        } else {
+            "denied_domains"
+        };
+        let default_ports = if allow {
+            Ports::List(vec![DEFAULT_PORT])
+        } else {
+            Ports::Any
+        };
         match spec.get_ref() {
             RuleSpec::Short(s) => {
                 let (pattern, ports) = match parse_short(s) {
@@ -397,7 +507,14 @@ impl Validator<'_> {
                 };
                 let ports = ports.unwrap_or(default_ports);
                 let id = format!("{list}:{}", default_name(&pattern, &ports, allow));
-                Some(Rule { id, pattern, ports, methods: None, path_prefixes: None, allow_private: false })
+                Some(Rule {
+                    id,
+                    pattern,
+                    ports,
+                    methods: None,
+                    path_prefixes: None,
+                    allow_private: false,
+                })
             }
             RuleSpec::Full(t) => {
                 let before = self.diags.len();
@@ -429,10 +546,17 @@ impl Validator<'_> {
                         .iter()
                         .filter_map(|x| {
                             let up = x.get_ref().to_ascii_uppercase();
-                            if !up.is_empty() && up.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+                            if !up.is_empty()
+                                && up
+                                    .bytes()
+                                    .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+                            {
                                 Some(up)
                             } else {
-                                self.err(x.span(), format!("`{}` is not an HTTP method", x.get_ref()));
+                                self.err(
+                                    x.span(),
+                                    format!("`{}` is not an HTTP method", x.get_ref()),
+                                );
                                 None
                             }
                         })
@@ -469,11 +593,18 @@ impl Validator<'_> {
                     None => false,
                 };
                 let name = match &t.name {
-                    Some(n) if n.get_ref().is_empty()
-                        || n.get_ref().len() > 128
-                        || !n.get_ref().bytes().all(|b| b.is_ascii_graphic() || b == b' ') =>
+                    Some(n)
+                        if n.get_ref().is_empty()
+                            || n.get_ref().len() > 128
+                            || !n
+                                .get_ref()
+                                .bytes()
+                                .all(|b| b.is_ascii_graphic() || b == b' ') =>
                     {
-                        self.err(n.span(), "`name` must be 1 to 128 printable ASCII characters");
+                        self.err(
+                            n.span(),
+                            "`name` must be 1 to 128 printable ASCII characters",
+                        );
                         None
                     }
                     Some(n) => Some(n.get_ref().clone()),
@@ -484,7 +615,14 @@ impl Validator<'_> {
                 }
                 let pattern = pattern?;
                 let name = name.unwrap_or_else(|| default_name(&pattern, &ports, allow));
-                Some(Rule { id: format!("{list}:{name}"), pattern, ports, methods, path_prefixes, allow_private })
+                Some(Rule {
+                    id: format!("{list}:{name}"),
+                    pattern,
+                    ports,
+                    methods,
+                    path_prefixes,
+                    allow_private,
+                })
             }
         }
     }
@@ -507,7 +645,10 @@ fn default_name(p: &Pattern, ports: &Ports, allow: bool) -> String {
     match ports {
         _ if is_default => host,
         Ports::Any => format!("{host}:*"),
-        Ports::List(l) => format!("{host}:{}", l.iter().map(u16::to_string).collect::<Vec<_>>().join(",")),
+        Ports::List(l) => format!(
+            "{host}:{}",
+            l.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+        ),
     }
 }
 
@@ -515,9 +656,14 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
     }
-    let net: IpNet = s.parse().map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
+    let net: IpNet = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
     if net.trunc() != net {
-        return Err(format!("`{s}` has host bits set; did you mean `{}`?", net.trunc()));
+        return Err(format!(
+            "`{s}` has host bits set; did you mean `{}`?",
+            net.trunc()
+        ));
     }
     Ok(net)
 }
@@ -527,19 +673,29 @@ fn parse_pattern(s: &str) -> Result<Pattern, String> {
     if s == "*" {
         return Err("`*` alone would match every host; list the domains instead".to_owned());
     }
-    let unbracketed = s.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(s);
-    if unbracketed.contains('/') || unbracketed.contains(':') || unbracketed.parse::<IpAddr>().is_ok() {
+    let unbracketed = s
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(s);
+    if unbracketed.contains('/')
+        || unbracketed.contains(':')
+        || unbracketed.parse::<IpAddr>().is_ok()
+    {
         return parse_net(unbracketed).map(Pattern::Net);
     }
     if let Some(suffix) = s.strip_prefix("*.") {
         return match canonical_host(suffix) {
             Ok(Host::Name(n)) => Ok(Pattern::Subdomains(n)),
-            Ok(Host::Ip(_)) => Err(format!("`{s}`: a wildcard needs a domain suffix, not an address")),
+            Ok(Host::Ip(_)) => Err(format!(
+                "`{s}`: a wildcard needs a domain suffix, not an address"
+            )),
             Err(e) => Err(format!("`{s}`: {e}")),
         };
     }
     if s.contains('*') {
-        return Err(format!("`{s}`: a wildcard is only allowed as a whole first label (`*.example.com`)"));
+        return Err(format!(
+            "`{s}`: a wildcard is only allowed as a whole first label (`*.example.com`)"
+        ));
     }
     match canonical_host(s) {
         Ok(Host::Name(n)) => Ok(Pattern::Exact(n)),
@@ -592,11 +748,16 @@ mod tests {
     const BASE: &str = "listen = [\"127.0.0.1:3128\", \"[::1]:3128\"]\nclient_networks = [\"10.0.0.0/8\"]\naudit_log = \"/var/log/a.jsonl\"\n";
 
     fn ok(extra: &str) -> Config {
-        parse(&format!("{BASE}{extra}"), Path::new("/etc/p.toml")).unwrap_or_else(|d| panic!("{d:?}"))
+        parse(&format!("{BASE}{extra}"), Path::new("/etc/p.toml"))
+            .unwrap_or_else(|d| panic!("{d:?}"))
     }
 
     fn errs(text: &str) -> Vec<(usize, usize, String)> {
-        parse(text, Path::new("/etc/p.toml")).unwrap_err().into_iter().map(|d| (d.line, d.col, d.message)).collect()
+        parse(text, Path::new("/etc/p.toml"))
+            .unwrap_err()
+            .into_iter()
+            .map(|d| (d.line, d.col, d.message))
+            .collect()
     }
 
     #[test]
@@ -636,11 +797,17 @@ idle_timeout_secs = 2.5
                 "allowed_domains:files.test:80",
             ]
         );
-        assert_eq!(c.policy.allowed[6].methods, Some(vec!["GET".to_owned(), "HEAD".to_owned()]));
+        assert_eq!(
+            c.policy.allowed[6].methods,
+            Some(vec!["GET".to_owned(), "HEAD".to_owned()])
+        );
         assert!(c.policy.allowed[5].allow_private);
         assert_eq!(c.policy.denied[0].ports, Ports::Any);
         assert_eq!(c.policy.denied[1].id, "denied_domains:*.evil.test:443");
-        assert_eq!(c.policy.hosts["origin.test"], vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            c.policy.hosts["origin.test"],
+            vec!["127.0.0.1".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(c.policy.hosts["files.test"].len(), 2);
         assert!(!c.policy.system_resolver);
         assert_eq!(c.policy.limits.max_header_bytes, 8192);
@@ -677,7 +844,9 @@ idle_timeout_secs = 2.5
         assert!(e[0].2.contains("allowedDomains"), "{e:?}");
         let e = errs(&format!("{BASE}\n\nallowed_domains = [\"x.test\"\n"));
         assert!(e[0].0 >= 6, "{e:?}");
-        let e = errs(&format!("{BASE}allowed_domains = [{{ domain = \"x.test\", port = 1 }}]\n"));
+        let e = errs(&format!(
+            "{BASE}allowed_domains = [{{ domain = \"x.test\", port = 1 }}]\n"
+        ));
         assert_eq!(e[0].0, 4, "{e:?}");
         assert!(e[0].2.contains("port"), "{e:?}");
         let e = errs("listen = [\"127.0.0.1:1\"]\naudit_log = \"x\"\n");
@@ -691,18 +860,38 @@ idle_timeout_secs = 2.5
         ));
         let lines: Vec<usize> = e.iter().map(|x| x.0).collect();
         assert_eq!(lines, [4, 6, 7, 9], "{e:?}");
-        let e = errs("listen = [\"127.0.0.1\"]\nclient_networks = [\"10.0.0.1/8\"]\naudit_log = \"\"\n");
+        let e = errs(
+            "listen = [\"127.0.0.1\"]\nclient_networks = [\"10.0.0.1/8\"]\naudit_log = \"\"\n",
+        );
         assert_eq!(e.len(), 3, "{e:?}");
         assert!(e[1].2.contains("10.0.0.0/8"), "{e:?}");
     }
 
     #[test]
     fn short_forms() {
-        assert_eq!(parse_short("a.test").unwrap(), (Pattern::Exact("a.test".into()), None));
-        assert_eq!(parse_short("*.a.test:*").unwrap(), (Pattern::Subdomains("a.test".into()), Some(Ports::Any)));
-        assert_eq!(parse_short("10.0.0.0/8").unwrap().0, Pattern::Net("10.0.0.0/8".parse().unwrap()));
-        assert_eq!(parse_short("fd00::/8").unwrap().0, Pattern::Net("fd00::/8".parse().unwrap()));
-        assert_eq!(parse_short("[::1]:80").unwrap(), (Pattern::Net("::1/128".parse().unwrap()), Some(Ports::List(vec![80]))));
+        assert_eq!(
+            parse_short("a.test").unwrap(),
+            (Pattern::Exact("a.test".into()), None)
+        );
+        assert_eq!(
+            parse_short("*.a.test:*").unwrap(),
+            (Pattern::Subdomains("a.test".into()), Some(Ports::Any))
+        );
+        assert_eq!(
+            parse_short("10.0.0.0/8").unwrap().0,
+            Pattern::Net("10.0.0.0/8".parse().unwrap())
+        );
+        assert_eq!(
+            parse_short("fd00::/8").unwrap().0,
+            Pattern::Net("fd00::/8".parse().unwrap())
+        );
+        assert_eq!(
+            parse_short("[::1]:80").unwrap(),
+            (
+                Pattern::Net("::1/128".parse().unwrap()),
+                Some(Ports::List(vec![80]))
+            )
+        );
         assert!(parse_short("a.test:http").is_err());
         assert!(parse_short("127.1").is_err());
     }

@@ -102,13 +102,16 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> 
         let target = parse_authority(uri, None)?;
         return Ok(Some((Request::Connect { target }, len)));
     }
-    let rest = strip_prefix_ci(uri, "http://").ok_or(if strip_prefix_ci(uri, "https://").is_some() {
-        HeadError::Unsupported("https:// URLs must be tunnelled with CONNECT")
-    } else if uri.starts_with('/') {
-        HeadError::Unsupported("origin-form request: this is a forward proxy, send an absolute URL or CONNECT")
-    } else {
-        HeadError::Unsupported("only http:// URLs and CONNECT are served")
-    })?;
+    let rest =
+        strip_prefix_ci(uri, "http://").ok_or(if strip_prefix_ci(uri, "https://").is_some() {
+            HeadError::Unsupported("https:// URLs must be tunnelled with CONNECT")
+        } else if uri.starts_with('/') {
+            HeadError::Unsupported(
+                "origin-form request: this is a forward proxy, send an absolute URL or CONNECT",
+            )
+        } else {
+            HeadError::Unsupported("only http:// URLs and CONNECT are served")
+        })?;
     let split = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(split);
     let target = parse_authority(authority, Some(80))?;
@@ -124,9 +127,16 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> 
     let mut chunked = false;
     let mut connection_tokens: Vec<String> = Vec::new();
     for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") || h.name.eq_ignore_ascii_case("proxy-connection") {
-            let v = std::str::from_utf8(h.value).map_err(|_| HeadError::Syntax("non-ASCII Connection header"))?;
-            connection_tokens.extend(v.split(',').map(|t| t.trim().to_ascii_lowercase()).filter(|t| !t.is_empty()));
+        if h.name.eq_ignore_ascii_case("connection")
+            || h.name.eq_ignore_ascii_case("proxy-connection")
+        {
+            let v = std::str::from_utf8(h.value)
+                .map_err(|_| HeadError::Syntax("non-ASCII Connection header"))?;
+            connection_tokens.extend(
+                v.split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .filter(|t| !t.is_empty()),
+            );
         }
     }
     let mut head = Vec::with_capacity(len + 64);
@@ -135,34 +145,54 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> 
     head.extend_from_slice(path.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     // The authority as the origin expects it: no port when it is the default.
-    let host_header = if target.port == 80 { target.host.to_string() } else { target.to_string() };
+    let host_header = if target.port == 80 {
+        target.host.to_string()
+    } else {
+        target.to_string()
+    };
     let url = format!("http://{host_header}{path}");
     head.extend_from_slice(host_header.as_bytes());
     head.extend_from_slice(b"\r\n");
     for h in req.headers.iter() {
         let name = h.name.to_ascii_lowercase();
         if name == "content-length" {
-            let v = std::str::from_utf8(h.value).map_err(|_| HeadError::Framing("invalid Content-Length"))?.trim();
+            let v = std::str::from_utf8(h.value)
+                .map_err(|_| HeadError::Framing("invalid Content-Length"))?
+                .trim();
             if v.is_empty() || v.len() > 19 || !v.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(HeadError::Framing("invalid Content-Length"));
             }
-            let n: u64 = v.parse().map_err(|_| HeadError::Framing("invalid Content-Length"))?;
+            let n: u64 = v
+                .parse()
+                .map_err(|_| HeadError::Framing("invalid Content-Length"))?;
             if content_length.is_some_and(|c| c != n) {
                 return Err(HeadError::Framing("conflicting Content-Length headers"));
             }
             content_length = Some(n);
         } else if name == "transfer-encoding" {
-            let v = std::str::from_utf8(h.value).map_err(|_| HeadError::Framing("invalid Transfer-Encoding"))?;
+            let v = std::str::from_utf8(h.value)
+                .map_err(|_| HeadError::Framing("invalid Transfer-Encoding"))?;
             if chunked || !v.trim().eq_ignore_ascii_case("chunked") {
-                return Err(HeadError::Framing("only a single `Transfer-Encoding: chunked` is supported"));
+                return Err(HeadError::Framing(
+                    "only a single `Transfer-Encoding: chunked` is supported",
+                ));
             }
             chunked = true;
         }
         let hop_by_hop = matches!(
             name.as_str(),
-            "host" | "connection" | "proxy-connection" | "keep-alive" | "proxy-authorization" | "proxy-authenticate"
-                | "te" | "trailer" | "upgrade"
-        ) || connection_tokens.iter().any(|t| *t == name && t != "transfer-encoding" && t != "content-length");
+            "host"
+                | "connection"
+                | "proxy-connection"
+                | "keep-alive"
+                | "proxy-authorization"
+                | "proxy-authenticate"
+                | "te"
+                | "trailer"
+                | "upgrade"
+        ) || connection_tokens
+            .iter()
+            .any(|t| *t == name && t != "transfer-encoding" && t != "content-length");
         if hop_by_hop {
             continue;
         }
@@ -173,17 +203,32 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> 
     }
     head.extend_from_slice(b"Connection: close\r\n\r\n");
     let body = match (content_length, chunked) {
-        (Some(_), true) => return Err(HeadError::Framing("both Content-Length and Transfer-Encoding")),
+        (Some(_), true) => {
+            return Err(HeadError::Framing(
+                "both Content-Length and Transfer-Encoding",
+            ))
+        }
         (Some(0), false) | (None, false) => BodyKind::None,
         (Some(n), false) => BodyKind::Length(n),
         (None, true) => BodyKind::Chunked,
     };
-    Ok(Some((Request::Http { method: method.to_owned(), target, path, url, head, body }, len)))
+    Ok(Some((
+        Request::Http {
+            method: method.to_owned(),
+            target,
+            path,
+            url,
+            head,
+            body,
+        },
+        len,
+    )))
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    (s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()))
-        .then(|| &s[prefix.len()..])
+    (s.len() >= prefix.len()
+        && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()))
+    .then(|| &s[prefix.len()..])
 }
 
 fn syntax_name(e: httparse::Error) -> &'static str {
@@ -311,7 +356,10 @@ pub fn response(status: u16, reason: &str, headers: &[(&str, &str)], body: &str)
     }
     if status != 200 || !body.is_empty() {
         out.push_str("Content-Type: text/plain; charset=utf-8\r\n");
-        out.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n", body.len()));
+        out.push_str(&format!(
+            "Content-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        ));
     }
     out.push_str("\r\n");
     out.push_str(body);
@@ -334,18 +382,43 @@ mod tests {
         assert_eq!(n, req.len() - 3);
         assert_eq!(r.method(), "CONNECT");
         assert_eq!(r.target().to_string(), "origin.test:8443");
-        assert_eq!(parse("CONNECT origin.test:8443 HTTP/1.1\r\nHost: x").unwrap(), None);
-        assert!(matches!(parse("CONNECT origin.test HTTP/1.1\r\n\r\n"), Err(HeadError::Target(TargetError::MissingPort))));
-        assert!(matches!(parse("CONNECT 127.1:80 HTTP/1.1\r\n\r\n"), Err(HeadError::Target(_))));
-        assert!(matches!(parse("CONNECT a b HTTP/1.1\r\n\r\n"), Err(HeadError::Syntax(_))));
-        assert!(matches!(parse("CONNECT a:1 HTTP/2.0\r\n\r\n"), Err(HeadError::Syntax(_))));
+        assert_eq!(
+            parse("CONNECT origin.test:8443 HTTP/1.1\r\nHost: x").unwrap(),
+            None
+        );
+        assert!(matches!(
+            parse("CONNECT origin.test HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Target(TargetError::MissingPort))
+        ));
+        assert!(matches!(
+            parse("CONNECT 127.1:80 HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Target(_))
+        ));
+        assert!(matches!(
+            parse("CONNECT a b HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Syntax(_))
+        ));
+        assert!(matches!(
+            parse("CONNECT a:1 HTTP/2.0\r\n\r\n"),
+            Err(HeadError::Syntax(_))
+        ));
     }
 
     #[test]
     fn absolute_form_is_rewritten() {
         let req = "GET http://Files.Test/pub/a?b=c#frag HTTP/1.1\r\nHost: evil.test\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nProxy-Authorization: Basic eA==\r\nAccept: */*\r\n\r\n";
         let (r, _) = parse(req).unwrap().unwrap();
-        let Request::Http { method, target, path, url, head, body } = r else { panic!() };
+        let Request::Http {
+            method,
+            target,
+            path,
+            url,
+            head,
+            body,
+        } = r
+        else {
+            panic!()
+        };
         assert_eq!(method, "GET");
         assert_eq!(target.host, Host::Name("files.test".into()));
         assert_eq!(target.port, 80);
@@ -356,19 +429,40 @@ mod tests {
             String::from_utf8(head).unwrap(),
             "GET /pub/a?b=c HTTP/1.1\r\nHost: files.test\r\nAccept: */*\r\nConnection: close\r\n\r\n"
         );
-        let (r, _) = parse("POST http://a.test:8080?x HTTP/1.1\r\nContent-Length: 5\r\n\r\n").unwrap().unwrap();
-        let Request::Http { path, head, body, .. } = r else { panic!() };
+        let (r, _) = parse("POST http://a.test:8080?x HTTP/1.1\r\nContent-Length: 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let Request::Http {
+            path, head, body, ..
+        } = r
+        else {
+            panic!()
+        };
         assert_eq!(path, "/?x");
         assert_eq!(body, BodyKind::Length(5));
-        assert!(String::from_utf8(head).unwrap().starts_with("POST /?x HTTP/1.1\r\nHost: a.test:8080\r\nContent-Length: 5\r\n"));
+        assert!(String::from_utf8(head)
+            .unwrap()
+            .starts_with("POST /?x HTTP/1.1\r\nHost: a.test:8080\r\nContent-Length: 5\r\n"));
     }
 
     #[test]
     fn refused_forms() {
-        assert!(matches!(parse("GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Err(HeadError::Unsupported(_))));
-        assert!(matches!(parse("GET https://a.test/ HTTP/1.1\r\n\r\n"), Err(HeadError::Unsupported(_))));
-        assert!(matches!(parse("GET ftp://a.test/ HTTP/1.1\r\n\r\n"), Err(HeadError::Unsupported(_))));
-        assert!(matches!(parse("GET http://u:p@a.test/ HTTP/1.1\r\n\r\n"), Err(HeadError::Target(TargetError::UserInfo))));
+        assert!(matches!(
+            parse("GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Err(HeadError::Unsupported(_))
+        ));
+        assert!(matches!(
+            parse("GET https://a.test/ HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Unsupported(_))
+        ));
+        assert!(matches!(
+            parse("GET ftp://a.test/ HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Unsupported(_))
+        ));
+        assert!(matches!(
+            parse("GET http://u:p@a.test/ HTTP/1.1\r\n\r\n"),
+            Err(HeadError::Target(TargetError::UserInfo))
+        ));
         assert!(matches!(
             parse("POST http://a.test/ HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Err(HeadError::Framing(_))
@@ -381,8 +475,14 @@ mod tests {
             parse("POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
             Err(HeadError::Framing(_))
         ));
-        assert!(matches!(parse("POST http://a.test/ HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Err(HeadError::Framing(_))));
-        let many = format!("GET http://a.test/ HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(MAX_HEADERS + 1));
+        assert!(matches!(
+            parse("POST http://a.test/ HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Err(HeadError::Framing(_))
+        ));
+        let many = format!(
+            "GET http://a.test/ HTTP/1.1\r\n{}\r\n",
+            "X: y\r\n".repeat(MAX_HEADERS + 1)
+        );
         assert_eq!(parse(&many), Err(HeadError::TooManyHeaders));
     }
 
@@ -404,6 +504,9 @@ mod tests {
         assert_eq!(ChunkedScanner::default().feed(b"0\r\n\r\n"), Ok(Some(5)));
         assert_eq!(ChunkedScanner::default().feed(b"x\r\n"), Err(ChunkError));
         assert_eq!(ChunkedScanner::default().feed(b"1\r\nab"), Err(ChunkError));
-        assert_eq!(ChunkedScanner::default().feed(b"11111111111111111\r\n"), Err(ChunkError));
+        assert_eq!(
+            ChunkedScanner::default().feed(b"11111111111111111\r\n"),
+            Err(ChunkError)
+        );
     }
 }

@@ -86,7 +86,10 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -100,13 +103,19 @@ fn fail(err: &anyhow::Error) {
 /// Prints to stdout; a closed pipe (`| head`) is not an error.
 fn out(text: &str) {
     let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config: path, ready_file, log_format } => {
+        Command::Run {
+            config: path,
+            ready_file,
+            log_format,
+        } => {
             init_logging(log_format);
             let config = match config::load(&path) {
                 Ok(c) => c,
@@ -115,7 +124,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     fail(&anyhow::Error::from(e).context("cannot start the runtime"));
@@ -151,28 +163,46 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Audit { command: AuditCommand::Verify { file, json } } => {
+        Command::Audit {
+            command: AuditCommand::Verify { file, json },
+        } => {
             let report = match chain::verify(&file) {
                 Ok(r) => r,
                 Err(e) => {
-                    fail(&anyhow::Error::from(e).context(format!("cannot read audit log `{}`", file.display())));
+                    fail(
+                        &anyhow::Error::from(e)
+                            .context(format!("cannot read audit log `{}`", file.display())),
+                    );
                     return ExitCode::from(2);
                 }
             };
             if json {
-                out(&format!("{}\n", serde_json::to_string_pretty(&report).expect("report serializes")));
+                out(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&report).expect("report serializes")
+                ));
             } else if report.is_intact() {
                 let anchor = match &report.anchor {
                     Some(a) => format!("anchored at seq {}", a.seq),
                     None => "no anchor file".to_owned(),
                 };
-                out(&format!("{}: intact: {} records, last seq {} ({anchor})\n", file.display(), report.records, report.head.seq));
+                out(&format!(
+                    "{}: intact: {} records, last seq {} ({anchor})\n",
+                    file.display(),
+                    report.records,
+                    report.head.seq
+                ));
             } else {
                 let mut text = String::new();
                 for p in &report.problems {
                     text.push_str(&format!("{}: {p}\n", file.display()));
                 }
-                text.push_str(&format!("{}: NOT intact: {} problem(s) in {} records\n", file.display(), report.problems.len(), report.records));
+                text.push_str(&format!(
+                    "{}: NOT intact: {} problem(s) in {} records\n",
+                    file.display(),
+                    report.problems.len(),
+                    report.records
+                ));
                 out(&text);
             }
             if report.is_intact() {

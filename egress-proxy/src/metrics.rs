@@ -91,33 +91,144 @@ impl Metrics {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
         let denied: u64 = self.refused.iter().map(Counter::get).sum();
-        head(&mut o, "egress_proxy_requests_total", "counter", "Requests and tunnels by decision.");
-        let _ = writeln!(o, "egress_proxy_requests_total{{decision=\"allowed\",kind=\"connect\"}} {}", self.allowed_connect.get());
-        let _ = writeln!(o, "egress_proxy_requests_total{{decision=\"allowed\",kind=\"http\"}} {}", self.allowed_http.get());
-        let _ = writeln!(o, "egress_proxy_requests_total{{decision=\"denied\",kind=\"any\"}} {denied}");
-        head(&mut o, "egress_proxy_refusals_total", "counter", "Refusals by reason.");
+        head(
+            &mut o,
+            "egress_proxy_requests_total",
+            "counter",
+            "Requests and tunnels by decision.",
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_requests_total{{decision=\"allowed\",kind=\"connect\"}} {}",
+            self.allowed_connect.get()
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_requests_total{{decision=\"allowed\",kind=\"http\"}} {}",
+            self.allowed_http.get()
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_requests_total{{decision=\"denied\",kind=\"any\"}} {denied}"
+        );
+        head(
+            &mut o,
+            "egress_proxy_refusals_total",
+            "counter",
+            "Refusals by reason.",
+        );
         for (i, r) in Reason::ALL.iter().enumerate() {
-            let _ = writeln!(o, "egress_proxy_refusals_total{{reason=\"{}\"}} {}", r.as_str(), self.refused[i].get());
+            let _ = writeln!(
+                o,
+                "egress_proxy_refusals_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.refused[i].get()
+            );
         }
-        head(&mut o, "egress_proxy_upstream_errors_total", "counter", "Allowed requests whose origin could not be resolved or reached.");
-        let _ = writeln!(o, "egress_proxy_upstream_errors_total {}", self.upstream_errors.get());
-        head(&mut o, "egress_proxy_active_connections", "gauge", "Client connections open.");
-        let _ = writeln!(o, "egress_proxy_active_connections {}", self.active_connections.get());
-        head(&mut o, "egress_proxy_active_tunnels", "gauge", "Tunnels and forwarded requests relaying bytes.");
-        let _ = writeln!(o, "egress_proxy_active_tunnels {}", self.active_tunnels.get());
-        head(&mut o, "egress_proxy_bytes_total", "counter", "Bytes relayed: in = origin to client, out = client to origin.");
-        let _ = writeln!(o, "egress_proxy_bytes_total{{direction=\"in\"}} {}", self.bytes_in.get());
-        let _ = writeln!(o, "egress_proxy_bytes_total{{direction=\"out\"}} {}", self.bytes_out.get());
-        head(&mut o, "egress_proxy_idle_timeouts_total", "counter", "Tunnels closed for idleness.");
-        let _ = writeln!(o, "egress_proxy_idle_timeouts_total {}", self.idle_timeouts.get());
-        head(&mut o, "egress_proxy_reloads_total", "counter", "Policy reloads (SIGHUP) by result.");
-        let _ = writeln!(o, "egress_proxy_reloads_total{{result=\"ok\"}} {}", self.reloads_ok.get());
-        let _ = writeln!(o, "egress_proxy_reloads_total{{result=\"rejected\"}} {}", self.reloads_rejected.get());
-        head(&mut o, "egress_proxy_audit_records_total", "counter", "Audit records appended.");
-        let _ = writeln!(o, "egress_proxy_audit_records_total {}", self.audit_records.get());
-        head(&mut o, "egress_proxy_audit_errors_total", "counter", "Audit append or sync failures.");
-        let _ = writeln!(o, "egress_proxy_audit_errors_total {}", self.audit_errors.get());
-        head(&mut o, "egress_proxy_audit_healthy", "gauge", "1 while the audit log is writable; 0 means new requests are refused.");
+        head(
+            &mut o,
+            "egress_proxy_upstream_errors_total",
+            "counter",
+            "Allowed requests whose origin could not be resolved or reached.",
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_upstream_errors_total {}",
+            self.upstream_errors.get()
+        );
+        head(
+            &mut o,
+            "egress_proxy_active_connections",
+            "gauge",
+            "Client connections open.",
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_active_connections {}",
+            self.active_connections.get()
+        );
+        head(
+            &mut o,
+            "egress_proxy_active_tunnels",
+            "gauge",
+            "Tunnels and forwarded requests relaying bytes.",
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_active_tunnels {}",
+            self.active_tunnels.get()
+        );
+        head(
+            &mut o,
+            "egress_proxy_bytes_total",
+            "counter",
+            "Bytes relayed: in = origin to client, out = client to origin.",
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_bytes_total{{direction=\"in\"}} {}",
+            self.bytes_in.get()
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_bytes_total{{direction=\"out\"}} {}",
+            self.bytes_out.get()
+        );
+        head(
+            &mut o,
+            "egress_proxy_idle_timeouts_total",
+            "counter",
+            "Tunnels closed for idleness.",
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_idle_timeouts_total {}",
+            self.idle_timeouts.get()
+        );
+        head(
+            &mut o,
+            "egress_proxy_reloads_total",
+            "counter",
+            "Policy reloads (SIGHUP) by result.",
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_reloads_total{{result=\"ok\"}} {}",
+            self.reloads_ok.get()
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_reloads_total{{result=\"rejected\"}} {}",
+            self.reloads_rejected.get()
+        );
+        head(
+            &mut o,
+            "egress_proxy_audit_records_total",
+            "counter",
+            "Audit records appended.",
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_audit_records_total {}",
+            self.audit_records.get()
+        );
+        head(
+            &mut o,
+            "egress_proxy_audit_errors_total",
+            "counter",
+            "Audit append or sync failures.",
+        );
+        let _ = writeln!(
+            o,
+            "egress_proxy_audit_errors_total {}",
+            self.audit_errors.get()
+        );
+        head(
+            &mut o,
+            "egress_proxy_audit_healthy",
+            "gauge",
+            "1 while the audit log is writable; 0 means new requests are refused.",
+        );
         let _ = writeln!(o, "egress_proxy_audit_healthy {}", self.audit_healthy.get());
         o
     }
@@ -135,7 +246,9 @@ mod tests {
         m.refused(Reason::DefaultDeny);
         m.bytes_in.add(10);
         let text = m.render();
-        assert!(text.contains("egress_proxy_requests_total{decision=\"allowed\",kind=\"connect\"} 1\n"));
+        assert!(
+            text.contains("egress_proxy_requests_total{decision=\"allowed\",kind=\"connect\"} 1\n")
+        );
         assert!(text.contains("egress_proxy_requests_total{decision=\"denied\",kind=\"any\"} 2\n"));
         assert!(text.contains("egress_proxy_refusals_total{reason=\"default-deny\"} 2\n"));
         assert!(text.contains("egress_proxy_bytes_total{direction=\"in\"} 10\n"));

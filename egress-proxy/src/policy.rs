@@ -122,7 +122,11 @@ pub struct Refusal {
 impl Refusal {
     /// A refusal not decided by a named rule.
     pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
-        Self { reason, rule: None, detail: detail.into() }
+        Self {
+            reason,
+            rule: None,
+            detail: detail.into(),
+        }
     }
 
     /// What refused: the rule's id, or the reason.
@@ -148,7 +152,9 @@ impl Pattern {
         match (self, host) {
             (Pattern::Exact(n), Host::Name(h)) => n == h,
             (Pattern::Subdomains(s), Host::Name(h)) => {
-                h.len() > s.len() + 1 && h.ends_with(s.as_str()) && h.as_bytes()[h.len() - s.len() - 1] == b'.'
+                h.len() > s.len() + 1
+                    && h.ends_with(s.as_str())
+                    && h.as_bytes()[h.len() - s.len() - 1] == b'.'
             }
             (Pattern::Net(net), Host::Ip(ip)) => net.contains(&canonical_ip(*ip)),
             _ => false,
@@ -191,17 +197,24 @@ impl Rule {
         }
     }
     fn method_ok(&self, method: &str) -> bool {
-        self.methods.as_ref().is_none_or(|m| m.iter().any(|x| x == method))
+        self.methods
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|x| x == method))
     }
     fn path_ok(&self, path: Option<&str>) -> bool {
         match (&self.path_prefixes, path) {
             (None, _) => true,
             (Some(_), None) => false,
-            (Some(prefixes), Some(p)) => path_is_plain(p) && prefixes.iter().any(|x| p.starts_with(x.as_str())),
+            (Some(prefixes), Some(p)) => {
+                path_is_plain(p) && prefixes.iter().any(|x| p.starts_with(x.as_str()))
+            }
         }
     }
     fn matches(&self, t: &Target, method: &str, path: Option<&str>) -> bool {
-        self.pattern.matches(&t.host) && self.port_ok(t.port) && self.method_ok(method) && self.path_ok(path)
+        self.pattern.matches(&t.host)
+            && self.port_ok(t.port)
+            && self.method_ok(method)
+            && self.path_ok(path)
     }
 }
 
@@ -218,7 +231,10 @@ pub fn path_is_plain(path: &str) -> bool {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = |b: u8| (b as char).to_digit(16);
-            match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            match (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
                 (Some(h), Some(l)) => {
                     decoded.push((h * 16 + l) as u8);
                     i += 3;
@@ -233,7 +249,9 @@ pub fn path_is_plain(path: &str) -> bool {
     if decoded.contains(&b'\\') || decoded.contains(&0) {
         return false;
     }
-    !decoded.split(|&b| b == b'/').any(|seg| seg == b"." || seg == b"..")
+    !decoded
+        .split(|&b| b == b'/')
+        .any(|seg| seg == b"." || seg == b"..")
 }
 
 /// IPv4-mapped IPv6 addresses count as the IPv4 they carry.
@@ -303,7 +321,12 @@ impl Policy {
 
     /// Decides a request for `target` with `method` (`CONNECT` for tunnels) and, for plain
     /// HTTP, its `path`. Returns the allowing rule.
-    pub fn decide(&self, target: &Target, method: &str, path: Option<&str>) -> Result<&Rule, Refusal> {
+    pub fn decide(
+        &self,
+        target: &Target,
+        method: &str,
+        path: Option<&str>,
+    ) -> Result<&Rule, Refusal> {
         if let Some(rule) = self.denied.iter().find(|r| r.matches(target, method, path)) {
             return Err(Refusal {
                 reason: Reason::DeniedDomain,
@@ -311,7 +334,11 @@ impl Policy {
                 detail: format!("{target} is denied by {}", rule.id),
             });
         }
-        let hosts: Vec<&Rule> = self.allowed.iter().filter(|r| r.pattern.matches(&target.host)).collect();
+        let hosts: Vec<&Rule> = self
+            .allowed
+            .iter()
+            .filter(|r| r.pattern.matches(&target.host))
+            .collect();
         if hosts.is_empty() {
             return Err(match target.host {
                 Host::Ip(_) => Refusal::new(
@@ -324,11 +351,17 @@ impl Policy {
                 ),
             });
         }
-        let ports: Vec<&Rule> = hosts.into_iter().filter(|r| r.port_ok(target.port)).collect();
+        let ports: Vec<&Rule> = hosts
+            .into_iter()
+            .filter(|r| r.port_ok(target.port))
+            .collect();
         if ports.is_empty() {
             return Err(Refusal::new(
                 Reason::PortNotAllowed,
-                format!("port {} of {} is not allowed by any rule", target.port, target.host),
+                format!(
+                    "port {} of {} is not allowed by any rule",
+                    target.port, target.host
+                ),
             ));
         }
         let methods: Vec<&Rule> = ports.into_iter().filter(|r| r.method_ok(method)).collect();
@@ -338,19 +371,29 @@ impl Policy {
                 format!("method {method} to {target} is not allowed by any rule"),
             ));
         }
-        methods.into_iter().find(|r| r.path_ok(path)).ok_or_else(|| {
-            Refusal::new(
-                Reason::PathNotAllowed,
-                match path {
-                    Some(p) => format!("path {p} on {target} is not allowed by any rule"),
-                    None => format!("the rules for {target} allow only plain-HTTP paths, not tunnels"),
-                },
-            )
-        })
+        methods
+            .into_iter()
+            .find(|r| r.path_ok(path))
+            .ok_or_else(|| {
+                Refusal::new(
+                    Reason::PathNotAllowed,
+                    match path {
+                        Some(p) => format!("path {p} on {target} is not allowed by any rule"),
+                        None => format!(
+                            "the rules for {target} allow only plain-HTTP paths, not tunnels"
+                        ),
+                    },
+                )
+            })
     }
 
     /// Keeps the addresses `rule` may connect to. When none is left, the refusal says why.
-    pub fn connectable(&self, rule: &Rule, addrs: &[IpAddr], local: &[IpAddr]) -> Result<Vec<IpAddr>, Refusal> {
+    pub fn connectable(
+        &self,
+        rule: &Rule,
+        addrs: &[IpAddr],
+        local: &[IpAddr],
+    ) -> Result<Vec<IpAddr>, Refusal> {
         let mut ok = Vec::new();
         let mut worst: Option<(Reason, String)> = None;
         for &ip in addrs {
@@ -374,7 +417,11 @@ impl Policy {
         }
         if ok.is_empty() {
             let (reason, what) = worst.unwrap_or((Reason::PrivateAddress, "no address".to_owned()));
-            let hint = if reason == Reason::PrivateAddress { " and the rule lacks allow_private" } else { "" };
+            let hint = if reason == Reason::PrivateAddress {
+                " and the rule lacks allow_private"
+            } else {
+                ""
+            };
             return Err(Refusal::new(reason, format!("{what}{hint}")));
         }
         Ok(ok)
@@ -398,17 +445,37 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        let mut pypi = rule("allowed_domains:pypi", Pattern::Exact("pypi.org".into()), Ports::List(vec![80]));
+        let mut pypi = rule(
+            "allowed_domains:pypi",
+            Pattern::Exact("pypi.org".into()),
+            Ports::List(vec![80]),
+        );
         pypi.methods = Some(vec!["GET".into(), "HEAD".into()]);
         pypi.path_prefixes = Some(vec!["/simple/".into()]);
         Policy {
             allowed: vec![
-                rule("allowed_domains:gh", Pattern::Subdomains("github.com".into()), Ports::List(vec![443])),
-                rule("allowed_domains:gh-apex", Pattern::Exact("github.com".into()), Ports::List(vec![443])),
-                rule("allowed_domains:net", Pattern::Net("192.0.2.0/24".parse().unwrap()), Ports::Any),
+                rule(
+                    "allowed_domains:gh",
+                    Pattern::Subdomains("github.com".into()),
+                    Ports::List(vec![443]),
+                ),
+                rule(
+                    "allowed_domains:gh-apex",
+                    Pattern::Exact("github.com".into()),
+                    Ports::List(vec![443]),
+                ),
+                rule(
+                    "allowed_domains:net",
+                    Pattern::Net("192.0.2.0/24".parse().unwrap()),
+                    Ports::Any,
+                ),
                 pypi,
             ],
-            denied: vec![rule("denied_domains:gist", Pattern::Exact("gist.github.com".into()), Ports::Any)],
+            denied: vec![rule(
+                "denied_domains:gist",
+                Pattern::Exact("gist.github.com".into()),
+                Ports::Any,
+            )],
             client_networks: vec!["10.0.0.0/8".parse().unwrap()],
             hosts: HashMap::new(),
             system_resolver: false,
@@ -418,25 +485,66 @@ mod tests {
 
     fn decide(p: &Policy, auth: &str, method: &str, path: Option<&str>) -> Result<String, Reason> {
         let t = parse_authority(auth, None).unwrap();
-        p.decide(&t, method, path).map(|r| r.id.clone()).map_err(|e| e.reason)
+        p.decide(&t, method, path)
+            .map(|r| r.id.clone())
+            .map_err(|e| e.reason)
     }
 
     #[test]
     fn decisions() {
         let p = policy();
-        assert_eq!(decide(&p, "api.github.com:443", "CONNECT", None).unwrap(), "allowed_domains:gh");
-        assert_eq!(decide(&p, "github.com:443", "CONNECT", None).unwrap(), "allowed_domains:gh-apex");
-        assert_eq!(decide(&p, "gist.github.com:443", "CONNECT", None), Err(Reason::DeniedDomain));
-        assert_eq!(decide(&p, "evilgithub.com:443", "CONNECT", None), Err(Reason::DefaultDeny));
-        assert_eq!(decide(&p, "api.github.com:22", "CONNECT", None), Err(Reason::PortNotAllowed));
-        assert_eq!(decide(&p, "8.8.8.8:443", "CONNECT", None), Err(Reason::IpLiteral));
-        assert_eq!(decide(&p, "192.0.2.7:1234", "CONNECT", None).unwrap(), "allowed_domains:net");
-        assert_eq!(decide(&p, "pypi.org:80", "GET", Some("/simple/x/")).unwrap(), "allowed_domains:pypi");
-        assert_eq!(decide(&p, "pypi.org:80", "POST", Some("/simple/x/")), Err(Reason::MethodNotAllowed));
-        assert_eq!(decide(&p, "pypi.org:80", "GET", Some("/admin")), Err(Reason::PathNotAllowed));
-        assert_eq!(decide(&p, "pypi.org:80", "GET", Some("/simple/../admin")), Err(Reason::PathNotAllowed));
-        assert_eq!(decide(&p, "pypi.org:80", "GET", Some("/simple/%2E%2e/admin")), Err(Reason::PathNotAllowed));
-        assert_eq!(decide(&p, "pypi.org:80", "CONNECT", None), Err(Reason::MethodNotAllowed));
+        assert_eq!(
+            decide(&p, "api.github.com:443", "CONNECT", None).unwrap(),
+            "allowed_domains:gh"
+        );
+        assert_eq!(
+            decide(&p, "github.com:443", "CONNECT", None).unwrap(),
+            "allowed_domains:gh-apex"
+        );
+        assert_eq!(
+            decide(&p, "gist.github.com:443", "CONNECT", None),
+            Err(Reason::DeniedDomain)
+        );
+        assert_eq!(
+            decide(&p, "evilgithub.com:443", "CONNECT", None),
+            Err(Reason::DefaultDeny)
+        );
+        assert_eq!(
+            decide(&p, "api.github.com:22", "CONNECT", None),
+            Err(Reason::PortNotAllowed)
+        );
+        assert_eq!(
+            decide(&p, "8.8.8.8:443", "CONNECT", None),
+            Err(Reason::IpLiteral)
+        );
+        assert_eq!(
+            decide(&p, "192.0.2.7:1234", "CONNECT", None).unwrap(),
+            "allowed_domains:net"
+        );
+        assert_eq!(
+            decide(&p, "pypi.org:80", "GET", Some("/simple/x/")).unwrap(),
+            "allowed_domains:pypi"
+        );
+        assert_eq!(
+            decide(&p, "pypi.org:80", "POST", Some("/simple/x/")),
+            Err(Reason::MethodNotAllowed)
+        );
+        assert_eq!(
+            decide(&p, "pypi.org:80", "GET", Some("/admin")),
+            Err(Reason::PathNotAllowed)
+        );
+        assert_eq!(
+            decide(&p, "pypi.org:80", "GET", Some("/simple/../admin")),
+            Err(Reason::PathNotAllowed)
+        );
+        assert_eq!(
+            decide(&p, "pypi.org:80", "GET", Some("/simple/%2E%2e/admin")),
+            Err(Reason::PathNotAllowed)
+        );
+        assert_eq!(
+            decide(&p, "pypi.org:80", "CONNECT", None),
+            Err(Reason::MethodNotAllowed)
+        );
     }
 
     #[test]
@@ -451,17 +559,37 @@ mod tests {
     fn addresses() {
         let p = policy();
         let mut r = rule("x", Pattern::Exact("a".into()), Ports::Any);
-        let ips = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect::<Vec<IpAddr>>();
-        assert_eq!(p.connectable(&r, &ips(&["127.0.0.1"]), &[]).unwrap_err().reason, Reason::PrivateAddress);
-        assert_eq!(p.connectable(&r, &ips(&["10.0.0.1", "8.8.8.8"]), &[]).unwrap(), ips(&["8.8.8.8"]));
+        let ips = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.parse().unwrap())
+                .collect::<Vec<IpAddr>>()
+        };
         assert_eq!(
-            p.connectable(&r, &ips(&["8.8.8.8"]), &ips(&["8.8.8.8"])).unwrap_err().reason,
+            p.connectable(&r, &ips(&["127.0.0.1"]), &[])
+                .unwrap_err()
+                .reason,
+            Reason::PrivateAddress
+        );
+        assert_eq!(
+            p.connectable(&r, &ips(&["10.0.0.1", "8.8.8.8"]), &[])
+                .unwrap(),
+            ips(&["8.8.8.8"])
+        );
+        assert_eq!(
+            p.connectable(&r, &ips(&["8.8.8.8"]), &ips(&["8.8.8.8"]))
+                .unwrap_err()
+                .reason,
             Reason::PrivateAddress
         );
         r.allow_private = true;
-        assert_eq!(p.connectable(&r, &ips(&["127.0.0.1"]), &[]).unwrap(), ips(&["127.0.0.1"]));
         assert_eq!(
-            p.connectable(&r, &ips(&["169.254.169.254", "0.0.0.0"]), &[]).unwrap_err().reason,
+            p.connectable(&r, &ips(&["127.0.0.1"]), &[]).unwrap(),
+            ips(&["127.0.0.1"])
+        );
+        assert_eq!(
+            p.connectable(&r, &ips(&["169.254.169.254", "0.0.0.0"]), &[])
+                .unwrap_err()
+                .reason,
             Reason::ForbiddenAddress
         );
     }

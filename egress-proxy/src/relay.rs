@@ -130,7 +130,8 @@ struct Activity {
 
 impl Activity {
     fn touch(&self) {
-        self.last.store(self.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.last
+            .store(self.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
     fn last(&self) -> Instant {
         self.base + Duration::from_nanos(self.last.load(Ordering::Relaxed))
@@ -161,7 +162,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, side: Side<'_>) -> io::Result<()
         Some(pipe) => loop {
             let n = loop {
                 from.readable().await?;
-                match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)) {
+                match from.try_io(Interest::READABLE, || {
+                    splice(from.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)
+                }) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
@@ -174,7 +177,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, side: Side<'_>) -> io::Result<()
             let mut left = n;
             while left > 0 {
                 to.writable().await?;
-                match to.try_io(Interest::WRITABLE, || splice(pipe.r.as_raw_fd(), to.as_raw_fd(), left)) {
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(pipe.r.as_raw_fd(), to.as_raw_fd(), left)
+                }) {
                     Ok(m) => {
                         left -= m;
                         side.moved(m);
@@ -225,7 +230,13 @@ pub async fn write_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
 }
 
 /// Forwards exactly one request body (`early` holds bytes already read after the head).
-async fn body(from: &TcpStream, to: &TcpStream, kind: BodyKind, early: &[u8], side: Side<'_>) -> io::Result<()> {
+async fn body(
+    from: &TcpStream,
+    to: &TcpStream,
+    kind: BodyKind,
+    early: &[u8],
+    side: Side<'_>,
+) -> io::Result<()> {
     let malformed = || io::Error::new(io::ErrorKind::InvalidData, "malformed chunked request body");
     let mut buf = vec![0u8; BUF];
     match kind {
@@ -239,7 +250,10 @@ async fn body(from: &TcpStream, to: &TcpStream, kind: BodyKind, early: &[u8], si
                 let want = left.min(BUF as u64) as usize;
                 let n = read(from, &mut buf[..want]).await?;
                 if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed mid-body"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "client closed mid-body",
+                    ));
                 }
                 write_all(to, &buf[..n]).await?;
                 side.moved(n);
@@ -250,16 +264,25 @@ async fn body(from: &TcpStream, to: &TcpStream, kind: BodyKind, early: &[u8], si
         BodyKind::Chunked => {
             let mut scanner = ChunkedScanner::default();
             if !early.is_empty() {
-                let n = scanner.feed(early).map_err(|_| malformed())?.unwrap_or(early.len());
+                let n = scanner
+                    .feed(early)
+                    .map_err(|_| malformed())?
+                    .unwrap_or(early.len());
                 write_all(to, &early[..n]).await?;
                 side.moved(n);
             }
             while !scanner.is_done() {
                 let n = read(from, &mut buf).await?;
                 if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed mid-body"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "client closed mid-body",
+                    ));
                 }
-                let take = scanner.feed(&buf[..n]).map_err(|_| malformed())?.unwrap_or(n);
+                let take = scanner
+                    .feed(&buf[..n])
+                    .map_err(|_| malformed())?
+                    .unwrap_or(n);
                 write_all(to, &buf[..take]).await?;
                 side.moved(take);
             }
@@ -280,9 +303,20 @@ pub async fn relay(
     metrics: &Metrics,
 ) -> Outcome {
     let (bytes_in, bytes_out) = (AtomicU64::new(0), AtomicU64::new(0));
-    let activity = Activity { base: Instant::now(), last: AtomicU64::new(0) };
-    let out_side = || Side { count: &bytes_out, total: &metrics.bytes_out, activity: &activity };
-    let in_side = Side { count: &bytes_in, total: &metrics.bytes_in, activity: &activity };
+    let activity = Activity {
+        base: Instant::now(),
+        last: AtomicU64::new(0),
+    };
+    let out_side = || Side {
+        count: &bytes_out,
+        total: &metrics.bytes_out,
+        activity: &activity,
+    };
+    let in_side = Side {
+        count: &bytes_in,
+        total: &metrics.bytes_in,
+        activity: &activity,
+    };
     let up = async {
         match upstream {
             Upstream::Tunnel => {
@@ -326,7 +360,11 @@ pub async fn relay(
             break End::Closed;
         }
     };
-    Outcome { bytes_in: bytes_in.load(Ordering::Relaxed), bytes_out: bytes_out.load(Ordering::Relaxed), end }
+    Outcome {
+        bytes_in: bytes_in.load(Ordering::Relaxed),
+        bytes_out: bytes_out.load(Ordering::Relaxed),
+        end,
+    }
 }
 
 /// Reads and discards what a refused client still sends, briefly, so that closing the

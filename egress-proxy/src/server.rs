@@ -45,7 +45,10 @@ pub struct Shared {
 
 impl Shared {
     fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -61,7 +64,11 @@ pub struct Bound {
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     if addr.is_ipv6() {
         // `[::]` must not also take IPv4, so `0.0.0.0` and `[::]` can both be listed.
@@ -87,7 +94,10 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Raises the soft open-files limit to the hard limit: every tunnel holds two sockets and
 /// two pipes.
 fn raise_nofile() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -101,7 +111,11 @@ fn raise_nofile() {
 }
 
 /// Runs the proxy until SIGTERM/SIGINT, then drains. `config_path` is re-read on SIGHUP.
-pub async fn run(config_path: PathBuf, config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run(
+    config_path: PathBuf,
+    config: Config,
+    ready_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
     raise_nofile();
     let metrics = Arc::new(Metrics::default());
     metrics.audit_healthy.set(1);
@@ -122,11 +136,17 @@ pub async fn run(config_path: PathBuf, config: Config, ready_file: Option<PathBu
     let (audit, audit_thread) = Audit::open(&config.audit_log, metrics.clone())
         .with_context(|| format!("cannot open the audit log `{}`", config.audit_log.display()))?;
     let bound = Bound {
-        listen: listeners.iter().map(|l| l.local_addr()).collect::<io::Result<_>>()?,
+        listen: listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<io::Result<_>>()?,
         admin: admin.as_ref().map(|l| l.local_addr()).transpose()?,
         pid: std::process::id(),
     };
-    let hostname = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
     let shared = Arc::new(Shared {
         policy: RwLock::new(Arc::new(config.policy.clone())),
         local_addrs: RwLock::new(Arc::new(crate::addr::local_addresses())),
@@ -142,7 +162,12 @@ pub async fn run(config_path: PathBuf, config: Config, ready_file: Option<PathBu
     let tracker = TaskTracker::new();
     let mut loops = Vec::new();
     for l in listeners {
-        loops.push(tokio::spawn(accept_loop(l, shared.clone(), tracker.clone(), stop.clone())));
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            shared.clone(),
+            tracker.clone(),
+            stop.clone(),
+        )));
     }
     if let Some(l) = admin {
         loops.push(tokio::spawn(admin_loop(l, shared.clone(), stop.clone())));
@@ -192,7 +217,10 @@ pub async fn run(config_path: PathBuf, config: Config, ready_file: Option<PathBu
         _ = int.recv() => warn!("second SIGINT; cutting the remaining tunnels"),
     }
     shared.cut.cancel();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
         error!("connections still open 10 s after being cut; exiting without their audit records");
     }
     drop(shared);
@@ -204,8 +232,13 @@ pub async fn run(config_path: PathBuf, config: Config, ready_file: Option<PathBu
 fn reload(path: &Path, running: &Config, shared: &Shared) {
     match config::load(path) {
         Ok(new) => {
-            if new.listen != running.listen || new.admin_listen != running.admin_listen || new.audit_log != running.audit_log {
-                warn!("`listen`, `admin_listen` and `audit_log` changes take effect only on restart");
+            if new.listen != running.listen
+                || new.admin_listen != running.admin_listen
+                || new.audit_log != running.audit_log
+            {
+                warn!(
+                    "`listen`, `admin_listen` and `audit_log` changes take effect only on restart"
+                );
             }
             info!(
                 allowed = new.policy.allowed.len(),
@@ -214,17 +247,28 @@ fn reload(path: &Path, running: &Config, shared: &Shared) {
                 path.display()
             );
             *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.policy);
-            *shared.local_addrs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(crate::addr::local_addresses());
+            *shared
+                .local_addrs
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Arc::new(crate::addr::local_addresses());
             shared.metrics.reloads_ok.inc();
         }
         Err(e) => {
             shared.metrics.reloads_rejected.inc();
-            error!("reload rejected, keeping the previous policy: {:#}", anyhow::Error::from(e));
+            error!(
+                "reload rejected, keeping the previous policy: {:#}",
+                anyhow::Error::from(e)
+            );
         }
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker, stop: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -260,7 +304,11 @@ impl Drop for Admission {
     fn drop(&mut self) {
         self.shared.total.fetch_sub(1, Ordering::Relaxed);
         self.shared.metrics.active_connections.add(-1);
-        let mut map = self.shared.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .shared
+            .per_client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.client) {
             *n -= 1;
             if *n == 0 {
@@ -277,18 +325,33 @@ fn admit(shared: &Arc<Shared>, client: IpAddr, limits: &Limits) -> Result<Admiss
         let mut map = shared.per_client.lock().unwrap_or_else(|e| e.into_inner());
         *map.entry(client).or_insert(0) += 1;
     }
-    let admission = Admission { shared: shared.clone(), client };
+    let admission = Admission {
+        shared: shared.clone(),
+        client,
+    };
     if total > limits.max_connections {
         return Err(Refusal::new(
             Reason::ConnectionLimit,
-            format!("the proxy has {} connections open (max_connections)", limits.max_connections),
+            format!(
+                "the proxy has {} connections open (max_connections)",
+                limits.max_connections
+            ),
         ));
     }
-    let mine = shared.per_client.lock().unwrap_or_else(|e| e.into_inner()).get(&client).copied().unwrap_or(0);
+    let mine = shared
+        .per_client
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&client)
+        .copied()
+        .unwrap_or(0);
     if mine > limits.max_connections_per_client {
         return Err(Refusal::new(
             Reason::ClientConnectionLimit,
-            format!("{client} has {} connections open (max_connections_per_client)", limits.max_connections_per_client),
+            format!(
+                "{client} has {} connections open (max_connections_per_client)",
+                limits.max_connections_per_client
+            ),
         ));
     }
     Ok(admission)
@@ -322,7 +385,13 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, lo
 }
 
 /// Answers a refusal, records it in the draft and the metrics.
-async fn refuse(shared: &Shared, stream: &mut TcpStream, draft: &mut Draft, refusal: Refusal, what: &str) {
+async fn refuse(
+    shared: &Shared,
+    stream: &mut TcpStream,
+    draft: &mut Draft,
+    refusal: Refusal,
+    what: &str,
+) {
     let (status, text) = refusal.reason.status();
     let by = refusal.by().to_owned();
     let body = if what.is_empty() {
@@ -331,7 +400,10 @@ async fn refuse(shared: &Shared, stream: &mut TcpStream, draft: &mut Draft, refu
         format!("egress-proxy: refused {what}: {}\n", refusal.detail)
     };
     shared.metrics.refused(refusal.reason);
-    if !matches!(refusal.reason, Reason::ConnectionLimit | Reason::ClientConnectionLimit) {
+    if !matches!(
+        refusal.reason,
+        Reason::ConnectionLimit | Reason::ClientConnectionLimit
+    ) {
         info!(client = %draft.client, request = what, by = %by, "refused: {}", refusal.detail);
     }
     let bytes = response(status, text, &[("X-Tank-Refused-By", &by)], &body);
@@ -342,7 +414,14 @@ async fn refuse(shared: &Shared, stream: &mut TcpStream, draft: &mut Draft, refu
     draft.error = Some(refusal.detail);
 }
 
-async fn upstream_error(shared: &Shared, stream: &mut TcpStream, draft: &mut Draft, stage: &str, detail: String, what: &str) {
+async fn upstream_error(
+    shared: &Shared,
+    stream: &mut TcpStream,
+    draft: &mut Draft,
+    stage: &str,
+    detail: String,
+    what: &str,
+) {
     shared.metrics.upstream_errors.inc();
     warn!(client = %draft.client, request = what, stage, "{detail}");
     let body = format!("egress-proxy: {what}: {detail}\n");
@@ -362,7 +441,11 @@ enum HeadFail {
 }
 
 /// Reads until a whole request head is parsed. Returns it with the bytes read past it.
-async fn read_head(stream: &mut TcpStream, limits: &Limits, cut: &CancellationToken) -> Result<(Request, Vec<u8>), HeadFail> {
+async fn read_head(
+    stream: &mut TcpStream,
+    limits: &Limits,
+    cut: &CancellationToken,
+) -> Result<(Request, Vec<u8>), HeadFail> {
     let deadline = Instant::now() + limits.header_read_timeout;
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
@@ -381,7 +464,11 @@ async fn read_head(stream: &mut TcpStream, limits: &Limits, cut: &CancellationTo
             () = cut.cancelled() => return Err(HeadFail::Cut),
         };
         if n == 0 {
-            return Err(if buf.is_empty() { HeadFail::Closed } else { HeadFail::Bad("client closed mid-head".into()) });
+            return Err(if buf.is_empty() {
+                HeadFail::Closed
+            } else {
+                HeadFail::Bad("client closed mid-head".into())
+            });
         }
         buf.extend_from_slice(&chunk[..n]);
         match parse_request(&buf) {
@@ -401,7 +488,9 @@ async fn resolve(policy: &Policy, target: &Target) -> Result<Vec<IpAddr>, String
                 return Ok(addrs.clone());
             }
             if !policy.system_resolver {
-                return Err(format!("{name} is not in [hosts] and system_resolver = false"));
+                return Err(format!(
+                    "{name} is not in [hosts] and system_resolver = false"
+                ));
             }
             let addrs: Vec<IpAddr> = tokio::net::lookup_host((name.as_str(), target.port))
                 .await
@@ -441,7 +530,10 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
                     warn!(client = %draft.client, max_header_bytes = limits.max_header_bytes, "request head too large");
                     Refusal::new(
                         Reason::HeaderTooLarge,
-                        format!("request head exceeds {} bytes (max_header_bytes)", limits.max_header_bytes),
+                        format!(
+                            "request head exceeds {} bytes (max_header_bytes)",
+                            limits.max_header_bytes
+                        ),
                     )
                 }
                 HeadFail::Timeout => {
@@ -470,16 +562,27 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
         }
         Request::Http { method, url, .. } => {
             draft.kind = "http";
-            draft.http = Some(HttpRequest { http_method: method.clone(), url: Url { url_string: url.clone() } });
+            draft.http = Some(HttpRequest {
+                http_method: method.clone(),
+                url: Url {
+                    url_string: url.clone(),
+                },
+            });
             format!("{method} {url}")
         }
     };
     if !policy.client_allowed(draft.client.ip()) {
-        let r = Refusal::new(Reason::ClientNetwork, format!("{} is not in client_networks", draft.client.ip()));
+        let r = Refusal::new(
+            Reason::ClientNetwork,
+            format!("{} is not in client_networks", draft.client.ip()),
+        );
         return refuse(shared, stream, draft, r, &what).await;
     }
     if !shared.audit.is_healthy() {
-        let r = Refusal::new(Reason::AuditUnavailable, "the audit log cannot be written; nothing passes unrecorded");
+        let r = Refusal::new(
+            Reason::AuditUnavailable,
+            "the audit log cannot be written; nothing passes unrecorded",
+        );
         return refuse(shared, stream, draft, r, &what).await;
     }
     let path = match &req {
@@ -506,11 +609,18 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
             return upstream_error(shared, stream, draft, "resolve", e, &what).await;
         }
     };
-    let local = shared.local_addrs.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let local = shared
+        .local_addrs
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let addrs = match policy.connectable(rule, &addrs, &local) {
         Ok(a) => a,
         Err(mut r) => {
-            r.detail = format!("{} resolves only to refused addresses: {} (rule {})", target.host, r.detail, rule.id);
+            r.detail = format!(
+                "{} resolves only to refused addresses: {} (rule {})",
+                target.host, r.detail, rule.id
+            );
             return refuse(shared, stream, draft, r, &what).await;
         }
     };
@@ -544,7 +654,9 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
 
     let upstream = match &req {
         Request::Connect { .. } => {
-            if let Err(e) = relay::write_all(stream, b"HTTP/1.1 200 Connection established\r\n\r\n").await {
+            if let Err(e) =
+                relay::write_all(stream, b"HTTP/1.1 200 Connection established\r\n\r\n").await
+            {
                 draft.error = Some(format!("writing the CONNECT answer: {e}"));
                 return;
             }
@@ -552,7 +664,15 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
         }
         Request::Http { head, body, .. } => {
             if let Err(e) = relay::write_all(&origin, head).await {
-                return upstream_error(shared, stream, draft, "connect", format!("sending the request: {e}"), &what).await;
+                return upstream_error(
+                    shared,
+                    stream,
+                    draft,
+                    "connect",
+                    format!("sending the request: {e}"),
+                    &what,
+                )
+                .await;
             }
             draft.traffic.bytes_out = head.len() as u64;
             shared.metrics.bytes_out.add(head.len() as u64);
@@ -560,7 +680,16 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
         }
     };
     shared.metrics.active_tunnels.add(1);
-    let outcome = relay::relay(stream, &origin, upstream, &early, limits.idle_timeout, &shared.cut, &shared.metrics).await;
+    let outcome = relay::relay(
+        stream,
+        &origin,
+        upstream,
+        &early,
+        limits.idle_timeout,
+        &shared.cut,
+        &shared.metrics,
+    )
+    .await;
     shared.metrics.active_tunnels.add(-1);
     if matches!(outcome.end, relay::End::Idle) {
         shared.metrics.idle_timeouts.inc();
@@ -600,7 +729,10 @@ async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cancellati
             }
             let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
             let mut parts = line.split(|&b| b == b' ');
-            let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+            let (method, path) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
             let path = path.split(|&b| b == b'?').next().unwrap_or_default();
             let reply = match (method, path) {
                 (b"GET", b"/metrics") => {
@@ -611,8 +743,12 @@ async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cancellati
                     )
                     .into_bytes()
                 }
-                (b"GET", b"/healthz") if shared.audit.is_healthy() => response(200, "OK", &[], "ok\n"),
-                (b"GET", b"/healthz") => response(503, "Service Unavailable", &[], "audit log not writable\n"),
+                (b"GET", b"/healthz") if shared.audit.is_healthy() => {
+                    response(200, "OK", &[], "ok\n")
+                }
+                (b"GET", b"/healthz") => {
+                    response(503, "Service Unavailable", &[], "audit log not writable\n")
+                }
                 _ => response(404, "Not Found", &[], "try /metrics or /healthz\n"),
             };
             let _ = relay::write_all(&stream, &reply).await;

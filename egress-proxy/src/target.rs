@@ -95,14 +95,21 @@ pub fn canonical_host(raw: &str) -> Result<Host, TargetError> {
         return Err(TargetError::BadName(raw.to_owned()));
     }
     let ascii = Uts46::new()
-        .to_ascii(trimmed.as_bytes(), AsciiDenyList::STD3, Hyphens::CheckFirstLast, DnsLength::Verify)
+        .to_ascii(
+            trimmed.as_bytes(),
+            AsciiDenyList::STD3,
+            Hyphens::CheckFirstLast,
+            DnsLength::Verify,
+        )
         .map_err(|_| TargetError::BadName(raw.to_owned()))?
         .into_owned();
     // Belt and braces after IDNA: only LDH labels of 1..=63 bytes reach the rules.
     for label in ascii.split('.') {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
@@ -113,7 +120,9 @@ pub fn canonical_host(raw: &str) -> Result<Host, TargetError> {
     // resolver may read it as one. Accept only the one unambiguous spelling.
     let last = ascii.rsplit('.').next().unwrap_or("");
     let numeric = last.bytes().all(|b| b.is_ascii_digit())
-        || (last.len() > 2 && last.starts_with("0x") && last[2..].bytes().all(|b| b.is_ascii_hexdigit()));
+        || (last.len() > 2
+            && last.starts_with("0x")
+            && last[2..].bytes().all(|b| b.is_ascii_hexdigit()));
     if numeric {
         return match ascii.parse::<Ipv4Addr>() {
             Ok(ip) if ip.to_string() == ascii => Ok(Host::Ip(IpAddr::V4(ip))),
@@ -140,17 +149,24 @@ pub fn parse_authority(raw: &str, default_port: Option<u16>) -> Result<Target, T
         return Err(TargetError::UserInfo);
     }
     if let Some(rest) = raw.strip_prefix('[') {
-        let (inner, after) = rest.split_once(']').ok_or_else(|| TargetError::BadIpv6(raw.to_owned()))?;
+        let (inner, after) = rest
+            .split_once(']')
+            .ok_or_else(|| TargetError::BadIpv6(raw.to_owned()))?;
         if inner.contains('%') {
             return Err(TargetError::BadIpv6(raw.to_owned()));
         }
-        let ip: Ipv6Addr = inner.parse().map_err(|_| TargetError::BadIpv6(raw.to_owned()))?;
+        let ip: Ipv6Addr = inner
+            .parse()
+            .map_err(|_| TargetError::BadIpv6(raw.to_owned()))?;
         let port = match after.strip_prefix(':') {
             Some(p) => parse_port(p)?,
             None if after.is_empty() => default_port.ok_or(TargetError::MissingPort)?,
             None => return Err(TargetError::BadIpv6(raw.to_owned())),
         };
-        return Ok(Target { host: Host::Ip(IpAddr::V6(ip)), port });
+        return Ok(Target {
+            host: Host::Ip(IpAddr::V6(ip)),
+            port,
+        });
     }
     let (host, port) = match raw.rsplit_once(':') {
         Some((h, p)) => (h, parse_port(p)?),
@@ -160,7 +176,10 @@ pub fn parse_authority(raw: &str, default_port: Option<u16>) -> Result<Target, T
         // An unbracketed IPv6 address, or garbage.
         return Err(TargetError::BadName(host.to_owned()));
     }
-    Ok(Target { host: canonical_host(host)?, port })
+    Ok(Target {
+        host: canonical_host(host)?,
+        port,
+    })
 }
 
 #[cfg(test)]
@@ -175,18 +194,41 @@ mod tests {
     fn names_are_canonicalised() {
         assert_eq!(canonical_host("Example.COM").unwrap(), name("example.com"));
         assert_eq!(canonical_host("example.com.").unwrap(), name("example.com"));
-        assert_eq!(canonical_host("bücher.example").unwrap(), name("xn--bcher-kva.example"));
-        assert_eq!(canonical_host("xn--bcher-kva.example").unwrap(), name("xn--bcher-kva.example"));
+        assert_eq!(
+            canonical_host("bücher.example").unwrap(),
+            name("xn--bcher-kva.example")
+        );
+        assert_eq!(
+            canonical_host("xn--bcher-kva.example").unwrap(),
+            name("xn--bcher-kva.example")
+        );
         // Full-width dots and letters map to their ASCII forms.
-        assert_eq!(canonical_host("ＥＸＡＭＰＬＥ。com").unwrap(), name("example.com"));
-        assert_eq!(canonical_host("r1---sn-abc.googlevideo.com").unwrap(), name("r1---sn-abc.googlevideo.com"));
+        assert_eq!(
+            canonical_host("ＥＸＡＭＰＬＥ。com").unwrap(),
+            name("example.com")
+        );
+        assert_eq!(
+            canonical_host("r1---sn-abc.googlevideo.com").unwrap(),
+            name("r1---sn-abc.googlevideo.com")
+        );
     }
 
     #[test]
     fn malformed_names_are_refused() {
         for bad in [
-            "", ".", "a..b", "example.com..", "-a.com", "a-.com", "exa mple.com", "a_b.com", "a/b", "a\\b",
-            "a%2eb", "\u{0}x.com", "ex\u{200b}ample..com",
+            "",
+            ".",
+            "a..b",
+            "example.com..",
+            "-a.com",
+            "a-.com",
+            "exa mple.com",
+            "a_b.com",
+            "a/b",
+            "a\\b",
+            "a%2eb",
+            "\u{0}x.com",
+            "ex\u{200b}ample..com",
         ] {
             assert!(canonical_host(bad).is_err(), "{bad:?} accepted");
         }
@@ -198,8 +240,20 @@ mod tests {
 
     #[test]
     fn numbers_in_disguise_are_refused() {
-        assert_eq!(canonical_host("127.0.0.1").unwrap(), Host::Ip("127.0.0.1".parse().unwrap()));
-        for bad in ["127.1", "2130706433", "0x7f.0.0.1", "0177.0.0.1", "127.0.0.01", "1.2.3.4.5", "example.123", "a.0x10"] {
+        assert_eq!(
+            canonical_host("127.0.0.1").unwrap(),
+            Host::Ip("127.0.0.1".parse().unwrap())
+        );
+        for bad in [
+            "127.1",
+            "2130706433",
+            "0x7f.0.0.1",
+            "0177.0.0.1",
+            "127.0.0.01",
+            "1.2.3.4.5",
+            "example.123",
+            "a.0x10",
+        ] {
             assert!(
                 matches!(canonical_host(bad), Err(TargetError::AmbiguousNumeric(_))),
                 "{bad:?}: {:?}",
@@ -213,7 +267,13 @@ mod tests {
     #[test]
     fn authorities_parse() {
         let t = parse_authority("Origin.Test:8443", None).unwrap();
-        assert_eq!(t, Target { host: name("origin.test"), port: 8443 });
+        assert_eq!(
+            t,
+            Target {
+                host: name("origin.test"),
+                port: 8443
+            }
+        );
         assert_eq!(t.to_string(), "origin.test:8443");
         let t = parse_authority("[::1]:443", None).unwrap();
         assert_eq!(t.host, Host::Ip("::1".parse().unwrap()));
@@ -221,8 +281,18 @@ mod tests {
         assert_eq!(parse_authority("example.com", Some(80)).unwrap().port, 80);
         assert_eq!(parse_authority("[2001:db8::1]", Some(80)).unwrap().port, 80);
         for bad in [
-            "example.com", "example.com:", "example.com:0", "example.com:65536", "example.com:+80", "example.com:8o",
-            "::1:443", "[::1]443", "[fe80::1%eth0]:443", "[::1:443", "user@example.com:443", "[1.2.3.4]:443",
+            "example.com",
+            "example.com:",
+            "example.com:0",
+            "example.com:65536",
+            "example.com:+80",
+            "example.com:8o",
+            "::1:443",
+            "[::1]443",
+            "[fe80::1%eth0]:443",
+            "[::1:443",
+            "user@example.com:443",
+            "[1.2.3.4]:443",
         ] {
             assert!(parse_authority(bad, None).is_err(), "{bad:?} accepted");
         }

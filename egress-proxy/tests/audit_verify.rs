@@ -23,11 +23,24 @@ fn verify(path: &Path, json: bool) -> (i32, String, String) {
 }
 
 /// A copy of the log (and its anchor) with its lines changed by `f`.
-fn tampered(src: &Path, dir: &Path, name: &str, f: impl FnOnce(&mut Vec<String>)) -> std::path::PathBuf {
-    let mut lines: Vec<String> = std::fs::read_to_string(src).unwrap().lines().map(str::to_owned).collect();
+fn tampered(
+    src: &Path,
+    dir: &Path,
+    name: &str,
+    f: impl FnOnce(&mut Vec<String>),
+) -> std::path::PathBuf {
+    let mut lines: Vec<String> = std::fs::read_to_string(src)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
     f(&mut lines);
     let dst = dir.join(name);
-    std::fs::write(&dst, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    std::fs::write(
+        &dst,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
     let mut head = dst.as_os_str().to_owned();
     head.push(".head");
     let mut src_head = src.as_os_str().to_owned();
@@ -56,7 +69,10 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
 
     let (code, out, err) = verify(&log, false);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("intact: 6 records, last seq 6 (anchored at seq 6)"), "{out}");
+    assert!(
+        out.contains("intact: 6 records, last seq 6 (anchored at seq 6)"),
+        "{out}"
+    );
     let (code, out, _) = verify(&log, true);
     assert_eq!(code, 0);
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -65,17 +81,42 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
 
     type Tamper = Box<dyn FnOnce(&mut Vec<String>)>;
     let cases: Vec<(&str, Tamper, &str)> = vec![
-        ("edit", Box::new(|l| l[2] = l[2].replace("\"Allowed\"", "\"Denied\"")), "line 4: prev does not match"),
-        ("edit-last", Box::new(|l| l[5] = l[5].replace("\"Denied\"", "\"Allowed\"")), "differs from its anchored hash"),
-        ("delete", Box::new(|l| { l.remove(3); }), "line 4: seq 5 where 4 was due"),
-        ("reorder", Box::new(|l| l.swap(1, 2)), "line 2: seq 3 where 2 was due"),
-        ("truncate", Box::new(|l| l.truncate(4)), "log ends at seq 4 but its anchor names seq 6"),
+        (
+            "edit",
+            Box::new(|l| l[2] = l[2].replace("\"Allowed\"", "\"Denied\"")),
+            "line 4: prev does not match",
+        ),
+        (
+            "edit-last",
+            Box::new(|l| l[5] = l[5].replace("\"Denied\"", "\"Allowed\"")),
+            "differs from its anchored hash",
+        ),
+        (
+            "delete",
+            Box::new(|l| {
+                l.remove(3);
+            }),
+            "line 4: seq 5 where 4 was due",
+        ),
+        (
+            "reorder",
+            Box::new(|l| l.swap(1, 2)),
+            "line 2: seq 3 where 2 was due",
+        ),
+        (
+            "truncate",
+            Box::new(|l| l.truncate(4)),
+            "log ends at seq 4 but its anchor names seq 6",
+        ),
     ];
     for (name, f, expect) in cases {
         let path = tampered(&log, dir.path(), name, f);
         let (code, out, err) = verify(&path, false);
         assert_eq!(code, 1, "{name} not caught: {out}{err}");
-        assert!(out.contains(expect), "{name}: expected `{expect}` in:\n{out}");
+        assert!(
+            out.contains(expect),
+            "{name}: expected `{expect}` in:\n{out}"
+        );
         assert!(out.contains("NOT intact"), "{out}");
         let (code, out, _) = verify(&path, true);
         assert_eq!(code, 1);
@@ -95,14 +136,22 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
     // The proxy continues a log after such a crash; the fragment stays reported.
     let mut proxy = Proxy::start_raw(
         dir.path(),
-        &std::fs::read_to_string(&proxy.config).unwrap().replace(log.to_str().unwrap(), partial.to_str().unwrap()),
+        &std::fs::read_to_string(&proxy.config)
+            .unwrap()
+            .replace(log.to_str().unwrap(), partial.to_str().unwrap()),
     );
-    assert!(proxy.log_text().contains("partial record"), "{}", proxy.log_text());
+    assert!(
+        proxy.log_text().contains("partial record"),
+        "{}",
+        proxy.log_text()
+    );
     let (s, _) = connect_tunnel(proxy.addr, &format!("a.test:{p}"));
     drop(s);
-    wait_for(std::time::Duration::from_secs(10), "the record after recovery", || {
-        (read_records(&partial).len() == 7).then_some(())
-    });
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "the record after recovery",
+        || (read_records(&partial).len() == 7).then_some(()),
+    );
     assert!(proxy.stop().success());
     let (code, out, _) = verify(&partial, false);
     assert_eq!(code, 1, "{out}");
@@ -112,6 +161,9 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
     // Unreadable: exit 2 with a one-line error.
     let (code, _, err) = verify(&dir.path().join("missing.jsonl"), false);
     assert_eq!(code, 2);
-    assert!(err.starts_with("egress-proxy: cannot read audit log"), "{err}");
+    assert!(
+        err.starts_with("egress-proxy: cannot read audit log"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
 }

@@ -40,30 +40,56 @@ fn check_accepts_a_valid_file_and_reports_every_problem_by_line_and_column() {
     let b = bad.display();
     assert_eq!(lines.len(), 3, "{err}");
     assert!(lines[0].starts_with(&format!("{b}:2:20: ")), "{err}");
-    assert!(lines[1].starts_with(&format!("{b}:6:3: allowed_domains: `bad domain.test`")), "{err}");
+    assert!(
+        lines[1].starts_with(&format!("{b}:6:3: allowed_domains: `bad domain.test`")),
+        "{err}"
+    );
     assert!(lines[2].starts_with(&format!("{b}:7:32: port 0")), "{err}");
 
     // A syntax error and an unknown key (camelCase from another tool) are line-precise too.
-    std::fs::write(&bad, "listen = [\"127.0.0.1:3128\"]\nallowedDomains = [\"x\"]\n").unwrap();
+    std::fs::write(
+        &bad,
+        "listen = [\"127.0.0.1:3128\"]\nallowedDomains = [\"x\"]\n",
+    )
+    .unwrap();
     let (code, _, err) = run(&["check", bad.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.starts_with(&format!("{b}:2:1: unknown field `allowedDomains`")), "{err}");
+    assert!(
+        err.starts_with(&format!("{b}:2:1: unknown field `allowedDomains`")),
+        "{err}"
+    );
 
     let (code, _, err) = run(&["check", dir.path().join("nope.toml").to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(err.starts_with("egress-proxy: cannot read config"), "{err}");
-    assert!(err.contains("No such file"), "the cause chain is missing: {err}");
+    assert!(
+        err.contains("No such file"),
+        "the cause chain is missing: {err}"
+    );
 }
 
 #[test]
 fn run_refuses_a_bad_config_with_one_line_and_exit_2() {
     let dir = tempdir();
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "listen = []\nclient_networks = [\"127.0.0.1\"]\naudit_log = \"a.jsonl\"\n").unwrap();
+    std::fs::write(
+        &bad,
+        "listen = []\nclient_networks = [\"127.0.0.1\"]\naudit_log = \"a.jsonl\"\n",
+    )
+    .unwrap();
     let (code, _, err) = run(&["run", "--config", bad.to_str().unwrap()]);
     assert_eq!(code, 2);
-    assert!(err.contains(&format!("egress-proxy: {}:1:10: `listen` needs at least one address", bad.display())), "{err}");
-    assert!(!dir.path().join("a.jsonl").exists(), "no audit log before the config is valid");
+    assert!(
+        err.contains(&format!(
+            "egress-proxy: {}:1:10: `listen` needs at least one address",
+            bad.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("a.jsonl").exists(),
+        "no audit log before the config is valid"
+    );
 
     // A listener that cannot bind: exit 2, cause chain included.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -76,8 +102,14 @@ fn run_refuses_a_bad_config_with_one_line_and_exit_2() {
     let (code, _, err) = run(&["run", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     let last = err.lines().last().unwrap();
-    assert!(!dir.path().join("a.jsonl").exists(), "the audit log was touched by a proxy that could not start");
-    assert!(last.starts_with("egress-proxy: cannot listen on 127.0.0.1:"), "{err}");
+    assert!(
+        !dir.path().join("a.jsonl").exists(),
+        "the audit log was touched by a proxy that could not start"
+    );
+    assert!(
+        last.starts_with("egress-proxy: cannot listen on 127.0.0.1:"),
+        "{err}"
+    );
     assert!(last.contains("in use"), "{err}");
 }
 

@@ -32,18 +32,25 @@ fn curl_reaches_an_allowed_tls_origin_through_a_tunnel() {
     let proxy = Proxy::start(dir.path(), &policy(origin.port));
     let ca = origin.ca_pem.clone().unwrap();
 
-    let (code, body, err) = curl_via(&proxy.url(), &ca, &format!("https://origin.test:{}/hello", origin.port));
+    let (code, body, err) = curl_via(
+        &proxy.url(),
+        &ca,
+        &format!("https://origin.test:{}/hello", origin.port),
+    );
     assert_eq!(code, 0, "curl failed: {err}");
     assert_eq!(body, "hello from the origin: /hello body=0\n");
     // A subdomain through the wildcard rule, via the IPv6 listener.
-    let (code, body, err) =
-        curl_via(&format!("http://{}", proxy.addr6), &ca, &format!("https://API.Origin.Test.:{}/v6", origin.port));
+    let (code, body, err) = curl_via(
+        &format!("http://{}", proxy.addr6),
+        &ca,
+        &format!("https://API.Origin.Test.:{}/v6", origin.port),
+    );
     assert_eq!(code, 0, "curl over the IPv6 listener failed: {err}");
     assert_eq!(body, "hello from the origin: /v6 body=0\n");
     assert_eq!(origin.served(), 2);
 
     let records = proxy.wait_records(2);
-    let r = &records[0];
+    let r = &record_where(&records, &[("/dst_endpoint/hostname", "origin.test")]);
     assert_eq!(r["class_uid"], 4001);
     assert_eq!(r["category_uid"], 4);
     assert_eq!(r["activity_id"], 1);
@@ -71,18 +78,31 @@ fn curl_reaches_an_allowed_tls_origin_through_a_tunnel() {
     assert!(r["traffic"]["bytes_in"].as_u64().unwrap() > 500, "{r}");
     assert!(r["traffic"]["bytes_out"].as_u64().unwrap() > 200, "{r}");
     assert_eq!(r["unmapped"]["kind"], "connect");
-    assert_eq!(r["unmapped"]["rule"], format!("allowed_domains:origin.test:{}", origin.port));
+    assert_eq!(
+        r["unmapped"]["rule"],
+        format!("allowed_domains:origin.test:{}", origin.port)
+    );
     assert!(r["unmapped"]["error"].is_null(), "{r}");
-    let (start, end, time) = (r["start_time"].as_u64().unwrap(), r["end_time"].as_u64().unwrap(), r["time"].as_u64().unwrap());
+    let (start, end, time) = (
+        r["start_time"].as_u64().unwrap(),
+        r["end_time"].as_u64().unwrap(),
+        r["time"].as_u64().unwrap(),
+    );
     assert!(start <= end && time == end && r["duration"].as_u64().unwrap() == end - start);
     assert!(r.get("http_request").is_none());
     // The IPv6 one: the client and proxy ends are IPv6, the canonical host is recorded.
-    assert_eq!(records[1]["src_endpoint"]["ip"], "::1");
-    assert_eq!(records[1]["proxy_endpoint"]["port"], proxy.addr6.port());
-    assert_eq!(records[1]["dst_endpoint"]["hostname"], "api.origin.test");
-    assert_eq!(records[1]["unmapped"]["rule"], format!("allowed_domains:*.origin.test:{}", origin.port));
+    let v6 = record_where(&records, &[("/dst_endpoint/hostname", "api.origin.test")]);
+    assert_eq!(v6["src_endpoint"]["ip"], "::1");
+    assert_eq!(v6["proxy_endpoint"]["port"], proxy.addr6.port());
+    assert_eq!(
+        v6["unmapped"]["rule"],
+        format!("allowed_domains:*.origin.test:{}", origin.port)
+    );
 
-    assert_eq!(proxy.metric("egress_proxy_requests_total{decision=\"allowed\",kind=\"connect\"}"), 2.0);
+    assert_eq!(
+        proxy.metric("egress_proxy_requests_total{decision=\"allowed\",kind=\"connect\"}"),
+        2.0
+    );
     assert_eq!(proxy.metric("egress_proxy_active_tunnels"), 0.0);
     assert!(proxy.metric("egress_proxy_bytes_total{direction=\"in\"}") > 1000.0);
 }
@@ -90,28 +110,55 @@ fn curl_reaches_an_allowed_tls_origin_through_a_tunnel() {
 #[test]
 fn curl_is_refused_by_domain_and_port_with_a_header_naming_the_rule() {
     let dir = tempdir();
-    let origin = Origin::tls(dir.path(), &["origin.test", "blocked.origin.test", "other.test"]);
+    let origin = Origin::tls(
+        dir.path(),
+        &["origin.test", "blocked.origin.test", "other.test"],
+    );
     let proxy = Proxy::start(dir.path(), &policy(origin.port));
     let ca = origin.ca_pem.clone().unwrap();
 
     // denied_domains wins over the allowing wildcard.
-    let (code, _, err) = curl_via(&proxy.url(), &ca, &format!("https://blocked.origin.test:{}/", origin.port));
+    let (code, _, err) = curl_via(
+        &proxy.url(),
+        &ca,
+        &format!("https://blocked.origin.test:{}/", origin.port),
+    );
     assert_ne!(code, 0);
     assert!(err.contains("< HTTP/1.1 403"), "{err}");
-    assert!(err.contains("< X-Tank-Refused-By: denied_domains:blocked.origin.test"), "{err}");
+    assert!(
+        err.contains("< X-Tank-Refused-By: denied_domains:blocked.origin.test"),
+        "{err}"
+    );
     // A domain no rule names.
-    let (code, _, err) = curl_via(&proxy.url(), &ca, &format!("https://other.test:{}/", origin.port));
+    let (code, _, err) = curl_via(
+        &proxy.url(),
+        &ca,
+        &format!("https://other.test:{}/", origin.port),
+    );
     assert_ne!(code, 0);
     assert!(err.contains("< X-Tank-Refused-By: default-deny"), "{err}");
     // An allowed domain on a port no rule allows (443 is only the default of other rules).
     let (code, _, err) = curl_via(&proxy.url(), &ca, "https://origin.test:443/");
     assert_ne!(code, 0);
-    assert!(err.contains("< X-Tank-Refused-By: port-not-allowed"), "{err}");
+    assert!(
+        err.contains("< X-Tank-Refused-By: port-not-allowed"),
+        "{err}"
+    );
     assert_eq!(origin.served(), 0, "a refused request reached the origin");
 
     let records = proxy.wait_records(3);
-    let rules: Vec<&str> = records.iter().map(|r| r["unmapped"]["rule"].as_str().unwrap()).collect();
-    assert_eq!(rules, ["denied_domains:blocked.origin.test", "default-deny", "port-not-allowed"]);
+    let rules: Vec<&str> = records
+        .iter()
+        .map(|r| r["unmapped"]["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "denied_domains:blocked.origin.test",
+            "default-deny",
+            "port-not-allowed"
+        ]
+    );
     for r in &records {
         assert_eq!(r["activity_id"], 5);
         assert_eq!(r["type_uid"], 400105);
@@ -123,8 +170,20 @@ fn curl_is_refused_by_domain_and_port_with_a_header_naming_the_rule() {
         assert_eq!(r["unmapped"]["kind"], "connect");
         assert!(r["unmapped"]["error"].is_string());
     }
-    assert_eq!(proxy.metric("egress_proxy_refusals_total{reason=\"denied-domain\"}"), 1.0);
-    assert_eq!(proxy.metric("egress_proxy_refusals_total{reason=\"default-deny\"}"), 1.0);
-    assert_eq!(proxy.metric("egress_proxy_refusals_total{reason=\"port-not-allowed\"}"), 1.0);
-    assert_eq!(proxy.metric("egress_proxy_requests_total{decision=\"denied\",kind=\"any\"}"), 3.0);
+    assert_eq!(
+        proxy.metric("egress_proxy_refusals_total{reason=\"denied-domain\"}"),
+        1.0
+    );
+    assert_eq!(
+        proxy.metric("egress_proxy_refusals_total{reason=\"default-deny\"}"),
+        1.0
+    );
+    assert_eq!(
+        proxy.metric("egress_proxy_refusals_total{reason=\"port-not-allowed\"}"),
+        1.0
+    );
+    assert_eq!(
+        proxy.metric("egress_proxy_requests_total{decision=\"denied\",kind=\"any\"}"),
+        3.0
+    );
 }

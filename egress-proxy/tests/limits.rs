@@ -16,9 +16,19 @@ fn body(p: u16, limits: &str) -> String {
 fn an_oversized_head_gets_431_and_a_slow_one_408() {
     let dir = tempdir();
     let origin = Origin::echo();
-    let proxy = Proxy::start(dir.path(), &body(origin.port, "max_header_bytes = 2048\nheader_read_timeout_secs = 1\n"));
+    let proxy = Proxy::start(
+        dir.path(),
+        &body(
+            origin.port,
+            "max_header_bytes = 2048\nheader_read_timeout_secs = 1\n",
+        ),
+    );
 
-    let big = format!("CONNECT a.test:{} HTTP/1.1\r\nX-Pad: {}\r\n\r\n", origin.port, "p".repeat(4000));
+    let big = format!(
+        "CONNECT a.test:{} HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+        origin.port,
+        "p".repeat(4000)
+    );
     let out = raw_request(proxy.addr, big.as_bytes());
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
     assert_eq!(header(&out, "X-Tank-Refused-By"), Some("header-too-large"));
@@ -27,13 +37,17 @@ fn an_oversized_head_gets_431_and_a_slow_one_408() {
     let start = Instant::now();
     let mut s = TcpStream::connect(proxy.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"CONNECT a.test:1 HTTP/1.1\r\nX-Slow: ").unwrap();
+    s.write_all(b"CONNECT a.test:1 HTTP/1.1\r\nX-Slow: ")
+        .unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     let took = start.elapsed();
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
     assert_eq!(header(&out, "X-Tank-Refused-By"), Some("header-timeout"));
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
     assert_eq!(origin.served(), 0);
 
     let log = proxy.log_text();
@@ -64,7 +78,10 @@ fn an_idle_tunnel_is_closed_and_recorded() {
     let mut rest = Vec::new();
     assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(800) && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
     let r = &proxy.wait_records(1)[0];
     assert_eq!(r["unmapped"]["error"], "idle timeout");
     assert_eq!(r["traffic"]["bytes_out"], 4);
@@ -76,16 +93,28 @@ fn an_idle_tunnel_is_closed_and_recorded() {
 fn connection_caps_refuse_with_429_and_503() {
     let dir = tempdir();
     let origin = Origin::echo();
-    let proxy = Proxy::start(dir.path(), &body(origin.port, "max_connections_per_client = 2\nmax_connections = 3\n"));
+    let proxy = Proxy::start(
+        dir.path(),
+        &body(
+            origin.port,
+            "max_connections_per_client = 2\nmax_connections = 3\n",
+        ),
+    );
     let auth = format!("a.test:{}", origin.port);
     let (a, h) = connect_tunnel(proxy.addr, &auth);
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     let (b, h) = connect_tunnel(proxy.addr, &auth);
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     // A third from the same client address.
-    let out = raw_request(proxy.addr, format!("CONNECT {auth} HTTP/1.1\r\n\r\n").as_bytes());
+    let out = raw_request(
+        proxy.addr,
+        format!("CONNECT {auth} HTTP/1.1\r\n\r\n").as_bytes(),
+    );
     assert!(out.starts_with("HTTP/1.1 429"), "{out}");
-    assert_eq!(header(&out, "X-Tank-Refused-By"), Some("client-connection-limit"));
+    assert_eq!(
+        header(&out, "X-Tank-Refused-By"),
+        Some("client-connection-limit")
+    );
     // Another client address takes the last global slot; a fourth connection is over it.
     let v6 = |addr| {
         let s = TcpStream::connect(addr).unwrap();
@@ -104,8 +133,14 @@ fn connection_caps_refuse_with_429_and_503() {
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
     assert_eq!(header(&out, "X-Tank-Refused-By"), Some("connection-limit"));
     let log = proxy.log_text();
-    assert!(log.contains("(max_connections_per_client); refusing the connection"), "{log}");
-    assert!(log.contains("(max_connections); refusing the connection"), "{log}");
+    assert!(
+        log.contains("(max_connections_per_client); refusing the connection"),
+        "{log}"
+    );
+    assert!(
+        log.contains("(max_connections); refusing the connection"),
+        "{log}"
+    );
 
     // Closing tunnels frees the slots.
     drop((a, b, c));
@@ -114,6 +149,12 @@ fn connection_caps_refuse_with_429_and_503() {
     });
     let (_, h) = connect_tunnel(proxy.addr, &auth);
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
-    assert_eq!(proxy.metric("egress_proxy_refusals_total{reason=\"client-connection-limit\"}"), 1.0);
-    assert_eq!(proxy.metric("egress_proxy_refusals_total{reason=\"connection-limit\"}"), 1.0);
+    assert_eq!(
+        proxy.metric("egress_proxy_refusals_total{reason=\"client-connection-limit\"}"),
+        1.0
+    );
+    assert_eq!(
+        proxy.metric("egress_proxy_refusals_total{reason=\"connection-limit\"}"),
+        1.0
+    );
 }

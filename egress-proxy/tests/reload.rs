@@ -22,25 +22,53 @@ fn a_valid_reload_switches_policy_and_an_invalid_one_keeps_the_old() {
 
     // A valid new policy takes effect.
     proxy.reload_with(&config_text(dir.path(), &policy_b));
-    assert!(proxy.log_text().contains("policy reloaded"), "{}", proxy.log_text());
+    assert!(
+        proxy.log_text().contains("policy reloaded"),
+        "{}",
+        proxy.log_text()
+    );
     assert!(status("a.test").contains("403"));
     assert!(status("b.test").contains("200"));
-    assert_eq!(proxy.metric("egress_proxy_reloads_total{result=\"ok\"}"), 1.0);
+    assert_eq!(
+        proxy.metric("egress_proxy_reloads_total{result=\"ok\"}"),
+        1.0
+    );
 
     // An invalid one (a typo that would allow everything if it were ignored, and a bad
     // port) is rejected, the log names file, line and column, and policy B stays.
-    let broken = config_text(dir.path(), &format!("allowed_domains = [\"*\", \"a.test:{p}\", \"b.test:99999\"]\n{hosts}"));
+    let broken = config_text(
+        dir.path(),
+        &format!("allowed_domains = [\"*\", \"a.test:{p}\", \"b.test:99999\"]\n{hosts}"),
+    );
     proxy.reload_with(&broken);
     let log = proxy.log_text();
-    let line = log.lines().find(|l| l.contains("reload rejected")).unwrap_or_else(|| panic!("no rejection logged:\n{log}"));
+    let line = log
+        .lines()
+        .find(|l| l.contains("reload rejected"))
+        .unwrap_or_else(|| panic!("no rejection logged:\n{log}"));
     assert!(line.contains("keeping the previous policy"), "{line}");
-    assert!(line.contains(&format!("{}:6:20:", proxy.config.display())), "{line}");
-    assert!(status("a.test").contains("403"), "the rejected policy took effect");
-    assert!(status("b.test").contains("200"), "the old policy was dropped");
-    assert_eq!(proxy.metric("egress_proxy_reloads_total{result=\"rejected\"}"), 1.0);
+    assert!(
+        line.contains(&format!("{}:6:20:", proxy.config.display())),
+        "{line}"
+    );
+    assert!(
+        status("a.test").contains("403"),
+        "the rejected policy took effect"
+    );
+    assert!(
+        status("b.test").contains("200"),
+        "the old policy was dropped"
+    );
+    assert_eq!(
+        proxy.metric("egress_proxy_reloads_total{result=\"rejected\"}"),
+        1.0
+    );
 
     // A file that is not even TOML is rejected the same way.
     proxy.reload_with("listen = [\n");
     assert!(status("b.test").contains("200"));
-    assert_eq!(proxy.metric("egress_proxy_reloads_total{result=\"rejected\"}"), 2.0);
+    assert_eq!(
+        proxy.metric("egress_proxy_reloads_total{result=\"rejected\"}"),
+        2.0
+    );
 }

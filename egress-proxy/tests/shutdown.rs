@@ -32,7 +32,10 @@ fn sigterm_drains_open_tunnels_then_exits_cleanly() {
         proxy.log_text().contains("draining").then_some(())
     });
     // No new connections...
-    assert!(std::net::TcpStream::connect(proxy.addr).is_err(), "still accepting after SIGTERM");
+    assert!(
+        std::net::TcpStream::connect(proxy.addr).is_err(),
+        "still accepting after SIGTERM"
+    );
     // ...but the open tunnel still relays.
     std::thread::sleep(Duration::from_millis(300));
     assert!(proxy.is_running());
@@ -44,8 +47,16 @@ fn sigterm_drains_open_tunnels_then_exits_cleanly() {
     assert_eq!(records.len(), 1);
     assert!(records[0]["unmapped"]["error"].is_null(), "{}", records[0]);
     assert_eq!(records[0]["traffic"]["bytes_out"], 22);
-    let out = std::process::Command::new(BIN).args(["audit", "verify"]).arg(&proxy.audit).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = std::process::Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(&proxy.audit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -61,9 +72,16 @@ fn tunnels_still_open_after_the_grace_period_are_cut_and_recorded() {
     let status = proxy.wait_exit(Duration::from_secs(15));
     let took = start.elapsed();
     assert!(status.success(), "{status}");
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(8), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
     let mut rest = Vec::new();
-    assert_eq!(s.read_to_end(&mut rest).unwrap_or(0), 0, "the tunnel was not closed");
+    assert_eq!(
+        s.read_to_end(&mut rest).unwrap_or(0),
+        0,
+        "the tunnel was not closed"
+    );
     let records = read_records(&proxy.audit);
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["unmapped"]["error"], "cut at shutdown");

@@ -37,13 +37,20 @@ pub mod kind {
 impl AllowKey {
     /// A key for `addr` (already IPv4-mapped if IPv4), `port` and `protocol`.
     pub const fn new(addr: [u8; 16], port: u16, protocol: u8) -> Self {
-        Self { addr, port, protocol, _pad: 0 }
+        Self {
+            addr,
+            port,
+            protocol,
+            _pad: 0,
+        }
     }
 }
 
 /// `a.b.c.d` as `::ffff:a.b.c.d`, in network byte order.
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
 }
 
 #[cfg(feature = "user")]

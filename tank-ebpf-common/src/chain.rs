@@ -100,7 +100,13 @@ impl ChainWriter {
     /// [`Recovery`]; the chain continues from the last complete record.
     pub fn open(path: &Path) -> Result<(Self, Option<Recovery>), ChainError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let io_err = |action| move |source| ChainError::Io { path: path.to_owned(), action, source };
+        let io_err = |action| {
+            move |source| ChainError::Io {
+                path: path.to_owned(),
+                action,
+                source,
+            }
+        };
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -109,20 +115,42 @@ impl ChainWriter {
             .open(path)
             .map_err(io_err("open for appending"))?;
         lock(&file).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock => ChainError::Locked { path: path.to_owned() },
-            _ => ChainError::Io { path: path.to_owned(), action: "lock", source: e },
+            io::ErrorKind::WouldBlock => ChainError::Locked {
+                path: path.to_owned(),
+            },
+            _ => ChainError::Io {
+                path: path.to_owned(),
+                action: "lock",
+                source: e,
+            },
         })?;
         let (head, partial_bytes) = read_tail(&mut file).map_err(|e| match e {
-            TailError::Io(source) => ChainError::Io { path: path.to_owned(), action: "read its tail", source },
-            TailError::Bad(problem) => ChainError::Unreadable { path: path.to_owned(), problem },
+            TailError::Io(source) => ChainError::Io {
+                path: path.to_owned(),
+                action: "read its tail",
+                source,
+            },
+            TailError::Bad(problem) => ChainError::Unreadable {
+                path: path.to_owned(),
+                problem,
+            },
         })?;
         let recovery = if partial_bytes > 0 {
-            file.write_all(b"\n").map_err(io_err("terminate a partial last line"))?;
+            file.write_all(b"\n")
+                .map_err(io_err("terminate a partial last line"))?;
             Some(Recovery { partial_bytes })
         } else {
             None
         };
-        Ok((Self { path: path.to_owned(), file, head, line: Vec::with_capacity(1024) }, recovery))
+        Ok((
+            Self {
+                path: path.to_owned(),
+                file,
+                head,
+                line: Vec::with_capacity(1024),
+            },
+            recovery,
+        ))
     }
 
     /// Appends one record; `record` must serialize to a JSON object. Returns its `seq`.
@@ -149,11 +177,13 @@ impl ChainWriter {
         }
         let hash = hash_line(&self.line);
         self.line.push(b'\n');
-        self.file.write_all(&self.line).map_err(|source| ChainError::Io {
-            path: self.path.clone(),
-            action: "append a record",
-            source,
-        })?;
+        self.file
+            .write_all(&self.line)
+            .map_err(|source| ChainError::Io {
+                path: self.path.clone(),
+                action: "append a record",
+                source,
+            })?;
         self.head = Head { seq, hash };
         Ok(seq)
     }
@@ -170,7 +200,11 @@ impl ChainWriter {
         let body = serde_json::to_vec(&self.head).expect("Head serializes");
         std::fs::write(&tmp, body)
             .and_then(|()| std::fs::rename(&tmp, &anchor))
-            .map_err(|source| ChainError::Io { path: anchor.clone(), action: "write the anchor", source })?;
+            .map_err(|source| ChainError::Io {
+                path: anchor.clone(),
+                action: "write the anchor",
+                source,
+            })?;
         Ok(&self.head)
     }
 
@@ -221,7 +255,13 @@ enum TailError {
 fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
     let len = file.seek(SeekFrom::End(0)).map_err(TailError::Io)?;
     if len == 0 {
-        return Ok((Head { seq: 0, hash: GENESIS.to_owned() }, 0));
+        return Ok((
+            Head {
+                seq: 0,
+                hash: GENESIS.to_owned(),
+            },
+            0,
+        ));
     }
     // Read backwards in growing windows until the window holds a whole last record.
     let mut window = 64 * 1024u64;
@@ -229,12 +269,20 @@ fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
         let start = len.saturating_sub(window);
         file.seek(SeekFrom::Start(start)).map_err(TailError::Io)?;
         let mut buf = Vec::with_capacity((len - start) as usize);
-        file.take(len - start).read_to_end(&mut buf).map_err(TailError::Io)?;
+        file.take(len - start)
+            .read_to_end(&mut buf)
+            .map_err(TailError::Io)?;
         let partial = buf.iter().rev().take_while(|&&b| b != b'\n').count();
         let complete = &buf[..buf.len() - partial];
         if complete.is_empty() && start == 0 {
             // Only a partial line: a crash during the very first record.
-            return Ok((Head { seq: 0, hash: GENESIS.to_owned() }, partial));
+            return Ok((
+                Head {
+                    seq: 0,
+                    hash: GENESIS.to_owned(),
+                },
+                partial,
+            ));
         }
         let body = &complete[..complete.len().saturating_sub(1)];
         match body.iter().rposition(|&b| b == b'\n') {
@@ -249,8 +297,13 @@ fn head_of(line: &[u8]) -> Result<Head, TailError> {
     let seq = serde_json::from_slice::<serde_json::Value>(line)
         .ok()
         .and_then(|v| v.get("seq").and_then(|s| s.as_u64()))
-        .ok_or_else(|| TailError::Bad("its last complete line is not a chained record".to_owned()))?;
-    Ok(Head { seq, hash: hash_line(line) })
+        .ok_or_else(|| {
+            TailError::Bad("its last complete line is not a chained record".to_owned())
+        })?;
+    Ok(Head {
+        seq,
+        hash: hash_line(line),
+    })
 }
 
 /// One way in which a log fails to verify.
@@ -299,7 +352,11 @@ impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Problem::Malformed { line } => write!(f, "line {line}: not a chained record"),
-            Problem::SeqGap { line, expected, found } => {
+            Problem::SeqGap {
+                line,
+                expected,
+                found,
+            } => {
                 write!(f, "line {line}: seq {found} where {expected} was due (records deleted, inserted or reordered)")
             }
             Problem::HashMismatch { line } => {
@@ -311,7 +368,10 @@ impl std::fmt::Display for Problem {
             Problem::Truncated { anchored, last } => {
                 write!(f, "log ends at seq {last} but its anchor names seq {anchored} (records cut off the end)")
             }
-            Problem::AnchorMismatch { seq } => write!(f, "record seq {seq} differs from its anchored hash (edited)"),
+            Problem::AnchorMismatch { seq } => write!(
+                f,
+                "record seq {seq} differs from its anchored hash (edited)"
+            ),
         }
     }
 }
@@ -358,7 +418,10 @@ pub fn read(path: &Path) -> io::Result<(Report, Vec<Record>)> {
     let mut reader = BufReader::new(File::open(path)?);
     let mut records = Vec::new();
     let mut problems = Vec::new();
-    let mut head = Head { seq: 0, hash: GENESIS.to_owned() };
+    let mut head = Head {
+        seq: 0,
+        hash: GENESIS.to_owned(),
+    };
     let mut line_no = 0;
     let mut buf = Vec::new();
     let mut hashes: Vec<(u64, String)> = Vec::new();
@@ -373,24 +436,37 @@ pub fn read(path: &Path) -> io::Result<(Report, Vec<Record>)> {
             break;
         }
         buf.pop();
-        let parsed = serde_json::from_slice::<serde_json::Value>(&buf).ok().and_then(|v| {
-            let seq = v.get("seq")?.as_u64()?;
-            let prev = v.get("prev")?.as_str()?.to_owned();
-            Some((seq, prev, v))
-        });
+        let parsed = serde_json::from_slice::<serde_json::Value>(&buf)
+            .ok()
+            .and_then(|v| {
+                let seq = v.get("seq")?.as_u64()?;
+                let prev = v.get("prev")?.as_str()?.to_owned();
+                Some((seq, prev, v))
+            });
         let Some((seq, prev, value)) = parsed else {
             problems.push(Problem::Malformed { line: line_no });
             continue;
         };
         if seq != head.seq + 1 {
-            problems.push(Problem::SeqGap { line: line_no, expected: head.seq + 1, found: seq });
+            problems.push(Problem::SeqGap {
+                line: line_no,
+                expected: head.seq + 1,
+                found: seq,
+            });
         }
         if prev != head.hash {
             problems.push(Problem::HashMismatch { line: line_no });
         }
-        head = Head { seq, hash: hash_line(&buf) };
+        head = Head {
+            seq,
+            hash: hash_line(&buf),
+        };
         hashes.push((seq, head.hash.clone()));
-        records.push(Record { line: line_no, seq, value });
+        records.push(Record {
+            line: line_no,
+            seq,
+            value,
+        });
     }
     let anchor = match std::fs::read(anchor_path(path)) {
         Ok(bytes) => serde_json::from_slice::<Head>(&bytes).ok(),
@@ -399,16 +475,27 @@ pub fn read(path: &Path) -> io::Result<(Report, Vec<Record>)> {
     };
     if let Some(anchor) = &anchor {
         match hashes.iter().rev().find(|(seq, _)| *seq == anchor.seq) {
-            Some((_, hash)) if *hash != anchor.hash => problems.push(Problem::AnchorMismatch { seq: anchor.seq }),
-            Some(_) => {}
-            None if anchor.seq > head.seq => {
-                problems.push(Problem::Truncated { anchored: anchor.seq, last: head.seq })
+            Some((_, hash)) if *hash != anchor.hash => {
+                problems.push(Problem::AnchorMismatch { seq: anchor.seq })
             }
+            Some(_) => {}
+            None if anchor.seq > head.seq => problems.push(Problem::Truncated {
+                anchored: anchor.seq,
+                last: head.seq,
+            }),
             None if anchor.seq != 0 => problems.push(Problem::AnchorMismatch { seq: anchor.seq }),
             None => {}
         }
     }
-    Ok((Report { records: records.len() as u64, head, anchor, problems }, records))
+    Ok((
+        Report {
+            records: records.len() as u64,
+            head,
+            anchor,
+            problems,
+        },
+        records,
+    ))
 }
 
 #[cfg(test)]
@@ -429,11 +516,19 @@ mod tests {
     }
 
     fn lines(path: &Path) -> Vec<String> {
-        std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     fn write_lines(path: &Path, lines: &[String]) {
-        std::fs::write(path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        std::fs::write(
+            path,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -461,7 +556,10 @@ mod tests {
         let mut l = lines(&path);
         l[1] = l[1].replace("\"note\":\"x\"", "\"note\":\"y\"");
         write_lines(&path, &l);
-        assert_eq!(verify(&path).unwrap().problems, vec![Problem::HashMismatch { line: 3 }]);
+        assert_eq!(
+            verify(&path).unwrap().problems,
+            vec![Problem::HashMismatch { line: 3 }]
+        );
     }
 
     #[test]
@@ -470,7 +568,10 @@ mod tests {
         let mut l = lines(&path);
         l[3] = l[3].replace("\"note\":\"x\"", "\"note\":\"y\"");
         write_lines(&path, &l);
-        assert_eq!(verify(&path).unwrap().problems, vec![Problem::AnchorMismatch { seq: 4 }]);
+        assert_eq!(
+            verify(&path).unwrap().problems,
+            vec![Problem::AnchorMismatch { seq: 4 }]
+        );
     }
 
     #[test]
@@ -480,8 +581,18 @@ mod tests {
         l.remove(1);
         write_lines(&path, &l);
         let problems = verify(&path).unwrap().problems;
-        assert!(problems.contains(&Problem::SeqGap { line: 2, expected: 2, found: 3 }), "{problems:?}");
-        assert!(problems.contains(&Problem::HashMismatch { line: 2 }), "{problems:?}");
+        assert!(
+            problems.contains(&Problem::SeqGap {
+                line: 2,
+                expected: 2,
+                found: 3
+            }),
+            "{problems:?}"
+        );
+        assert!(
+            problems.contains(&Problem::HashMismatch { line: 2 }),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -491,8 +602,21 @@ mod tests {
         l.swap(1, 2);
         write_lines(&path, &l);
         let problems = verify(&path).unwrap().problems;
-        assert!(problems.contains(&Problem::SeqGap { line: 2, expected: 2, found: 3 }), "{problems:?}");
-        assert!(problems.iter().filter(|p| matches!(p, Problem::HashMismatch { .. })).count() >= 2);
+        assert!(
+            problems.contains(&Problem::SeqGap {
+                line: 2,
+                expected: 2,
+                found: 3
+            }),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .filter(|p| matches!(p, Problem::HashMismatch { .. }))
+                .count()
+                >= 2
+        );
     }
 
     #[test]
@@ -501,7 +625,13 @@ mod tests {
         let mut l = lines(&path);
         l.truncate(2);
         write_lines(&path, &l);
-        assert_eq!(verify(&path).unwrap().problems, vec![Problem::Truncated { anchored: 4, last: 2 }]);
+        assert_eq!(
+            verify(&path).unwrap().problems,
+            vec![Problem::Truncated {
+                anchored: 4,
+                last: 2
+            }]
+        );
     }
 
     #[test]
@@ -510,7 +640,10 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":4,\"prev\":\"ab").unwrap();
         drop(f);
-        assert_eq!(verify(&path).unwrap().problems, vec![Problem::PartialLastLine { line: 4 }]);
+        assert_eq!(
+            verify(&path).unwrap().problems,
+            vec![Problem::PartialLastLine { line: 4 }]
+        );
 
         // A writer restarting after the crash terminates the fragment and continues from seq 3;
         // the fragment stays reported.
@@ -518,7 +651,10 @@ mod tests {
         assert_eq!(rec, Some(Recovery { partial_bytes: 19 }));
         assert_eq!(w.append(&json!({"after": "crash"})).unwrap(), 4);
         w.sync().unwrap();
-        assert_eq!(verify(&path).unwrap().problems, vec![Problem::Malformed { line: 4 }]);
+        assert_eq!(
+            verify(&path).unwrap().problems,
+            vec![Problem::Malformed { line: 4 }]
+        );
     }
 
     #[test]
@@ -526,15 +662,24 @@ mod tests {
         let (_d, path) = log_with(1);
         let (_w, _) = ChainWriter::open(&path).unwrap();
         assert!(is_held(&path).unwrap());
-        assert!(matches!(ChainWriter::open(&path), Err(ChainError::Locked { .. })));
+        assert!(matches!(
+            ChainWriter::open(&path),
+            Err(ChainError::Locked { .. })
+        ));
     }
 
     #[test]
     fn reserved_fields_and_non_objects_are_refused() {
         let (_d, path) = log_with(0);
         let (mut w, _) = ChainWriter::open(&path).unwrap();
-        assert!(matches!(w.append(&json!({"seq": 9})), Err(ChainError::BadRecord)));
-        assert!(matches!(w.append(&json!([1, 2])), Err(ChainError::BadRecord)));
+        assert!(matches!(
+            w.append(&json!({"seq": 9})),
+            Err(ChainError::BadRecord)
+        ));
+        assert!(matches!(
+            w.append(&json!([1, 2])),
+            Err(ChainError::BadRecord)
+        ));
         assert_eq!(w.append(&json!({})).unwrap(), 1);
     }
 }

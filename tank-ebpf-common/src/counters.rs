@@ -20,5 +20,9 @@ pub const UNRECORDED_ALLOWED: u32 = 3;
 pub const COUNT: u32 = 4;
 
 /// Human names of the slots, indexed by slot.
-pub const NAMES: [&str; COUNT as usize] =
-    ["allowed", "denied", "unrecorded_denied", "unrecorded_allowed"];
+pub const NAMES: [&str; COUNT as usize] = [
+    "allowed",
+    "denied",
+    "unrecorded_denied",
+    "unrecorded_allowed",
+];

@@ -10,7 +10,8 @@ use anyhow::{bail, Context};
 
 /// The mount point of the cgroup2 hierarchy, from `/proc/self/mountinfo`.
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
     find_cgroup2(&text).context("no cgroup2 filesystem is mounted; tank needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup)")
 }
 
@@ -29,8 +30,15 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            out.push(
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'),
+            );
             i += 4;
         } else {
             out.push(bytes[i]);
@@ -57,7 +65,8 @@ impl AgentCgroup {
     pub fn open_or_create(path: &Path) -> anyhow::Result<Self> {
         let dir = cgroup2_mount()?.join(path.strip_prefix("/").unwrap_or(path));
         if !dir.exists() {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the agent cgroup {}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create the agent cgroup {}", dir.display()))?;
             tracing::info!(cgroup = %dir.display(), "created the agent cgroup");
         }
         Self::open(path)
@@ -66,22 +75,31 @@ impl AgentCgroup {
     /// Resolves an existing cgroup.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         let dir = cgroup2_mount()?.join(path.strip_prefix("/").unwrap_or(path));
-        let meta = std::fs::metadata(&dir).with_context(|| format!("agent cgroup {} does not exist", dir.display()))?;
+        let meta = std::fs::metadata(&dir)
+            .with_context(|| format!("agent cgroup {} does not exist", dir.display()))?;
         if !meta.is_dir() || !dir.join("cgroup.procs").exists() {
             bail!("{} is not a cgroup v2 directory", dir.display());
         }
-        Ok(Self { id: meta.ino(), dir, path: path.to_owned() })
+        Ok(Self {
+            id: meta.ino(),
+            dir,
+            path: path.to_owned(),
+        })
     }
 
     /// Depth in the cgroup2 hierarchy (`/tank/agent` is 2): the level at which nft's
     /// `socket cgroupv2` and the BPF LSM program find the agent among a task's ancestors.
     pub fn level(&self) -> u32 {
-        self.path.components().filter(|c| matches!(c, std::path::Component::Normal(_))).count() as u32
+        self.path
+            .components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .count() as u32
     }
 
     /// An open descriptor of the cgroup directory, for attaching programs.
     pub fn fd(&self) -> anyhow::Result<std::fs::File> {
-        std::fs::File::open(&self.dir).with_context(|| format!("cannot open cgroup {}", self.dir.display()))
+        std::fs::File::open(&self.dir)
+            .with_context(|| format!("cannot open cgroup {}", self.dir.display()))
     }
 }
 
@@ -93,8 +111,12 @@ mod tests {
     fn finds_hybrid_and_unified_mounts() {
         let hybrid = "25 1 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                       41 25 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_cgroup2(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            find_cgroup2(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified =
+            "30 1 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(find_cgroup2(unified), Some(PathBuf::from("/sys/fs/cgroup")));
         assert_eq!(find_cgroup2("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
     }

@@ -124,8 +124,15 @@ impl Endpoint {
             IpAddr::V4(v4) => allow::ipv4_mapped(v4.octets()),
             IpAddr::V6(v6) => v6.octets(),
         };
-        let kind = if self.is_proxy { allow::kind::PROXY } else { allow::kind::ENDPOINT };
-        (allow::AllowKey::new(addr, self.addr.port(), self.protocol.number()), kind)
+        let kind = if self.is_proxy {
+            allow::kind::PROXY
+        } else {
+            allow::kind::ENDPOINT
+        };
+        (
+            allow::AllowKey::new(addr, self.addr.port(), self.protocol.number()),
+            kind,
+        )
     }
 }
 
@@ -229,7 +236,12 @@ impl Config {
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
         let at = |span: Range<usize>, message: String| {
             let (line, column) = line_col(text, span.start);
-            ConfigError { file: file.to_owned(), line, column, message }
+            ConfigError {
+                file: file.to_owned(),
+                line,
+                column,
+                message,
+            }
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let message = e.message().to_owned();
@@ -238,11 +250,19 @@ impl Config {
 
         let cgroup = raw.cgroup.get_ref();
         let cgroup_path = Path::new(cgroup);
-        if !cgroup.starts_with('/') || cgroup_path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        if !cgroup.starts_with('/')
+            || cgroup_path
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
             return Err(at(raw.cgroup.span(), format!("cgroup `{cgroup}` must be an absolute path inside the cgroup2 hierarchy, without `..` (e.g. \"/tank/agent\")")));
         }
         if cgroup_path.components().count() < 2 {
-            return Err(at(raw.cgroup.span(), "cgroup must not be the root cgroup: that would cut the whole host off the network".to_owned()));
+            return Err(at(
+                raw.cgroup.span(),
+                "cgroup must not be the root cgroup: that would cut the whole host off the network"
+                    .to_owned(),
+            ));
         }
         for (name, value) in [("pin_dir", &raw.pin_dir), ("audit_log", &raw.audit_log)] {
             if !value.get_ref().starts_with('/') {
@@ -251,7 +271,12 @@ impl Config {
         }
         let ring = *raw.ring_buffer_bytes.get_ref();
         if !ring.is_power_of_two() || !(4096..=1 << 30).contains(&ring) {
-            return Err(at(raw.ring_buffer_bytes.span(), format!("ring_buffer_bytes {ring} must be a power of two between 4096 and 1073741824")));
+            return Err(at(
+                raw.ring_buffer_bytes.span(),
+                format!(
+                    "ring_buffer_bytes {ring} must be a power of two between 4096 and 1073741824"
+                ),
+            ));
         }
 
         let mut endpoints = Vec::new();
@@ -268,24 +293,50 @@ impl Config {
                 return Err(at(value.span(), format!("`{text}` cannot be an allowed endpoint (unspecified address, multicast or port 0)")));
             }
             if !seen.insert((ip_key(ip), addr.port(), protocol)) {
-                return Err(at(value.span(), format!("`{text}` ({protocol:?}) is listed twice")));
+                return Err(at(
+                    value.span(),
+                    format!("`{text}` ({protocol:?}) is listed twice"),
+                ));
             }
-            endpoints.push(Endpoint { addr, protocol, is_proxy });
+            endpoints.push(Endpoint {
+                addr,
+                protocol,
+                is_proxy,
+            });
         }
         if endpoints.len() > allow::MAX_ENTRIES as usize {
-            return Err(at(0..0, format!("{} allowed endpoints exceed the kernel map's {} entries", endpoints.len(), allow::MAX_ENTRIES)));
+            return Err(at(
+                0..0,
+                format!(
+                    "{} allowed endpoints exceed the kernel map's {} entries",
+                    endpoints.len(),
+                    allow::MAX_ENTRIES
+                ),
+            ));
         }
 
-        if let Some(bad) = cgroup.chars().find(|c| matches!(c, '"' | '\\') || c.is_control()) {
+        if let Some(bad) = cgroup
+            .chars()
+            .find(|c| matches!(c, '"' | '\\') || c.is_control())
+        {
             // The nft baseline quotes the path; such a character could not be written there.
-            return Err(at(raw.cgroup.span(), format!("cgroup path contains {bad:?}, which tank does not accept")));
+            return Err(at(
+                raw.cgroup.span(),
+                format!("cgroup path contains {bad:?}, which tank does not accept"),
+            ));
         }
 
-        let raw_nft = raw.nft.unwrap_or_else(|| RawNft { enabled: true, table: default_table(), uid_range: None });
+        let raw_nft = raw.nft.unwrap_or_else(|| RawNft {
+            enabled: true,
+            table: default_table(),
+            uid_range: None,
+        });
         let table = raw_nft.table.get_ref();
         let valid_name = table.len() <= 64
             && table.starts_with(|c: char| c.is_ascii_alphabetic())
-            && table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            && table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !valid_name {
             return Err(at(raw_nft.table.span(), format!("nft table name `{table}` must start with a letter and hold only letters, digits, `_` and `-` (at most 64)")));
         }
@@ -305,7 +356,11 @@ impl Config {
             endpoints,
             allow_mptcp: raw.allow_mptcp,
             lsm: raw.lsm,
-            nft: NftConfig { enabled: raw_nft.enabled, table: raw_nft.table.into_inner(), uid_range },
+            nft: NftConfig {
+                enabled: raw_nft.enabled,
+                table: raw_nft.table.into_inner(),
+                uid_range,
+            },
         })
     }
 }
@@ -378,11 +433,18 @@ comment = "resolver"
             err("cgroup = \"/a\"\nproxies = [\"10.0.0.1:3128\", \"proxy.example:3128\"]\n"),
             "t.toml:2:29: `proxy.example:3128` is not an address:port (IPv6 as \"[2001:db8::1]:3128\"); names are not accepted, the kernel matches addresses"
         );
-        assert!(err("cgroup = \"/a\"\nmode = \"off\"\n").starts_with("t.toml:2:8: unknown variant `off`"));
-        assert!(err("cgroup = \"/a\"\nprxies = []\n").starts_with("t.toml:2:1: unknown field `prxies`"));
-        assert!(err("cgroup = \"/\"\n").starts_with("t.toml:1:10: cgroup must not be the root cgroup"));
-        assert!(err("cgroup = \"a/../b\"\n").starts_with("t.toml:1:10: cgroup `a/../b` must be an absolute path"));
-        assert!(err("cgroup = \"/a\"\nring_buffer_bytes = 5000\n").starts_with("t.toml:2:21: ring_buffer_bytes 5000"));
+        assert!(err("cgroup = \"/a\"\nmode = \"off\"\n")
+            .starts_with("t.toml:2:8: unknown variant `off`"));
+        assert!(
+            err("cgroup = \"/a\"\nprxies = []\n").starts_with("t.toml:2:1: unknown field `prxies`")
+        );
+        assert!(
+            err("cgroup = \"/\"\n").starts_with("t.toml:1:10: cgroup must not be the root cgroup")
+        );
+        assert!(err("cgroup = \"a/../b\"\n")
+            .starts_with("t.toml:1:10: cgroup `a/../b` must be an absolute path"));
+        assert!(err("cgroup = \"/a\"\nring_buffer_bytes = 5000\n")
+            .starts_with("t.toml:2:21: ring_buffer_bytes 5000"));
         assert!(err("proxies = []\n").contains("missing field `cgroup`"));
     }
 
@@ -390,24 +452,48 @@ comment = "resolver"
     fn defense_layers_default_on_and_parse() {
         let c = Config::parse("cgroup = \"/a/b\"\n", "t.toml").unwrap();
         assert_eq!((c.lsm, c.allow_mptcp), (LsmMode::Auto, false));
-        assert_eq!(c.nft, NftConfig { enabled: true, table: "tank".into(), uid_range: None });
+        assert_eq!(
+            c.nft,
+            NftConfig {
+                enabled: true,
+                table: "tank".into(),
+                uid_range: None
+            }
+        );
         let c = Config::parse(
             "cgroup = \"/a/b\"\nlsm = \"required\"\nallow_mptcp = true\n[nft]\ntable = \"tank-x_1\"\nuid_range = \"100000-165535\"\n",
             "t.toml",
         )
         .unwrap();
         assert_eq!((c.lsm, c.allow_mptcp), (LsmMode::Required, true));
-        assert_eq!(c.nft, NftConfig { enabled: true, table: "tank-x_1".into(), uid_range: Some((100_000, 165_535)) });
-        assert!(!Config::parse("cgroup = \"/a/b\"\n[nft]\nenabled = false\n", "t").unwrap().nft.enabled);
+        assert_eq!(
+            c.nft,
+            NftConfig {
+                enabled: true,
+                table: "tank-x_1".into(),
+                uid_range: Some((100_000, 165_535))
+            }
+        );
+        assert!(
+            !Config::parse("cgroup = \"/a/b\"\n[nft]\nenabled = false\n", "t")
+                .unwrap()
+                .nft
+                .enabled
+        );
     }
 
     #[test]
     fn defense_layer_errors_point_at_the_value() {
-        assert!(err("cgroup = \"/a\"\nlsm = \"maybe\"\n").starts_with("t.toml:2:7: unknown variant `maybe`"));
-        assert!(err("cgroup = \"/a\"\n[nft]\ntable = \"1tank\"\n").starts_with("t.toml:3:9: nft table name `1tank`"));
-        assert!(err("cgroup = \"/a\"\n[nft]\ntable = \"t;flush\"\n").starts_with("t.toml:3:9: nft table name"));
-        assert!(err("cgroup = \"/a\"\n[nft]\nuid_range = \"5-1\"\n").starts_with("t.toml:3:13: uid_range `5-1`"));
-        assert!(err("cgroup = \"/a\"\n[nft]\ntabel = \"x\"\n").starts_with("t.toml:3:1: unknown field `tabel`"));
+        assert!(err("cgroup = \"/a\"\nlsm = \"maybe\"\n")
+            .starts_with("t.toml:2:7: unknown variant `maybe`"));
+        assert!(err("cgroup = \"/a\"\n[nft]\ntable = \"1tank\"\n")
+            .starts_with("t.toml:3:9: nft table name `1tank`"));
+        assert!(err("cgroup = \"/a\"\n[nft]\ntable = \"t;flush\"\n")
+            .starts_with("t.toml:3:9: nft table name"));
+        assert!(err("cgroup = \"/a\"\n[nft]\nuid_range = \"5-1\"\n")
+            .starts_with("t.toml:3:13: uid_range `5-1`"));
+        assert!(err("cgroup = \"/a\"\n[nft]\ntabel = \"x\"\n")
+            .starts_with("t.toml:3:1: unknown field `tabel`"));
         assert!(err("cgroup = \"/a/\\\"x\"\n").starts_with("t.toml:1:10: cgroup path contains"));
     }
 
@@ -430,6 +516,9 @@ comment = "resolver"
         let c = Config::parse("cgroup = \"/a\"\nproxies = [\"192.0.2.1:3128\"]\n", "t").unwrap();
         let (key, kind) = c.endpoints[0].allow_entry();
         assert_eq!(key.addr, allow::ipv4_mapped([192, 0, 2, 1]));
-        assert_eq!((key.port, key.protocol, kind), (3128, 6, allow::kind::PROXY));
+        assert_eq!(
+            (key.port, key.protocol, kind),
+            (3128, 6, allow::kind::PROXY)
+        );
     }
 }

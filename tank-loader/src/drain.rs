@@ -19,7 +19,12 @@ use crate::record::{Clock, Origin};
 const TICK: Duration = Duration::from_millis(250);
 
 /// Drains `ring` into `log` until `shutdown` resolves, then drains what is left and syncs.
-pub async fn run(ring: RingBuf<MapData>, log: &mut ChainWriter, origin: &Origin, shutdown: impl Future<Output = ()>) -> anyhow::Result<u64> {
+pub async fn run(
+    ring: RingBuf<MapData>,
+    log: &mut ChainWriter,
+    origin: &Origin,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<u64> {
     // SAFETY: the AsyncFd owns the ring buffer, so its descriptor outlives the registration.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("cannot watch the ring buffer: {}", e.into_parts().1))?;
@@ -46,7 +51,11 @@ pub async fn run(ring: RingBuf<MapData>, log: &mut ChainWriter, origin: &Origin,
 }
 
 /// Moves every pending event into the log and makes the batch durable. Returns the count.
-fn drain(ring: &mut RingBuf<MapData>, log: &mut ChainWriter, origin: &Origin) -> anyhow::Result<u64> {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    log: &mut ChainWriter,
+    origin: &Origin,
+) -> anyhow::Result<u64> {
     let clock = Clock::now();
     let mut n = 0;
     while let Some(item) = ring.next() {

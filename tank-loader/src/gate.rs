@@ -64,15 +64,39 @@ impl Hook {
 /// Every hook tank attaches to the agent cgroup; each must be in place for `status` to call the
 /// cgroup enforced.
 pub const HOOKS: [Hook; 5] = [
-    Hook { name: "connect4", program: "tank_connect4", kind: HookKind::SockAddr(10) },
-    Hook { name: "connect6", program: "tank_connect6", kind: HookKind::SockAddr(11) },
-    Hook { name: "sendmsg4", program: "tank_sendmsg4", kind: HookKind::SockAddr(14) },
-    Hook { name: "sendmsg6", program: "tank_sendmsg6", kind: HookKind::SockAddr(15) },
-    Hook { name: "sock_create", program: "tank_sock_create", kind: HookKind::Sock(2) },
+    Hook {
+        name: "connect4",
+        program: "tank_connect4",
+        kind: HookKind::SockAddr(10),
+    },
+    Hook {
+        name: "connect6",
+        program: "tank_connect6",
+        kind: HookKind::SockAddr(11),
+    },
+    Hook {
+        name: "sendmsg4",
+        program: "tank_sendmsg4",
+        kind: HookKind::SockAddr(14),
+    },
+    Hook {
+        name: "sendmsg6",
+        program: "tank_sendmsg6",
+        kind: HookKind::SockAddr(15),
+    },
+    Hook {
+        name: "sock_create",
+        program: "tank_sock_create",
+        kind: HookKind::Sock(2),
+    },
 ];
 
 /// The BPF LSM hook, used as `lsm` in the config says.
-pub const LSM_HOOK: Hook = Hook { name: "lsm_socket_create", program: "tank_socket_create", kind: HookKind::Lsm("socket_create") };
+pub const LSM_HOOK: Hook = Hook {
+    name: "lsm_socket_create",
+    program: "tank_socket_create",
+    kind: HookKind::Lsm("socket_create"),
+};
 
 /// What `install` did for one hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -135,14 +159,20 @@ pub fn install(cfg: &Config, cgroup: &AgentCgroup) -> anyhow::Result<Installed> 
             remove_pin(&link_pin(&cfg.pin_dir, &LSM_HOOK))?;
             LsmState::Off
         }
-        LsmMode::Auto | LsmMode::Required => match place(&mut ebpf, LSM_HOOK, &cfg.pin_dir, cgroup, &cgroup_fd) {
+        LsmMode::Auto | LsmMode::Required => match place(
+            &mut ebpf,
+            LSM_HOOK,
+            &cfg.pin_dir,
+            cgroup,
+            &cgroup_fd,
+        ) {
             Ok(placed) => {
                 hooks.push(placed);
                 LsmState::InForce
             }
-            Err(e) if cfg.lsm == LsmMode::Required => {
-                return Err(e.context("lsm = \"required\" but the BPF LSM program cannot be put in place on this kernel"))
-            }
+            Err(e) if cfg.lsm == LsmMode::Required => return Err(e.context(
+                "lsm = \"required\" but the BPF LSM program cannot be put in place on this kernel",
+            )),
             Err(e) => LsmState::Unavailable(format!("{e:#}")),
         },
     };
@@ -151,13 +181,21 @@ pub fn install(cfg: &Config, cgroup: &AgentCgroup) -> anyhow::Result<Installed> 
 
 /// Loads `hook`'s program and makes sure it is attached exactly once, adopting what a previous
 /// run pinned when it is the same program, replacing it without a gap otherwise.
-fn place(ebpf: &mut Ebpf, hook: Hook, pin_dir: &Path, cgroup: &AgentCgroup, cgroup_fd: &std::fs::File) -> anyhow::Result<(Hook, Outcome, u32)> {
+fn place(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    pin_dir: &Path,
+    cgroup: &AgentCgroup,
+    cgroup_fd: &std::fs::File,
+) -> anyhow::Result<(Hook, Outcome, u32)> {
     let loaded = load(ebpf, &hook)?;
     let pin = link_pin(pin_dir, &hook);
     let old = match PinnedLink::from_pin(&pin) {
         Ok(link) => Some(FdLink::from(link)),
         Err(_) if !pin.exists() => None,
-        Err(e) => return Err(e).with_context(|| format!("cannot open pinned link {}", pin.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot open pinned link {}", pin.display()))
+        }
     };
     if let Some(old) = &old {
         let old_program = old.info()?.program_id();
@@ -173,29 +211,36 @@ fn place(ebpf: &mut Ebpf, hook: Hook, pin_dir: &Path, cgroup: &AgentCgroup, cgro
         }
     }
 
-    let link = attach(ebpf, &hook, cgroup_fd).with_context(|| format!("cannot attach {} ({})", hook.program, hook.name))?;
+    let link = attach(ebpf, &hook, cgroup_fd)
+        .with_context(|| format!("cannot attach {} ({})", hook.program, hook.name))?;
     // bpffs refuses names with a dot.
     let staged = pin.with_file_name(format!("{}_staged", hook.name));
     let _ = std::fs::remove_file(&staged);
-    let link = link.pin(&staged).with_context(|| format!("cannot pin link at {}", staged.display()))?;
+    let link = link
+        .pin(&staged)
+        .with_context(|| format!("cannot pin link at {}", staged.display()))?;
     let outcome = match old {
         Some(old) => {
             // The new program already guards; closing our descriptor and unpinning drop the
             // last references to the old link, which detaches it.
             drop(old);
-            std::fs::remove_file(&pin).with_context(|| format!("cannot remove old link pin {}", pin.display()))?;
+            std::fs::remove_file(&pin)
+                .with_context(|| format!("cannot remove old link pin {}", pin.display()))?;
             Outcome::Replaced
         }
         None => Outcome::Attached,
     };
-    std::fs::rename(&staged, &pin).with_context(|| format!("cannot move link pin to {}", pin.display()))?;
+    std::fs::rename(&staged, &pin)
+        .with_context(|| format!("cannot move link pin to {}", pin.display()))?;
     drop(link);
     Ok((hook, outcome, loaded.id()))
 }
 
 /// Asks the kernel to load `hook`'s program (the verifier runs here).
 fn load(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<ProgramInfo> {
-    let program = ebpf.program_mut(hook.program).ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
+    let program = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
     let refused = || format!("the kernel refused program {}", hook.program);
     match hook.kind {
         HookKind::SockAddr(_) => {
@@ -209,7 +254,8 @@ fn load(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<ProgramInfo> {
             Ok(p.info()?)
         }
         HookKind::Lsm(lsm_hook) => {
-            let btf = Btf::from_sys_fs().context("BPF LSM needs the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+            let btf = Btf::from_sys_fs()
+                .context("BPF LSM needs the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
             let p: &mut Lsm = program.try_into()?;
             p.load(lsm_hook, &btf).with_context(refused)?;
             Ok(p.info()?)
@@ -219,7 +265,9 @@ fn load(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<ProgramInfo> {
 
 /// Attaches a loaded program and hands back its link, not yet pinned.
 fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup_fd: &std::fs::File) -> anyhow::Result<FdLink> {
-    let program = ebpf.program_mut(hook.program).ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
+    let program = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
     // bpf_link_create takes no attach flags for cgroups: link attachments always stack like
     // BPF_F_ALLOW_MULTI, which is what lets old and new run side by side.
     Ok(match hook.kind {
@@ -245,14 +293,24 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup_fd: &std::fs::File) -> anyhow::Re
 /// allowlist into the (pinned) maps. New entries go in before stale ones are removed, so a
 /// restart with the same policy never denies an allowed endpoint in passing.
 fn apply_policy(ebpf: &mut Ebpf, cfg: &Config, cgroup: &AgentCgroup) -> anyhow::Result<()> {
-    let wanted: StdHashMap<allow::AllowKey, u8> = cfg.endpoints.iter().map(|e| e.allow_entry()).collect();
-    let mut allow_map: HashMap<_, allow::AllowKey, u8> = HashMap::try_from(map_mut(ebpf, allow::MAP_NAME)?)?;
+    let wanted: StdHashMap<allow::AllowKey, u8> =
+        cfg.endpoints.iter().map(|e| e.allow_entry()).collect();
+    let mut allow_map: HashMap<_, allow::AllowKey, u8> =
+        HashMap::try_from(map_mut(ebpf, allow::MAP_NAME)?)?;
     for (key, kind) in &wanted {
-        allow_map.insert(key, kind, 0).context("cannot fill the allow map")?;
+        allow_map
+            .insert(key, kind, 0)
+            .context("cannot fill the allow map")?;
     }
-    let stale: Vec<_> = allow_map.keys().filter_map(Result::ok).filter(|k| !wanted.contains_key(k)).collect();
+    let stale: Vec<_> = allow_map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.contains_key(k))
+        .collect();
     for key in stale {
-        allow_map.remove(&key).context("cannot prune the allow map")?;
+        allow_map
+            .remove(&key)
+            .context("cannot prune the allow map")?;
     }
     let mut settings_map: Array<_, u32> = Array::try_from(map_mut(ebpf, settings::MAP_NAME)?)?;
     let values = [
@@ -278,12 +336,15 @@ fn mode_code(mode: Mode) -> u32 {
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Map> {
-    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
 /// A pinned ring buffer keeps the size it was created with; say so instead of pretending.
 fn warn_on_ring_size(ebpf: &Ebpf, cfg: &Config) {
-    let Some(Map::RingBuf(data)) = ebpf.map(event::MAP_NAME) else { return };
+    let Some(Map::RingBuf(data)) = ebpf.map(event::MAP_NAME) else {
+        return;
+    };
     if let Ok(info) = data.info() {
         if info.max_entries() != cfg.ring_buffer_bytes {
             tracing::warn!(
@@ -308,7 +369,12 @@ fn program_tag(id: u32) -> anyhow::Result<Option<u64>> {
 /// Opens one of tank's pinned maps.
 pub fn pinned_map(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
     let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("cannot open pinned map {} (is tank-loader set up?)", path.display()))?;
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "cannot open pinned map {} (is tank-loader set up?)",
+            path.display()
+        )
+    })?;
     Ok(Map::from_map_data(data)?)
 }
 
@@ -325,15 +391,28 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<[u64; counters::COUNT as 
 /// Reads the mode from the pinned settings map.
 pub fn read_mode(pin_dir: &Path) -> anyhow::Result<Mode> {
     let map: Array<_, u32> = Array::try_from(pinned_map(pin_dir, settings::MAP_NAME)?)?;
-    Ok(if map.get(&settings::MODE, 0)? == settings::mode::AUDIT { Mode::Audit } else { Mode::Enforce })
+    Ok(if map.get(&settings::MODE, 0)? == settings::mode::AUDIT {
+        Mode::Audit
+    } else {
+        Mode::Enforce
+    })
 }
 
 /// Removes every link and map tank pinned under `pin_dir`: the one way enforcement ends.
 /// Returns the pins removed.
 pub fn detach(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    let links = HOOKS.iter().chain([&LSM_HOOK]).map(|h| link_pin(pin_dir, h));
-    let maps = [allow::MAP_NAME, settings::MAP_NAME, counters::MAP_NAME, event::MAP_NAME].map(|m| pin_dir.join(m));
+    let links = HOOKS
+        .iter()
+        .chain([&LSM_HOOK])
+        .map(|h| link_pin(pin_dir, h));
+    let maps = [
+        allow::MAP_NAME,
+        settings::MAP_NAME,
+        counters::MAP_NAME,
+        event::MAP_NAME,
+    ]
+    .map(|m| pin_dir.join(m));
     for pin in links.chain(maps) {
         if remove_pin(&pin)? {
             removed.push(pin);

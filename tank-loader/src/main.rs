@@ -3,7 +3,6 @@
 //! The binary is thin: each subcommand lives in its own module of the library. Errors reach the
 //! user as one line, `tank-loader: <what failed>: <why>`, and exit codes are documented in `--help`.
 
-
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
@@ -19,7 +18,10 @@ use tank_loader::{gate, nft, record, run, status, trace};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TANK_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANK_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match dispatch(cli.command) {
@@ -46,7 +48,11 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 cfg.mode,
                 cfg.cgroup.display(),
                 cfg.endpoints.len() - proxies,
-                if cfg.endpoints.is_empty() { "; no endpoint: the agent is denied everything" } else { "" }
+                if cfg.endpoints.is_empty() {
+                    "; no endpoint: the agent is denied everything"
+                } else {
+                    ""
+                }
             )?;
             Ok(ExitCode::SUCCESS)
         }
@@ -58,16 +64,39 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 write!(out, "{}", status::render(&status))?;
             }
-            Ok(if status.enforcing { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if status.enforcing {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Command::Trace { config, json, denied, pid, comm, history, no_follow } => {
+        Command::Trace {
+            config,
+            json,
+            denied,
+            pid,
+            comm,
+            history,
+            no_follow,
+        } => {
             let cfg = Config::load(&config)?;
             let filter = trace::Filter { denied, pid, comm };
-            trace::follow(&cfg.audit_log, &filter, trace::Options { json, history, no_follow }, &mut out)?;
+            trace::follow(
+                &cfg.audit_log,
+                &filter,
+                trace::Options {
+                    json,
+                    history,
+                    no_follow,
+                },
+                &mut out,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { config } => detach(&config, &mut out),
-        Command::Audit { command: AuditCommand::Verify { file, json } } => verify(&file, json, &mut out),
+        Command::Audit {
+            command: AuditCommand::Verify { file, json },
+        } => verify(&file, json, &mut out),
     }
 }
 
@@ -79,7 +108,9 @@ fn detach(config: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
         .context("stop tank-loader first (systemctl stop tank-loader), then detach")?;
     let removed = gate::detach(&cfg.pin_dir)?;
     let nft_removed = nft::remove(&cfg.nft.table)?;
-    let origin = record::Origin { hostname: nix::unistd::gethostname()?.to_string_lossy().into_owned() };
+    let origin = record::Origin {
+        hostname: nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
     log.append(&origin.lifecycle_record(
         record::ACTIVITY_REMOVE,
         format!("enforcement removed from cgroup {}", cfg.cgroup.display()),
@@ -87,9 +118,18 @@ fn detach(config: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     ))?;
     log.sync()?;
     tracing::warn!(cgroup = %cfg.cgroup.display(), pins = removed.len(), "enforcement removed: the agent cgroup is no longer guarded by tank");
-    writeln!(out, "detached: removed {} pins under {}", removed.len(), cfg.pin_dir.display())?;
+    writeln!(
+        out,
+        "detached: removed {} pins under {}",
+        removed.len(),
+        cfg.pin_dir.display()
+    )?;
     if nft_removed {
-        writeln!(out, "detached: removed nftables table inet {}", cfg.nft.table)?;
+        writeln!(
+            out,
+            "detached: removed nftables table inet {}",
+            cfg.nft.table
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -100,17 +140,40 @@ fn verify(file: &Path, json: bool, out: &mut impl Write) -> anyhow::Result<ExitC
         serde_json::to_writer_pretty(&mut *out, &report)?;
         writeln!(out)?;
     } else if report.is_intact() {
-        writeln!(out, "{}: intact, {} records, last seq {}{}", file.display(), report.records, report.head.seq,
-            if report.anchor.is_some() { ", matches its anchor" } else { " (no anchor file)" })?;
+        writeln!(
+            out,
+            "{}: intact, {} records, last seq {}{}",
+            file.display(),
+            report.records,
+            report.head.seq,
+            if report.anchor.is_some() {
+                ", matches its anchor"
+            } else {
+                " (no anchor file)"
+            }
+        )?;
     } else {
-        writeln!(out, "{}: {} problem(s) in {} records", file.display(), report.problems.len(), report.records)?;
+        writeln!(
+            out,
+            "{}: {} problem(s) in {} records",
+            file.display(),
+            report.problems.len(),
+            report.records
+        )?;
         for p in &report.problems {
             writeln!(out, "  {p}")?;
         }
     }
-    Ok(if report.is_intact() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.is_intact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

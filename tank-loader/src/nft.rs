@@ -54,7 +54,11 @@ pub struct TableState {
 }
 
 /// The nft script that (re)defines tank's table for `cgroup`, `endpoints` and `cfg`.
-pub fn script(cfg: &NftConfig, cgroup: &AgentCgroup, endpoints: &[Endpoint]) -> anyhow::Result<String> {
+pub fn script(
+    cfg: &NftConfig,
+    cgroup: &AgentCgroup,
+    endpoints: &[Endpoint],
+) -> anyhow::Result<String> {
     let path = nft_cgroup_path(&cgroup.dir)?;
     let table = &cfg.table;
     let mut agent_match = vec![format!(
@@ -64,9 +68,13 @@ pub fn script(cfg: &NftConfig, cgroup: &AgentCgroup, endpoints: &[Endpoint]) -> 
         cgroup.path.display()
     )];
     if let Some((first, last)) = cfg.uid_range {
-        agent_match.push(format!("meta skuid {first}-{last} jump agent comment \"agent host uid range\""));
+        agent_match.push(format!(
+            "meta skuid {first}-{last} jump agent comment \"agent host uid range\""
+        ));
     }
-    let mut agent = vec!["ct state established,related accept comment \"replies of accepted flows\"".to_owned()];
+    let mut agent = vec![
+        "ct state established,related accept comment \"replies of accepted flows\"".to_owned(),
+    ];
     for e in endpoints {
         let family = match ip_key(e.addr.ip()) {
             IpAddr::V4(v4) => format!("ip daddr {v4}"),
@@ -76,15 +84,31 @@ pub fn script(cfg: &NftConfig, cgroup: &AgentCgroup, endpoints: &[Endpoint]) -> 
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
         };
-        let what = if e.is_proxy { "proxy" } else { "listed endpoint" };
-        agent.push(format!("{family} {transport} dport {} accept comment \"{what}\"", e.addr.port()));
+        let what = if e.is_proxy {
+            "proxy"
+        } else {
+            "listed endpoint"
+        };
+        agent.push(format!(
+            "{family} {transport} dport {} accept comment \"{what}\"",
+            e.addr.port()
+        ));
     }
     // `limit` stops only its own rule when over the rate, so the log is bounded while the
     // counter and the reject in the next rule see every packet. icmpx answers IPv4 and IPv6.
-    agent.push(format!("limit rate 10/second burst 20 packets log prefix \"{LOG_PREFIX}\" level warn"));
-    agent.push(format!("counter name \"{REFUSED_COUNTER}\" reject with icmpx admin-prohibited"));
+    agent.push(format!(
+        "limit rate 10/second burst 20 packets log prefix \"{LOG_PREFIX}\" level warn"
+    ));
+    agent.push(format!(
+        "counter name \"{REFUSED_COUNTER}\" reject with icmpx admin-prohibited"
+    ));
 
-    let indent = |rules: &[String]| rules.iter().map(|r| format!("\t\t{r}\n")).collect::<String>();
+    let indent = |rules: &[String]| {
+        rules
+            .iter()
+            .map(|r| format!("\t\t{r}\n"))
+            .collect::<String>()
+    };
     // The first two lines make the delete succeed whether or not the table exists; all of it
     // is one transaction.
     Ok(format!(
@@ -107,13 +131,30 @@ pub fn script(cfg: &NftConfig, cgroup: &AgentCgroup, endpoints: &[Endpoint]) -> 
 
 /// Installs (or atomically replaces) tank's table, then reads it back and checks the kernel
 /// holds every rule. Returns what it holds.
-pub fn install(cfg: &NftConfig, cgroup: &AgentCgroup, endpoints: &[Endpoint]) -> anyhow::Result<TableState> {
+pub fn install(
+    cfg: &NftConfig,
+    cgroup: &AgentCgroup,
+    endpoints: &[Endpoint],
+) -> anyhow::Result<TableState> {
     let script = script(cfg, cgroup, endpoints)?;
-    let expected_rules = script.lines().filter(|l| l.starts_with("\t\t") && !l.contains("type filter hook")).count();
-    apply(&script).with_context(|| format!("cannot install the nftables table inet {}", cfg.table))?;
-    let state = inspect(&cfg.table)?.with_context(|| format!("nftables table inet {} is missing right after installing it", cfg.table))?;
+    let expected_rules = script
+        .lines()
+        .filter(|l| l.starts_with("\t\t") && !l.contains("type filter hook"))
+        .count();
+    apply(&script)
+        .with_context(|| format!("cannot install the nftables table inet {}", cfg.table))?;
+    let state = inspect(&cfg.table)?.with_context(|| {
+        format!(
+            "nftables table inet {} is missing right after installing it",
+            cfg.table
+        )
+    })?;
     if state.rules != expected_rules {
-        bail!("nftables table inet {} holds {} rules after installing, expected {expected_rules}", cfg.table, state.rules);
+        bail!(
+            "nftables table inet {} holds {} rules after installing, expected {expected_rules}",
+            cfg.table,
+            state.rules
+        );
     }
     Ok(state)
 }
@@ -123,24 +164,36 @@ pub fn remove(table: &str) -> anyhow::Result<bool> {
     if inspect(table)?.is_none() {
         return Ok(false);
     }
-    apply(&format!("delete table inet {table}\n")).with_context(|| format!("cannot delete the nftables table inet {table}"))?;
+    apply(&format!("delete table inet {table}\n"))
+        .with_context(|| format!("cannot delete the nftables table inet {table}"))?;
     Ok(true)
 }
 
 /// Reads tank's table through nft's JSON; `None` when it does not exist.
 pub fn inspect(table: &str) -> anyhow::Result<Option<TableState>> {
-    let exists = run_nft(&["list", "tables", "inet"])?.lines().any(|l| l.trim() == format!("table inet {table}"));
+    let exists = run_nft(&["list", "tables", "inet"])?
+        .lines()
+        .any(|l| l.trim() == format!("table inet {table}"));
     if !exists {
         return Ok(None);
     }
-    let json = nftables::helper::get_current_ruleset_raw(None::<&str>, ["list", "table", "inet", table])
-        .with_context(|| format!("cannot read the nftables table inet {table}"))?;
-    let ruleset: serde_json::Value = serde_json::from_str(&json).context("nft printed invalid JSON")?;
-    let mut state = TableState { table: table.to_owned(), rules: 0, refused_packets: 0 };
+    let json =
+        nftables::helper::get_current_ruleset_raw(None::<&str>, ["list", "table", "inet", table])
+            .with_context(|| format!("cannot read the nftables table inet {table}"))?;
+    let ruleset: serde_json::Value =
+        serde_json::from_str(&json).context("nft printed invalid JSON")?;
+    let mut state = TableState {
+        table: table.to_owned(),
+        rules: 0,
+        refused_packets: 0,
+    };
     for object in ruleset["nftables"].as_array().into_iter().flatten() {
         if object.get("rule").is_some() {
             state.rules += 1;
-        } else if let Some(counter) = object.get("counter").filter(|c| c["name"] == REFUSED_COUNTER) {
+        } else if let Some(counter) = object
+            .get("counter")
+            .filter(|c| c["name"] == REFUSED_COUNTER)
+        {
             state.refused_packets = counter["packets"].as_u64().unwrap_or(0);
         }
     }
@@ -166,18 +219,35 @@ fn apply(script: &str) -> anyhow::Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot run `nft` (install the nftables package)")?;
-    child.stdin.take().expect("piped").write_all(script.as_bytes()).context("cannot write to nft")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .context("cannot write to nft")?;
     let out = child.wait_with_output().context("nft did not finish")?;
     if !out.status.success() {
-        bail!("nft refused the transaction ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "nft refused the transaction ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 fn run_nft(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("nft").args(args).output().context("cannot run `nft` (install the nftables package)")?;
+    let out = Command::new("nft")
+        .args(args)
+        .output()
+        .context("cannot run `nft` (install the nftables package)")?;
     if !out.status.success() {
-        bail!("nft {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "nft {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -187,18 +257,38 @@ mod tests {
     use super::*;
 
     fn cgroup(dir: &str, path: &str) -> AgentCgroup {
-        AgentCgroup { dir: dir.into(), path: path.into(), id: 7 }
+        AgentCgroup {
+            dir: dir.into(),
+            path: path.into(),
+            id: 7,
+        }
     }
 
     fn endpoint(addr: &str, protocol: Protocol, is_proxy: bool) -> Endpoint {
-        Endpoint { addr: addr.parse().unwrap(), protocol, is_proxy }
+        Endpoint {
+            addr: addr.parse().unwrap(),
+            protocol,
+            is_proxy,
+        }
     }
 
     #[test]
     fn hybrid_mount_paths_keep_the_unified_prefix_and_the_hierarchy_level() {
-        let cfg = NftConfig { enabled: true, table: "tank".into(), uid_range: Some((100_000, 165_535)) };
-        let s = script(&cfg, &cgroup("/sys/fs/cgroup/unified/x/agent", "/x/agent"), &[]).unwrap();
-        assert!(s.contains("socket cgroupv2 level 2 \"unified/x/agent\" jump agent"), "{s}");
+        let cfg = NftConfig {
+            enabled: true,
+            table: "tank".into(),
+            uid_range: Some((100_000, 165_535)),
+        };
+        let s = script(
+            &cfg,
+            &cgroup("/sys/fs/cgroup/unified/x/agent", "/x/agent"),
+            &[],
+        )
+        .unwrap();
+        assert!(
+            s.contains("socket cgroupv2 level 2 \"unified/x/agent\" jump agent"),
+            "{s}"
+        );
         assert!(s.contains("meta skuid 100000-165535 jump agent"), "{s}");
         let s = script(&cfg, &cgroup("/sys/fs/cgroup/x/agent", "/x/agent"), &[]).unwrap();
         assert!(s.contains("socket cgroupv2 level 2 \"x/agent\""), "{s}");
@@ -207,18 +297,31 @@ mod tests {
 
     #[test]
     fn endpoints_become_accepts_before_the_reject_and_mapped_ipv4_is_ipv4() {
-        let cfg = NftConfig { enabled: true, table: "t".into(), uid_range: None };
+        let cfg = NftConfig {
+            enabled: true,
+            table: "t".into(),
+            uid_range: None,
+        };
         let eps = [
             endpoint("[::ffff:192.0.2.1]:3128", Protocol::Tcp, true),
             endpoint("[2001:db8::5]:53", Protocol::Udp, false),
         ];
         let s = script(&cfg, &cgroup("/sys/fs/cgroup/a/b", "/a/b"), &eps).unwrap();
-        let proxy = s.find("ip daddr 192.0.2.1 tcp dport 3128 accept").expect("proxy accept");
-        let dns = s.find("ip6 daddr 2001:db8::5 udp dport 53 accept").expect("listed accept");
-        let reject = s.find("reject with icmpx admin-prohibited").expect("reject");
+        let proxy = s
+            .find("ip daddr 192.0.2.1 tcp dport 3128 accept")
+            .expect("proxy accept");
+        let dns = s
+            .find("ip6 daddr 2001:db8::5 udp dport 53 accept")
+            .expect("listed accept");
+        let reject = s
+            .find("reject with icmpx admin-prohibited")
+            .expect("reject");
         assert!(proxy < reject && dns < reject);
         assert!(!s.contains("meta skuid"));
-        assert!(!s.contains("oif") && !s.contains("iif") && !s.contains("127.0.0.0/8"), "no blanket loopback accept: {s}");
+        assert!(
+            !s.contains("oif") && !s.contains("iif") && !s.contains("127.0.0.0/8"),
+            "no blanket loopback accept: {s}"
+        );
         assert!(s.starts_with("table inet t {}\ndelete table inet t\ntable inet t {\n"));
     }
 }

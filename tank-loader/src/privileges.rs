@@ -13,10 +13,17 @@ use caps::CapSet;
 pub fn drop_all() -> anyhow::Result<()> {
     for cap in caps::runtime::thread_all_supported() {
         // Dropping from the bounding set needs CAP_SETPCAP, so it goes first.
-        caps::drop(None, CapSet::Bounding, cap).with_context(|| format!("cannot drop {cap} from the bounding set"))?;
+        caps::drop(None, CapSet::Bounding, cap)
+            .with_context(|| format!("cannot drop {cap} from the bounding set"))?;
     }
-    for set in [CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
-        caps::clear(None, set).with_context(|| format!("cannot clear the {set:?} capability set"))?;
+    for set in [
+        CapSet::Ambient,
+        CapSet::Inheritable,
+        CapSet::Effective,
+        CapSet::Permitted,
+    ] {
+        caps::clear(None, set)
+            .with_context(|| format!("cannot clear the {set:?} capability set"))?;
     }
     nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
     Ok(())

@@ -36,7 +36,12 @@ pub fn attached_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> std::io::R
     };
     // SAFETY: attr is a valid, fully initialised bpf_attr prefix and ids outlives the call.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &mut attr as *mut QueryAttr, std::mem::size_of::<QueryAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut QueryAttr,
+            std::mem::size_of::<QueryAttr>(),
+        )
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());

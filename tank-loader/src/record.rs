@@ -170,15 +170,22 @@ pub struct Clock {
 impl Clock {
     /// Samples the offset between CLOCK_REALTIME and CLOCK_MONOTONIC now.
     pub fn now() -> Self {
-        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-        let real = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).expect("CLOCK_REALTIME");
-        let ns = |t: nix::sys::time::TimeSpec| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec());
-        Self { offset_ns: ns(real) - ns(mono) }
+        let mono =
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+        let real =
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).expect("CLOCK_REALTIME");
+        let ns = |t: nix::sys::time::TimeSpec| {
+            i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+        };
+        Self {
+            offset_ns: ns(real) - ns(mono),
+        }
     }
 
     /// Wall-clock time of a `bpf_ktime_get_ns()` value.
     pub fn wall(&self, ktime_ns: u64) -> OffsetDateTime {
-        OffsetDateTime::from_unix_timestamp_nanos(i128::from(ktime_ns) + self.offset_ns).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(ktime_ns) + self.offset_ns)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 }
 
@@ -221,17 +228,27 @@ impl Origin {
             disposition: if allowed { "Allowed" } else { "Blocked" }.into(),
             disposition_id: if allowed { 1 } else { 2 },
             metadata: self.metadata(),
-            device: Device { hostname: self.hostname.clone() },
+            device: Device {
+                hostname: self.hostname.clone(),
+            },
             actor: Actor {
                 process: Process {
                     pid: event.tgid,
                     tid: event.pid,
                     name: comm(&event.comm),
-                    user: User { uid: event.uid.to_string() },
+                    user: User {
+                        uid: event.uid.to_string(),
+                    },
                 },
             },
-            src_endpoint: (event.src_port != 0).then(|| NetEndpoint { ip: display_ip(event.src_addr).0, port: event.src_port }),
-            dst_endpoint: NetEndpoint { ip: dst_ip, port: event.dst_port },
+            src_endpoint: (event.src_port != 0).then(|| NetEndpoint {
+                ip: display_ip(event.src_addr).0,
+                port: event.src_port,
+            }),
+            dst_endpoint: NetEndpoint {
+                ip: dst_ip,
+                port: event.dst_port,
+            },
             connection_info: ConnectionInfo {
                 protocol_num: event.protocol,
                 protocol_name: match event.protocol {
@@ -245,7 +262,12 @@ impl Origin {
             unmapped: KernelDetails {
                 hook: hook::name(event.hook).into(),
                 reason: reason::name(event.reason).into(),
-                mode: if u32::from(event.mode) == mode::AUDIT { "audit" } else { "enforce" }.into(),
+                mode: if u32::from(event.mode) == mode::AUDIT {
+                    "audit"
+                } else {
+                    "enforce"
+                }
+                .into(),
                 cookie: event.cookie,
                 cgroup_id: event.cgroup_id,
                 gid: event.gid,
@@ -257,7 +279,12 @@ impl Origin {
     }
 
     /// An OCSF Application Lifecycle record (activity 2 Remove, 3 Start) about enforcement.
-    pub fn lifecycle_record(&self, activity_id: u32, message: String, details: serde_json::Value) -> serde_json::Value {
+    pub fn lifecycle_record(
+        &self,
+        activity_id: u32,
+        message: String,
+        details: serde_json::Value,
+    ) -> serde_json::Value {
         let now = OffsetDateTime::now_utc();
         serde_json::json!({
             "class_uid": APPLICATION_LIFECYCLE,
@@ -296,7 +323,8 @@ fn comm(raw: &[u8; 16]) -> String {
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -333,15 +361,45 @@ mod tests {
 
     #[test]
     fn a_denied_mapped_connect_reads_as_ipv4_refusal() {
-        let r = Origin { hostname: "h".into() }.network_record(&event(), &Clock { offset_ns: 1_700_000_000_000_000_000 });
-        assert_eq!((r.activity_id, r.type_uid, r.action.as_str(), r.disposition_id), (5, 400105, "Denied", 2));
-        assert_eq!((r.dst_endpoint.ip.as_str(), r.dst_endpoint.port), ("192.0.2.1", 443));
+        let r = Origin {
+            hostname: "h".into(),
+        }
+        .network_record(
+            &event(),
+            &Clock {
+                offset_ns: 1_700_000_000_000_000_000,
+            },
+        );
+        assert_eq!(
+            (
+                r.activity_id,
+                r.type_uid,
+                r.action.as_str(),
+                r.disposition_id
+            ),
+            (5, 400105, "Denied", 2)
+        );
+        assert_eq!(
+            (r.dst_endpoint.ip.as_str(), r.dst_endpoint.port),
+            ("192.0.2.1", 443)
+        );
         assert_eq!(r.connection_info.protocol_ver_id, 4);
-        assert_eq!((r.actor.process.pid, r.actor.process.tid, r.actor.process.name.as_str()), (100, 101, "curl"));
-        assert_eq!((r.unmapped.hook.as_str(), r.unmapped.reason.as_str()), ("connect6", "not_listed"));
+        assert_eq!(
+            (
+                r.actor.process.pid,
+                r.actor.process.tid,
+                r.actor.process.name.as_str()
+            ),
+            (100, 101, "curl")
+        );
+        assert_eq!(
+            (r.unmapped.hook.as_str(), r.unmapped.reason.as_str()),
+            ("connect6", "not_listed")
+        );
         assert_eq!(r.time, 1_700_000_000_000);
         assert!(r.src_endpoint.is_none());
-        let back: NetworkRecord = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        let back: NetworkRecord =
+            serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }
 
@@ -349,7 +407,16 @@ mod tests {
     fn ipv6_destinations_stay_ipv6() {
         let mut e = event();
         e.dst_addr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
-        let r = Origin { hostname: "h".into() }.network_record(&e, &Clock::now());
-        assert_eq!((r.dst_endpoint.ip.as_str(), r.connection_info.protocol_ver_id), ("2001:db8::1", 6));
+        let r = Origin {
+            hostname: "h".into(),
+        }
+        .network_record(&e, &Clock::now());
+        assert_eq!(
+            (
+                r.dst_endpoint.ip.as_str(),
+                r.connection_info.protocol_ver_id
+            ),
+            ("2001:db8::1", 6)
+        );
     }
 }

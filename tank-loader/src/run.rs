@@ -26,7 +26,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let cgroup = AgentCgroup::open_or_create(&cfg.cgroup)?;
 
     if let Some(dir) = cfg.audit_log.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
             .with_context(|| format!("cannot create audit log directory {}", dir.display()))?;
     }
     let (mut log, recovery) = ChainWriter::open(&cfg.audit_log)?;
@@ -36,7 +39,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     }
 
     let installed = gate::install(&cfg, &cgroup)?;
-    let origin = Origin { hostname: nix::unistd::gethostname()?.to_string_lossy().into_owned() };
+    let origin = Origin {
+        hostname: nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
     let hooks: Vec<_> = installed.hooks.iter()
         .map(|(h, outcome, id)| serde_json::json!({"hook": h.name, "outcome": outcome, "program_id": id}))
         .collect();
@@ -77,7 +82,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     log.sync()?;
 
     let mut ebpf = installed.ebpf;
-    let ring = RingBuf::try_from(ebpf.take_map(event::MAP_NAME).context("ring buffer missing from the object")?)?;
+    let ring = RingBuf::try_from(
+        ebpf.take_map(event::MAP_NAME)
+            .context("ring buffer missing from the object")?,
+    )?;
     // Programs stay loaded through their pinned links; the loader needs only the ring buffer.
     drop(ebpf);
 
@@ -86,9 +94,15 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!(cgroup = %cgroup.dir.display(), cgroup_id = cgroup.id, mode = ?cfg.mode,
         endpoints = cfg.endpoints.len(), log = %cfg.audit_log.display(), "enforcing; draining events into the audit log");
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let written = runtime.block_on(drain::run(ring, &mut log, &origin, shutdown_signal()))?;
-    tracing::info!(events = written, seq = log.head().seq, "stopping; enforcement stays pinned (`tank-loader detach` removes it)");
+    tracing::info!(
+        events = written,
+        seq = log.head().seq,
+        "stopping; enforcement stays pinned (`tank-loader detach` removes it)"
+    );
     Ok(())
 }
 
@@ -104,7 +118,9 @@ async fn shutdown_signal() {
 
 /// Tells systemd (Type=notify) that enforcement is in place. No-op outside systemd.
 fn notify_ready() {
-    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|s| {
         let bytes = socket.as_encoded_bytes();
         if let Some(abstract_name) = bytes.strip_prefix(b"@") {

@@ -16,7 +16,8 @@ use crate::config::{Config, LsmMode, Mode};
 use crate::{gate, nft, query};
 
 /// What `status` says about the seccomp layer: the loader cannot see it from the host.
-pub const SECCOMP_NOTE: &str = "applied by the container runtime (SeccompProfile=); see image/seccomp/tank-agent.json";
+pub const SECCOMP_NOTE: &str =
+    "applied by the container runtime (SeccompProfile=); see image/seccomp/tank-agent.json";
 
 /// The whole report.
 #[derive(Debug, Serialize)]
@@ -127,7 +128,9 @@ pub fn collect(cfg: &Config) -> Status {
             let attached_ids = cgroup_fd
                 .as_ref()
                 .zip(hook.cgroup_attach_type())
-                .and_then(|(fd, attach_type)| query::attached_programs(fd.as_fd(), attach_type).ok())
+                .and_then(|(fd, attach_type)| {
+                    query::attached_programs(fd.as_fd(), attach_type).ok()
+                })
                 .unwrap_or_default();
             HookStatus {
                 hook: hook.name,
@@ -139,10 +142,20 @@ pub fn collect(cfg: &Config) -> Status {
         })
         .collect();
     let counters = gate::read_counters(&cfg.pin_dir).ok().map(|sums| {
-        counters::NAMES.iter().zip(sums).map(|(name, n)| ((*name).to_owned(), n.into())).collect()
+        counters::NAMES
+            .iter()
+            .zip(sums)
+            .map(|(name, n)| ((*name).to_owned(), n.into()))
+            .collect()
     });
-    let anchor = std::fs::read(chain::anchor_path(&cfg.audit_log)).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let layers = Layers { lsm: lsm_status(cfg), nft: nft_status(cfg), seccomp: SECCOMP_NOTE };
+    let anchor = std::fs::read(chain::anchor_path(&cfg.audit_log))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let layers = Layers {
+        lsm: lsm_status(cfg),
+        nft: nft_status(cfg),
+        seccomp: SECCOMP_NOTE,
+    };
     let hooks_ok = hooks.iter().all(|h| h.attached && h.attachments == 1);
     let nft_ok = !cfg.nft.enabled || layers.nft.table.is_some();
     let lsm_ok = cfg.lsm != LsmMode::Required || layers.lsm.in_force;
@@ -150,7 +163,11 @@ pub fn collect(cfg: &Config) -> Status {
         enforcing: hooks_ok && nft_ok && lsm_ok,
         layers,
         mode: gate::read_mode(&cfg.pin_dir).ok(),
-        cgroup: CgroupStatus { path: cfg.cgroup.clone(), dir: cgroup.as_ref().map(|c| c.dir.clone()), id: cgroup.as_ref().map(|c| c.id) },
+        cgroup: CgroupStatus {
+            path: cfg.cgroup.clone(),
+            dir: cgroup.as_ref().map(|c| c.dir.clone()),
+            id: cgroup.as_ref().map(|c| c.id),
+        },
         hooks,
         counters,
         pin_dir: cfg.pin_dir.clone(),
@@ -163,10 +180,11 @@ pub fn collect(cfg: &Config) -> Status {
 }
 
 fn lsm_status(cfg: &Config) -> LsmStatus {
-    let program_id = aya::programs::links::PinnedLink::from_pin(gate::link_pin(&cfg.pin_dir, &gate::LSM_HOOK))
-        .ok()
-        .and_then(|l| aya::programs::links::FdLink::from(l).info().ok())
-        .map(|i| i.program_id());
+    let program_id =
+        aya::programs::links::PinnedLink::from_pin(gate::link_pin(&cfg.pin_dir, &gate::LSM_HOOK))
+            .ok()
+            .and_then(|l| aya::programs::links::FdLink::from(l).info().ok())
+            .map(|i| i.program_id());
     let reason = match (program_id, cfg.lsm) {
         (Some(_), _) => None,
         (None, LsmMode::Off) => Some("lsm = \"off\" in the config".to_owned()),
@@ -181,13 +199,26 @@ fn lsm_status(cfg: &Config) -> LsmStatus {
             },
         ),
     };
-    LsmStatus { config: cfg.lsm, in_force: program_id.is_some(), program_id, reason }
+    LsmStatus {
+        config: cfg.lsm,
+        in_force: program_id.is_some(),
+        program_id,
+        reason,
+    }
 }
 
 fn nft_status(cfg: &Config) -> NftStatus {
     match nft::inspect(&cfg.nft.table) {
-        Ok(table) => NftStatus { enabled: cfg.nft.enabled, table, error: None },
-        Err(e) => NftStatus { enabled: cfg.nft.enabled, table: None, error: Some(format!("{e:#}")) },
+        Ok(table) => NftStatus {
+            enabled: cfg.nft.enabled,
+            table,
+            error: None,
+        },
+        Err(e) => NftStatus {
+            enabled: cfg.nft.enabled,
+            table: None,
+            error: Some(format!("{e:#}")),
+        },
     }
 }
 
@@ -195,8 +226,22 @@ fn nft_status(cfg: &Config) -> NftStatus {
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
     let yes = |b: bool| if b { "yes" } else { "NO" };
-    out += &format!("enforcing:   {}\n", if s.enforcing { "yes" } else { "NO (see hooks below)" });
-    out += &format!("mode:        {}\n", s.mode.map_or("unknown (no pinned settings)".to_owned(), |m| format!("{m:?}").to_lowercase()));
+    out += &format!(
+        "enforcing:   {}\n",
+        if s.enforcing {
+            "yes"
+        } else {
+            "NO (see hooks below)"
+        }
+    );
+    out += &format!(
+        "mode:        {}\n",
+        s.mode
+            .map_or("unknown (no pinned settings)".to_owned(), |m| format!(
+                "{m:?}"
+            )
+            .to_lowercase())
+    );
     out += &format!(
         "cgroup:      {} ({})\n",
         s.cgroup.path.display(),
@@ -210,22 +255,56 @@ pub fn render(s: &Status) -> String {
     for h in &s.hooks {
         out += &format!(
             "  {:<11} pinned {:<3}  attached {:<3}  program {:<6}  programs on cgroup {}\n",
-            h.hook, yes(h.pinned), yes(h.attached), h.program_id.map_or("-".to_owned(), |i| i.to_string()), h.attachments
+            h.hook,
+            yes(h.pinned),
+            yes(h.attached),
+            h.program_id.map_or("-".to_owned(), |i| i.to_string()),
+            h.attachments
         );
     }
     out += "layers:\n";
-    out += &format!("  gate        {}\n", if s.hooks.iter().filter(|h| h.hook != "sock_create").all(|h| h.attached) { "in force (connect4/6, sendmsg4/6)" } else { "NOT in force (see hooks)" });
-    out += &format!("  sock_create {}\n", if s.hooks.iter().any(|h| h.hook == "sock_create" && h.attached) { "in force (raw, ping, non-TCP/UDP inet sockets refused)" } else { "NOT in force" });
+    out += &format!(
+        "  gate        {}\n",
+        if s.hooks
+            .iter()
+            .filter(|h| h.hook != "sock_create")
+            .all(|h| h.attached)
+        {
+            "in force (connect4/6, sendmsg4/6)"
+        } else {
+            "NOT in force (see hooks)"
+        }
+    );
+    out += &format!(
+        "  sock_create {}\n",
+        if s.hooks
+            .iter()
+            .any(|h| h.hook == "sock_create" && h.attached)
+        {
+            "in force (raw, ping, non-TCP/UDP inet sockets refused)"
+        } else {
+            "NOT in force"
+        }
+    );
     let lsm = &s.layers.lsm;
     out += &match (&lsm.program_id, &lsm.reason) {
         (Some(id), _) => format!("  lsm         in force (socket_create, program {id})\n"),
-        (None, reason) => format!("  lsm         NOT in force (lsm = \"{}\"): {}\n", lsm.config.name(), reason.as_deref().unwrap_or("-")),
+        (None, reason) => format!(
+            "  lsm         NOT in force (lsm = \"{}\"): {}\n",
+            lsm.config.name(),
+            reason.as_deref().unwrap_or("-")
+        ),
     };
     let nft = &s.layers.nft;
     out += &match (&nft.table, &nft.error) {
-        (Some(t), _) => format!("  nft         in force (table inet {}, {} rules, {} packets refused)\n", t.table, t.rules, t.refused_packets),
+        (Some(t), _) => format!(
+            "  nft         in force (table inet {}, {} rules, {} packets refused)\n",
+            t.table, t.rules, t.refused_packets
+        ),
         (None, Some(e)) => format!("  nft         unknown: {e}\n"),
-        (None, None) if nft.enabled => "  nft         NOT in force: the table is missing\n".to_owned(),
+        (None, None) if nft.enabled => {
+            "  nft         NOT in force: the table is missing\n".to_owned()
+        }
         (None, None) => "  nft         off ([nft] enabled = false)\n".to_owned(),
     };
     out += &format!("  seccomp     {}\n", s.layers.seccomp);
@@ -233,7 +312,10 @@ pub fn render(s: &Status) -> String {
         Some(c) => {
             out += "counters:\n";
             for name in counters::NAMES {
-                out += &format!("  {name:<19} {}\n", c.get(name).unwrap_or(&serde_json::Value::Null));
+                out += &format!(
+                    "  {name:<19} {}\n",
+                    c.get(name).unwrap_or(&serde_json::Value::Null)
+                );
             }
         }
         None => out += "counters:    unavailable (no pinned counters)\n",
@@ -241,8 +323,15 @@ pub fn render(s: &Status) -> String {
     out += &format!(
         "audit log:   {} (loader {}, last durable seq {})\n",
         s.audit_log.path.display(),
-        if s.audit_log.loader_running { "running" } else { "not running" },
-        s.audit_log.anchor.as_ref().map_or("-".to_owned(), |a| a.seq.to_string())
+        if s.audit_log.loader_running {
+            "running"
+        } else {
+            "not running"
+        },
+        s.audit_log
+            .anchor
+            .as_ref()
+            .map_or("-".to_owned(), |a| a.seq.to_string())
     );
     out
 }

@@ -28,7 +28,10 @@ impl Filter {
     fn accepts(&self, r: &NetworkRecord) -> bool {
         (!self.denied || r.action_id == 2)
             && self.pid.is_none_or(|p| p == r.actor.process.pid)
-            && self.comm.as_ref().is_none_or(|c| *c == r.actor.process.name)
+            && self
+                .comm
+                .as_ref()
+                .is_none_or(|c| *c == r.actor.process.name)
     }
 }
 
@@ -47,14 +50,30 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// Follows the log at `path`, writing matching records to `out` until interrupted (or, with
 /// `no_follow`, until the end of the log).
-pub fn follow(path: &Path, filter: &Filter, opts: Options, out: &mut impl Write) -> anyhow::Result<()> {
-    let open = || File::open(path).with_context(|| format!("cannot open audit log {} (is tank-loader running?)", path.display()));
+pub fn follow(
+    path: &Path,
+    filter: &Filter,
+    opts: Options,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let open = || {
+        File::open(path).with_context(|| {
+            format!(
+                "cannot open audit log {} (is tank-loader running?)",
+                path.display()
+            )
+        })
+    };
     let mut reader = BufReader::new(open()?);
     if !opts.history {
         reader.seek(SeekFrom::End(0))?;
     }
     if !opts.json {
-        writeln!(out, "{:<12} {:>7}  {:<15} {:<4} {:<40} {:<7} {}", "TIME", "PID", "COMM", "PROTO", "DESTINATION", "VERDICT", "REASON")?;
+        writeln!(
+            out,
+            "{:<12} {:>7}  {:<15} {:<4} {:<40} {:<7} {}",
+            "TIME", "PID", "COMM", "PROTO", "DESTINATION", "VERDICT", "REASON"
+        )?;
     }
     let mut pending = String::new();
     loop {
@@ -65,7 +84,10 @@ pub fn follow(path: &Path, filter: &Filter, opts: Options, out: &mut impl Write)
                 return Ok(());
             }
             let pos = reader.stream_position()?;
-            if std::fs::metadata(path).map(|m| m.len() < pos).unwrap_or(false) {
+            if std::fs::metadata(path)
+                .map(|m| m.len() < pos)
+                .unwrap_or(false)
+            {
                 // The log was replaced or cut: start again from its beginning.
                 reader = BufReader::new(open()?);
                 pending.clear();
@@ -74,11 +96,15 @@ pub fn follow(path: &Path, filter: &Filter, opts: Options, out: &mut impl Write)
             continue;
         }
         let line = std::mem::take(&mut pending);
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         if value.get("class_uid").and_then(|c| c.as_u64()) != Some(u64::from(NETWORK_ACTIVITY)) {
             continue;
         }
-        let Ok(record) = serde_json::from_value::<NetworkRecord>(value) else { continue };
+        let Ok(record) = serde_json::from_value::<NetworkRecord>(value) else {
+            continue;
+        };
         if !filter.accepts(&record) {
             continue;
         }
@@ -101,6 +127,12 @@ fn row(r: &NetworkRecord) -> String {
     let verdict = if r.action_id == 1 { "allow" } else { "DENY" };
     format!(
         "{:<12} {:>7}  {:<15} {:<4} {:<40} {:<7} {}",
-        time, r.actor.process.pid, r.actor.process.name, r.connection_info.protocol_name, dst, verdict, r.unmapped.reason
+        time,
+        r.actor.process.pid,
+        r.actor.process.name,
+        r.connection_info.protocol_name,
+        dst,
+        verdict,
+        r.unmapped.reason
     )
 }

@@ -27,7 +27,11 @@ pub fn require_root() {
 /// A name no other test or run uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Path of a binary of this workspace built with the same profile as the running executable
@@ -39,7 +43,11 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         dir = dir.parent().expect("profile directory");
     }
     let bin = dir.join(name);
-    assert!(bin.exists(), "{} not built; `cargo xtask test` builds every binary first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built; `cargo xtask test` builds every binary first",
+        bin.display()
+    );
     bin
 }
 
@@ -60,13 +68,21 @@ impl TestCgroups {
     pub fn new() -> Self {
         require_root();
         let name = unique("tank-it");
-        let root = tank_loader::cgroup::cgroup2_mount().expect("cgroup2 mount").join(&name);
+        let root = tank_loader::cgroup::cgroup2_mount()
+            .expect("cgroup2 mount")
+            .join(&name);
         let agent = root.join("agent");
         let sibling = root.join("sibling");
         for dir in [&root, &agent, &sibling] {
-            std::fs::create_dir(dir).unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", dir.display()));
+            std::fs::create_dir(dir)
+                .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", dir.display()));
         }
-        Self { agent_path: format!("/{name}/agent"), root, agent, sibling }
+        Self {
+            agent_path: format!("/{name}/agent"),
+            root,
+            agent,
+            sibling,
+        }
     }
 }
 
@@ -89,7 +105,10 @@ pub fn kill_all_in(dir: &Path) {
             return;
         }
         for pid in procs.lines().filter_map(|p| p.parse().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -141,13 +160,28 @@ impl Loader {
             audit_log.display()
         );
         if !extra.contains("[nft]") {
-            text += &format!("[nft]\nenabled = false\ntable = \"{}\"\n", unique("tank-it"));
+            text += &format!(
+                "[nft]\nenabled = false\ntable = \"{}\"\n",
+                unique("tank-it")
+            );
         }
-        let nft_table = tank_loader::config::Config::parse(&text, "test").ok().map(|c| c.nft.table);
+        let nft_table = tank_loader::config::Config::parse(&text, "test")
+            .ok()
+            .map(|c| c.nft.table);
         std::fs::write(&config, text).expect("write config");
         let bin = workspace_bin("tank-loader");
         let log = dir.path().join("loader.log");
-        Self { child: None, bin, dir, config, audit_log, pin_dir, log, nft_table, env: Vec::new() }
+        Self {
+            child: None,
+            bin,
+            dir,
+            config,
+            audit_log,
+            pin_dir,
+            log,
+            nft_table,
+            env: Vec::new(),
+        }
     }
 
     /// Sets an environment variable for the next starts.
@@ -169,9 +203,15 @@ impl Loader {
         let socket_path = self.dir.path().join("notify.sock");
         let _ = std::fs::remove_file(&socket_path);
         let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
-        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let log_start = std::fs::metadata(&self.log).map_or(0, |m| m.len()) as usize;
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("loader log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("loader log");
         let mut child = Command::new(&self.bin)
             .args(["run", "--config"])
             .arg(&self.config)
@@ -181,28 +221,48 @@ impl Loader {
             .stderr(stderr)
             .spawn()
             .expect("spawn tank-loader");
-        let this_run = |log: &Path| std::fs::read_to_string(log).unwrap_or_default().get(log_start..).unwrap_or_default().to_owned();
+        let this_run = |log: &Path| {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .get(log_start..)
+                .unwrap_or_default()
+                .to_owned()
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut buf = [0u8; 256];
         loop {
             match socket.recv(&mut buf) {
                 Ok(n) => {
-                    assert!(buf[..n].starts_with(b"READY=1"), "unexpected notify message");
+                    assert!(
+                        buf[..n].starts_with(b"READY=1"),
+                        "unexpected notify message"
+                    );
                     self.child = Some(child);
                     return Ok(());
                 }
-                Err(e) if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     panic!("notify socket: {e}")
                 }
                 Err(_) => {}
             }
             if let Some(status) = child.try_wait().expect("poll tank-loader") {
-                return Err(format!("tank-loader exited ({status}) before it was ready: {}", this_run(&self.log)));
+                return Err(format!(
+                    "tank-loader exited ({status}) before it was ready: {}",
+                    this_run(&self.log)
+                ));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("tank-loader did not become ready in 20 s: {}", this_run(&self.log)));
+                return Err(format!(
+                    "tank-loader did not become ready in 20 s: {}",
+                    this_run(&self.log)
+                ));
             }
         }
     }
@@ -228,21 +288,38 @@ impl Loader {
     /// SIGTERM and wait: the loader drains what is pending and exits 0.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
             let status = child.wait().expect("wait for tank-loader");
-            assert!(status.success(), "tank-loader exited with {status} on SIGTERM");
+            assert!(
+                status.success(),
+                "tank-loader exited with {status} on SIGTERM"
+            );
         }
     }
 
     /// Runs `tank-loader ARGS... --config <ours>`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin).args(args).arg("--config").arg(&self.config).output().expect("run tank-loader")
+        Command::new(&self.bin)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run tank-loader")
     }
 
     /// `status --json`, parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = self.cli(&["status", "--json"]);
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status --json: {e}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 
     /// Waits (bounded) for the connection record of process `pid` and returns it.
@@ -253,7 +330,10 @@ impl Loader {
             if let Some(r) = records.iter().find(|r| r.actor.process.pid == pid) {
                 return r.clone();
             }
-            assert!(Instant::now() < deadline, "no record of pid {pid} in {records:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no record of pid {pid} in {records:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -287,16 +367,28 @@ impl Drop for Loader {
 /// (`extra` holds more keys of the section, e.g. `uid_range = "..."`); returns it and the name.
 pub fn nft_section(extra: &str) -> (String, String) {
     let table = unique("tank-it");
-    (format!("\n[nft]\nenabled = true\ntable = \"{table}\"\n{extra}\n"), table)
+    (
+        format!("\n[nft]\nenabled = true\ntable = \"{table}\"\n{extra}\n"),
+        table,
+    )
 }
 
 /// The connection records of a verified kernel audit log (panics if the chain is broken).
 pub fn network_records(log: &Path) -> Vec<NetworkRecord> {
-    let Ok((report, records)) = chain::read(log) else { return Vec::new() };
-    assert!(report.is_intact(), "audit log {} does not verify: {:?}", log.display(), report.problems);
+    let Ok((report, records)) = chain::read(log) else {
+        return Vec::new();
+    };
+    assert!(
+        report.is_intact(),
+        "audit log {} does not verify: {:?}",
+        log.display(),
+        report.problems
+    );
     records
         .into_iter()
-        .filter(|r| r.value.get("class_uid").and_then(|c| c.as_u64()) == Some(u64::from(NETWORK_ACTIVITY)))
+        .filter(|r| {
+            r.value.get("class_uid").and_then(|c| c.as_u64()) == Some(u64::from(NETWORK_ACTIVITY))
+        })
         .map(|r| serde_json::from_value(r.value).expect("connection record parses"))
         .collect()
 }
@@ -304,7 +396,14 @@ pub fn network_records(log: &Path) -> Vec<NetworkRecord> {
 /// Runs `tank-probe` inside the cgroup at `cgroup` (as `uid` if given) and returns its pid
 /// and answer.
 pub fn probe(cgroup: &Path, uid: Option<u32>, args: &[&str]) -> (u32, String) {
-    probe_with(cgroup, &ProbeOpts { uid, ..ProbeOpts::default() }, args)
+    probe_with(
+        cgroup,
+        &ProbeOpts {
+            uid,
+            ..ProbeOpts::default()
+        },
+        args,
+    )
 }
 
 /// Where and how a probe runs, besides its cgroup.
@@ -331,16 +430,27 @@ pub fn probe_with(cgroup: &Path, opts: &ProbeOpts<'_>, args: &[&str]) -> (u32, S
     if opts.seccomp {
         cmd.arg("--seccomp");
     }
-    let child = cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn tank-probe");
+    let child = cmd
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tank-probe");
     let pid = child.id();
     let out = child.wait_with_output().expect("tank-probe");
-    assert!(out.status.success(), "tank-probe {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tank-probe {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (pid, String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Counters from `status --json`, by name.
 pub fn counter(status: &serde_json::Value, name: &str) -> u64 {
-    status["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name} missing from status: {status}"))
+    status["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} missing from status: {status}"))
 }
 
 /// A network namespace of its own for one test, with an interface `tank0` holding
@@ -360,12 +470,17 @@ impl TestNetns {
     pub fn new() -> Self {
         require_root();
         let name = unique("tank-it");
-        let ns = Self { path: PathBuf::from("/run/netns").join(&name), name };
+        let ns = Self {
+            path: PathBuf::from("/run/netns").join(&name),
+            name,
+        };
         ip(&["netns", "add", &ns.name]);
         for args in [
             &["link", "set", "lo", "up"][..],
             // A veth pair with both ends inside: the dummy driver is not on every kernel.
-            &["link", "add", "tank0", "type", "veth", "peer", "name", "tank1"],
+            &[
+                "link", "add", "tank0", "type", "veth", "peer", "name", "tank1",
+            ],
             &["link", "set", "tank0", "up"],
             &["link", "set", "tank1", "up"],
             &["addr", "add", "192.0.2.1/24", "dev", "tank0"],
@@ -376,7 +491,10 @@ impl TestNetns {
         }
         // ping_group_range is per namespace; opening it here lets the sock_create hook, not
         // the sysctl, be what refuses a ping socket.
-        ns.in_netns(|| std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647").expect("open ping_group_range"));
+        ns.in_netns(|| {
+            std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
+                .expect("open ping_group_range")
+        });
         ns
     }
 
@@ -386,7 +504,8 @@ impl TestNetns {
             scope
                 .spawn(|| {
                     let file = std::fs::File::open(&self.path).expect("open the test netns");
-                    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the test netns");
+                    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .expect("enter the test netns");
                     f()
                 })
                 .join()
@@ -402,11 +521,20 @@ impl TestNetns {
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip (package iproute2)");
-    assert!(out.status.success(), "ip {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (package iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

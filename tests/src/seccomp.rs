@@ -11,7 +11,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
 
 /// Path of the profile in the repository.
 pub fn profile_path() -> PathBuf {
@@ -37,37 +40,64 @@ fn syscall_number(name: &str) -> Option<i64> {
 /// Panics on anything the profile uses that this translation does not handle, so a profile
 /// change that the test cannot mirror fails loudly instead of being tested half.
 pub fn compile(profile: &str) -> BpfProgram {
-    let json: serde_json::Value = serde_json::from_str(profile).expect("the seccomp profile is valid JSON");
-    assert_eq!(json["defaultAction"], "SCMP_ACT_ALLOW", "the profile is written as default-allow");
+    let json: serde_json::Value =
+        serde_json::from_str(profile).expect("the seccomp profile is valid JSON");
+    assert_eq!(
+        json["defaultAction"], "SCMP_ACT_ALLOW",
+        "the profile is written as default-allow"
+    );
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut errno = None;
     let mut unconditional = Vec::new();
     for entry in json["syscalls"].as_array().expect("syscalls array") {
-        assert_eq!(entry["action"], "SCMP_ACT_ERRNO", "every rule of the profile refuses: {entry}");
+        assert_eq!(
+            entry["action"], "SCMP_ACT_ERRNO",
+            "every rule of the profile refuses: {entry}"
+        );
         let code = entry["errnoRet"].as_u64().unwrap_or(libc::EPERM as u64) as u32;
-        assert!(errno.is_none_or(|e| e == code), "one errno for every rule (seccompiler has one match action)");
+        assert!(
+            errno.is_none_or(|e| e == code),
+            "one errno for every rule (seccompiler has one match action)"
+        );
         errno = Some(code);
         let args = entry["args"].as_array().cloned().unwrap_or_default();
         let conditions: Vec<SeccompCondition> = args.iter().map(condition).collect();
-        let mut indexes: Vec<u64> = args.iter().map(|a| a["index"].as_u64().expect("arg index")).collect();
+        let mut indexes: Vec<u64> = args
+            .iter()
+            .map(|a| a["index"].as_u64().expect("arg index"))
+            .collect();
         indexes.sort_unstable();
         let repeated = indexes.windows(2).any(|w| w[0] == w[1]);
         let entry_rules: Vec<SeccompRule> = if conditions.is_empty() {
             Vec::new()
         } else if repeated {
-            conditions.into_iter().map(|c| SeccompRule::new(vec![c]).expect("rule")).collect()
+            conditions
+                .into_iter()
+                .map(|c| SeccompRule::new(vec![c]).expect("rule"))
+                .collect()
         } else {
             vec![SeccompRule::new(conditions).expect("rule")]
         };
-        for name in entry["names"].as_array().expect("names").iter().map(|n| n.as_str().expect("name")) {
+        for name in entry["names"]
+            .as_array()
+            .expect("names")
+            .iter()
+            .map(|n| n.as_str().expect("name"))
+        {
             let Some(nr) = syscall_number(name) else {
-                assert!(OTHER_ARCH_ONLY.contains(&name), "syscall `{name}` in the profile is unknown to this test: add it");
+                assert!(
+                    OTHER_ARCH_ONLY.contains(&name),
+                    "syscall `{name}` in the profile is unknown to this test: add it"
+                );
                 continue;
             };
             if entry_rules.is_empty() {
                 unconditional.push(nr);
             }
-            rules.entry(nr).or_default().extend(entry_rules.iter().cloned());
+            rules
+                .entry(nr)
+                .or_default()
+                .extend(entry_rules.iter().cloned());
         }
     }
     // An unconditional rule matches every call of its syscall, whatever else names it
@@ -75,9 +105,16 @@ pub fn compile(profile: &str) -> BpfProgram {
     for nr in unconditional {
         rules.insert(nr, Vec::new());
     }
-    let arch = std::env::consts::ARCH.try_into().expect("an architecture seccompiler supports");
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(errno.unwrap_or(libc::EPERM as u32)), arch)
-        .expect("seccomp filter");
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .expect("an architecture seccompiler supports");
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno.unwrap_or(libc::EPERM as u32)),
+        arch,
+    )
+    .expect("seccomp filter");
     filter.try_into().expect("seccomp BPF")
 }
 
@@ -94,13 +131,18 @@ fn condition(arg: &serde_json::Value) -> SeccompCondition {
         "SCMP_CMP_MASKED_EQ" => SeccompCmpOp::MaskedEq(value),
         other => panic!("comparison {other} not handled"),
     };
-    let value = if matches!(op, SeccompCmpOp::MaskedEq(_)) { arg["valueTwo"].as_u64().unwrap_or(0) } else { value };
+    let value = if matches!(op, SeccompCmpOp::MaskedEq(_)) {
+        arg["valueTwo"].as_u64().unwrap_or(0)
+    } else {
+        value
+    };
     SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value).expect("condition")
 }
 
 /// Reads the profile, compiles it and installs it on the calling thread (and what it execs).
 pub fn apply_profile() {
     let path = profile_path();
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     seccompiler::apply_filter(&compile(&text)).expect("install the seccomp filter");
 }

@@ -34,10 +34,16 @@ impl Targets {
         self.other6.local_addr().unwrap().to_string()
     }
     fn mapped_other(&self) -> String {
-        format!("[::ffff:127.0.0.1]:{}", self.other.local_addr().unwrap().port())
+        format!(
+            "[::ffff:127.0.0.1]:{}",
+            self.other.local_addr().unwrap().port()
+        )
     }
     fn mapped_proxy(&self) -> String {
-        format!("[::ffff:127.0.0.1]:{}", self.proxy.local_addr().unwrap().port())
+        format!(
+            "[::ffff:127.0.0.1]:{}",
+            self.proxy.local_addr().unwrap().port()
+        )
     }
     fn udp(&self) -> String {
         self.udp.local_addr().unwrap().to_string()
@@ -52,11 +58,24 @@ fn unlisted_ipv4_ipv6_and_mapped_destinations_get_eperm_and_the_proxy_connects()
     let cg = TestCgroups::new();
     let t = Targets::new();
     let _loader = Loader::start(&cg, &t.config());
-    assert_eq!(probe(&cg.agent, Some(65534), &["tcp", &t.other()]).1, "EPERM");
-    assert_eq!(probe(&cg.agent, Some(65534), &["tcp", &t.other6()]).1, "EPERM");
-    assert_eq!(probe(&cg.agent, Some(65534), &["tcp", &t.mapped_other()]).1, "EPERM");
+    assert_eq!(
+        probe(&cg.agent, Some(65534), &["tcp", &t.other()]).1,
+        "EPERM"
+    );
+    assert_eq!(
+        probe(&cg.agent, Some(65534), &["tcp", &t.other6()]).1,
+        "EPERM"
+    );
+    assert_eq!(
+        probe(&cg.agent, Some(65534), &["tcp", &t.mapped_other()]).1,
+        "EPERM"
+    );
     assert_eq!(probe(&cg.agent, Some(65534), &["tcp", &t.proxy()]).1, "ok");
-    assert_eq!(probe(&cg.agent, Some(65534), &["tcp", &t.mapped_proxy()]).1, "ok", "mapped form of the proxy is the proxy");
+    assert_eq!(
+        probe(&cg.agent, Some(65534), &["tcp", &t.mapped_proxy()]).1,
+        "ok",
+        "mapped form of the proxy is the proxy"
+    );
 }
 
 #[test]
@@ -64,15 +83,28 @@ fn udp_sendto_and_connected_udp_to_unlisted_targets_are_refused() {
     let cg = TestCgroups::new();
     let t = Targets::new();
     let _loader = Loader::start(&cg, &t.config());
-    assert_eq!(probe(&cg.agent, Some(65534), &["udp-sendto", &t.udp()]).1, "EPERM");
-    assert_eq!(probe(&cg.agent, Some(65534), &["udp-connect", &t.udp()]).1, "EPERM");
+    assert_eq!(
+        probe(&cg.agent, Some(65534), &["udp-sendto", &t.udp()]).1,
+        "EPERM"
+    );
+    assert_eq!(
+        probe(&cg.agent, Some(65534), &["udp-connect", &t.udp()]).1,
+        "EPERM"
+    );
 }
 
 #[test]
 fn listed_udp_endpoint_is_reachable_and_its_tcp_port_is_not() {
     let cg = TestCgroups::new();
     let t = Targets::new();
-    let _loader = Loader::start(&cg, &format!("{}\n[[allow]]\nendpoint = \"{}\"\nprotocol = \"udp\"\n", t.config(), t.udp()));
+    let _loader = Loader::start(
+        &cg,
+        &format!(
+            "{}\n[[allow]]\nendpoint = \"{}\"\nprotocol = \"udp\"\n",
+            t.config(),
+            t.udp()
+        ),
+    );
     assert_eq!(probe(&cg.agent, None, &["udp-sendto", &t.udp()]).1, "ok");
     assert_eq!(probe(&cg.agent, None, &["udp-connect", &t.udp()]).1, "ok");
     // Same address and port over TCP is another endpoint: not listed.
@@ -103,30 +135,75 @@ fn every_attempt_reaches_the_audit_log_with_its_fields() {
     let (udp_pid, _) = probe(&cg.agent, Some(65534), &["udp-sendto", &t.udp()]);
     let (v6_pid, _) = probe(&cg.agent, Some(65534), &["tcp", &t.other6()]);
     let records = loader.records(4);
-    let find = |pid: u32| records.iter().find(|r| r.actor.process.pid == pid).unwrap_or_else(|| panic!("no record for pid {pid}: {records:?}"));
+    let find = |pid: u32| {
+        records
+            .iter()
+            .find(|r| r.actor.process.pid == pid)
+            .unwrap_or_else(|| panic!("no record for pid {pid}: {records:?}"))
+    };
 
     let denied = find(denied_pid);
-    assert_eq!((denied.action.as_str(), denied.activity_id, denied.unmapped.reason.as_str()), ("Denied", 5, "not_listed"));
+    assert_eq!(
+        (
+            denied.action.as_str(),
+            denied.activity_id,
+            denied.unmapped.reason.as_str()
+        ),
+        ("Denied", 5, "not_listed")
+    );
     assert_eq!(denied.dst_endpoint.ip, "127.0.0.1");
-    assert_eq!(denied.dst_endpoint.port, t.other.local_addr().unwrap().port());
+    assert_eq!(
+        denied.dst_endpoint.port,
+        t.other.local_addr().unwrap().port()
+    );
     assert_eq!(denied.actor.process.name, "tank-probe");
     assert_eq!(denied.actor.process.user.uid, "65534");
     assert_eq!(denied.unmapped.gid, 65534);
     assert_eq!(denied.unmapped.cgroup_id, cgroup_id);
     assert_eq!(denied.unmapped.hook, "connect4");
-    assert_eq!((denied.connection_info.protocol_name.as_str(), denied.unmapped.sock_type), ("tcp", 1));
+    assert_eq!(
+        (
+            denied.connection_info.protocol_name.as_str(),
+            denied.unmapped.sock_type
+        ),
+        ("tcp", 1)
+    );
     assert_ne!(denied.unmapped.cookie, 0);
-    assert!(denied.time > 1_600_000_000_000, "wall-clock ms: {}", denied.time);
+    assert!(
+        denied.time > 1_600_000_000_000,
+        "wall-clock ms: {}",
+        denied.time
+    );
 
     let allowed = find(allowed_pid);
-    assert_eq!((allowed.action.as_str(), allowed.unmapped.reason.as_str()), ("Allowed", "proxy"));
-    assert_eq!(allowed.dst_endpoint.port, t.proxy.local_addr().unwrap().port());
+    assert_eq!(
+        (allowed.action.as_str(), allowed.unmapped.reason.as_str()),
+        ("Allowed", "proxy")
+    );
+    assert_eq!(
+        allowed.dst_endpoint.port,
+        t.proxy.local_addr().unwrap().port()
+    );
 
     let udp = find(udp_pid);
-    assert_eq!((udp.unmapped.hook.as_str(), udp.connection_info.protocol_name.as_str(), udp.action.as_str()), ("sendmsg4", "udp", "Denied"));
+    assert_eq!(
+        (
+            udp.unmapped.hook.as_str(),
+            udp.connection_info.protocol_name.as_str(),
+            udp.action.as_str()
+        ),
+        ("sendmsg4", "udp", "Denied")
+    );
 
     let v6 = find(v6_pid);
-    assert_eq!((v6.unmapped.hook.as_str(), v6.dst_endpoint.ip.as_str(), v6.connection_info.protocol_ver_id), ("connect6", "::1", 6));
+    assert_eq!(
+        (
+            v6.unmapped.hook.as_str(),
+            v6.dst_endpoint.ip.as_str(),
+            v6.connection_info.protocol_ver_id
+        ),
+        ("connect6", "::1", 6)
+    );
 
     let status = loader.status();
     assert_eq!(counter(&status, "allowed"), 1);
@@ -147,7 +224,12 @@ fn kill_9_of_the_loader_leaves_enforcement_and_a_restart_loses_no_record() {
 
     loader.restart();
     let records = loader.records(2);
-    assert!(records.iter().any(|r| r.actor.process.pid == pid && r.action == "Denied"), "attempt made while the loader was dead is missing");
+    assert!(
+        records
+            .iter()
+            .any(|r| r.actor.process.pid == pid && r.action == "Denied"),
+        "attempt made while the loader was dead is missing"
+    );
     assert_eq!(records.len(), 2);
 }
 
@@ -163,14 +245,35 @@ fn a_restart_re_adopts_and_attaches_nothing_twice() {
     loader.restart();
     let after = loader.status();
     assert_eq!(after["enforcing"], true, "{after}");
-    for (b, a) in before["hooks"].as_array().unwrap().iter().zip(after["hooks"].as_array().unwrap()) {
-        assert_eq!(a["attachments"], 1, "hook {} attached more than once: {after}", a["hook"]);
-        assert_eq!(a["program_id"], b["program_id"], "hook {} was replaced, not adopted", a["hook"]);
+    for (b, a) in before["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(after["hooks"].as_array().unwrap())
+    {
+        assert_eq!(
+            a["attachments"], 1,
+            "hook {} attached more than once: {after}",
+            a["hook"]
+        );
+        assert_eq!(
+            a["program_id"], b["program_id"],
+            "hook {} was replaced, not adopted",
+            a["hook"]
+        );
     }
-    let starts: Vec<_> = tank_ebpf_common::chain::read(&loader.audit_log).unwrap().1.into_iter()
-        .filter(|r| r.value["class_uid"] == 6002).collect();
+    let starts: Vec<_> = tank_ebpf_common::chain::read(&loader.audit_log)
+        .unwrap()
+        .1
+        .into_iter()
+        .filter(|r| r.value["class_uid"] == 6002)
+        .collect();
     assert_eq!(starts.len(), 3);
-    assert!(starts[2].value["unmapped"]["hooks"].as_array().unwrap().iter().all(|h| h["outcome"] == "adopted"));
+    assert!(starts[2].value["unmapped"]["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|h| h["outcome"] == "adopted"));
     assert_eq!(probe(&cg.agent, None, &["tcp", &t.other()]).1, "EPERM");
 }
 
@@ -183,12 +286,20 @@ fn a_full_ring_buffer_denies_even_the_proxy_and_counts_it() {
     loader.kill9();
     let flood = probe(&cg.agent, Some(65534), &["flood", &t.other(), "200"]).1;
     assert_eq!(flood, "ok=0 eperm=200 other=0");
-    assert_eq!(probe(&cg.agent, Some(65534), &["tcp", &t.proxy()]).1, "EPERM", "an allowlisted connect with no room to record it must fail");
+    assert_eq!(
+        probe(&cg.agent, Some(65534), &["tcp", &t.proxy()]).1,
+        "EPERM",
+        "an allowlisted connect with no room to record it must fail"
+    );
     let status = loader.status();
     let unrecorded = counter(&status, "unrecorded_denied");
     let recorded = counter(&status, "denied") + counter(&status, "allowed");
     assert!(unrecorded >= 1, "{status}");
-    assert_eq!(recorded + unrecorded, 201, "every attempt is recorded or counted: {status}");
+    assert_eq!(
+        recorded + unrecorded,
+        201,
+        "every attempt is recorded or counted: {status}"
+    );
 
     // Once drained, the log holds exactly the recorded attempts.
     loader.restart();
@@ -204,8 +315,18 @@ fn audit_mode_records_and_allows() {
     let (pid, outcome) = probe(&cg.agent, Some(65534), &["tcp", &t.other()]);
     assert_eq!(outcome, "ok");
     let records = loader.records(1);
-    let r = records.iter().find(|r| r.actor.process.pid == pid).expect("audit-mode attempt recorded");
-    assert_eq!((r.action.as_str(), r.unmapped.reason.as_str(), r.unmapped.mode.as_str()), ("Allowed", "audit_not_listed", "audit"));
+    let r = records
+        .iter()
+        .find(|r| r.actor.process.pid == pid)
+        .expect("audit-mode attempt recorded");
+    assert_eq!(
+        (
+            r.action.as_str(),
+            r.unmapped.reason.as_str(),
+            r.unmapped.mode.as_str()
+        ),
+        ("Allowed", "audit_not_listed", "audit")
+    );
     assert_eq!(loader.status()["mode"], "audit");
 }
 
@@ -216,18 +337,32 @@ fn detach_is_refused_while_the_loader_runs_and_then_removes_enforcement_on_recor
     let mut loader = Loader::start(&cg, &t.config());
     let refused = loader.cli(&["detach"]);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("stop tank-loader first"), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop tank-loader first"),
+        "{refused:?}"
+    );
     assert_eq!(probe(&cg.agent, None, &["tcp", &t.other()]).1, "EPERM");
 
     loader.stop();
     let out = loader.cli(&["detach"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(probe(&cg.agent, None, &["tcp", &t.other()]).1, "ok", "detach must remove enforcement");
+    assert_eq!(
+        probe(&cg.agent, None, &["tcp", &t.other()]).1,
+        "ok",
+        "detach must remove enforcement"
+    );
     let status = loader.cli(&["status"]);
-    assert!(!status.status.success(), "status must exit 1 when not enforcing");
+    assert!(
+        !status.status.success(),
+        "status must exit 1 when not enforcing"
+    );
     let log = tank_ebpf_common::chain::read(&loader.audit_log).unwrap();
     assert!(log.0.is_intact());
     let last = &log.1.last().unwrap().value;
-    assert_eq!((last["class_uid"].as_u64(), last["activity_id"].as_u64()), (Some(6002), Some(2)), "removal is on record: {last}");
+    assert_eq!(
+        (last["class_uid"].as_u64(), last["activity_id"].as_u64()),
+        (Some(6002), Some(2)),
+        "removal is on record: {last}"
+    );
     assert_eq!(network_records(&loader.audit_log).len(), 1);
 }

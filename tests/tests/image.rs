@@ -22,7 +22,10 @@ use std::process::Command;
 use tank_integration_tests::workspace_bin;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 fn read(rel: &str) -> String {
@@ -44,19 +47,37 @@ fn parse_ini(text: &str) -> Vec<(String, String, String, usize)> {
             section = name.to_owned();
             continue;
         }
-        let (k, v) = line.split_once('=').unwrap_or_else(|| panic!("line {}: not KEY=VALUE: {line}", i + 1));
-        out.push((section.clone(), k.trim().to_owned(), v.trim().to_owned(), i + 1));
+        let (k, v) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("line {}: not KEY=VALUE: {line}", i + 1));
+        out.push((
+            section.clone(),
+            k.trim().to_owned(),
+            v.trim().to_owned(),
+            i + 1,
+        ));
     }
     out
 }
 
-fn values<'a>(ini: &'a [(String, String, String, usize)], section: &str, key: &str) -> Vec<&'a str> {
-    ini.iter().filter(|(s, k, _, _)| s == section && k == key).map(|(_, _, v, _)| v.as_str()).collect()
+fn values<'a>(
+    ini: &'a [(String, String, String, usize)],
+    section: &str,
+    key: &str,
+) -> Vec<&'a str> {
+    ini.iter()
+        .filter(|(s, k, _, _)| s == section && k == key)
+        .map(|(_, _, v, _)| v.as_str())
+        .collect()
 }
 
 /// The executable of an `Exec*=` value, without systemd's prefixes (`-`, `+`, `@`, `!`, `:`).
 fn exec_binary(value: &str) -> &str {
-    value.trim_start_matches(['-', '+', '@', '!', ':']).split_whitespace().next().unwrap_or("")
+    value
+        .trim_start_matches(['-', '+', '@', '!', ':'])
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
 }
 
 const AGENT_UID: u32 = 2000;
@@ -66,7 +87,10 @@ const USER_DROPIN: &str = "image/systemd/user@2000.service.d/50-tank.conf";
 const QUADLET: &str = "image/quadlet/tank-agent.container";
 
 /// Binaries the units use that the OS image provides, with the Fedora package that does.
-const OS_BINARIES: &[(&str, &str)] = &[("/usr/bin/mountpoint", "util-linux"), ("/usr/bin/kill", "util-linux-core")];
+const OS_BINARIES: &[(&str, &str)] = &[
+    ("/usr/bin/mountpoint", "util-linux"),
+    ("/usr/bin/kill", "util-linux-core"),
+];
 
 /// Runs `systemd-analyze verify` on `units` (file names in `dir`, which also holds drop-in
 /// directories). Returns its diagnostics; empty means clean.
@@ -116,7 +140,11 @@ impl UnitDir {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, rewrite(&read(src))).unwrap();
         }
-        std::fs::write(dir.path().join("tank-agent.service"), quadlet_as_service(&read(QUADLET))).unwrap();
+        std::fs::write(
+            dir.path().join("tank-agent.service"),
+            quadlet_as_service(&read(QUADLET)),
+        )
+        .unwrap();
         Self { dir }
     }
 }
@@ -154,8 +182,19 @@ fn quadlet_as_service(text: &str) -> String {
 fn every_unit_passes_systemd_analyze_verify_without_a_diagnostic() {
     let units = UnitDir::new();
     // tank-loader.service BindsTo user@2000.service, so verifying it loads the drop-in too.
-    let diags = systemd_verify(units.dir.path(), &["tank-loader.service", "egress-proxy.service", "tank-agent.service"]);
-    assert!(diags.is_empty(), "systemd-analyze verify reported:\n{}", diags.join("\n"));
+    let diags = systemd_verify(
+        units.dir.path(),
+        &[
+            "tank-loader.service",
+            "egress-proxy.service",
+            "tank-agent.service",
+        ],
+    );
+    assert!(
+        diags.is_empty(),
+        "systemd-analyze verify reported:\n{}",
+        diags.join("\n")
+    );
 }
 
 #[test]
@@ -163,17 +202,31 @@ fn the_user_manager_drop_in_is_loaded_and_verified() {
     let units = UnitDir::new();
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no", "user@2000.service"])
-        .env("SYSTEMD_UNIT_PATH", format!("{}:", units.dir.path().display()))
+        .env(
+            "SYSTEMD_UNIT_PATH",
+            format!("{}:", units.dir.path().display()),
+        )
         .output()
         .expect("systemd-analyze");
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.trim().is_empty(), "user@2000.service with the drop-in:\n{text}");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "user@2000.service with the drop-in:\n{text}"
+    );
     // Loaded at all: a deliberately bad key in a copy must be reported.
     let dropin = units.dir.path().join("user@2000.service.d/50-tank.conf");
     let good = std::fs::read_to_string(&dropin).unwrap();
-    std::fs::write(&dropin, good.replace("After=tank-loader.service", "Aftr=tank-loader.service")).unwrap();
+    std::fs::write(
+        &dropin,
+        good.replace("After=tank-loader.service", "Aftr=tank-loader.service"),
+    )
+    .unwrap();
     let diags = systemd_verify(units.dir.path(), &["tank-loader.service"]);
-    assert!(diags.iter().any(|d| d.contains("Aftr")), "a misspelled key in the drop-in went unnoticed: {diags:?}");
+    assert!(
+        diags.iter().any(|d| d.contains("Aftr")),
+        "a misspelled key in the drop-in went unnoticed: {diags:?}"
+    );
 }
 
 #[test]
@@ -183,9 +236,16 @@ fn the_verify_check_fails_on_a_misspelled_directive() {
     let path = units.dir.path().join("tank-loader.service");
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("\nRestart=always\n"));
-    std::fs::write(&path, text.replace("\nRestart=always\n", "\nRestrat=always\n")).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("\nRestart=always\n", "\nRestrat=always\n"),
+    )
+    .unwrap();
     let diags = systemd_verify(units.dir.path(), &["tank-loader.service"]);
-    assert!(diags.iter().any(|d| d.contains("Restrat")), "a misspelled directive went unnoticed: {diags:?}");
+    assert!(
+        diags.iter().any(|d| d.contains("Restrat")),
+        "a misspelled directive went unnoticed: {diags:?}"
+    );
 
     let text = text.replace("ExecStart=", "ExecStart=/usr/bin/tank-loadr run #");
     std::fs::write(&path, text).unwrap();
@@ -197,26 +257,47 @@ fn the_verify_check_fails_on_a_misspelled_directive() {
 fn the_loader_is_ready_before_the_agent_user_and_bound_to_it() {
     let loader = parse_ini(&read(LOADER_UNIT));
     let user = format!("user@{AGENT_UID}.service");
-    assert_eq!(values(&loader, "Service", "Type"), ["notify"], "READY=1 only once enforcement is pinned");
+    assert_eq!(
+        values(&loader, "Service", "Type"),
+        ["notify"],
+        "READY=1 only once enforcement is pinned"
+    );
     assert_eq!(values(&loader, "Service", "Restart"), ["always"]);
-    assert!(values(&loader, "Unit", "Before").iter().any(|v| v.split_whitespace().any(|u| u == user)));
-    assert!(values(&loader, "Unit", "BindsTo").iter().any(|v| v.split_whitespace().any(|u| u == user)));
+    assert!(values(&loader, "Unit", "Before")
+        .iter()
+        .any(|v| v.split_whitespace().any(|u| u == user)));
+    assert!(values(&loader, "Unit", "BindsTo")
+        .iter()
+        .any(|v| v.split_whitespace().any(|u| u == user)));
     let dropin = parse_ini(&read(USER_DROPIN));
     assert!(values(&dropin, "Unit", "Requires").contains(&"tank-loader.service"));
     assert!(values(&dropin, "Unit", "After").contains(&"tank-loader.service"));
     assert!(
-        values(&dropin, "Service", "ExecStartPre").iter().any(|v| v.starts_with('+') && v.contains("tank-loader status")),
+        values(&dropin, "Service", "ExecStartPre")
+            .iter()
+            .any(|v| v.starts_with('+') && v.contains("tank-loader status")),
         "the user manager must refuse to start unless the gate is on its cgroup"
     );
     // Capabilities the loader's setup needs, and CAP_SETPCAP to drop the bounding set after.
     let caps = values(&loader, "Service", "CapabilityBoundingSet").join(" ");
     for cap in ["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SETPCAP"] {
-        assert!(caps.split_whitespace().any(|c| c == cap), "CapabilityBoundingSet lacks {cap}: {caps}");
+        assert!(
+            caps.split_whitespace().any(|c| c == cap),
+            "CapabilityBoundingSet lacks {cap}: {caps}"
+        );
     }
     // These would make /sys/fs/cgroup or /sys/fs/bpf read-only, or put nft in another netns.
-    for forbidden in ["ProtectControlGroups", "ProtectKernelTunables", "PrivateNetwork", "PrivateUsers"] {
+    for forbidden in [
+        "ProtectControlGroups",
+        "ProtectKernelTunables",
+        "PrivateNetwork",
+        "PrivateUsers",
+    ] {
         let set = values(&loader, "Service", forbidden);
-        assert!(set.iter().all(|v| *v == "no" || *v == "false"), "{forbidden}= breaks the loader: {set:?}");
+        assert!(
+            set.iter().all(|v| *v == "no" || *v == "false"),
+            "{forbidden}= breaks the loader: {set:?}"
+        );
     }
 }
 
@@ -230,12 +311,40 @@ fn the_loader_is_ready_before_the_agent_user_and_bound_to_it() {
 /// LogDriver, Rootfs, most Health*, Pull, WorkingDir, HostName, Sysctl, Mask, ...). Every key
 /// here is still accepted by Podman 5.
 const QUADLET_4_4_CONTAINER_KEYS: &[&str] = &[
-    "AddCapability", "AddDevice", "Annotation", "ContainerName", "DropCapability", "Environment",
-    "EnvironmentFile", "EnvironmentHost", "Exec", "ExposeHostPort", "Group", "HealthCmd", "Image",
-    "Label", "Network", "NoNewPrivileges", "Notify", "PodmanArgs", "PublishPort", "ReadOnly",
-    "RemapGid", "RemapUid", "RemapUidSize", "RemapUsers", "RunInit", "SeccompProfile",
-    "SecurityLabelDisable", "SecurityLabelFileType", "SecurityLabelLevel", "SecurityLabelType",
-    "Timezone", "User", "VolatileTmp", "Volume",
+    "AddCapability",
+    "AddDevice",
+    "Annotation",
+    "ContainerName",
+    "DropCapability",
+    "Environment",
+    "EnvironmentFile",
+    "EnvironmentHost",
+    "Exec",
+    "ExposeHostPort",
+    "Group",
+    "HealthCmd",
+    "Image",
+    "Label",
+    "Network",
+    "NoNewPrivileges",
+    "Notify",
+    "PodmanArgs",
+    "PublishPort",
+    "ReadOnly",
+    "RemapGid",
+    "RemapUid",
+    "RemapUidSize",
+    "RemapUsers",
+    "RunInit",
+    "SeccompProfile",
+    "SecurityLabelDisable",
+    "SecurityLabelFileType",
+    "SecurityLabelLevel",
+    "SecurityLabelType",
+    "Timezone",
+    "User",
+    "VolatileTmp",
+    "Volume",
 ];
 
 /// Sections a 4.4 `.container` file may have ([Quadlet] came with Podman 5).
@@ -245,9 +354,13 @@ fn quadlet_problems(text: &str) -> Vec<String> {
     let mut problems = Vec::new();
     for (section, key, _, line) in parse_ini(text) {
         if !QUADLET_4_4_SECTIONS.contains(&section.as_str()) {
-            problems.push(format!("line {line}: section [{section}] is not known to Podman 4.4's Quadlet"));
+            problems.push(format!(
+                "line {line}: section [{section}] is not known to Podman 4.4's Quadlet"
+            ));
         } else if section == "Container" && !QUADLET_4_4_CONTAINER_KEYS.contains(&key.as_str()) {
-            problems.push(format!("line {line}: [Container] key `{key}` is not known to Podman 4.4's Quadlet"));
+            problems.push(format!(
+                "line {line}: [Container] key `{key}` is not known to Podman 4.4's Quadlet"
+            ));
         }
     }
     problems
@@ -260,7 +373,10 @@ fn the_quadlet_uses_only_keys_podman_4_4_knows() {
     // And the check catches what it is for: a typo, a 4.5 key, a 5.0 section.
     assert_eq!(quadlet_problems("[Container]\nNetwrok=host\n").len(), 1);
     assert_eq!(quadlet_problems("[Container]\nSecret=x\n").len(), 1);
-    assert_eq!(quadlet_problems("[Quadlet]\nDefaultDependencies=false\n").len(), 1);
+    assert_eq!(
+        quadlet_problems("[Quadlet]\nDefaultDependencies=false\n").len(),
+        1
+    );
 }
 
 /// (host path, container path, options) of each `Volume=`.
@@ -270,8 +386,17 @@ fn volumes(ini: &[(String, String, String, usize)]) -> Vec<(String, String, Vec<
         .map(|v| {
             let mut parts = v.splitn(3, ':');
             let host = parts.next().unwrap().to_owned();
-            let ctr = parts.next().unwrap_or_else(|| panic!("Volume={v} names no container path")).to_owned();
-            let opts = parts.next().unwrap_or("").split(',').filter(|o| !o.is_empty()).map(str::to_owned).collect();
+            let ctr = parts
+                .next()
+                .unwrap_or_else(|| panic!("Volume={v} names no container path"))
+                .to_owned();
+            let opts = parts
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .filter(|o| !o.is_empty())
+                .map(str::to_owned)
+                .collect();
             (host, ctr, opts)
         })
         .collect()
@@ -280,24 +405,53 @@ fn volumes(ini: &[(String, String, String, usize)]) -> Vec<(String, String, Vec<
 #[test]
 fn the_agent_runs_rootless_on_the_host_network_with_two_writable_paths() {
     let q = parse_ini(&read(QUADLET));
-    assert_eq!(values(&q, "Container", "Network"), ["host"], "the agent's own connects must hit the guarded cgroup");
-    assert!(values(&q, "Container", "AddCapability").is_empty(), "no added capability");
+    assert_eq!(
+        values(&q, "Container", "Network"),
+        ["host"],
+        "the agent's own connects must hit the guarded cgroup"
+    );
+    assert!(
+        values(&q, "Container", "AddCapability").is_empty(),
+        "no added capability"
+    );
     assert_eq!(values(&q, "Container", "DropCapability"), ["all"]);
     assert_eq!(values(&q, "Container", "NoNewPrivileges"), ["true"]);
     assert_eq!(values(&q, "Container", "ReadOnly"), ["true"]);
     assert!(values(&q, "Container", "User").is_empty() || values(&q, "Container", "User") != ["0"]);
     let args = values(&q, "Container", "PodmanArgs").join(" ");
-    for bad in ["--privileged", "--cap-add", "--network", "--net=", "--security-opt", "--device", "-v ", "--volume", "--mount"] {
-        assert!(!args.contains(bad), "PodmanArgs must not contain {bad}: {args}");
+    for bad in [
+        "--privileged",
+        "--cap-add",
+        "--network",
+        "--net=",
+        "--security-opt",
+        "--device",
+        "-v ",
+        "--volume",
+        "--mount",
+    ] {
+        assert!(
+            !args.contains(bad),
+            "PodmanArgs must not contain {bad}: {args}"
+        );
     }
-    let writable: Vec<_> = volumes(&q).into_iter().filter(|(_, _, o)| !o.iter().any(|o| o == "ro")).collect();
-    assert_eq!(writable.len(), 2, "exactly two writable host paths, found {writable:?}");
+    let writable: Vec<_> = volumes(&q)
+        .into_iter()
+        .filter(|(_, _, o)| !o.iter().any(|o| o == "ro"))
+        .collect();
+    assert_eq!(
+        writable.len(),
+        2,
+        "exactly two writable host paths, found {writable:?}"
+    );
     let env = read("image/config/agent.env") + &read("image/cloud-init/user-data.yaml");
     for var in ["HTTPS_PROXY=", "HTTP_PROXY="] {
         assert!(env.contains(var), "{var} is set nowhere for the agent");
     }
     // The instruction file reaches the agent read-only.
-    assert!(volumes(&q).iter().any(|(h, _, o)| h.ends_with("AGENT_INSTRUCTIONS.md") && o.iter().any(|o| o == "ro")));
+    assert!(volumes(&q)
+        .iter()
+        .any(|(h, _, o)| h.ends_with("AGENT_INSTRUCTIONS.md") && o.iter().any(|o| o == "ro")));
 }
 
 // ---- Containerfile ------------------------------------------------------------------------
@@ -316,19 +470,37 @@ fn containerfile() -> BTreeMap<String, Stage> {
     let text = read("image/Containerfile").replace("\\\n", " ");
     let mut stages: BTreeMap<String, Stage> = BTreeMap::new();
     let mut current = String::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words[0] {
             "FROM" => {
-                let name = words.iter().position(|w| w.eq_ignore_ascii_case("AS")).map(|i| words[i + 1]).expect("every stage is named");
+                let name = words
+                    .iter()
+                    .position(|w| w.eq_ignore_ascii_case("AS"))
+                    .map(|i| words[i + 1])
+                    .expect("every stage is named");
                 let parent = stages.contains_key(words[1]).then(|| words[1].to_owned());
-                stages.insert(name.to_owned(), Stage { parent, ..Stage::default() });
+                stages.insert(
+                    name.to_owned(),
+                    Stage {
+                        parent,
+                        ..Stage::default()
+                    },
+                );
                 current = name.to_owned();
             }
             "COPY" => {
                 let stage = stages.get_mut(&current).expect("COPY after FROM");
                 let from = words.iter().find_map(|w| w.strip_prefix("--from="));
-                let paths: Vec<&str> = words[1..].iter().copied().filter(|w| !w.starts_with("--")).collect();
+                let paths: Vec<&str> = words[1..]
+                    .iter()
+                    .copied()
+                    .filter(|w| !w.starts_with("--"))
+                    .collect();
                 let (dest, srcs) = paths.split_last().expect("COPY SRC DEST");
                 for src in srcs {
                     let source = match from {
@@ -336,14 +508,21 @@ fn containerfile() -> BTreeMap<String, Stage> {
                         None => (*src).to_owned(),
                     };
                     let dest = if dest.ends_with('/') && !src.ends_with('/') {
-                        format!("{dest}{}", Path::new(src).file_name().unwrap().to_str().unwrap())
+                        format!(
+                            "{dest}{}",
+                            Path::new(src).file_name().unwrap().to_str().unwrap()
+                        )
                     } else {
                         (*dest).to_owned()
                     };
                     stage.installs.insert(dest, source);
                 }
             }
-            "RUN" => stages.get_mut(&current).expect("RUN after FROM").runs.push(line.to_owned()),
+            "RUN" => stages
+                .get_mut(&current)
+                .expect("RUN after FROM")
+                .runs
+                .push(line.to_owned()),
             _ => {}
         }
     }
@@ -353,32 +532,62 @@ fn containerfile() -> BTreeMap<String, Stage> {
 /// Everything stage `name` has installed, its ancestors' included.
 fn installed(stages: &BTreeMap<String, Stage>, name: &str) -> BTreeMap<String, String> {
     let stage = &stages[name];
-    let mut all = stage.parent.as_deref().map(|p| installed(stages, p)).unwrap_or_default();
+    let mut all = stage
+        .parent
+        .as_deref()
+        .map(|p| installed(stages, p))
+        .unwrap_or_default();
     all.extend(stage.installs.clone());
     all
 }
 
 /// The stage that installs repository file `src`.
 fn stage_installing(stages: &BTreeMap<String, Stage>, src: &str) -> String {
-    let found: Vec<_> = stages.iter().filter(|(_, s)| s.installs.values().any(|v| v == src)).map(|(n, _)| n.clone()).collect();
-    assert_eq!(found.len(), 1, "{src} must be installed by exactly one stage, found {found:?}");
+    let found: Vec<_> = stages
+        .iter()
+        .filter(|(_, s)| s.installs.values().any(|v| v == src))
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{src} must be installed by exactly one stage, found {found:?}"
+    );
     found[0].clone()
 }
 
 /// Binary targets of the workspace, by package.
 fn cargo_bins() -> BTreeMap<String, String> {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(repo())
         .output()
         .expect("cargo metadata");
-    assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut bins = BTreeMap::new();
     for package in meta["packages"].as_array().unwrap() {
         for target in package["targets"].as_array().unwrap() {
-            if target["kind"].as_array().unwrap().iter().any(|k| k == "bin") {
-                bins.insert(target["name"].as_str().unwrap().to_owned(), package["name"].as_str().unwrap().to_owned());
+            if target["kind"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k == "bin")
+            {
+                bins.insert(
+                    target["name"].as_str().unwrap().to_owned(),
+                    package["name"].as_str().unwrap().to_owned(),
+                );
             }
         }
     }
@@ -390,21 +599,39 @@ fn every_containerfile_copy_names_a_repository_file_or_a_built_binary() {
     let stages = containerfile();
     let bins = cargo_bins();
     let build = &stages["build"];
-    let cargo_build = build.runs.iter().find(|r| r.contains("cargo build --release")).expect("the build stage runs cargo build --release");
-    let built_packages: BTreeSet<&str> =
-        cargo_build.split_whitespace().collect::<Vec<_>>().windows(2).filter(|w| w[0] == "-p").map(|w| w[1]).collect();
+    let cargo_build = build
+        .runs
+        .iter()
+        .find(|r| r.contains("cargo build --release"))
+        .expect("the build stage runs cargo build --release");
+    let built_packages: BTreeSet<&str> = cargo_build
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "-p")
+        .map(|w| w[1])
+        .collect();
     for (name, stage) in &stages {
         for (dest, src) in &stage.installs {
             if let Some(path) = src.strip_prefix("build:") {
                 if let Some(bin) = path.strip_prefix("/src/target/release/") {
                     let package = bins.get(bin).unwrap_or_else(|| panic!("stage {name} copies {bin}, which no workspace package builds (bins: {bins:?})"));
-                    assert!(built_packages.contains(package.as_str()), "{bin} comes from {package}, which `{cargo_build}` does not build");
+                    assert!(
+                        built_packages.contains(package.as_str()),
+                        "{bin} comes from {package}, which `{cargo_build}` does not build"
+                    );
                     assert_eq!(dest, &format!("/usr/bin/{bin}"), "binaries go to /usr/bin");
                 } else {
-                    assert!(path.starts_with("/src/target/dist/"), "stage {name}: unexpected build output {path}");
+                    assert!(
+                        path.starts_with("/src/target/dist/"),
+                        "stage {name}: unexpected build output {path}"
+                    );
                 }
             } else if src != "." {
-                assert!(repo().join(src).exists(), "stage {name} copies {src}, which is not in the repository");
+                assert!(
+                    repo().join(src).exists(),
+                    "stage {name} copies {src}, which is not in the repository"
+                );
             }
         }
     }
@@ -435,7 +662,11 @@ fn every_binary_and_config_a_unit_names_is_installed_by_its_image_stage() {
     let stages = containerfile();
     let bins = cargo_bins();
     let tmpfiles = read("image/tmpfiles.d/tank-agent.conf");
-    let made_by_tmpfiles = |p: &str| tmpfiles.lines().any(|l| l.split_whitespace().nth(1) == Some(p));
+    let made_by_tmpfiles = |p: &str| {
+        tmpfiles
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(p))
+    };
     let drop_in_dest = format!("/usr/lib/systemd/system/user@{AGENT_UID}.service.d/50-tank.conf");
     for unit in [LOADER_UNIT, PROXY_UNIT, USER_DROPIN, QUADLET] {
         let stage = stage_installing(&stages, unit);
@@ -451,7 +682,10 @@ fn every_binary_and_config_a_unit_names_is_installed_by_its_image_stage() {
                 continue;
             }
             if let Some(bin) = path.strip_prefix("/usr/bin/") {
-                assert!(bins.contains_key(bin), "{unit} runs {path}: not a workspace binary and not in OS_BINARIES");
+                assert!(
+                    bins.contains_key(bin),
+                    "{unit} runs {path}: not a workspace binary and not in OS_BINARIES"
+                );
             }
             assert!(
                 have.contains_key(&path) || made_by_tmpfiles(&path),
@@ -461,17 +695,22 @@ fn every_binary_and_config_a_unit_names_is_installed_by_its_image_stage() {
     }
     assert!(installed(&stages, "agent-host").contains_key(&drop_in_dest));
     // The loader's unit and the proxy's are on different hosts.
-    assert_ne!(stage_installing(&stages, LOADER_UNIT), stage_installing(&stages, PROXY_UNIT));
+    assert_ne!(
+        stage_installing(&stages, LOADER_UNIT),
+        stage_installing(&stages, PROXY_UNIT)
+    );
 }
 
 #[test]
 fn a_unit_naming_a_binary_the_build_does_not_make_is_caught() {
     let stages = containerfile();
     let have = installed(&stages, "agent-host");
-    let ini = parse_ini("[Service]\nExecStart=/usr/bin/tank-loadr run --config /etc/tank/loader.toml\n");
+    let ini =
+        parse_ini("[Service]\nExecStart=/usr/bin/tank-loadr run --config /etc/tank/loader.toml\n");
     let paths = referenced_paths(&ini);
     assert!(!cargo_bins().contains_key("tank-loadr") && !have.contains_key(&paths[0]));
-    let ini = parse_ini("[Service]\nExecStart=/usr/bin/tank-loader run --config /etc/tank/lodaer.toml\n");
+    let ini =
+        parse_ini("[Service]\nExecStart=/usr/bin/tank-loader run --config /etc/tank/lodaer.toml\n");
     assert!(!have.contains_key(&referenced_paths(&ini)[1]));
 }
 
@@ -480,14 +719,29 @@ fn a_unit_naming_a_binary_the_build_does_not_make_is_caught() {
 /// The `content: |` block of the write_files entry for `path` in the cloud-init example.
 fn cloud_init_file(path: &str) -> String {
     let text = read("image/cloud-init/user-data.yaml");
-    let mut lines = text.lines().skip_while(|l| l.trim() != format!("- path: {path}")).skip(1);
-    lines.by_ref().find(|l| l.trim() == "content: |").unwrap_or_else(|| panic!("no content for {path}"));
-    let block: Vec<&str> = lines.take_while(|l| l.starts_with("      ") || l.trim().is_empty()).collect();
-    block.iter().map(|l| format!("{}\n", l.get(6..).unwrap_or(""))).collect()
+    let mut lines = text
+        .lines()
+        .skip_while(|l| l.trim() != format!("- path: {path}"))
+        .skip(1);
+    lines
+        .by_ref()
+        .find(|l| l.trim() == "content: |")
+        .unwrap_or_else(|| panic!("no content for {path}"));
+    let block: Vec<&str> = lines
+        .take_while(|l| l.starts_with("      ") || l.trim().is_empty())
+        .collect();
+    block
+        .iter()
+        .map(|l| format!("{}\n", l.get(6..).unwrap_or("")))
+        .collect()
 }
 
 fn check(bin: &str, file: &Path) {
-    let out = Command::new(workspace_bin(bin)).arg("check").arg(file).output().unwrap();
+    let out = Command::new(workspace_bin(bin))
+        .arg("check")
+        .arg(file)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{bin} check {} failed:\n{}{}",
@@ -507,29 +761,53 @@ fn default_configs_and_the_cloud_init_example_validate() {
     check("tank-loader", &first_boot);
     // The image default denies everything until first boot names the proxy.
     let default = read("image/config/loader.toml");
-    assert!(default.lines().any(|l| l.trim() == "proxies = []"), "the image must not ship a proxy address");
+    assert!(
+        default.lines().any(|l| l.trim() == "proxies = []"),
+        "the image must not ship a proxy address"
+    );
     // Both halves of the proxy address that cloud-init writes agree.
     let loader = cloud_init_file("/etc/tank/loader.toml");
     let env = cloud_init_file("/etc/tank/agent.env");
-    let proxy = loader.lines().find_map(|l| l.trim().strip_prefix("proxies = [\"")).and_then(|l| l.split('"').next()).unwrap();
-    assert!(env.contains(&format!("HTTPS_PROXY=http://{proxy}")), "agent.env and loader.toml name different proxies");
+    let proxy = loader
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("proxies = [\""))
+        .and_then(|l| l.split('"').next())
+        .unwrap();
+    assert!(
+        env.contains(&format!("HTTPS_PROXY=http://{proxy}")),
+        "agent.env and loader.toml name different proxies"
+    );
 }
 
 #[test]
 fn the_agent_uid_is_the_same_everywhere() {
     let uid = AGENT_UID;
     let sysusers = read("image/sysusers.d/tank-agent.conf");
-    assert!(sysusers.lines().any(|l| l.split_whitespace().take(3).eq(["u", "agent", &uid.to_string()])), "{sysusers}");
+    assert!(
+        sysusers.lines().any(|l| l
+            .split_whitespace()
+            .take(3)
+            .eq(["u", "agent", &uid.to_string()])),
+        "{sysusers}"
+    );
     let cgroup = format!("cgroup = \"/user.slice/user-{uid}.slice/user@{uid}.service\"");
     assert!(read("image/config/loader.toml").contains(&cgroup));
     assert!(cloud_init_file("/etc/tank/loader.toml").contains(&cgroup));
     let stages = containerfile();
     let agent = installed(&stages, "agent-host");
-    assert_eq!(agent.get(&format!("/etc/containers/systemd/users/{uid}/tank-agent.container")).map(String::as_str), Some(QUADLET));
+    assert_eq!(
+        agent
+            .get(&format!(
+                "/etc/containers/systemd/users/{uid}/tank-agent.container"
+            ))
+            .map(String::as_str),
+        Some(QUADLET)
+    );
     assert!(read(LOADER_UNIT).contains(&format!("Before=user@{uid}.service")));
     assert!(read(USER_DROPIN).contains("tank-loader status"));
     assert!(USER_DROPIN.contains(&format!("user@{uid}.service.d")));
-    assert!(read("image/cloud-init/user-data.yaml").contains(&format!("XDG_RUNTIME_DIR=/run/user/{uid}")));
+    assert!(read("image/cloud-init/user-data.yaml")
+        .contains(&format!("XDG_RUNTIME_DIR=/run/user/{uid}")));
 }
 
 #[test]
@@ -543,6 +821,12 @@ fn the_nft_uid_range_is_the_agents_subordinate_range() {
     let (first, count) = subuid.split_once(':').unwrap();
     let (first, count): (u32, u32) = (first.parse().unwrap(), count.parse().unwrap());
     let range = format!("uid_range = \"{first}-{}\"", first + count - 1);
-    assert!(read("image/config/loader.toml").contains(&range), "loader.toml lacks {range}");
-    assert!(cloud_init_file("/etc/tank/loader.toml").contains(&range), "the cloud-init loader.toml lacks {range}");
+    assert!(
+        read("image/config/loader.toml").contains(&range),
+        "loader.toml lacks {range}"
+    );
+    assert!(
+        cloud_init_file("/etc/tank/loader.toml").contains(&range),
+        "the cloud-init loader.toml lacks {range}"
+    );
 }

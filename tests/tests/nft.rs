@@ -12,17 +12,36 @@ use tank_integration_tests::{nft_section, probe, unique, Loader, TestCgroups};
 
 /// `nft -j list table inet NAME`, parsed; `None` when the table does not exist.
 fn list(table: &str) -> Option<serde_json::Value> {
-    let out = Command::new("nft").args(["-j", "list", "table", "inet", table]).output().expect("run nft");
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("nft JSON"))
+    let out = Command::new("nft")
+        .args(["-j", "list", "table", "inet", table])
+        .output()
+        .expect("run nft");
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("nft JSON"))
 }
 
 fn rules(table: &serde_json::Value) -> Vec<serde_json::Value> {
-    table["nftables"].as_array().unwrap().iter().filter_map(|o| o.get("rule").cloned()).collect()
+    table["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("rule").cloned())
+        .collect()
 }
 
 fn refused(table: &str) -> u64 {
     let t = list(table).expect("table exists");
-    t["nftables"].as_array().unwrap().iter().find_map(|o| o.get("counter").filter(|c| c["name"] == "refused").map(|c| c["packets"].as_u64().unwrap())).expect("refused counter")
+    t["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|o| {
+            o.get("counter")
+                .filter(|c| c["name"] == "refused")
+                .map(|c| c["packets"].as_u64().unwrap())
+        })
+        .expect("refused counter")
 }
 
 /// A table of someone else's, which tank must never touch.
@@ -32,16 +51,25 @@ impl ForeignTable {
     fn new() -> Self {
         let name = unique("tank-it-foreign");
         let script = format!("table inet {name} {{\n\tchain c {{\n\t\ttype filter hook output priority 10; policy accept;\n\t\ttcp dport 9 counter accept\n\t}}\n}}\n");
-        let mut child = Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success(), "cannot create the foreign table");
+        assert!(
+            child.wait().unwrap().success(),
+            "cannot create the foreign table"
+        );
         Self(name)
     }
 }
 
 impl Drop for ForeignTable {
     fn drop(&mut self) {
-        let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).status();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
     }
 }
 
@@ -52,23 +80,69 @@ fn the_table_matches_the_agent_cgroup_and_uid_range_and_accepts_only_the_endpoin
     let (nft, table) = nft_section("uid_range = \"100000-165535\"");
     let loader = Loader::start(
         &cg,
-        &format!("proxies = [\"{}\"]\n[[allow]]\nendpoint = \"[::1]:53\"\nprotocol = \"udp\"\n{nft}", proxy.local_addr().unwrap()),
+        &format!(
+            "proxies = [\"{}\"]\n[[allow]]\nendpoint = \"[::1]:53\"\nprotocol = \"udp\"\n{nft}",
+            proxy.local_addr().unwrap()
+        ),
     );
     let t = list(&table).expect("table installed");
-    let chain = t["nftables"].as_array().unwrap().iter().find_map(|o| o.get("chain").filter(|c| c["name"] == "output")).expect("output chain").clone();
-    assert_eq!((chain["hook"].as_str(), chain["prio"].as_i64(), chain["type"].as_str()), (Some("output"), Some(0), Some("filter")));
+    let chain = t["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|o| o.get("chain").filter(|c| c["name"] == "output"))
+        .expect("output chain")
+        .clone();
+    assert_eq!(
+        (
+            chain["hook"].as_str(),
+            chain["prio"].as_i64(),
+            chain["type"].as_str()
+        ),
+        (Some("output"), Some(0), Some("filter"))
+    );
     let text = serde_json::to_string(&rules(&t)).unwrap();
     // nft names the cgroup relative to /sys/fs/cgroup: on a hybrid host that starts "unified/".
     let mount = tank_loader::cgroup::cgroup2_mount().unwrap();
-    let nft_path = cg.agent.strip_prefix("/sys/fs/cgroup").unwrap().display().to_string();
-    assert!(text.contains(&format!("\"right\":\"{nft_path}\"")) && text.contains("cgroupv2"), "cgroup match for {nft_path} (mount {}): {text}", mount.display());
-    assert!(text.contains("\"skuid\"") && text.contains("100000") && text.contains("165535"), "uid range: {text}");
-    assert!(text.contains(&format!("\"right\":{}", proxy.local_addr().unwrap().port())), "proxy accept: {text}");
-    assert!(text.contains("\"right\":\"::1\"") && text.contains("\"right\":53"), "listed IPv6 UDP endpoint: {text}");
-    assert!(text.contains("\"established\"") && text.contains("\"related\""), "replies of accepted flows: {text}");
-    assert!(text.contains("\"reject\":{\"expr\":\"admin-prohibited\",\"type\":\"icmpx\"}"), "icmpx reject: {text}");
-    assert!(text.contains("\"limit\"") && text.contains("tank-refused"), "rate-limited log: {text}");
-    assert!(!text.contains("\"oif\"") && !text.contains("\"iif\"") && !text.contains("127.0.0.0"), "no blanket loopback accept: {text}");
+    let nft_path = cg
+        .agent
+        .strip_prefix("/sys/fs/cgroup")
+        .unwrap()
+        .display()
+        .to_string();
+    assert!(
+        text.contains(&format!("\"right\":\"{nft_path}\"")) && text.contains("cgroupv2"),
+        "cgroup match for {nft_path} (mount {}): {text}",
+        mount.display()
+    );
+    assert!(
+        text.contains("\"skuid\"") && text.contains("100000") && text.contains("165535"),
+        "uid range: {text}"
+    );
+    assert!(
+        text.contains(&format!("\"right\":{}", proxy.local_addr().unwrap().port())),
+        "proxy accept: {text}"
+    );
+    assert!(
+        text.contains("\"right\":\"::1\"") && text.contains("\"right\":53"),
+        "listed IPv6 UDP endpoint: {text}"
+    );
+    assert!(
+        text.contains("\"established\"") && text.contains("\"related\""),
+        "replies of accepted flows: {text}"
+    );
+    assert!(
+        text.contains("\"reject\":{\"expr\":\"admin-prohibited\",\"type\":\"icmpx\"}"),
+        "icmpx reject: {text}"
+    );
+    assert!(
+        text.contains("\"limit\"") && text.contains("tank-refused"),
+        "rate-limited log: {text}"
+    );
+    assert!(
+        !text.contains("\"oif\"") && !text.contains("\"iif\"") && !text.contains("127.0.0.0"),
+        "no blanket loopback accept: {text}"
+    );
     // 2 jumps (cgroup, uid) + ct + 2 endpoints + log + reject.
     assert_eq!(rules(&t).len(), 7);
     let status = loader.status();
@@ -83,23 +157,76 @@ fn with_the_gate_in_audit_mode_nft_still_refuses_and_counts_while_the_proxy_work
     let other6 = TcpListener::bind("[::1]:0").unwrap();
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     let (nft, table) = nft_section("");
-    let loader = Loader::start(&cg, &format!("mode = \"audit\"\nproxies = [\"{}\"]\n{nft}", proxy.local_addr().unwrap()));
+    let loader = Loader::start(
+        &cg,
+        &format!(
+            "mode = \"audit\"\nproxies = [\"{}\"]\n{nft}",
+            proxy.local_addr().unwrap()
+        ),
+    );
     assert_eq!(refused(&table), 0);
 
-    let (pid, outcome) = probe(&cg.agent, Some(65534), &["tcp", &other.local_addr().unwrap().to_string()]);
+    let (pid, outcome) = probe(
+        &cg.agent,
+        Some(65534),
+        &["tcp", &other.local_addr().unwrap().to_string()],
+    );
     // icmpx admin-prohibited reaches a TCP connect as EHOSTUNREACH (IPv4) / EACCES (IPv6).
-    assert_eq!(outcome, "EHOSTUNREACH", "nft must refuse what the audit-mode gate allowed");
+    assert_eq!(
+        outcome, "EHOSTUNREACH",
+        "nft must refuse what the audit-mode gate allowed"
+    );
     let r = loader.record_of(pid);
-    assert_eq!((r.action.as_str(), r.unmapped.reason.as_str()), ("Allowed", "audit_not_listed"), "the gate let it through");
+    assert_eq!(
+        (r.action.as_str(), r.unmapped.reason.as_str()),
+        ("Allowed", "audit_not_listed"),
+        "the gate let it through"
+    );
     let after_tcp = refused(&table);
     assert!(after_tcp >= 1, "counted");
 
-    assert_ne!(probe(&cg.agent, Some(65534), &["tcp", &other6.local_addr().unwrap().to_string()]).1, "ok", "IPv6 refused too");
-    assert_eq!(probe(&cg.agent, Some(65534), &["udp-sendto", &udp.local_addr().unwrap().to_string()]).1, "EPERM", "UDP refused at output");
+    assert_ne!(
+        probe(
+            &cg.agent,
+            Some(65534),
+            &["tcp", &other6.local_addr().unwrap().to_string()]
+        )
+        .1,
+        "ok",
+        "IPv6 refused too"
+    );
+    assert_eq!(
+        probe(
+            &cg.agent,
+            Some(65534),
+            &["udp-sendto", &udp.local_addr().unwrap().to_string()]
+        )
+        .1,
+        "EPERM",
+        "UDP refused at output"
+    );
     assert!(refused(&table) >= after_tcp + 2);
 
-    assert_eq!(probe(&cg.agent, Some(65534), &["tcp", &proxy.local_addr().unwrap().to_string()]).1, "ok", "the proxy stays reachable");
-    assert_eq!(probe(&cg.sibling, Some(65534), &["tcp", &other.local_addr().unwrap().to_string()]).1, "ok", "other cgroups are not matched");
+    assert_eq!(
+        probe(
+            &cg.agent,
+            Some(65534),
+            &["tcp", &proxy.local_addr().unwrap().to_string()]
+        )
+        .1,
+        "ok",
+        "the proxy stays reachable"
+    );
+    assert_eq!(
+        probe(
+            &cg.sibling,
+            Some(65534),
+            &["tcp", &other.local_addr().unwrap().to_string()]
+        )
+        .1,
+        "ok",
+        "other cgroups are not matched"
+    );
 }
 
 #[test]
@@ -111,25 +238,44 @@ fn zero_endpoints_install_a_table_that_rejects_everything_from_the_agent() {
     let t = list(&table).expect("table installed");
     // The cgroup jump, ct, log, reject: no accept of any destination.
     assert_eq!(rules(&t).len(), 4);
-    assert!(!serde_json::to_string(&rules(&t)).unwrap().contains("\"dport\""));
-    assert_eq!(probe(&cg.agent, Some(65534), &["tcp", &listener.local_addr().unwrap().to_string()]).1, "EHOSTUNREACH");
+    assert!(!serde_json::to_string(&rules(&t))
+        .unwrap()
+        .contains("\"dport\""));
+    assert_eq!(
+        probe(
+            &cg.agent,
+            Some(65534),
+            &["tcp", &listener.local_addr().unwrap().to_string()]
+        )
+        .1,
+        "EHOSTUNREACH"
+    );
     assert!(refused(&table) >= 1);
 }
 
 #[test]
-fn a_restart_replaces_the_table_atomically_exit_leaves_it_detach_removes_it_and_other_tables_are_untouched() {
+fn a_restart_replaces_the_table_atomically_exit_leaves_it_detach_removes_it_and_other_tables_are_untouched(
+) {
     let foreign = ForeignTable::new();
     let foreign_before = list(&foreign.0).expect("foreign table");
     let cg = TestCgroups::new();
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let (nft, table) = nft_section("");
-    let mut loader = Loader::start(&cg, &format!("proxies = [\"{}\"]\n{nft}", proxy.local_addr().unwrap()));
+    let mut loader = Loader::start(
+        &cg,
+        &format!("proxies = [\"{}\"]\n{nft}", proxy.local_addr().unwrap()),
+    );
     assert_eq!(rules(&list(&table).unwrap()).len(), 4 + 1);
 
     // A new policy: one more endpoint. The restart swaps the table in one transaction.
     loader.stop();
-    assert!(list(&table).is_some(), "the table stays when the loader exits");
-    let config = std::fs::read_to_string(&loader.config).unwrap().replace("proxies = [", "proxies = [\"127.0.0.1:1\", ");
+    assert!(
+        list(&table).is_some(),
+        "the table stays when the loader exits"
+    );
+    let config = std::fs::read_to_string(&loader.config)
+        .unwrap()
+        .replace("proxies = [", "proxies = [\"127.0.0.1:1\", ");
     std::fs::write(&loader.config, config).unwrap();
     loader.restart();
     assert_eq!(rules(&list(&table).unwrap()).len(), 4 + 2);
@@ -137,9 +283,14 @@ fn a_restart_replaces_the_table_atomically_exit_leaves_it_detach_removes_it_and_
     loader.stop();
     let out = loader.cli(&["detach"]);
     assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("removed nftables table inet {table}")));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains(&format!("removed nftables table inet {table}")));
     assert!(list(&table).is_none(), "detach removes the table");
-    assert_eq!(list(&foreign.0), Some(foreign_before), "another table is left exactly as it was");
+    assert_eq!(
+        list(&foreign.0),
+        Some(foreign_before),
+        "another table is left exactly as it was"
+    );
 }
 
 #[test]
@@ -149,7 +300,12 @@ fn a_failing_nft_transaction_stops_the_loader_before_it_is_ready() {
     let mut loader = Loader::configure(&cg, &nft);
     // No nft to be found: the transaction cannot happen.
     loader.set_env("PATH", "/nonexistent");
-    let err = loader.try_restart().expect_err("the loader must refuse to start without its nft table");
-    assert!(err.contains(&format!("cannot install the nftables table inet {table}")), "{err}");
+    let err = loader
+        .try_restart()
+        .expect_err("the loader must refuse to start without its nft table");
+    assert!(
+        err.contains(&format!("cannot install the nftables table inet {table}")),
+        "{err}"
+    );
     assert!(list(&table).is_none());
 }

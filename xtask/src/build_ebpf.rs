@@ -30,7 +30,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .map(|e| e.path().join("out/tank-ebpf.o"))
         .filter(|p| p.exists())
         .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
-    let Some(object) = newest else { bail!("no tank-ebpf.o under {}", build_dir.display()) };
+    let Some(object) = newest else {
+        bail!("no tank-ebpf.o under {}", build_dir.display())
+    };
     println!("{} ({} bytes)", object.display(), object.metadata()?.len());
     Ok(())
 }

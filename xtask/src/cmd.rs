@@ -7,7 +7,10 @@ use anyhow::{bail, Context};
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_owned()
 }
 
 /// A `cargo` command run from the workspace root, with the same cargo that runs xtask.
@@ -19,7 +22,9 @@ pub fn cargo(args: &[&str]) -> Command {
 
 /// Runs `cmd`, failing with its command line when it does not succeed.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{} failed ({status})", describe(cmd));
     }
@@ -27,7 +32,11 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// True when running as root.

@@ -13,6 +13,13 @@ pub fn run() -> anyhow::Result<()> {
         bail!("the demo loads eBPF programs and creates a cgroup: run it as root");
     }
     setup::run(&setup::Options::default())?;
-    cmd::run(&mut cmd::cargo(&["build", "--quiet", "--workspace", "--bins"]))?;
-    cmd::run(&mut std::process::Command::new(cmd::root().join("target/debug/tank-demo")))
+    cmd::run(&mut cmd::cargo(&[
+        "build",
+        "--quiet",
+        "--workspace",
+        "--bins",
+    ]))?;
+    cmd::run(&mut std::process::Command::new(
+        cmd::root().join("target/debug/tank-demo"),
+    ))
 }

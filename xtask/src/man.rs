@@ -5,5 +5,16 @@ use crate::cmd;
 
 /// `cargo xtask man OUT_DIR`: man pages and completions from the clap definitions.
 pub fn man(out_dir: &std::path::Path) -> anyhow::Result<()> {
-    cmd::run(cmd::cargo(&["run", "--quiet", "-p", "tank-integration-tests", "--bin", "tank-man", "--"]).arg(out_dir))
+    cmd::run(
+        cmd::cargo(&[
+            "run",
+            "--quiet",
+            "-p",
+            "tank-integration-tests",
+            "--bin",
+            "tank-man",
+            "--",
+        ])
+        .arg(out_dir),
+    )
 }

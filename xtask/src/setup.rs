@@ -48,23 +48,42 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let missing: Vec<_> = PACKAGES.iter().map(|(p, _)| *p).collect();
         bail!("not a Debian system: install the equivalents of {} and bpf-linker {BPF_LINKER_VERSION} yourself (docs/development.md)", missing.join(", "));
     }
-    let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !installed(p))
+        .collect();
     if !missing.is_empty() {
         if !cmd::is_root() {
-            bail!("missing Debian packages {}; run `cargo xtask setup` as root to install them", missing.join(" "));
+            bail!(
+                "missing Debian packages {}; run `cargo xtask setup` as root to install them",
+                missing.join(" ")
+            );
         }
         eprintln!("setup: installing {}", missing.join(" "));
         cmd::run(Command::new("apt-get").args(["update", "-qq"]))
             .context("apt-get update failed: no route to Debian's mirrors?")?;
-        cmd::run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
-            .with_context(|| format!("cannot install {}", missing.join(" ")))?;
+        cmd::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .with_context(|| format!("cannot install {}", missing.join(" ")))?;
     } else if opts.verbose {
         eprintln!("setup: all {} Debian packages present", PACKAGES.len());
     }
 
     let linker = cargo_home().join("bin/bpf-linker");
-    let version = Command::new(&linker).arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-    if version.as_deref().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+    let version = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
         if opts.verbose {
             eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
         }
@@ -74,10 +93,20 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let llvm = "/usr/lib/llvm-22";
     let path = format!("{llvm}/bin:{}", std::env::var("PATH").unwrap_or_default());
     cmd::run(
-        cmd::cargo(&["install", "--quiet", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
-            .env("PATH", path)
-            .env("LLVM_SYS_221_PREFIX", llvm)
-            .env("RUSTFLAGS", format!("-L {llvm}/lib")),
+        cmd::cargo(&[
+            "install",
+            "--quiet",
+            "--locked",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("PATH", path)
+        .env("LLVM_SYS_221_PREFIX", llvm)
+        .env("RUSTFLAGS", format!("-L {llvm}/lib")),
     )
     .context("cannot build bpf-linker (needs crates.io and llvm-22-dev)")
 }
@@ -92,5 +121,7 @@ fn installed(package: &str) -> bool {
 fn cargo_home() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        })
 }

@@ -20,9 +20,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         bail!("the suite loads eBPF programs and creates cgroups, nft tables and network namespaces: run it as root");
     }
     setup::run(&setup::Options::default())?;
-    cmd::run(&mut cmd::cargo(&["build", "--workspace", "--bins", "--tests"]))?;
+    cmd::run(&mut cmd::cargo(&[
+        "build",
+        "--workspace",
+        "--bins",
+        "--tests",
+    ]))?;
     if opts.filter.is_none() {
-        cmd::run(&mut cmd::cargo(&["test", "--workspace", "--exclude", "tank-integration-tests"]))?;
+        cmd::run(&mut cmd::cargo(&[
+            "test",
+            "--workspace",
+            "--exclude",
+            "tank-integration-tests",
+        ]))?;
     }
     let mut integration = cmd::cargo(&["test", "-p", "tank-integration-tests"]);
     if let Some(filter) = &opts.filter {

@@ -34,7 +34,10 @@ pub fn require_tool(tool: &str, debian_package: &str) -> PathBuf {
 
 /// A temp dir removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("egress-proxy-test-").tempdir().expect("create temp dir")
+    tempfile::Builder::new()
+        .prefix("egress-proxy-test-")
+        .tempdir()
+        .expect("create temp dir")
 }
 
 /// Polls `f` every 20 ms until it returns Some, for at most `limit`.
@@ -44,7 +47,10 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -105,12 +111,18 @@ impl Proxy {
             admin: "0.0.0.0:0".parse().unwrap(),
             pid: 0,
         };
-        let bound: serde_json::Value = wait_for(Duration::from_secs(10), "the proxy's ready file", || {
-            if let Some(status) = proxy.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("egress-proxy exited with {status} before listening:\n{}", proxy.log_text());
-            }
-            std::fs::read(&ready).ok().and_then(|b| serde_json::from_slice(&b).ok())
-        });
+        let bound: serde_json::Value =
+            wait_for(Duration::from_secs(10), "the proxy's ready file", || {
+                if let Some(status) = proxy.child.as_mut().unwrap().try_wait().unwrap() {
+                    panic!(
+                        "egress-proxy exited with {status} before listening:\n{}",
+                        proxy.log_text()
+                    );
+                }
+                std::fs::read(&ready)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+            });
         proxy.addr = bound["listen"][0].as_str().unwrap().parse().unwrap();
         proxy.addr6 = bound["listen"][1].as_str().unwrap().parse().unwrap();
         proxy.admin = bound["admin"].as_str().unwrap().parse().unwrap();
@@ -127,7 +139,8 @@ impl Proxy {
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig).expect("signal the proxy");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig)
+            .expect("signal the proxy");
     }
 
     /// Rewrites the config file and sends SIGHUP; waits until the reload is logged.
@@ -141,7 +154,9 @@ impl Proxy {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     /// Waits for the process to exit by itself.
@@ -185,10 +200,14 @@ impl Proxy {
 
     /// Waits until the audit log holds `n` records, then returns them.
     pub fn wait_records(&self, n: usize) -> Vec<serde_json::Value> {
-        wait_for(Duration::from_secs(10), &format!("{n} audit records"), || {
-            let r = self.records();
-            (r.len() >= n).then_some(r)
-        })
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{n} audit records"),
+            || {
+                let r = self.records();
+                (r.len() >= n).then_some(r)
+            },
+        )
     }
 }
 
@@ -204,9 +223,32 @@ impl Drop for Proxy {
     }
 }
 
+/// The one record whose JSON pointers hold the wanted strings. Records are written when a
+/// connection ends, in whatever order connections end, so tests find them by content.
+pub fn record_where(records: &[serde_json::Value], want: &[(&str, &str)]) -> serde_json::Value {
+    let found: Vec<_> = records
+        .iter()
+        .filter(|r| {
+            want.iter()
+                .all(|(at, v)| r.pointer(at).and_then(|x| x.as_str()) == Some(*v))
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one record with {want:?}, got {}: {records:#?}",
+        found.len()
+    );
+    found[0].clone()
+}
+
 pub fn read_records(path: &Path) -> Vec<serde_json::Value> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
-    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Sends a raw request to the proxy and returns everything it answers until it closes.
@@ -223,7 +265,11 @@ pub fn raw_request(proxy: SocketAddr, request: &[u8]) -> String {
 pub fn connect_tunnel(proxy: SocketAddr, authority: &str) -> (TcpStream, String) {
     let mut s = TcpStream::connect(proxy).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").unwrap();
+    write!(
+        s,
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
     let mut reader = BufReader::new(s.try_clone().unwrap());
     let mut head = String::new();
     loop {
@@ -274,7 +320,11 @@ impl Drop for Origin {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<Vec<u8>> {
@@ -295,10 +345,14 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     served: Arc<AtomicUsize>,
     requests: Arc<Mutex<Vec<String>>>,
 ) {
-    let Some(head) = read_head(&mut s).await else { return };
+    let Some(head) = read_head(&mut s).await else {
+        return;
+    };
     let text = String::from_utf8_lossy(&head).into_owned();
     // Read a Content-Length body, if any, and echo its size.
-    let len: usize = header(&text, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let len: usize = header(&text, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut body = vec![0u8; len];
     if s.read_exact(&mut body).await.is_err() {
         return;
@@ -306,11 +360,17 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let path = text.split(' ').nth(1).unwrap_or("/").to_owned();
     served.fetch_add(1, Ordering::SeqCst);
     requests.lock().unwrap().push(text.clone());
-    let reply = match path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+    let reply = match path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
         Some(n) => vec![b'x'; n],
         None => format!("hello from the origin: {path} body={len}\n").into_bytes(),
     };
-    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", reply.len());
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reply.len()
+    );
     let _ = s.write_all(head.as_bytes()).await;
     let _ = s.write_all(&reply).await;
     let _ = s.shutdown().await;
@@ -322,12 +382,21 @@ impl Origin {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "egress-proxy test CA");
-        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "egress-proxy test CA");
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let mut leaf_params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        leaf_params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+        let mut leaf_params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        leaf_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0]);
         let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
         let ca_pem = dir.join("ca.pem");
         std::fs::write(&ca_pem, ca.pem()).unwrap();
@@ -344,7 +413,9 @@ impl Origin {
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let rt = runtime();
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
         let port = listener.local_addr().unwrap().port();
         let served = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -359,13 +430,21 @@ impl Origin {
                 });
             }
         });
-        Origin { runtime: Some(rt), port, served, requests, ca_pem: Some(ca_pem) }
+        Origin {
+            runtime: Some(rt),
+            port,
+            served,
+            requests,
+            ca_pem: Some(ca_pem),
+        }
     }
 
     /// A plain-HTTP origin.
     pub fn http() -> Origin {
         let rt = runtime();
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
         let port = listener.local_addr().unwrap().port();
         let served = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -375,13 +454,21 @@ impl Origin {
                 tokio::spawn(answer(tcp, s.clone(), r.clone()));
             }
         });
-        Origin { runtime: Some(rt), port, served, requests, ca_pem: None }
+        Origin {
+            runtime: Some(rt),
+            port,
+            served,
+            requests,
+            ca_pem: None,
+        }
     }
 
     /// A TCP echo origin (counts connections).
     pub fn echo() -> Origin {
         let rt = runtime();
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
         let port = listener.local_addr().unwrap().port();
         let served = Arc::new(AtomicUsize::new(0));
         let s = served.clone();
@@ -394,7 +481,13 @@ impl Origin {
                 });
             }
         });
-        Origin { runtime: Some(rt), port, served, requests: Arc::new(Mutex::new(Vec::new())), ca_pem: None }
+        Origin {
+            runtime: Some(rt),
+            port,
+            served,
+            requests: Arc::new(Mutex::new(Vec::new())),
+            ca_pem: None,
+        }
     }
 
     pub fn served(&self) -> usize {

@@ -42,23 +42,79 @@ fn bench() -> Value {
     let gate1 = TestCgroups::new();
     let gate1_loader = Loader::start(&gate1, &format!("{proxy}\nring_buffer_bytes = 134217728"));
     let gate10k = TestCgroups::new();
-    let _gate10k_loader = Loader::start(&gate10k, &format!("{proxy}\n{}", many_entries(MAP_ENTRIES)));
+    let _gate10k_loader =
+        Loader::start(&gate10k, &format!("{proxy}\n{}", many_entries(MAP_ENTRIES)));
     let base = &gate1.sibling;
 
     // connect()+close latency: unconfined vs allowed-and-recorded vs 10k-entry allow map.
     let (mut lat_base, mut lat_gate, mut lat_10k) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        lat_base.push(run_worker(base, &["connect", &listener.addr.to_string(), &CONNECTS_PER_ROUND.to_string()])["p50_ns"].as_f64().unwrap());
-        lat_gate.push(run_worker(&gate1.agent, &["connect", &listener.addr.to_string(), &CONNECTS_PER_ROUND.to_string()])["p50_ns"].as_f64().unwrap());
-        lat_10k.push(run_worker(&gate10k.agent, &["connect", &listener.addr.to_string(), &CONNECTS_PER_ROUND.to_string()])["p50_ns"].as_f64().unwrap());
+        lat_base.push(
+            run_worker(
+                base,
+                &[
+                    "connect",
+                    &listener.addr.to_string(),
+                    &CONNECTS_PER_ROUND.to_string(),
+                ],
+            )["p50_ns"]
+                .as_f64()
+                .unwrap(),
+        );
+        lat_gate.push(
+            run_worker(
+                &gate1.agent,
+                &[
+                    "connect",
+                    &listener.addr.to_string(),
+                    &CONNECTS_PER_ROUND.to_string(),
+                ],
+            )["p50_ns"]
+                .as_f64()
+                .unwrap(),
+        );
+        lat_10k.push(
+            run_worker(
+                &gate10k.agent,
+                &[
+                    "connect",
+                    &listener.addr.to_string(),
+                    &CONNECTS_PER_ROUND.to_string(),
+                ],
+            )["p50_ns"]
+                .as_f64()
+                .unwrap(),
+        );
     }
 
     eprintln!("bench: connect latency done");
     // Bulk throughput of one allowed connection vs unconfined.
     let (mut tp_base, mut tp_gate) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        tp_base.push(run_worker(base, &["send", &listener.addr.to_string(), &THROUGHPUT_SECS.to_string()])["bytes_per_s"].as_f64().unwrap());
-        tp_gate.push(run_worker(&gate1.agent, &["send", &listener.addr.to_string(), &THROUGHPUT_SECS.to_string()])["bytes_per_s"].as_f64().unwrap());
+        tp_base.push(
+            run_worker(
+                base,
+                &[
+                    "send",
+                    &listener.addr.to_string(),
+                    &THROUGHPUT_SECS.to_string(),
+                ],
+            )["bytes_per_s"]
+                .as_f64()
+                .unwrap(),
+        );
+        tp_gate.push(
+            run_worker(
+                &gate1.agent,
+                &[
+                    "send",
+                    &listener.addr.to_string(),
+                    &THROUGHPUT_SECS.to_string(),
+                ],
+            )["bytes_per_s"]
+                .as_f64()
+                .unwrap(),
+        );
     }
 
     // Denied attempts: two workers (one per core) flood an unlisted port on loopback.
@@ -67,13 +123,24 @@ fn bench() -> Value {
     let durable_before = durable_records(&gate1_loader.audit_log);
     let start = Instant::now();
     let workers: Vec<_> = (0..2)
-        .map(|_| spawn_worker(&gate1.agent, &["flood", &denied_target, &FLOOD_PER_WORKER.to_string()]))
+        .map(|_| {
+            spawn_worker(
+                &gate1.agent,
+                &["flood", &denied_target, &FLOOD_PER_WORKER.to_string()],
+            )
+        })
         .collect();
     let results: Vec<Value> = workers.into_iter().map(finish_worker).collect();
     let flood_elapsed = start.elapsed().as_secs_f64();
-    let attempts: u64 = results.iter().map(|r| r["attempts"].as_u64().unwrap()).sum();
+    let attempts: u64 = results
+        .iter()
+        .map(|r| r["attempts"].as_u64().unwrap())
+        .sum();
     let eperm: u64 = results.iter().map(|r| r["eperm"].as_u64().unwrap()).sum();
-    let worker_secs = results.iter().map(|r| r["elapsed_s"].as_f64().unwrap()).fold(0.0, f64::max);
+    let worker_secs = results
+        .iter()
+        .map(|r| r["elapsed_s"].as_f64().unwrap())
+        .fold(0.0, f64::max);
     let after = gate1_loader.status();
     let delta = |name| counter(&after, name) - counter(&before, name);
     let (recorded, unrecorded) = (delta("denied"), delta("unrecorded_denied"));
@@ -85,7 +152,10 @@ fn bench() -> Value {
         std::thread::sleep(Duration::from_millis(20));
         logged = durable_records(&gate1_loader.audit_log);
     }
-    eprintln!("bench: flood {flood_elapsed:.2}s, drain caught up {:.2}s later", drain_start.elapsed().as_secs_f64());
+    eprintln!(
+        "bench: flood {flood_elapsed:.2}s, drain caught up {:.2}s later",
+        drain_start.elapsed().as_secs_f64()
+    );
     // The drain runs during the flood and then catches up.
     let drain_secs = flood_elapsed + drain_start.elapsed().as_secs_f64();
 
@@ -127,24 +197,70 @@ fn bench() -> Value {
 
 fn print_table(f: &Value) {
     let row = |name: &str, value: String, goal: &str, ok: bool| {
-        println!("{name:<48} {value:>16}   {goal:<14} {}", if ok { "met" } else { "NOT MET" });
+        println!(
+            "{name:<48} {value:>16}   {goal:<14} {}",
+            if ok { "met" } else { "NOT MET" }
+        );
     };
-    println!("{:<48} {:>16}   {:<14} {}", "kernel benchmark", "measured", "goal", "");
+    println!(
+        "{:<48} {:>16}   {:<14} {}",
+        "kernel benchmark", "measured", "goal", ""
+    );
     let r = f["connect_ratio_gate_vs_unconfined"].as_f64().unwrap();
-    row("connect+close p50, gate / unconfined", format!("{r:.3}x"), "<= 1.03x", r <= 1.03);
+    row(
+        "connect+close p50, gate / unconfined",
+        format!("{r:.3}x"),
+        "<= 1.03x",
+        r <= 1.03,
+    );
     let t = f["throughput_ratio_gate_vs_unconfined"].as_f64().unwrap();
-    row("bulk TCP throughput, gate / unconfined", format!("{t:.3}x"), ">= 0.99x", t >= 0.99);
+    row(
+        "bulk TCP throughput, gate / unconfined",
+        format!("{t:.3}x"),
+        ">= 0.99x",
+        t >= 0.99,
+    );
     let d = &f["denied_flood"];
     let rate = d["attempts_per_s"].as_f64().unwrap();
     let unaccounted = d["unaccounted"].as_i64().unwrap();
-    row("denied attempts/s recorded (2 workers)", format!("{rate:.0}"), ">= 500000", rate >= 500_000.0 && unaccounted == 0);
-    row("  unaccounted attempts", unaccounted.to_string(), "0", unaccounted == 0);
-    row("  unrecorded (counted) attempts", d["unrecorded_counted"].to_string(), "-", true);
-    row("  audit-log drain, events/s", format!("{:.0}", d["drain_events_per_s"].as_f64().unwrap()), "-", true);
+    row(
+        "denied attempts/s recorded (2 workers)",
+        format!("{rate:.0}"),
+        ">= 500000",
+        rate >= 500_000.0 && unaccounted == 0,
+    );
+    row(
+        "  unaccounted attempts",
+        unaccounted.to_string(),
+        "0",
+        unaccounted == 0,
+    );
+    row(
+        "  unrecorded (counted) attempts",
+        d["unrecorded_counted"].to_string(),
+        "-",
+        true,
+    );
+    row(
+        "  audit-log drain, events/s",
+        format!("{:.0}", d["drain_events_per_s"].as_f64().unwrap()),
+        "-",
+        true,
+    );
     let c = f["cold_start_ms"]["median"].as_f64().unwrap();
-    row("loader cold start to enforcing, median ms", format!("{c:.1}"), "<= 200 ms", c <= 200.0);
+    row(
+        "loader cold start to enforcing, median ms",
+        format!("{c:.1}"),
+        "<= 200 ms",
+        c <= 200.0,
+    );
     let m = f["connect_ratio_10k_vs_1_entry"].as_f64().unwrap();
-    row("connect p50, 10k allow entries / 1 entry", format!("{m:.3}x"), "-", true);
+    row(
+        "connect p50, 10k allow entries / 1 entry",
+        format!("{m:.3}x"),
+        "-",
+        true,
+    );
 }
 
 /// A loopback listener that accepts and drains, plus an address nothing listens on.
@@ -168,14 +284,26 @@ impl Listener {
             }
         });
         let other = TcpListener::bind("127.0.0.1:0").unwrap();
-        Self { addr, other_addr: other.local_addr().unwrap(), _other: other }
+        Self {
+            addr,
+            other_addr: other.local_addr().unwrap(),
+            _other: other,
+        }
     }
 }
 
 /// `[[allow]]` entries in 198.18.0.0/15 (the benchmarking range): map entries only, never
 /// contacted.
 fn many_entries(n: usize) -> String {
-    (0..n).map(|i| format!("[[allow]]\nendpoint = \"198.18.{}.{}:443\"\n", i / 250, i % 250 + 1)).collect()
+    (0..n)
+        .map(|i| {
+            format!(
+                "[[allow]]\nendpoint = \"198.18.{}.{}:443\"\n",
+                i / 250,
+                i % 250 + 1
+            )
+        })
+        .collect()
 }
 
 fn spawn_worker(cgroup: &Path, args: &[&str]) -> std::process::Child {
@@ -208,12 +336,19 @@ fn durable_records(log: &Path) -> u64 {
 }
 
 fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 /// Inside the cgroup: `worker CGROUP_DIR connect|send|flood ADDR ARG`.
 fn worker(args: &[String]) {
-    std::fs::write(Path::new(&args[0]).join("cgroup.procs"), std::process::id().to_string()).expect("join cgroup");
+    std::fs::write(
+        Path::new(&args[0]).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("join cgroup");
     let addr: SocketAddr = args[2].parse().expect("address");
     let result = match args[1].as_str() {
         "connect" => {
@@ -253,7 +388,9 @@ fn worker(args: &[String]) {
 /// `n` connect() calls on one socket to a denied destination: EPERM leaves the socket unused,
 /// so each call is one trip through the gate and nothing else.
 fn flood(addr: SocketAddr, n: u64) -> (u64, u64, f64) {
-    let SocketAddr::V4(v4) = addr else { panic!("IPv4 target expected") };
+    let SocketAddr::V4(v4) = addr else {
+        panic!("IPv4 target expected")
+    };
     // SAFETY: plain socket calls on a descriptor this function owns.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
@@ -261,12 +398,18 @@ fn flood(addr: SocketAddr, n: u64) -> (u64, u64, f64) {
         let sa = libc::sockaddr_in {
             sin_family: libc::AF_INET as u16,
             sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
             sin_zero: [0; 8],
         };
         let (start, mut eperm) = (Instant::now(), 0);
         for _ in 0..n {
-            let rc = libc::connect(fd, (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+            let rc = libc::connect(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
             if rc != 0 && *libc::__errno_location() == libc::EPERM {
                 eperm += 1;
             }
@@ -279,9 +422,18 @@ fn flood(addr: SocketAddr, n: u64) -> (u64, u64, f64) {
 
 /// SO_LINGER 0: close with RST, so thousands of connects leave no TIME_WAIT behind.
 fn reset_on_close(stream: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: setsockopt on a live descriptor with a correctly sized option.
     unsafe {
-        libc::setsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&linger as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as u32);
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
     }
 }

@@ -14,15 +14,43 @@ fn main() {
     let other6 = TcpListener::bind("[::1]:0").expect("forbidden IPv6 service");
     let dns = UdpSocket::bind("127.0.0.1:0").expect("forbidden resolver");
     let cgroups = TestCgroups::new();
-    let loader = Loader::start(&cgroups, &format!("proxies = [\"{}\"]", proxy.local_addr().unwrap()));
-    println!("== tank-loader is enforcing on {} (config {})\n", cgroups.agent.display(), loader.config.display());
+    let loader = Loader::start(
+        &cgroups,
+        &format!("proxies = [\"{}\"]", proxy.local_addr().unwrap()),
+    );
+    println!(
+        "== tank-loader is enforcing on {} (config {})\n",
+        cgroups.agent.display(),
+        loader.config.display()
+    );
 
     let attempts = [
-        ("fetch through the proxy", vec!["tcp".to_owned(), proxy.local_addr().unwrap().to_string()]),
-        ("direct connect to another service", vec!["tcp".to_owned(), other.local_addr().unwrap().to_string()]),
-        ("IPv6 direct connect", vec!["tcp".to_owned(), other6.local_addr().unwrap().to_string()]),
-        ("IPv4-mapped IPv6 trick", vec!["tcp".to_owned(), format!("[::ffff:127.0.0.1]:{}", other.local_addr().unwrap().port())]),
-        ("DNS exfiltration over UDP", vec!["udp-sendto".to_owned(), dns.local_addr().unwrap().to_string()]),
+        (
+            "fetch through the proxy",
+            vec!["tcp".to_owned(), proxy.local_addr().unwrap().to_string()],
+        ),
+        (
+            "direct connect to another service",
+            vec!["tcp".to_owned(), other.local_addr().unwrap().to_string()],
+        ),
+        (
+            "IPv6 direct connect",
+            vec!["tcp".to_owned(), other6.local_addr().unwrap().to_string()],
+        ),
+        (
+            "IPv4-mapped IPv6 trick",
+            vec![
+                "tcp".to_owned(),
+                format!("[::ffff:127.0.0.1]:{}", other.local_addr().unwrap().port()),
+            ],
+        ),
+        (
+            "DNS exfiltration over UDP",
+            vec![
+                "udp-sendto".to_owned(),
+                dns.local_addr().unwrap().to_string(),
+            ],
+        ),
     ];
     println!("== the agent (uid 65534, inside the cgroup) tries:");
     for (what, args) in &attempts {
@@ -37,7 +65,11 @@ fn main() {
     println!("\n== tank-loader status");
     show(&loader, &["status"]);
     println!("\n== tank-loader audit verify");
-    let out = Command::new(workspace_bin("tank-loader")).args(["audit", "verify"]).arg(&loader.audit_log).output().expect("verify");
+    let out = Command::new(workspace_bin("tank-loader"))
+        .args(["audit", "verify"])
+        .arg(&loader.audit_log)
+        .output()
+        .expect("verify");
     print!("{}", String::from_utf8_lossy(&out.stdout));
     println!("\n== tearing down (loader stopped, gate detached, cgroup removed)");
 }

@@ -36,11 +36,16 @@ type Outcome = std::io::Result<()>;
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(dir) = take_opt(&mut args, "--cgroup") {
-        std::fs::write(format!("{dir}/cgroup.procs"), std::process::id().to_string()).expect("join the cgroup");
+        std::fs::write(
+            format!("{dir}/cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .expect("join the cgroup");
     }
     if let Some(path) = take_opt(&mut args, "--netns") {
         let ns = std::fs::File::open(&path).expect("open the network namespace");
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the network namespace");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("enter the network namespace");
     }
     if let Some(uid) = take_opt(&mut args, "--uid") {
         let uid: u32 = uid.parse().expect("numeric uid");
@@ -53,17 +58,31 @@ fn main() {
         tank_integration_tests::seccomp::apply_profile();
     }
     let attempt = args.first().map(String::as_str).unwrap_or("");
-    let target = |i: usize| -> SocketAddr { args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage()) };
-    let number = |i: usize| -> u64 { args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage()) };
+    let target = |i: usize| -> SocketAddr {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| usage())
+    };
+    let number = |i: usize| -> u64 {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| usage())
+    };
     let outcome = match attempt {
         "tcp" => TcpStream::connect_timeout(&target(1), Duration::from_secs(2)).map(drop),
-        "udp-sendto" => bind_any(&target(1)).and_then(|s| s.send_to(b"probe", target(1))).map(drop),
-        "udp-connect" => bind_any(&target(1)).and_then(|s| s.connect(target(1)).and_then(|()| s.send(b"probe"))).map(drop),
+        "udp-sendto" => bind_any(&target(1))
+            .and_then(|s| s.send_to(b"probe", target(1)))
+            .map(drop),
+        "udp-connect" => bind_any(&target(1))
+            .and_then(|s| s.connect(target(1)).and_then(|()| s.send(b"probe")))
+            .map(drop),
         "udp-sendmmsg" => sendmmsg(&target(1)),
         "tcp-fastopen" => fast_open(&target(1)),
         "io-uring-connect" => io_uring_connect(&target(1)),
         "io-uring-setup" => io_uring::IoUring::new(4).map(drop),
-        "dns" => bind_any(&target(1)).and_then(|s| s.send_to(&dns_query(), target(1))).map(drop),
+        "dns" => bind_any(&target(1))
+            .and_then(|s| s.send_to(&dns_query(), target(1)))
+            .map(drop),
         "socket" => raw_socket(libc::SYS_socket, number(1), number(2), number(3)),
         "socketpair" => raw_socket(libc::SYS_socketpair, number(1), number(2), 0),
         "exec-child" => {
@@ -74,22 +93,44 @@ fn main() {
                 .expect("fork and exec the child");
             let pid = child.id();
             let out = child.wait_with_output().expect("wait for the child");
-            println!("child={pid} {}", String::from_utf8_lossy(&out.stdout).trim());
+            println!(
+                "child={pid} {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
             return;
         }
         "escape-cgroup" => {
-            let moved = std::fs::write(format!("{}/cgroup.procs", args.get(1).unwrap_or_else(|| usage())), std::process::id().to_string());
+            let moved = std::fs::write(
+                format!("{}/cgroup.procs", args.get(1).unwrap_or_else(|| usage())),
+                std::process::id().to_string(),
+            );
             let tcp = TcpStream::connect_timeout(&target(2), Duration::from_secs(2)).map(drop);
             println!("move={} tcp={}", show(&moved), show(&tcp));
             return;
         }
         "detach" => {
-            println!("{}", detach(args.get(1).unwrap_or_else(|| usage()), args.get(2).unwrap_or_else(|| usage())));
+            println!(
+                "{}",
+                detach(
+                    args.get(1).unwrap_or_else(|| usage()),
+                    args.get(2).unwrap_or_else(|| usage())
+                )
+            );
             return;
         }
         "run" => {
-            let status = Command::new(args.get(1).unwrap_or_else(|| usage())).args(&args[2..]).status().expect("run the command");
-            println!("{}", if status.success() { "ok".to_owned() } else { format!("exit={}", status.code().unwrap_or(-1)) });
+            let status = Command::new(args.get(1).unwrap_or_else(|| usage()))
+                .args(&args[2..])
+                .status()
+                .expect("run the command");
+            println!(
+                "{}",
+                if status.success() {
+                    "ok".to_owned()
+                } else {
+                    format!("exit={}", status.code().unwrap_or(-1))
+                }
+            );
             return;
         }
         "flood" => {
@@ -113,7 +154,10 @@ fn main() {
 fn show(outcome: &Outcome) -> String {
     match outcome {
         Ok(()) => "ok".to_owned(),
-        Err(e) => e.raw_os_error().map_or_else(|| e.to_string(), |code| format!("{:?}", nix::errno::Errno::from_raw(code))),
+        Err(e) => e.raw_os_error().map_or_else(
+            || e.to_string(),
+            |code| format!("{:?}", nix::errno::Errno::from_raw(code)),
+        ),
     }
 }
 
@@ -126,7 +170,11 @@ fn cvt(rc: libc::c_int) -> std::io::Result<libc::c_int> {
 }
 
 fn bind_any(target: &SocketAddr) -> std::io::Result<UdpSocket> {
-    UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+    UdpSocket::bind(if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
 }
 
 fn family_of(target: &SocketAddr) -> i32 {
@@ -153,7 +201,11 @@ fn raw_socket(nr: libc::c_long, family: u64, sock_type: u64, protocol: u64) -> O
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let opened: &[i32] = if nr == libc::SYS_socketpair { &fds } else { &[rc as i32] };
+    let opened: &[i32] = if nr == libc::SYS_socketpair {
+        &fds
+    } else {
+        &[rc as i32]
+    };
     for fd in opened {
         // SAFETY: descriptors the call just returned.
         unsafe { libc::close(*fd) };
@@ -165,7 +217,13 @@ fn sendmmsg(target: &SocketAddr) -> Outcome {
     let sock = new_socket(target, libc::SOCK_DGRAM)?;
     let addr = SockaddrStorage::from(*target);
     let mut payloads = [*b"probe-1", *b"probe-2"];
-    let mut iovs: Vec<libc::iovec> = payloads.iter_mut().map(|p| libc::iovec { iov_base: p.as_mut_ptr().cast(), iov_len: p.len() }).collect();
+    let mut iovs: Vec<libc::iovec> = payloads
+        .iter_mut()
+        .map(|p| libc::iovec {
+            iov_base: p.as_mut_ptr().cast(),
+            iov_len: p.len(),
+        })
+        .collect();
     let mut msgs: Vec<libc::mmsghdr> = iovs
         .iter_mut()
         .map(|iov| {
@@ -179,7 +237,8 @@ fn sendmmsg(target: &SocketAddr) -> Outcome {
         })
         .collect();
     // SAFETY: msgs, their iovecs, payloads and addr outlive the call.
-    cvt(unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0) }).map(drop)
+    cvt(unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0) })
+        .map(drop)
 }
 
 fn fast_open(target: &SocketAddr) -> Outcome {
@@ -187,7 +246,16 @@ fn fast_open(target: &SocketAddr) -> Outcome {
     let addr = SockaddrStorage::from(*target);
     let data = b"GET / HTTP/1.0\r\n\r\n";
     // SAFETY: data and addr outlive the call.
-    let rc = unsafe { libc::sendto(sock.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_FASTOPEN, addr.as_ptr(), addr.len()) };
+    let rc = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_FASTOPEN,
+            addr.as_ptr(),
+            addr.len(),
+        )
+    };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -198,9 +266,15 @@ fn io_uring_connect(target: &SocketAddr) -> Outcome {
     let mut ring = io_uring::IoUring::new(4)?;
     let sock = new_socket(target, libc::SOCK_STREAM)?;
     let addr = SockaddrStorage::from(*target);
-    let op = io_uring::opcode::Connect::new(io_uring::types::Fd(sock.as_raw_fd()), addr.as_ptr(), addr.len()).build();
+    let op = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(sock.as_raw_fd()),
+        addr.as_ptr(),
+        addr.len(),
+    )
+    .build();
     // SAFETY: sock and addr outlive the operation: we wait for its completion below.
-    unsafe { ring.submission().push(&op) }.map_err(|_| std::io::Error::other("submission queue full"))?;
+    unsafe { ring.submission().push(&op) }
+        .map_err(|_| std::io::Error::other("submission queue full"))?;
     ring.submit_and_wait(1)?;
     let result = ring.completion().next().expect("one completion").result();
     if result < 0 {
@@ -229,21 +303,44 @@ fn detach(pin_dir: &str, cgroup_dir: &str) -> String {
         .iter()
         .chain([&tank_loader::gate::LSM_HOOK])
         .map(|h| tank_loader::gate::link_pin(std::path::Path::new(pin_dir), h))
-        .chain(["TANK_ALLOW", "TANK_SETTINGS", "TANK_COUNTERS", "TANK_EVENTS"].map(|m| std::path::Path::new(pin_dir).join(m)));
+        .chain(
+            [
+                "TANK_ALLOW",
+                "TANK_SETTINGS",
+                "TANK_COUNTERS",
+                "TANK_EVENTS",
+            ]
+            .map(|m| std::path::Path::new(pin_dir).join(m)),
+        );
     for pin in pins {
-        results.push(format!("unlink {}={}", pin.display(), show(&std::fs::remove_file(&pin))));
+        results.push(format!(
+            "unlink {}={}",
+            pin.display(),
+            show(&std::fs::remove_file(&pin))
+        ));
     }
-    let link = tank_loader::gate::link_pin(std::path::Path::new(pin_dir), &tank_loader::gate::HOOKS[0]);
+    let link =
+        tank_loader::gate::link_pin(std::path::Path::new(pin_dir), &tank_loader::gate::HOOKS[0]);
     results.push(format!("obj_get={}", show(&bpf_obj_get(&link))));
     // Descriptors by id would let BPF_LINK_DETACH work without the pins.
-    for (name, cmd) in [("link_next_id", BPF_LINK_GET_NEXT_ID), ("prog_next_id", BPF_PROG_GET_NEXT_ID)] {
-        results.push(format!("{name}={}", show(&bpf(cmd, &mut [0u64; 8]).map(drop))));
+    for (name, cmd) in [
+        ("link_next_id", BPF_LINK_GET_NEXT_ID),
+        ("prog_next_id", BPF_PROG_GET_NEXT_ID),
+    ] {
+        results.push(format!(
+            "{name}={}",
+            show(&bpf(cmd, &mut [0u64; 8]).map(drop))
+        ));
     }
     match std::fs::File::open(cgroup_dir) {
         Ok(cgroup) => {
             for hook in tank_loader::gate::HOOKS {
                 let attach_type = hook.cgroup_attach_type().expect("cgroup hook");
-                results.push(format!("prog_detach {}={}", hook.name, show(&bpf_prog_detach(&cgroup, attach_type))));
+                results.push(format!(
+                    "prog_detach {}={}",
+                    hook.name,
+                    show(&bpf_prog_detach(&cgroup, attach_type))
+                ));
             }
         }
         Err(e) => results.push(format!("open cgroup={}", show(&Err(e)))),
@@ -258,7 +355,14 @@ const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 8]) -> std::io::Result<libc::c_long> {
     // SAFETY: attr is a zero-initialised bpf_attr prefix large enough for both commands.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
     if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {

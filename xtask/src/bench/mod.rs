@@ -35,8 +35,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             bail!("the kernel benchmark loads eBPF programs and creates cgroups: run it as root");
         }
         setup::run(&setup::Options::default())?;
-        cmd::run(&mut cmd::cargo(&["build", "--release", "-p", "tank-loader", "-p", "tank-integration-tests", "--bins"]))?;
-        cmd::run(std::process::Command::new(cmd::root().join("target/release/tank-bench")).arg(out.join("kernel.json")))?;
+        cmd::run(&mut cmd::cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "tank-loader",
+            "-p",
+            "tank-integration-tests",
+            "--bins",
+        ]))?;
+        cmd::run(
+            std::process::Command::new(cmd::root().join("target/release/tank-bench"))
+                .arg(out.join("kernel.json")),
+        )?;
     }
     if matches!(opts.suite, Suite::Proxy | Suite::All) {
         let figures = proxy::run()?;

@@ -47,7 +47,11 @@ pub fn run() -> Result<Value> {
     let origins = Origins::start()?;
 
     eprintln!("bench: direct loopback TCP baseline");
-    let direct_tput = median((0..THROUGHPUT_RUNS).map(|_| throughput(None, origins.source)).collect::<Result<_>>()?);
+    let direct_tput = median(
+        (0..THROUGHPUT_RUNS)
+            .map(|_| throughput(None, origins.source))
+            .collect::<Result<_>>()?,
+    );
     let direct_new = latency(None, origins.echo, true)?;
     let direct_est = latency(None, origins.echo, false)?;
 
@@ -56,7 +60,11 @@ pub fn run() -> Result<Value> {
         eprintln!("bench: {}", kind.name());
         let proxy = start_peer(kind, &bin, dir.path(), &origins)?;
         let addr = proxy.addr;
-        let tput = median((0..THROUGHPUT_RUNS).map(|_| throughput(Some(addr), origins.source)).collect::<Result<_>>()?);
+        let tput = median(
+            (0..THROUGHPUT_RUNS)
+                .map(|_| throughput(Some(addr), origins.source))
+                .collect::<Result<_>>()?,
+        );
         let rate = tunnel_rate(addr, origins.closer)?;
         let new = latency(Some(addr), origins.echo, true)?;
         let est = latency(Some(addr), origins.echo, false)?;
@@ -79,7 +87,10 @@ pub fn run() -> Result<Value> {
     }
 
     let get = |name: &str, key: &str| {
-        rows.iter().find(|r| r["proxy"] == name).and_then(|r| r[key].as_f64()).unwrap_or(f64::NAN)
+        rows.iter()
+            .find(|r| r["proxy"] == name)
+            .and_then(|r| r[key].as_f64())
+            .unwrap_or(f64::NAN)
     };
     let ours = |k: &str| get("egress-proxy", k);
     let goals = json!({
@@ -129,7 +140,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn print_table(r: &Value) {
     let d = &r["direct"];
     println!();
-    println!("egress-proxy benchmark (loopback, {} CPUs, release build)", r["machine"]["cpus"]);
+    println!(
+        "egress-proxy benchmark (loopback, {} CPUs, release build)",
+        r["machine"]["cpus"]
+    );
     println!(
         "direct TCP: {} MiB/s; 64 B request p50/p99 {}/{} us on a new connection, {}/{} us on an open one",
         d["throughput_mib_s"], d["new_connection_request_p50_us"], d["new_connection_request_p99_us"], d["request_p50_us"], d["request_p99_us"]
@@ -162,7 +176,10 @@ fn workspace_root() -> Result<PathBuf> {
         return Ok(PathBuf::from(dir));
     }
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(Path::to_owned).context("xtask has no parent directory")
+    manifest
+        .parent()
+        .map(Path::to_owned)
+        .context("xtask has no parent directory")
 }
 
 /// Builds egress-proxy in release mode and returns the binary's path.
@@ -171,7 +188,15 @@ fn build_proxy(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let out = Command::new(cargo)
         .current_dir(root)
-        .args(["build", "--release", "-p", "egress-proxy", "--bin", "egress-proxy", "--message-format=json-render-diagnostics"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "egress-proxy",
+            "--bin",
+            "egress-proxy",
+            "--message-format=json-render-diagnostics",
+        ])
         .stderr(Stdio::inherit())
         .output()
         .context("cannot run cargo")?;
@@ -179,7 +204,9 @@ fn build_proxy(root: &Path) -> Result<PathBuf> {
         bail!("building egress-proxy failed");
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
+        let Ok(msg) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
         if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "egress-proxy" {
             if let Some(exe) = msg["executable"].as_str() {
                 return Ok(PathBuf::from(exe));
@@ -191,16 +218,25 @@ fn build_proxy(root: &Path) -> Result<PathBuf> {
 
 fn on_path(tool: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]).any(|d| d.join(tool).is_file())
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .any(|d| d.join(tool).is_file())
 }
 
 fn ensure_installed(tools: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = tools.iter().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(t, _)| !on_path(t))
+        .map(|(_, p)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("bench: installing {} from Debian", missing.join(" "));
-    let update = Command::new("apt-get").args(["update", "-qq"]).status().context("cannot run apt-get")?;
+    let update = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .context("cannot run apt-get")?;
     if !update.success() {
         bail!("apt-get update failed");
     }
@@ -220,7 +256,9 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(prefix: &str) -> Result<TempDir> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos();
         let path = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
         // squid drops to the `proxy` user and must write its logs here.
@@ -293,7 +331,13 @@ impl Origins {
             });
         })?;
         let closer = serve(drop)?;
-        Ok(Origins { source, echo, closer, stop, threads })
+        Ok(Origins {
+            source,
+            echo,
+            closer,
+            stop,
+            threads,
+        })
     }
 }
 
@@ -360,7 +404,11 @@ fn version_of(cmd: &str, arg: &str) -> String {
         .arg(arg)
         .output()
         .map(|o| {
-            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
             text.lines().next().unwrap_or_default().trim().to_owned()
         })
         .unwrap_or_default()
@@ -376,7 +424,10 @@ fn start_peer(kind: Peer, bin: &Path, dir: &Path, origins: &Origins) -> Result<R
     let log = std::fs::File::create(sub.join("stderr.log"))?;
     let (mut cmd, version) = match kind {
         Peer::EgressProxy => {
-            let ports: Vec<String> = [origins.source, origins.echo, origins.closer].iter().map(|a| a.port().to_string()).collect();
+            let ports: Vec<String> = [origins.source, origins.echo, origins.closer]
+                .iter()
+                .map(|a| a.port().to_string())
+                .collect();
             let config = format!(
                 "listen = [\"{addr}\"]\nadmin_listen = \"off\"\nclient_networks = [\"127.0.0.0/8\"]\naudit_log = \"{}\"\nsystem_resolver = false\nallowed_domains = [{{ domain = \"127.0.0.1\", ports = [{}], allow_private = true }}]\n",
                 sub.join("audit.jsonl").display(),
@@ -385,8 +436,13 @@ fn start_peer(kind: Peer, bin: &Path, dir: &Path, origins: &Origins) -> Result<R
             let path = sub.join("egress-proxy.toml");
             std::fs::write(&path, config)?;
             let mut c = Command::new(bin);
-            c.args(["run", "--config"]).arg(&path).env("RUST_LOG", "warn");
-            (c, version_of(bin.to_str().unwrap_or("egress-proxy"), "--version"))
+            c.args(["run", "--config"])
+                .arg(&path)
+                .env("RUST_LOG", "warn");
+            (
+                c,
+                version_of(bin.to_str().unwrap_or("egress-proxy"), "--version"),
+            )
         }
         Peer::Squid => {
             let config = format!(
@@ -417,7 +473,11 @@ fn start_peer(kind: Peer, bin: &Path, dir: &Path, origins: &Origins) -> Result<R
         .stderr(log)
         .spawn()
         .with_context(|| format!("cannot start {}", kind.name()))?;
-    let mut running = Running { child, addr, version };
+    let mut running = Running {
+        child,
+        addr,
+        version,
+    };
     // Ready when a CONNECT through it reaches the echo origin.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -464,7 +524,13 @@ fn open_tunnel(proxy: SocketAddr, target: SocketAddr) -> Result<(TcpStream, usiz
         head.extend_from_slice(&b[..n]);
     };
     if !(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200")) {
-        bail!("CONNECT refused: {}", String::from_utf8_lossy(&head).lines().next().unwrap_or_default());
+        bail!(
+            "CONNECT refused: {}",
+            String::from_utf8_lossy(&head)
+                .lines()
+                .next()
+                .unwrap_or_default()
+        );
     }
     Ok((s, head.len() - end))
 }
@@ -512,7 +578,10 @@ struct Rate {
 
 fn linger_zero(s: &TcpStream) {
     use std::os::fd::AsRawFd;
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: setsockopt with a valid linger struct on our socket. A reset on close keeps
     // tens of thousands of client ports out of TIME_WAIT during the run.
     unsafe {
@@ -553,7 +622,10 @@ fn tunnel_rate(proxy: SocketAddr, closer: SocketAddr) -> Result<Rate> {
         let _ = h.join();
     }
     let secs = start.elapsed().as_secs_f64();
-    Ok(Rate { per_s: ok.load(Ordering::Relaxed) as f64 / secs, errors: errors.load(Ordering::Relaxed) })
+    Ok(Rate {
+        per_s: ok.load(Ordering::Relaxed) as f64 / secs,
+        errors: errors.load(Ordering::Relaxed),
+    })
 }
 
 struct Percentiles {
@@ -567,7 +639,11 @@ fn latency(proxy: Option<SocketAddr>, echo: SocketAddr, fresh: bool) -> Result<P
     let msg = [0x42u8; 64];
     let mut back = [0u8; 64];
     let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
-    let mut open = if fresh { None } else { Some(connect(proxy, echo)?) };
+    let mut open = if fresh {
+        None
+    } else {
+        Some(connect(proxy, echo)?)
+    };
     let cap = Instant::now();
     let warmup = LATENCY_SAMPLES / 10;
     let mut round = 0;
@@ -592,5 +668,8 @@ fn latency(proxy: Option<SocketAddr>, echo: SocketAddr, fresh: bool) -> Result<P
     }
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Ok(Percentiles { p50: at(0.50), p99: at(0.99) })
+    Ok(Percentiles {
+        p50: at(0.50),
+        p99: at(0.99),
+    })
 }
