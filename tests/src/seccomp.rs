@@ -139,10 +139,16 @@ fn condition(arg: &serde_json::Value) -> SeccompCondition {
     SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value).expect("condition")
 }
 
-/// Reads the profile, compiles it and installs it on the calling thread (and what it execs).
-pub fn apply_profile() {
+/// Reads and compiles the profile. Done before a probe drops privileges: the checkout may sit
+/// in a directory only root can enter.
+pub fn load_profile() -> seccompiler::BpfProgram {
     let path = profile_path();
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    seccompiler::apply_filter(&compile(&text)).expect("install the seccomp filter");
+    compile(&text)
+}
+
+/// Installs a compiled profile on the calling thread (and what it execs).
+pub fn apply(filter: &seccompiler::BpfProgram) {
+    seccompiler::apply_filter(filter).expect("install the seccomp filter");
 }

@@ -47,15 +47,18 @@ fn main() {
         nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
             .expect("enter the network namespace");
     }
+    let seccomp = args.iter().position(|a| a == "--seccomp").map(|i| {
+        args.remove(i);
+        tank_integration_tests::seccomp::load_profile()
+    });
     if let Some(uid) = take_opt(&mut args, "--uid") {
         let uid: u32 = uid.parse().expect("numeric uid");
         nix::unistd::setgroups(&[]).expect("setgroups");
         nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).expect("setgid");
         nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).expect("setuid");
     }
-    if let Some(i) = args.iter().position(|a| a == "--seccomp") {
-        args.remove(i);
-        tank_integration_tests::seccomp::apply_profile();
+    if let Some(filter) = &seccomp {
+        tank_integration_tests::seccomp::apply(filter);
     }
     let attempt = args.first().map(String::as_str).unwrap_or("");
     let target = |i: usize| -> SocketAddr {
@@ -86,7 +89,9 @@ fn main() {
         "socket" => raw_socket(libc::SYS_socket, number(1), number(2), number(3)),
         "socketpair" => raw_socket(libc::SYS_socketpair, number(1), number(2), 0),
         "exec-child" => {
-            let child = Command::new(std::env::current_exe().expect("own path"))
+            // /proc/self/exe, not our path: the checkout may sit in a directory the probe's
+            // dropped uid cannot enter, and the magic link needs no path walk.
+            let child = Command::new("/proc/self/exe")
                 .args(&args[1..])
                 .stdout(std::process::Stdio::piped())
                 .spawn()
