@@ -16,8 +16,13 @@ pub const UNRECORDED_DENIED: u32 = 2;
 /// Attempts allowed with no record: only in audit mode, where nothing is denied.
 pub const UNRECORDED_ALLOWED: u32 = 3;
 
+/// Established TCP connections whose 4-tuple could not be recorded (ring buffer full). The
+/// connection itself was recorded at connect; only its local address and port are missing, so
+/// a cross-check cannot match it to the proxy's record.
+pub const UNRECORDED_ESTABLISHED: u32 = 4;
+
 /// Number of counter slots.
-pub const COUNT: u32 = 4;
+pub const COUNT: u32 = 5;
 
 /// Human names of the slots, indexed by slot.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -25,4 +30,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "denied",
     "unrecorded_denied",
     "unrecorded_allowed",
+    "unrecorded_established",
 ];

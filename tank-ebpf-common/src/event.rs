@@ -70,6 +70,12 @@ pub mod hook {
     pub const SOCK_CREATE: u8 = 5;
     /// BPF LSM `socket_create`: a socket of any family being created (where BPF LSM loads).
     pub const LSM_SOCKET_CREATE: u8 = 6;
+    /// `sock_ops` active-established callback: a TCP connection of the guarded cgroup
+    /// completed its handshake. The event carries the whole 4-tuple (the local address and
+    /// port the kernel chose in `src_*`) and the socket cookie of its connect attempt. It runs
+    /// outside the connecting task, so the task fields are zero; userspace copies them from
+    /// the attempt with the same cookie.
+    pub const ESTABLISHED: u8 = 7;
 
     /// Stable name of a hook code, for logs.
     pub fn name(code: u8) -> &'static str {
@@ -80,6 +86,7 @@ pub mod hook {
             SENDMSG6 => "sendmsg6",
             SOCK_CREATE => "sock_create",
             LSM_SOCKET_CREATE => "lsm_socket_create",
+            ESTABLISHED => "established",
             _ => "unknown",
         }
     }
@@ -122,6 +129,9 @@ pub mod reason {
     /// A socket family other than AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK (AF_VSOCK,
     /// AF_PACKET, ...).
     pub const FAMILY_NOT_ALLOWED: u8 = 8;
+    /// An established connection whose destination is no longer in the allow map: the policy
+    /// changed between the connect that was allowed and the end of the handshake.
+    pub const NO_LONGER_LISTED: u8 = 9;
 
     /// Stable name of a reason code, for logs.
     pub fn name(code: u8) -> &'static str {
@@ -134,6 +144,7 @@ pub mod reason {
             PING_SOCKET => "ping_socket",
             PROTOCOL_NOT_ALLOWED => "protocol_not_allowed",
             FAMILY_NOT_ALLOWED => "family_not_allowed",
+            NO_LONGER_LISTED => "no_longer_listed",
             _ => "unknown",
         }
     }

@@ -8,6 +8,8 @@
 //! - [`lsm`]: BPF LSM `socket_create`, refusing families other than AF_UNIX, AF_INET, AF_INET6
 //!   and AF_NETLINK (AF_VSOCK, AF_PACKET, ...) to the agent cgroup's tasks, where the kernel
 //!   lets BPF LSM programs load.
+//! - [`sock_ops`]: once a TCP connection the gate allowed is established, records its local
+//!   address and port, so the kernel's record names the whole 4-tuple the proxy sees.
 //!
 //! Every refusal, and every attempt the gate judges, is one event in the ring buffer
 //! ([`record`]). When the ring buffer has no room an attempt is refused (even an allowlisted
@@ -16,7 +18,7 @@
 //!
 //! Kernel requirements: cgroup sock_addr programs (4.17; sendmsg hooks 4.18), cgroup
 //! sock_create (4.10), BPF ring buffer (5.8), BPF links for cgroups (5.7; the loader pins them),
-//! BPF LSM (5.7, `lsm=...,bpf` on the kernel command line).
+//! BPF LSM (5.7, `lsm=...,bpf` on the kernel command line), sock_ops with socket cookies (4.20).
 #![no_std]
 #![no_main]
 
@@ -24,6 +26,7 @@ mod lsm;
 mod record;
 mod sock_addr;
 mod sock_create;
+mod sock_ops;
 
 use aya_ebpf::{
     macros::map,

@@ -46,31 +46,93 @@ pub fn current_mode() -> u32 {
 /// never go unrecorded, so it is refused too. Audit mode never refuses, so it only counts.
 #[inline(always)]
 pub fn record(a: &Attempt) -> bool {
-    let audit = a.mode == mode::AUDIT;
-    let Some(mut entry) = TANK_EVENTS.reserve::<Event>(0) else {
-        if audit {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let written = write(
+        a,
+        Task {
+            pid: pid_tgid as u32,
+            tgid: (pid_tgid >> 32) as u32,
+            uid: uid_gid as u32,
+            gid: (uid_gid >> 32) as u32,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            // SAFETY: a helper every program type that calls `record` may call, no arguments.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        },
+        None,
+    );
+    if !written {
+        if a.mode == mode::AUDIT {
             count(counters::UNRECORDED_ALLOWED);
             return true;
         }
         count(counters::UNRECORDED_DENIED);
         return false;
+    }
+    if a.verdict == verdict::ALLOW {
+        count(counters::ALLOWED);
+        true
+    } else {
+        count(counters::DENIED);
+        false
+    }
+}
+
+/// Records the 4-tuple of an established connection (`a` describes the remote end,
+/// `local` the address and port the kernel chose). It cannot refuse anything: the attempt
+/// was judged and recorded at connect. With no room it is counted, so `status` shows that
+/// a cross-check will miss this connection's 4-tuple.
+#[inline(always)]
+pub fn record_established(a: &Attempt, local: ([u8; 16], u16)) {
+    // The callback runs in softirq or on whichever task releases the socket: there is no
+    // meaningful current task. Userspace joins the attempt's task by cookie.
+    if !write(a, Task::NONE, Some(local)) {
+        count(counters::UNRECORDED_ESTABLISHED);
+    }
+}
+
+/// Who made an attempt.
+struct Task {
+    pid: u32,
+    tgid: u32,
+    uid: u32,
+    gid: u32,
+    comm: [u8; 16],
+    cgroup_id: u64,
+}
+
+impl Task {
+    const NONE: Task = Task {
+        pid: 0,
+        tgid: 0,
+        uid: 0,
+        gid: 0,
+        comm: [0; 16],
+        cgroup_id: 0,
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
+}
+
+/// Writes one event; false when the ring buffer has no room.
+#[inline(always)]
+fn write(a: &Attempt, task: Task, local: Option<([u8; 16], u16)>) -> bool {
+    let Some(mut entry) = TANK_EVENTS.reserve::<Event>(0) else {
+        return false;
+    };
+    let (src_addr, src_port) = local.unwrap_or(([0; 16], 0));
     entry.write(Event {
-        // SAFETY: helpers every program type of this object may call, with no arguments.
+        // SAFETY: a helper every program type of this object may call, with no arguments.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         cookie: a.cookie,
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        uid: uid_gid as u32,
-        gid: (uid_gid >> 32) as u32,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        cgroup_id: task.cgroup_id,
+        pid: task.pid,
+        tgid: task.tgid,
+        uid: task.uid,
+        gid: task.gid,
+        comm: task.comm,
         dst_addr: a.dst_addr,
-        src_addr: [0; 16],
+        src_addr,
         dst_port: a.dst_port,
-        src_port: 0,
+        src_port,
         family: a.family,
         sock_type: a.sock_type,
         protocol: a.protocol,
@@ -81,13 +143,7 @@ pub fn record(a: &Attempt) -> bool {
         _pad: [0; 2],
     });
     entry.submit(0);
-    if a.verdict == verdict::ALLOW {
-        count(counters::ALLOWED);
-        true
-    } else {
-        count(counters::DENIED);
-        false
-    }
+    true
 }
 
 #[inline(always)]

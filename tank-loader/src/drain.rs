@@ -2,14 +2,19 @@
 //!
 //! The loader is the ring buffer's only reader: a second reader would take events away from
 //! the log. `tank-loader trace` therefore follows the log, never the ring buffer.
+//!
+//! An `established` event comes from a kernel callback that runs outside the connecting task,
+//! so it names no process; the drain copies the process from the connect attempt with the same
+//! socket cookie ([`Attempts`]), so every record of a connection says who made it.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
 use aya::maps::{MapData, RingBuf};
 use tank_ebpf_common::chain::ChainWriter;
-use tank_ebpf_common::event::Event;
+use tank_ebpf_common::event::{hook, verdict, Event};
 use tokio::io::unix::AsyncFd;
 
 use crate::record::{Clock, Origin};
@@ -29,20 +34,21 @@ pub async fn run(
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("cannot watch the ring buffer: {}", e.into_parts().1))?;
     let mut tick = tokio::time::interval(TICK);
+    let mut attempts = Attempts::default();
     let mut written = 0;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer wait failed")?;
-                written += drain(guard.get_inner_mut(), log, origin)?;
+                written += drain(guard.get_inner_mut(), &mut attempts, log, origin)?;
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                written += drain(ring.get_mut(), log, origin)?;
+                written += drain(ring.get_mut(), &mut attempts, log, origin)?;
             }
             () = &mut shutdown => {
-                written += drain(ring.get_mut(), log, origin)?;
+                written += drain(ring.get_mut(), &mut attempts, log, origin)?;
                 log.sync()?;
                 return Ok(written);
             }
@@ -53,16 +59,18 @@ pub async fn run(
 /// Moves every pending event into the log and makes the batch durable. Returns the count.
 fn drain(
     ring: &mut RingBuf<MapData>,
+    attempts: &mut Attempts,
     log: &mut ChainWriter,
     origin: &Origin,
 ) -> anyhow::Result<u64> {
     let clock = Clock::now();
     let mut n = 0;
     while let Some(item) = ring.next() {
-        let Some(event) = parse(&item) else {
+        let Some(mut event) = parse(&item) else {
             tracing::error!(len = item.len(), "ring buffer item of unexpected size; kernel and loader disagree on the event layout");
             continue;
         };
+        attempts.join(&mut event);
         log.append(&origin.network_record(&event, &clock))?;
         n += 1;
     }
@@ -73,8 +81,122 @@ fn drain(
     Ok(n)
 }
 
+/// The process of recent allowed TCP connect attempts, by socket cookie, until their
+/// `established` event arrives. Bounded: a connection whose handshake never completes must not
+/// hold memory forever, so the oldest entries go first.
+#[derive(Default)]
+struct Attempts {
+    by_cookie: HashMap<u64, Event>,
+    order: VecDeque<u64>,
+}
+
+impl Attempts {
+    /// Far more than the connections a host has in their handshake at once.
+    const CAP: usize = 16_384;
+
+    /// Remembers an allowed TCP connect, or fills an `established` event's process fields
+    /// from its attempt (left zero when the attempt is unknown: logged before a restart).
+    fn join(&mut self, event: &mut Event) {
+        match event.hook {
+            hook::CONNECT4 | hook::CONNECT6
+                if event.verdict == verdict::ALLOW && event.protocol == 6 =>
+            {
+                // `order` may still hold cookies already joined; cookies are never reused
+                // within a boot, so dropping one that is gone is harmless.
+                if self.order.len() == Self::CAP {
+                    if let Some(old) = self.order.pop_front() {
+                        self.by_cookie.remove(&old);
+                    }
+                }
+                if self.by_cookie.insert(event.cookie, *event).is_none() {
+                    self.order.push_back(event.cookie);
+                }
+            }
+            hook::ESTABLISHED => {
+                if let Some(a) = self.by_cookie.remove(&event.cookie) {
+                    event.pid = a.pid;
+                    event.tgid = a.tgid;
+                    event.uid = a.uid;
+                    event.gid = a.gid;
+                    event.comm = a.comm;
+                    event.cgroup_id = a.cgroup_id;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 fn parse(bytes: &[u8]) -> Option<Event> {
     (bytes.len() == std::mem::size_of::<Event>())
         // SAFETY: the length matches and Event is plain data valid for every bit pattern.
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(hook: u8, cookie: u64) -> Event {
+        Event {
+            ktime_ns: 1,
+            cookie,
+            cgroup_id: 0,
+            pid: 0,
+            tgid: 0,
+            uid: 0,
+            gid: 0,
+            comm: [0; 16],
+            dst_addr: [0; 16],
+            src_addr: [0; 16],
+            dst_port: 3128,
+            src_port: 0,
+            family: 2,
+            sock_type: 1,
+            protocol: 6,
+            hook,
+            verdict: verdict::ALLOW,
+            reason: 1,
+            mode: 0,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn an_established_event_takes_the_process_of_its_attempt() {
+        let mut attempts = Attempts::default();
+        let mut connect = event(hook::CONNECT4, 7);
+        (connect.tgid, connect.pid, connect.uid, connect.cgroup_id) = (100, 101, 1000, 9);
+        connect.comm[..4].copy_from_slice(b"curl");
+        attempts.join(&mut connect);
+        let mut other = event(hook::ESTABLISHED, 8);
+        attempts.join(&mut other);
+        assert_eq!(other.tgid, 0, "no attempt with cookie 8");
+        let mut est = event(hook::ESTABLISHED, 7);
+        attempts.join(&mut est);
+        assert_eq!(
+            (est.tgid, est.pid, est.uid, est.cgroup_id),
+            (100, 101, 1000, 9)
+        );
+        assert_eq!(&est.comm[..4], b"curl");
+        assert!(attempts.by_cookie.is_empty());
+    }
+
+    #[test]
+    fn attempts_that_never_establish_are_forgotten_oldest_first() {
+        let mut attempts = Attempts::default();
+        for cookie in 0..(Attempts::CAP as u64 + 10) {
+            let mut e = event(hook::CONNECT6, cookie);
+            e.tgid = 1;
+            attempts.join(&mut e);
+        }
+        assert_eq!(attempts.by_cookie.len(), Attempts::CAP);
+        assert!(!attempts.by_cookie.contains_key(&9));
+        assert!(attempts.by_cookie.contains_key(&10));
+        // Denied attempts and UDP are never remembered.
+        let mut denied = event(hook::CONNECT4, u64::MAX);
+        denied.verdict = verdict::DENY;
+        attempts.join(&mut denied);
+        assert!(!attempts.by_cookie.contains_key(&u64::MAX));
+    }
 }

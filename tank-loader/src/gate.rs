@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, ProgramInfo};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, ProgramInfo, SockOps};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tank_ebpf_common::{allow, counters, event, settings};
 
@@ -46,6 +46,8 @@ pub enum HookKind {
     /// A cgroup `sock` program on the agent cgroup, at this `bpf_attach_type`
     /// (BPF_CGROUP_INET_SOCK_CREATE = 2).
     Sock(u32),
+    /// The cgroup `sock_ops` program on the agent cgroup (BPF_CGROUP_SOCK_OPS = 3).
+    SockOps,
     /// A BPF LSM program on this LSM hook; it is host-wide and scopes itself to the agent
     /// cgroup through the settings map.
     Lsm(&'static str),
@@ -56,6 +58,7 @@ impl Hook {
     pub fn cgroup_attach_type(&self) -> Option<u32> {
         match self.kind {
             HookKind::SockAddr(t) | HookKind::Sock(t) => Some(t),
+            HookKind::SockOps => Some(3),
             HookKind::Lsm(_) => None,
         }
     }
@@ -63,7 +66,7 @@ impl Hook {
 
 /// Every hook tank attaches to the agent cgroup; each must be in place for `status` to call the
 /// cgroup enforced.
-pub const HOOKS: [Hook; 5] = [
+pub const HOOKS: [Hook; 6] = [
     Hook {
         name: "connect4",
         program: "tank_connect4",
@@ -88,6 +91,11 @@ pub const HOOKS: [Hook; 5] = [
         name: "sock_create",
         program: "tank_sock_create",
         kind: HookKind::Sock(2),
+    },
+    Hook {
+        name: "established",
+        program: "tank_sock_ops",
+        kind: HookKind::SockOps,
     },
 ];
 
@@ -253,6 +261,11 @@ fn load(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<ProgramInfo> {
             p.load().with_context(refused)?;
             Ok(p.info()?)
         }
+        HookKind::SockOps => {
+            let p: &mut SockOps = program.try_into()?;
+            p.load().with_context(refused)?;
+            Ok(p.info()?)
+        }
         HookKind::Lsm(lsm_hook) => {
             let btf = Btf::from_sys_fs()
                 .context("BPF LSM needs the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
@@ -278,6 +291,11 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup_fd: &std::fs::File) -> anyhow::Re
         }
         HookKind::Sock(_) => {
             let p: &mut CgroupSock = program.try_into()?;
+            let id = p.attach(cgroup_fd, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into()?
+        }
+        HookKind::SockOps => {
+            let p: &mut SockOps = program.try_into()?;
             let id = p.attach(cgroup_fd, CgroupAttachMode::Single)?;
             p.take_link(id)?.try_into()?
         }

@@ -119,20 +119,33 @@ pub fn follow(
 
 fn row(r: &NetworkRecord) -> String {
     let time = r.time_dt.get(11..23).unwrap_or(&r.time_dt);
-    let dst = if r.connection_info.protocol_ver_id == 6 {
-        format!("[{}]:{}", r.dst_endpoint.ip, r.dst_endpoint.port)
-    } else {
-        format!("{}:{}", r.dst_endpoint.ip, r.dst_endpoint.port)
+    // An established connection is the second record of an allowed connect: say so, and
+    // name the local end the kernel chose (what the proxy's log calls the client).
+    let (verdict, reason) = match &r.src_endpoint {
+        Some(src) if r.unmapped.hook == "established" => (
+            "open",
+            format!("{} from {}", r.unmapped.reason, endpoint(&src.ip, src.port)),
+        ),
+        _ if r.action_id == 1 => ("allow", r.unmapped.reason.clone()),
+        _ => ("DENY", r.unmapped.reason.clone()),
     };
-    let verdict = if r.action_id == 1 { "allow" } else { "DENY" };
     format!(
         "{:<12} {:>7}  {:<15} {:<4} {:<40} {:<7} {}",
         time,
         r.actor.process.pid,
         r.actor.process.name,
         r.connection_info.protocol_name,
-        dst,
+        endpoint(&r.dst_endpoint.ip, r.dst_endpoint.port),
         verdict,
-        r.unmapped.reason
+        reason
     )
+}
+
+/// `ip:port`, with IPv6 addresses in brackets.
+fn endpoint(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
 }

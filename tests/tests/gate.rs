@@ -134,7 +134,8 @@ fn every_attempt_reaches_the_audit_log_with_its_fields() {
     let (allowed_pid, _) = probe(&cg.agent, Some(65534), &["tcp", &t.proxy()]);
     let (udp_pid, _) = probe(&cg.agent, Some(65534), &["udp-sendto", &t.udp()]);
     let (v6_pid, _) = probe(&cg.agent, Some(65534), &["tcp", &t.other6()]);
-    let records = loader.records(4);
+    // Four attempts, and the established record of the allowed one.
+    let records = loader.records(5);
     let find = |pid: u32| {
         records
             .iter()
@@ -223,14 +224,15 @@ fn kill_9_of_the_loader_leaves_enforcement_and_a_restart_loses_no_record() {
     assert_eq!(probe(&cg.agent, Some(65534), &["tcp", &t.proxy()]).1, "ok");
 
     loader.restart();
-    let records = loader.records(2);
+    // The denial, the proxy connect and its established record.
+    let records = loader.records(3);
     assert!(
         records
             .iter()
             .any(|r| r.actor.process.pid == pid && r.action == "Denied"),
         "attempt made while the loader was dead is missing"
     );
-    assert_eq!(records.len(), 2);
+    assert_eq!(records.len(), 3, "{records:#?}");
 }
 
 #[test]
@@ -365,4 +367,70 @@ fn detach_is_refused_while_the_loader_runs_and_then_removes_enforcement_on_recor
         "removal is on record: {last}"
     );
     assert_eq!(network_records(&loader.audit_log).len(), 1);
+}
+
+#[test]
+fn an_established_connection_is_recorded_with_its_whole_4_tuple_under_the_attempts_cookie() {
+    let cg = TestCgroups::new();
+    let t = Targets::new();
+    let loader = Loader::start(&cg, &t.config());
+    let mut peers = Vec::new();
+    for target in [t.proxy(), t.mapped_proxy()] {
+        let (pid, outcome) = probe(&cg.agent, Some(65534), &["tcp", &target]);
+        assert_eq!(outcome, "ok");
+        // The listener's view of the client is the 4-tuple the kernel record must name.
+        let (_, peer) = t.proxy.accept().unwrap();
+        peers.push((pid, peer));
+    }
+    let records = loader.records(4);
+    for (pid, peer) in peers {
+        let attempt = records
+            .iter()
+            .find(|r| r.actor.process.pid == pid && r.unmapped.hook.starts_with("connect"))
+            .unwrap_or_else(|| panic!("no attempt of pid {pid} in {records:#?}"));
+        let est = records
+            .iter()
+            .find(|r| {
+                r.unmapped.hook == "established" && r.unmapped.cookie == attempt.unmapped.cookie
+            })
+            .unwrap_or_else(|| panic!("no established record for {attempt:#?} in {records:#?}"));
+        let src = est
+            .src_endpoint
+            .as_ref()
+            .expect("established records name the local end");
+        assert_eq!(
+            (src.ip.parse::<std::net::IpAddr>().unwrap(), src.port),
+            (peer.ip(), peer.port()),
+            "{est:#?}"
+        );
+        assert_eq!(
+            (est.dst_endpoint.ip.as_str(), est.dst_endpoint.port),
+            ("127.0.0.1", t.proxy.local_addr().unwrap().port())
+        );
+        assert_eq!(
+            (est.action.as_str(), est.unmapped.reason.as_str()),
+            ("Allowed", "proxy")
+        );
+        // The process is copied from the attempt: the kernel callback runs outside it.
+        assert_eq!(
+            (est.actor.process.pid, est.actor.process.user.uid.as_str()),
+            (pid, "65534")
+        );
+        assert!(est.unmapped.ktime_ns >= attempt.unmapped.ktime_ns);
+    }
+    // A denied attempt never establishes, and UDP has no handshake.
+    assert_eq!(
+        probe(&cg.agent, Some(65534), &["tcp", &t.other()]).1,
+        "EPERM"
+    );
+    let records = loader.records(5);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.unmapped.hook == "established")
+            .count(),
+        2,
+        "{records:#?}"
+    );
+    assert_eq!(counter(&loader.status(), "unrecorded_established"), 0);
 }
