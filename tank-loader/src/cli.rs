@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::config;
+use crate::{config, crosscheck};
 
 /// The clap definition of the whole `tank-loader` command line, for man pages and completions.
 pub fn command() -> clap::Command {
@@ -19,8 +19,10 @@ pub fn command() -> clap::Command {
 /// attempt, allowed or denied, is written to a hash-chained audit log. Enforcement is pinned in
 /// bpffs: it stays in force when the loader exits or crashes, until `tank-loader detach`.
 ///
-/// Exit codes: 0 success; 1 failure, an invalid config, a log that does not verify, or (status)
-/// enforcement not fully in place; 2 usage error.
+/// Exit codes: 0 success; 1 failure, an invalid config, a log that does not verify, (status)
+/// enforcement not fully in place, or (audit cross-check) discrepancies between the logs; 2 usage
+/// error or (audit cross-check) an unreadable input; 3 (audit cross-check) a log that does not
+/// verify.
 #[derive(Parser)]
 #[command(name = "tank-loader", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
@@ -106,6 +108,48 @@ pub enum AuditCommand {
         /// The log file.
         file: PathBuf,
         /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Match the proxy log against the kernel log: every proxied connection must be in both.
+    ///
+    /// Verifies both chains, then pairs each proxy record with the kernel's `established`
+    /// record of the same TCP connection: the kernel's local address and port must be the
+    /// client the proxy saw, the kernel's destination the proxy address the client reached, and
+    /// the kernel's time within --window-ms of the proxy's start_time. A proxy record with no
+    /// kernel record is traffic that did not come from the agent's cgroup (or a lost kernel
+    /// record); a kernel connection with no proxy record means the proxy log lost or dropped
+    /// it. Also lists established records whose connect attempt is missing, and counts denied
+    /// attempts by destination and process. Copy both logs with their `.head` anchors.
+    ///
+    /// Exit codes: 0 consistent (both chains intact, everything matched); 1 discrepancies (both
+    /// chains intact, something unmatched or unreadable); 3 tampered (a chain failed
+    /// verification; matching still runs on what the damaged log holds); 2 usage error or an
+    /// input that cannot be read.
+    CrossCheck {
+        /// The kernel audit log (tank-loader's, from the agent host).
+        #[arg(long, value_name = "FILE")]
+        kernel: PathBuf,
+        /// The proxy audit log (egress-proxy's, from the proxy host).
+        #[arg(long, value_name = "FILE")]
+        proxy: PathBuf,
+        /// Greatest time between a kernel connection and its proxy record, in milliseconds.
+        ///
+        /// The kernel stamps the end of the handshake on the agent host, the proxy its accept
+        /// on the proxy host; the window absorbs the clock difference between the two hosts and
+        /// the delay in between. Keep the hosts' clocks synchronised (NTP) and the window small:
+        /// a wide one lets a reused client port match the wrong connection.
+        #[arg(long, value_name = "MS", default_value_t = crosscheck::DEFAULT_WINDOW_MS)]
+        window_ms: u64,
+        /// An address the proxy sees instead of one in the kernel log: KERNEL_ADDR=PROXY_SEEN_ADDR.
+        ///
+        /// Only when address translation sits between the hosts (for example the agent host's
+        /// private address leaves through a NAT gateway as a public one). Applies to kernel-side
+        /// source and destination addresses before comparing. Repeat for several addresses.
+        /// Ports are always compared exactly: NAT that rewrites ports is not supported.
+        #[arg(long, value_name = "KERNEL_ADDR=PROXY_SEEN_ADDR")]
+        nat: Vec<crosscheck::Nat>,
+        /// Machine-readable output: the whole report as one JSON object.
         #[arg(long)]
         json: bool,
     },

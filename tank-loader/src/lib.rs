@@ -7,6 +7,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod crosscheck;
 pub mod drain;
 pub mod gate;
 pub mod nft;

@@ -13,7 +13,7 @@ use tank_ebpf_common::chain;
 
 use tank_loader::cli::{AuditCommand, Cli, Command};
 use tank_loader::config::Config;
-use tank_loader::{gate, nft, record, run, status, trace};
+use tank_loader::{crosscheck, gate, nft, record, run, status, trace};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -97,6 +97,22 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Verify { file, json },
         } => verify(&file, json, &mut out),
+        Command::Audit {
+            command:
+                AuditCommand::CrossCheck {
+                    kernel,
+                    proxy,
+                    window_ms,
+                    nat,
+                    json,
+                },
+        } => cross_check(
+            &kernel,
+            &proxy,
+            &crosscheck::Options { window_ms, nat },
+            json,
+            &mut out,
+        ),
     }
 }
 
@@ -169,6 +185,39 @@ fn verify(file: &Path, json: bool, out: &mut impl Write) -> anyhow::Result<ExitC
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn cross_check(
+    kernel: &Path,
+    proxy: &Path,
+    opts: &crosscheck::Options,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<ExitCode> {
+    // An input that cannot be read is a usage problem (exit 2), not a finding about the logs.
+    let read = |path: &Path| {
+        crosscheck::Log::read(path)
+            .inspect_err(|e| eprintln!("tank-loader: cannot read {}: {e}", path.display()))
+            .ok()
+    };
+    let Some(kernel) = read(kernel) else {
+        return Ok(ExitCode::from(2));
+    };
+    let Some(proxy) = read(proxy) else {
+        return Ok(ExitCode::from(2));
+    };
+    let report = crosscheck::check(&kernel, &proxy, opts);
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", crosscheck::render(&report))?;
+    }
+    Ok(ExitCode::from(match report.verdict {
+        crosscheck::Verdict::Consistent => 0,
+        crosscheck::Verdict::Discrepancies => 1,
+        crosscheck::Verdict::Tampered => 3,
+    }))
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {

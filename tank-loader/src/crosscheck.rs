@@ -1,0 +1,941 @@
+//! `tank-loader audit cross-check`: holds the kernel log and the proxy log against each other.
+//!
+//! Each log alone proves only that it was not edited. Together they prove more: every
+//! connection the proxy served must appear in the kernel log as an established connection of the
+//! agent's cgroup with the same 4-tuple, and every such kernel connection must appear in the
+//! proxy log. A connection missing on one side is traffic that did not come from the agent, or a
+//! record that was lost or removed with its chain rebuilt. The logs come from two hosts that do
+//! not trust each other, so neither is taken as the truth; the report lists what each side lacks.
+//!
+//! [`check`] is pure (two read logs in, a [`CrossCheck`] out) and [`render`] makes the human
+//! report; reading files and exit codes stay in the binary. docs/audit-format.md ("Cross-check")
+//! documents the matching rules and every field of the report.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tank_ebpf_common::chain::{self, Problem, Record, Report};
+
+use crate::record::NETWORK_ACTIVITY;
+
+/// Default greatest distance in time between a kernel record and its proxy record, ms.
+pub const DEFAULT_WINDOW_MS: u64 = 5000;
+
+/// One log as read: its chain report and every record it holds, damaged or not.
+#[derive(Debug)]
+pub struct Log {
+    /// Where it was read from (for the report).
+    pub path: PathBuf,
+    /// What verifying the chain found.
+    pub report: Report,
+    /// Every complete record, also those after a problem.
+    pub records: Vec<Record>,
+}
+
+impl Log {
+    /// Reads and verifies the chained log at `path`.
+    pub fn read(path: &Path) -> io::Result<Self> {
+        let (report, records) = chain::read(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            report,
+            records,
+        })
+    }
+}
+
+/// A static address translation between the agent host and the proxy host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Nat {
+    /// The address as the kernel log shows it.
+    pub kernel: IpAddr,
+    /// The address the proxy saw instead.
+    pub proxy: IpAddr,
+}
+
+impl std::str::FromStr for Nat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kernel, proxy) = s
+            .split_once('=')
+            .ok_or("expected KERNEL_ADDR=PROXY_SEEN_ADDR")?;
+        let ip = |a: &str| {
+            a.trim()
+                .parse::<IpAddr>()
+                .map(|ip| ip.to_canonical())
+                .map_err(|e| format!("`{a}`: {e} (an address, no port)"))
+        };
+        Ok(Self {
+            kernel: ip(kernel)?,
+            proxy: ip(proxy)?,
+        })
+    }
+}
+
+/// How to match.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Greatest |kernel time - proxy start_time| of a match, ms.
+    pub window_ms: u64,
+    /// Kernel-side addresses to translate before comparing.
+    pub nat: Vec<Nat>,
+}
+
+/// The outcome, as `--json` prints it.
+#[derive(Debug, Serialize)]
+pub struct CrossCheck {
+    /// The conclusion.
+    pub verdict: Verdict,
+    /// The kernel log's chain.
+    pub kernel_log: LogCheck,
+    /// The proxy log's chain.
+    pub proxy_log: LogCheck,
+    /// The window used, ms.
+    pub window_ms: u64,
+    /// The translations used.
+    pub nat: Vec<Nat>,
+    /// Proxy records matched to a kernel connection (one to one).
+    pub matched: u64,
+    /// Network records in the proxy log.
+    pub proxy_records: u64,
+    /// Established TCP connections to a proxy in the kernel log.
+    pub kernel_proxy_connections: u64,
+    /// Proxy records no kernel connection matches.
+    pub proxy_unmatched: Vec<ProxyConnection>,
+    /// Kernel connections to a proxy no proxy record matches.
+    pub kernel_unmatched: Vec<KernelConnection>,
+    /// Established records with no connect attempt of the same socket cookie.
+    pub established_without_attempt: Vec<KernelConnection>,
+    /// Sockets allowed to connect to a proxy that never established (informational).
+    pub allowed_never_connected: u64,
+    /// Established connections to listed endpoints, past the proxy (informational).
+    pub direct_listed_connections: u64,
+    /// Denied attempts by destination and process, most frequent first.
+    pub denied: Vec<DeniedGroup>,
+}
+
+/// `consistent`, `discrepancies` or `tampered` (which takes precedence).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Both chains intact and every connection on both sides.
+    Consistent,
+    /// Both chains intact, something unmatched or unreadable.
+    Discrepancies,
+    /// A chain failed verification.
+    Tampered,
+}
+
+/// One log's chain and what in it could not be interpreted.
+#[derive(Debug, Serialize)]
+pub struct LogCheck {
+    /// The file.
+    pub file: PathBuf,
+    /// No chain problem.
+    pub intact: bool,
+    /// Complete records read.
+    pub records: u64,
+    /// Chain problems.
+    pub problems: Vec<Problem>,
+    /// Network records lacking a field the check needs, or from the other kind of log.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A network record the check could not use.
+#[derive(Debug, Serialize)]
+pub struct Unreadable {
+    /// 1-based line.
+    pub line: usize,
+    /// Its `seq`.
+    pub seq: u64,
+    /// What is wrong.
+    pub why: String,
+}
+
+/// A proxy record, as listed when unmatched.
+#[derive(Debug, Serialize)]
+pub struct ProxyConnection {
+    /// 1-based line.
+    pub line: usize,
+    /// Its `seq`.
+    pub seq: u64,
+    /// When the proxy accepted the connection, ms.
+    pub start_time: i64,
+    /// The client as the proxy saw it.
+    pub client: SocketAddr,
+    /// `hostname:port` requested, `-` when no request was parsed.
+    pub destination: String,
+    /// `Allowed` or `Denied`.
+    pub action: String,
+    /// The rule that decided.
+    pub rule: String,
+}
+
+/// A kernel record of a connection, as listed when unmatched.
+#[derive(Debug, Serialize)]
+pub struct KernelConnection {
+    /// 1-based line.
+    pub line: usize,
+    /// Its `seq`.
+    pub seq: u64,
+    /// ms since the epoch.
+    pub time: i64,
+    /// Socket cookie.
+    pub cookie: u64,
+    /// Local address and port (absent if the record has none).
+    pub src: Option<SocketAddr>,
+    /// Destination.
+    pub dst: SocketAddr,
+    /// Process id (0 when the loader never saw the attempt).
+    pub pid: u32,
+    /// Process name.
+    pub process: String,
+}
+
+/// Denied attempts with the same destination, protocol, process and reason.
+#[derive(Debug, Serialize)]
+pub struct DeniedGroup {
+    /// `null` for socket creation, which has no destination.
+    pub destination: Option<SocketAddr>,
+    /// `tcp`, `udp` or the number.
+    pub protocol: String,
+    /// Process name.
+    pub process: String,
+    /// The kernel's reason.
+    pub reason: String,
+    /// Attempts.
+    pub count: u64,
+    /// First attempt, ms.
+    pub first_time: i64,
+    /// Last attempt, ms.
+    pub last_time: i64,
+}
+
+// Only the fields the check needs, so logs of other versions still read.
+#[derive(Deserialize)]
+struct Endpoint {
+    ip: IpAddr,
+    port: u16,
+}
+
+impl Endpoint {
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.to_canonical(), self.port)
+    }
+}
+
+#[derive(Deserialize)]
+struct KernelRecord {
+    time: i64,
+    action: String,
+    actor: Actor,
+    src_endpoint: Option<Endpoint>,
+    dst_endpoint: Endpoint,
+    connection_info: ConnectionInfo,
+    unmapped: KernelUnmapped,
+}
+
+#[derive(Deserialize)]
+struct Actor {
+    process: Process,
+}
+
+#[derive(Deserialize)]
+struct Process {
+    pid: u32,
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct ConnectionInfo {
+    protocol_name: String,
+}
+
+#[derive(Deserialize)]
+struct KernelUnmapped {
+    hook: String,
+    reason: String,
+    cookie: u64,
+}
+
+#[derive(Deserialize)]
+struct ProxyRecord {
+    start_time: i64,
+    action: String,
+    src_endpoint: Endpoint,
+    proxy_endpoint: Endpoint,
+    dst_endpoint: ProxyDst,
+    unmapped: ProxyUnmapped,
+}
+
+#[derive(Deserialize)]
+struct ProxyDst {
+    hostname: Option<String>,
+    port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+struct ProxyUnmapped {
+    rule: String,
+}
+
+/// The chain check of `log` and its network records that parse as `T`. The others are listed
+/// as unreadable, not skipped: a check that skipped what it cannot read would pass a log it does
+/// not understand.
+fn parse<'a, T: serde::de::DeserializeOwned>(
+    log: &'a Log,
+    log_name: &str,
+) -> (LogCheck, Vec<(&'a Record, T)>) {
+    let mut unreadable = Vec::new();
+    let mut parsed = Vec::new();
+    for r in &log.records {
+        if r.value.get("class_uid").and_then(|c| c.as_u64()) != Some(NETWORK_ACTIVITY.into()) {
+            continue;
+        }
+        let found = r
+            .value
+            .pointer("/metadata/log_name")
+            .and_then(|n| n.as_str());
+        let t = if found == Some(log_name) {
+            T::deserialize(&r.value).map_err(|e| e.to_string())
+        } else {
+            let found = found.unwrap_or("missing");
+            Err(format!("metadata.log_name is `{found}`, not `{log_name}`"))
+        };
+        match t {
+            Ok(t) => parsed.push((r, t)),
+            Err(why) => unreadable.push(Unreadable {
+                line: r.line,
+                seq: r.seq,
+                why,
+            }),
+        }
+    }
+    let check = LogCheck {
+        file: log.path.clone(),
+        intact: log.report.is_intact(),
+        records: log.report.records,
+        problems: log.report.problems.clone(),
+        unreadable,
+    };
+    (check, parsed)
+}
+
+fn kernel_connection(r: &Record, k: &KernelRecord) -> KernelConnection {
+    KernelConnection {
+        line: r.line,
+        seq: r.seq,
+        time: k.time,
+        cookie: k.unmapped.cookie,
+        src: k.src_endpoint.as_ref().map(Endpoint::addr),
+        dst: k.dst_endpoint.addr(),
+        pid: k.actor.process.pid,
+        process: k.actor.process.name.clone(),
+    }
+}
+
+/// Matches the proxy log against the kernel log.
+pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
+    let (kernel_log, krecs) = parse::<KernelRecord>(kernel, "kernel");
+    let (proxy_log, precs) = parse::<ProxyRecord>(proxy, "proxy");
+
+    let (mut attempted, mut to_proxy, mut connected) =
+        (HashSet::new(), HashSet::new(), HashSet::new());
+    let (mut established, mut conns, mut direct_listed_connections) = (vec![], vec![], 0);
+    let mut denied = BTreeMap::new();
+    for (r, k) in &krecs {
+        let (cookie, reason) = (k.unmapped.cookie, k.unmapped.reason.as_str());
+        let tcp = k.connection_info.protocol_name == "tcp";
+        match (k.unmapped.hook.as_str(), k.action.as_str()) {
+            ("established", _) => {
+                connected.insert(cookie);
+                established.push(kernel_connection(r, k));
+                direct_listed_connections += u64::from(reason == "listed_endpoint");
+                if reason == "proxy" && tcp {
+                    conns.push(kernel_connection(r, k));
+                }
+            }
+            ("connect4" | "connect6", "Allowed") if tcp => {
+                attempted.insert(cookie);
+                if reason == "proxy" {
+                    to_proxy.insert(cookie);
+                }
+            }
+            (_, "Denied") => count_denied(&mut denied, k),
+            _ => {}
+        }
+    }
+    let established_without_attempt: Vec<KernelConnection> = established
+        .into_iter()
+        .filter(|c| !attempted.contains(&c.cookie))
+        .collect();
+    let mut denied: Vec<DeniedGroup> = denied.into_values().collect();
+    // Stable: equal counts keep the key order of the map.
+    denied.sort_by_key(|g| std::cmp::Reverse(g.count));
+
+    let (p_used, k_used) = pair(&conns, &precs, opts);
+    let proxy_unmatched: Vec<ProxyConnection> = precs
+        .iter()
+        .zip(&p_used)
+        .filter(|(_, used)| !**used)
+        .map(|((r, p), _)| ProxyConnection {
+            line: r.line,
+            seq: r.seq,
+            start_time: p.start_time,
+            client: p.src_endpoint.addr(),
+            destination: match (&p.dst_endpoint.hostname, p.dst_endpoint.port) {
+                (Some(host), Some(port)) => format!("{host}:{port}"),
+                (Some(host), None) => host.clone(),
+                _ => "-".to_owned(),
+            },
+            action: p.action.clone(),
+            rule: p.unmapped.rule.clone(),
+        })
+        .collect();
+    let kernel_proxy_connections = conns.len() as u64;
+    let kernel_unmatched: Vec<KernelConnection> = conns
+        .into_iter()
+        .zip(&k_used)
+        .filter_map(|(c, used)| (!used).then_some(c))
+        .collect();
+
+    let discrepancy = !(proxy_unmatched.is_empty()
+        && kernel_unmatched.is_empty()
+        && established_without_attempt.is_empty()
+        && kernel_log.unreadable.is_empty()
+        && proxy_log.unreadable.is_empty());
+    let verdict = match (kernel_log.intact && proxy_log.intact, discrepancy) {
+        (false, _) => Verdict::Tampered,
+        (true, true) => Verdict::Discrepancies,
+        (true, false) => Verdict::Consistent,
+    };
+    CrossCheck {
+        verdict,
+        kernel_log,
+        proxy_log,
+        window_ms: opts.window_ms,
+        nat: opts.nat.clone(),
+        matched: p_used.iter().filter(|u| **u).count() as u64,
+        proxy_records: precs.len() as u64,
+        kernel_proxy_connections,
+        proxy_unmatched,
+        kernel_unmatched,
+        established_without_attempt,
+        // A non-blocking connect may call connect() again on one socket: these are sockets.
+        allowed_never_connected: to_proxy.difference(&connected).count() as u64,
+        direct_listed_connections,
+        denied,
+    }
+}
+
+/// Pairs proxy records with kernel connections one to one; returns which of each were used.
+fn pair(
+    conns: &[KernelConnection],
+    precs: &[(&Record, ProxyRecord)],
+    opts: &Options,
+) -> (Vec<bool>, Vec<bool>) {
+    // The kernel side translated into what the proxy saw.
+    let seen = |a: SocketAddr| {
+        let ip = a.ip().to_canonical();
+        let nat = opts.nat.iter().find(|n| n.kernel == ip);
+        SocketAddr::new(nat.map_or(ip, |n| n.proxy), a.port())
+    };
+    let mut by_tuple: HashMap<_, Vec<usize>> = HashMap::new();
+    for (i, c) in conns.iter().enumerate() {
+        if let Some(src) = c.src {
+            by_tuple
+                .entry((seen(src), seen(c.dst)))
+                .or_default()
+                .push(i);
+        }
+    }
+    let mut pairs = Vec::new();
+    for (p, (_, rec)) in precs.iter().enumerate() {
+        let tuple = (rec.src_endpoint.addr(), rec.proxy_endpoint.addr());
+        for &k in by_tuple.get(&tuple).into_iter().flatten() {
+            let dt = conns[k].time.abs_diff(rec.start_time);
+            if dt <= opts.window_ms {
+                pairs.push((dt, p, k));
+            }
+        }
+    }
+    // Nearest pairs first: when a client port is reused within the window, each proxy record
+    // takes the kernel connection closest to it in time, whatever order the logs list them in.
+    pairs.sort_unstable();
+    let (mut p_used, mut k_used) = (vec![false; precs.len()], vec![false; conns.len()]);
+    for (_, p, k) in pairs {
+        if !p_used[p] && !k_used[k] {
+            (p_used[p], k_used[k]) = (true, true);
+        }
+    }
+    (p_used, k_used)
+}
+
+type DeniedKey = (Option<SocketAddr>, String, String, String);
+
+fn count_denied(groups: &mut BTreeMap<DeniedKey, DeniedGroup>, k: &KernelRecord) {
+    let dst = k.dst_endpoint.addr();
+    // Socket creation has no destination: the kernel records 0.0.0.0 or :: port 0.
+    let destination = (!(dst.ip().is_unspecified() && dst.port() == 0)).then_some(dst);
+    let (protocol, process) = (&k.connection_info.protocol_name, &k.actor.process.name);
+    let key = (
+        destination,
+        protocol.clone(),
+        process.clone(),
+        k.unmapped.reason.clone(),
+    );
+    let g = groups.entry(key).or_insert_with(|| DeniedGroup {
+        destination,
+        protocol: protocol.clone(),
+        process: process.clone(),
+        reason: k.unmapped.reason.clone(),
+        count: 0,
+        first_time: k.time,
+        last_time: k.time,
+    });
+    g.count += 1;
+    g.first_time = g.first_time.min(k.time);
+    g.last_time = g.last_time.max(k.time);
+}
+
+/// ms since the epoch as RFC 3339 in UTC with milliseconds, a fixed width for the columns.
+fn when(ms: i64) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(format).ok())
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
+/// The human report.
+pub fn render(c: &CrossCheck) -> String {
+    let nat: Vec<_> = c
+        .nat
+        .iter()
+        .map(|n| format!("NAT {}={}", n.kernel, n.proxy))
+        .collect();
+    let mut out = format!(
+        "cross-check of kernel log {} against proxy log {} (window {} ms, {})\n",
+        c.kernel_log.file.display(),
+        c.proxy_log.file.display(),
+        c.window_ms,
+        if nat.is_empty() {
+            "no NAT".to_owned()
+        } else {
+            nat.join(", ")
+        }
+    );
+    for (name, log) in [("kernel", &c.kernel_log), ("proxy", &c.proxy_log)] {
+        out += &match log.problems.len() {
+            0 => format!("{name} log: intact, {} records\n", log.records),
+            n => format!("{name} log: {n} problem(s) in {} records\n", log.records),
+        };
+        for p in &log.problems {
+            out += &format!("  {p}\n");
+        }
+        if !log.unreadable.is_empty() {
+            out += &format!("{name} log: {} unreadable records\n", log.unreadable.len());
+        }
+        for u in &log.unreadable {
+            out += &format!("  line {} seq {}: {}\n", u.line, u.seq, u.why);
+        }
+    }
+    let pct = match c.proxy_records {
+        0 => "-".to_owned(),
+        n => format!("{:.1}%", c.matched as f64 * 100.0 / n as f64),
+    };
+    out += &format!(
+        "matched: {} of {} proxy records ({pct}), {} of {} kernel connections to the proxy\n",
+        c.matched, c.proxy_records, c.matched, c.kernel_proxy_connections
+    );
+    out += &format!(
+        "proxy records with no kernel record (not from the agent's cgroup, or lost): {}\n",
+        c.proxy_unmatched.len()
+    );
+    for p in &c.proxy_unmatched {
+        let (at, line) = (when(p.start_time), format!("line {} seq {}", p.line, p.seq));
+        let what = format!(
+            "{} -> {}  {}  {}",
+            p.client, p.destination, p.action, p.rule
+        );
+        out += &format!("  {line}  {at}  {what}\n");
+    }
+    for (title, list) in [
+        (
+            "kernel connections to the proxy with no proxy record (proxy log lost or cut)",
+            &c.kernel_unmatched,
+        ),
+        (
+            "established connections with no connect attempt (kernel record lost)",
+            &c.established_without_attempt,
+        ),
+    ] {
+        out += &format!("{title}: {}\n", list.len());
+        for k in list {
+            let (at, line) = (when(k.time), format!("line {} seq {}", k.line, k.seq));
+            let src = k.src.map_or("-".to_owned(), |a| a.to_string());
+            let what = format!("{src} -> {}  pid {} {}", k.dst, k.pid, k.process);
+            out += &format!("  {line}  {at}  cookie {}  {what}\n", k.cookie);
+        }
+    }
+    out += &format!(
+        "allowed connects to the proxy never established (informational, e.g. proxy down): {}\n",
+        c.allowed_never_connected
+    );
+    out += &format!(
+        "direct connections to listed endpoints (informational): {}\n",
+        c.direct_listed_connections
+    );
+    out += &format!("denied attempts: {} groups\n", c.denied.len());
+    if !c.denied.is_empty() {
+        let header = "COUNT DESTINATION PROTO PROCESS REASON FIRST LAST";
+        let mut rows = vec![header.split(' ').map(str::to_owned).collect::<Vec<_>>()];
+        rows.extend(c.denied.iter().map(|g| {
+            vec![
+                g.count.to_string(),
+                g.destination.map_or("-".to_owned(), |d| d.to_string()),
+                g.protocol.clone(),
+                g.process.clone(),
+                g.reason.clone(),
+                when(g.first_time),
+                when(g.last_time),
+            ]
+        }));
+        let width = |i: usize| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..rows[0].len()).map(width).collect();
+        for row in &rows {
+            // Counts right-aligned, text left-aligned; no trailing spaces.
+            let mut line = format!("  {:>w$}", row[0], w = widths[0]);
+            for (cell, w) in row.iter().zip(&widths).skip(1) {
+                line += &format!("  {cell:<w$}");
+            }
+            out += line.trim_end();
+            out += "\n";
+        }
+    }
+    out += "verdict: ";
+    out += &format!("{:?}\n", c.verdict).to_uppercase();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+    use tank_ebpf_common::chain::{ChainWriter, Head};
+
+    const AGENT: &str = "10.0.0.5";
+    const T0: i64 = 1_800_000_000_000;
+
+    /// A read log of `values` with an intact chain.
+    fn log(values: Vec<Value>) -> Log {
+        let records: Vec<Record> = (1..)
+            .zip(values)
+            .map(|(seq, value)| Record {
+                line: seq as usize,
+                seq,
+                value,
+            })
+            .collect();
+        let seq = records.len() as u64;
+        let head = Head {
+            seq,
+            hash: chain::GENESIS.to_owned(),
+        };
+        let report = Report {
+            records: seq,
+            head,
+            anchor: None,
+            problems: vec![],
+        };
+        Log {
+            path: "test.jsonl".into(),
+            report,
+            records,
+        }
+    }
+
+    /// `v` with the fields of `patch` replaced, recursively.
+    fn with(mut v: Value, patch: Value) -> Value {
+        match (&mut v, patch) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, p) in b {
+                    let old = a.remove(&k).unwrap_or(Value::Null);
+                    a.insert(k, with(old, p));
+                }
+            }
+            (a, b) => *a = b,
+        }
+        v
+    }
+
+    /// `curl`'s allowed TCP connect to the proxy, `dt` ms after T0.
+    fn attempt(cookie: u64, dt: i64) -> Value {
+        json!({
+            "class_uid": 4001, "time": T0 + dt, "action": "Allowed", "metadata": {"log_name": "kernel"},
+            "actor": {"process": {"pid": 42, "name": "curl", "user": {"uid": "1000"}}},
+            "dst_endpoint": {"ip": "10.0.0.1", "port": 3128},
+            "connection_info": {"protocol_name": "tcp", "protocol_num": 6},
+            "unmapped": {"hook": "connect4", "reason": "proxy", "cookie": cookie, "mode": "enforce"},
+        })
+    }
+
+    /// Its `established` record, from AGENT:`port`.
+    fn established(cookie: u64, dt: i64, port: u16) -> Value {
+        let patch = json!({"unmapped": {"hook": "established"}, "src_endpoint": {"ip": AGENT, "port": port}});
+        with(attempt(cookie, dt), patch)
+    }
+
+    /// Both kernel records of one connection to the proxy from AGENT:`port`.
+    fn connection(cookie: u64, dt: i64, port: u16) -> Vec<Value> {
+        vec![attempt(cookie, dt), established(cookie, dt + 1, port)]
+    }
+
+    fn denied(dt: i64, comm: &str, hook: &str, dst: (&str, u16), proto: &str) -> Value {
+        let patch = json!({"action": "Denied", "actor": {"process": {"name": comm}},
+            "dst_endpoint": {"ip": dst.0, "port": dst.1}, "connection_info": {"protocol_name": proto},
+            "unmapped": {"hook": hook, "reason": if dst.1 == 0 { "raw_socket" } else { "not_listed" }}});
+        with(attempt(0, dt), patch)
+    }
+
+    /// The proxy's record of a connection from AGENT:`port` accepted `dt` ms after T0.
+    fn proxied(dt: i64, port: u16) -> Value {
+        json!({
+            "class_uid": 4001, "time": T0 + dt + 50, "start_time": T0 + dt, "end_time": T0 + dt + 50,
+            "action": "Allowed", "metadata": {"log_name": "proxy"},
+            "src_endpoint": {"ip": AGENT, "port": port}, "proxy_endpoint": {"ip": "10.0.0.1", "port": 3128},
+            "dst_endpoint": {"hostname": "example.com", "ip": null, "port": 443},
+            "unmapped": {"kind": "connect", "rule": "allowed_domains:web", "error": null},
+        })
+    }
+
+    fn opts() -> Options {
+        Options {
+            window_ms: DEFAULT_WINDOW_MS,
+            nat: vec![],
+        }
+    }
+
+    fn check_logs(kernel: Vec<Value>, proxy: Vec<Value>) -> CrossCheck {
+        check(&log(kernel), &log(proxy), &opts())
+    }
+
+    #[test]
+    fn every_connection_in_both_logs_is_consistent() {
+        let lifecycle = json!({"class_uid": 6002, "metadata": {"log_name": "kernel"}});
+        let kernel = [
+            vec![lifecycle],
+            connection(1, 0, 40001),
+            connection(2, 9, 40002),
+        ]
+        .concat();
+        let c = check_logs(kernel, vec![proxied(20, 40001), proxied(20, 40002)]);
+        assert_eq!(c.verdict, Verdict::Consistent);
+        assert_eq!(
+            [c.matched, c.proxy_records, c.kernel_proxy_connections],
+            [2; 3]
+        );
+        let text = render(&c);
+        let summary = "\nmatched: 2 of 2 proxy records (100.0%), 2 of 2 kernel connections to";
+        assert!(text.contains(summary), "{text}");
+        assert!(text.ends_with("\nverdict: CONSISTENT\n"), "{text}");
+    }
+
+    #[test]
+    fn a_proxy_record_with_no_kernel_record_is_a_discrepancy() {
+        let stranger = json!({"src_endpoint": {"ip": "10.0.0.9"}});
+        let stranger = with(proxied(0, 50000), stranger);
+        let c = check_logs(connection(1, 0, 40001), vec![proxied(0, 40001), stranger]);
+        assert_eq!(c.verdict, Verdict::Discrepancies);
+        assert!(c.kernel_unmatched.is_empty());
+        assert_eq!(c.proxy_unmatched.len(), 1);
+        let u = &c.proxy_unmatched[0];
+        assert_eq!((u.line, u.client.to_string()), (2, "10.0.0.9:50000".into()));
+        assert_eq!(u.destination, "example.com:443");
+        assert_eq!(u.rule, "allowed_domains:web");
+    }
+
+    #[test]
+    fn a_kernel_connection_with_no_proxy_record_is_a_discrepancy() {
+        let kernel = [connection(1, 0, 40001), connection(2, 10, 40002)].concat();
+        let c = check_logs(kernel, vec![proxied(0, 40001)]);
+        assert_eq!(c.verdict, Verdict::Discrepancies);
+        assert_eq!(c.kernel_unmatched.len(), 1);
+        let u = &c.kernel_unmatched[0];
+        assert_eq!((u.line, u.cookie, u.pid), (4, 2, 42));
+        assert_eq!(u.process, "curl");
+        let item = "cookie 2  10.0.0.5:40002 -> 10.0.0.1:3128  pid 42 curl\n";
+        assert!(render(&c).contains(item), "{}", render(&c));
+    }
+
+    #[test]
+    fn an_established_record_without_its_attempt_is_a_discrepancy() {
+        let listed = json!({"unmapped": {"reason": "listed_endpoint"}});
+        let kernel = vec![
+            established(1, 0, 40001),
+            // Informational only: a connect that never completed, and a direct connection.
+            with(attempt(2, 0), json!({"unmapped": {"hook": "connect6"}})),
+            with(attempt(3, 0), listed.clone()),
+            with(established(3, 0, 40100), listed),
+        ];
+        let c = check_logs(kernel, vec![proxied(0, 40001)]);
+        assert_eq!((c.matched, c.verdict), (1, Verdict::Discrepancies));
+        assert_eq!(c.established_without_attempt.len(), 1);
+        assert_eq!(c.established_without_attempt[0].cookie, 1);
+        assert_eq!(c.allowed_never_connected, 1);
+        assert_eq!(c.direct_listed_connections, 1);
+    }
+
+    #[test]
+    fn a_kernel_record_outside_the_window_does_not_match() {
+        // The established record is at 1 ms.
+        let kernel = log(connection(1, 0, 40001));
+        let proxy = log(vec![proxied(5002, 40001)]);
+        let c = check(&kernel, &proxy, &opts());
+        assert_eq!(c.matched, 0);
+        assert_eq!((c.proxy_unmatched.len(), c.kernel_unmatched.len()), (1, 1));
+        let wider = Options {
+            window_ms: 5001,
+            ..opts()
+        };
+        assert_eq!(check(&kernel, &proxy, &wider).matched, 1);
+    }
+
+    #[test]
+    fn nat_maps_kernel_addresses_to_what_the_proxy_saw() {
+        let patch = json!({"src_endpoint": {"ip": "203.0.113.5"}, "proxy_endpoint": {"ip": "198.51.100.1"}});
+        let kernel = log(connection(1, 0, 40001));
+        let proxy = log(vec![with(proxied(0, 40001), patch)]);
+        assert_eq!(check(&kernel, &proxy, &opts()).matched, 0);
+        let nat = ["10.0.0.5=203.0.113.5", "10.0.0.1 = 198.51.100.1"];
+        let nat = nat.iter().map(|n| n.parse().unwrap()).collect();
+        let c = check(&kernel, &proxy, &Options { nat, ..opts() });
+        assert_eq!((c.matched, c.verdict), (1, Verdict::Consistent));
+        let with_port = "10.0.0.5:1=203.0.113.5".parse::<Nat>();
+        assert!(with_port.is_err(), "ports are never translated");
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_compare_as_ipv4() {
+        let dst = json!({"ip": "::ffff:10.0.0.1", "port": 3128});
+        let v6 = json!({"unmapped": {"hook": "connect6"}, "dst_endpoint": dst});
+        let src = json!({"src_endpoint": {"ip": "::ffff:10.0.0.5"}, "dst_endpoint": dst});
+        let kernel = vec![with(attempt(1, 0), v6), with(established(1, 0, 40001), src)];
+        let c = check_logs(kernel, vec![proxied(0, 40001)]);
+        assert_eq!((c.matched, c.verdict), (1, Verdict::Consistent));
+    }
+
+    #[test]
+    fn the_nearest_in_time_wins_when_a_client_port_is_reused() {
+        let kernel = [connection(1, 0, 40001), connection(2, 3000, 40001)].concat();
+        // The later proxy record comes first; each still gets the connection nearest to it.
+        let proxy = vec![proxied(3010, 40001), proxied(2000, 40001)];
+        let c = check_logs(kernel.clone(), proxy);
+        assert_eq!((c.matched, c.verdict), (2, Verdict::Consistent));
+        let c = check_logs(kernel, vec![proxied(2000, 40001)]);
+        assert_eq!(c.kernel_unmatched.len(), 1);
+        assert_eq!(c.kernel_unmatched[0].cookie, 1);
+    }
+
+    #[test]
+    fn denied_attempts_group_by_destination_and_process() {
+        let dns = ("8.8.8.8", 53);
+        let kernel = vec![
+            denied(5, "node", "sendmsg4", dns, "udp"),
+            denied(0, "ping", "sock_create", ("0.0.0.0", 0), "255"),
+            denied(0, "node", "sendmsg4", dns, "udp"),
+            denied(1, "curl", "connect4", ("1.1.1.1", 443), "tcp"),
+            denied(9, "python3", "sendmsg4", dns, "udp"),
+            denied(3, "ping", "lsm_socket_create", ("::", 0), "255"),
+        ];
+        let c = check_logs(kernel, vec![]);
+        assert_eq!(c.verdict, Verdict::Consistent, "denials are no discrepancy");
+        let got: Vec<_> = c
+            .denied
+            .iter()
+            .map(|g| {
+                let dst = g.destination.map_or("-".to_owned(), |d| d.to_string());
+                let times = (g.first_time - T0, g.last_time - T0);
+                (dst, g.process.as_str(), g.count, times)
+            })
+            .collect();
+        let want = [
+            ("-".to_owned(), "ping", 2, (0, 3)),
+            ("8.8.8.8:53".to_owned(), "node", 2, (0, 5)),
+            ("1.1.1.1:443".to_owned(), "curl", 1, (1, 1)),
+            ("8.8.8.8:53".to_owned(), "python3", 1, (9, 9)),
+        ];
+        assert_eq!(got, want);
+        let text = render(&c);
+        for row in [
+            "\n  COUNT  DESTINATION  PROTO  PROCESS  REASON      FIRST  ",
+            "\n      2  -            255    ping     raw_socket  2027-01-15T08:00:00.000Z  ",
+            "\n      2  8.8.8.8:53   udp    node     not_listed  2027-01-15T08:00:00.000Z  ",
+        ] {
+            assert!(text.contains(row), "{row:?} in {text}");
+        }
+    }
+
+    #[test]
+    fn a_broken_chain_is_tampered_even_with_discrepancies() {
+        let mut kernel = log(connection(1, 0, 40001));
+        let problem = Problem::HashMismatch { line: 2 };
+        kernel.report.problems.push(problem);
+        let c = check(&kernel, &log(vec![]), &opts());
+        assert_eq!(c.verdict, Verdict::Tampered);
+        assert_eq!(
+            c.kernel_unmatched.len(),
+            1,
+            "matching runs on a damaged log"
+        );
+        // A proxy record in the kernel log is reported, not ignored.
+        let c = check_logs(vec![proxied(0, 1)], vec![]);
+        assert_eq!(c.verdict, Verdict::Discrepancies);
+        assert_eq!(c.kernel_log.unreadable.len(), 1);
+    }
+
+    #[test]
+    fn logs_read_from_files_and_a_deleted_line_is_tampered() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, values: Vec<Value>| {
+            let path = dir.path().join(name);
+            let (mut w, _) = ChainWriter::open(&path).unwrap();
+            for v in values {
+                w.append(&v).unwrap();
+            }
+            w.sync().unwrap();
+            path
+        };
+        let kernel = [connection(1, 0, 40001), connection(2, 10, 40002)].concat();
+        let kernel = write("k.jsonl", kernel);
+        let proxy = write("p.jsonl", vec![proxied(0, 40001), proxied(10, 40002)]);
+        let read = |path| Log::read(path).unwrap();
+        let c = check(&read(&kernel), &read(&proxy), &opts());
+        assert_eq!((c.matched, c.verdict), (2, Verdict::Consistent));
+        let text = render(&c);
+        let (k, p) = (kernel.display(), proxy.display());
+        let header = format!(
+            "cross-check of kernel log {k} against proxy log {p} (window 5000 ms, no NAT)\n"
+        );
+        assert!(text.starts_with(&header), "{text}");
+        assert!(text.contains("\nkernel log: intact, 4 records\nproxy log: intact, 2 records\n"));
+
+        // Someone deletes the proxy record of the second connection.
+        let text = std::fs::read_to_string(&proxy).unwrap();
+        std::fs::write(&proxy, text.split_inclusive('\n').next().unwrap()).unwrap();
+        let c = check(&read(&kernel), &read(&proxy), &opts());
+        assert_eq!(c.verdict, Verdict::Tampered);
+        assert_eq!(c.kernel_unmatched.len(), 1);
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["verdict"], "tampered");
+        assert_eq!(json["proxy_log"]["problems"][0]["problem"], "truncated");
+        assert!(render(&c).ends_with("\nverdict: TAMPERED\n"));
+        assert!(Log::read(&dir.path().join("absent.jsonl")).is_err());
+    }
+}
