@@ -6,6 +6,7 @@
 //! test that cannot get what it needs must fail loudly in CI.
 
 pub mod seccomp;
+pub mod topology;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,8 @@ pub struct TestCgroups {
 
 impl TestCgroups {
     /// Creates the tree under the cgroup2 mount.
+    // Not `Default`: creating cgroups is a side effect, not a default value.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         require_root();
         let name = unique("tank-it");
@@ -132,6 +135,8 @@ pub struct Loader {
     pub nft_table: Option<String>,
     /// Extra environment for the loader process.
     env: Vec<(String, String)>,
+    /// Network namespace the loader and its CLI run in (the agent host's), if not ours.
+    netns: Option<PathBuf>,
 }
 
 impl Loader {
@@ -181,12 +186,28 @@ impl Loader {
             log,
             nft_table,
             env: Vec::new(),
+            netns: None,
         }
     }
 
     /// Sets an environment variable for the next starts.
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Runs the loader and its CLI inside the network namespace at `path` from now on (its
+    /// nftables baseline lives there).
+    pub fn set_netns(&mut self, path: &Path) {
+        self.netns = Some(path.to_owned());
+    }
+
+    /// `tank-loader` as a command, in the loader's network namespace.
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        if let Some(ns) = &self.netns {
+            topology::enter_netns(&mut cmd, ns);
+        }
+        cmd
     }
 
     /// Starts (again) the loader on the same config and waits until it is ready.
@@ -212,7 +233,8 @@ impl Loader {
             .append(true)
             .open(&self.log)
             .expect("loader log");
-        let mut child = Command::new(&self.bin)
+        let mut child = self
+            .command()
             .args(["run", "--config"])
             .arg(&self.config)
             .env("NOTIFY_SOCKET", &socket_path)
@@ -303,7 +325,7 @@ impl Loader {
 
     /// Runs `tank-loader ARGS... --config <ours>`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
+        self.command()
             .args(args)
             .arg("--config")
             .arg(&self.config)
@@ -457,8 +479,7 @@ pub fn counter(status: &serde_json::Value, name: &str) -> u64 {
 /// documentation and link-local addresses (192.0.2.1/24, 2001:db8::1/64, fe80::1/64) and ping
 /// sockets open to every group. Traffic to those addresses never leaves the namespace.
 pub struct TestNetns {
-    /// Its name under /run/netns.
-    pub name: String,
+    netns: topology::Netns,
     /// `/run/netns/<name>`, for setns.
     pub path: PathBuf,
 }
@@ -468,49 +489,33 @@ impl TestNetns {
     // Not `Default`: creating a namespace is a side effect, not a default value.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
-        require_root();
-        let name = unique("tank-it");
-        let ns = Self {
-            path: PathBuf::from("/run/netns").join(&name),
-            name,
-        };
-        ip(&["netns", "add", &ns.name]);
+        let netns = topology::Netns::new();
         for args in [
-            &["link", "set", "lo", "up"][..],
             // A veth pair with both ends inside: the dummy driver is not on every kernel.
             &[
                 "link", "add", "tank0", "type", "veth", "peer", "name", "tank1",
-            ],
+            ][..],
             &["link", "set", "tank0", "up"],
             &["link", "set", "tank1", "up"],
             &["addr", "add", "192.0.2.1/24", "dev", "tank0"],
             &["addr", "add", "2001:db8::1/64", "dev", "tank0", "nodad"],
             &["addr", "add", "fe80::1/64", "dev", "tank0", "nodad"],
         ] {
-            ip(&[&["-n", &ns.name][..], args].concat());
+            netns.ip(args);
         }
+        let ns = Self {
+            path: netns.path.clone(),
+            netns,
+        };
         // ping_group_range is per namespace; opening it here lets the sock_create hook, not
         // the sysctl, be what refuses a ping socket.
-        ns.in_netns(|| {
-            std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
-                .expect("open ping_group_range")
-        });
+        ns.netns.sysctl("net/ipv4/ping_group_range", "0 2147483647");
         ns
     }
 
     /// Runs `f` on a thread that has entered the namespace; sockets it creates stay there.
     pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = std::fs::File::open(&self.path).expect("open the test netns");
-                    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .expect("enter the test netns");
-                    f()
-                })
-                .join()
-                .expect("netns thread")
-        })
+        in_netns(&self.path, f)
     }
 
     /// Interface index of `tank0`, for link-local scope ids.
@@ -519,12 +524,19 @@ impl TestNetns {
     }
 }
 
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
+/// Runs `f` on a thread that has entered the network namespace at `path`.
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(path).expect("open the network namespace");
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("enter the network namespace");
+                f()
+            })
+            .join()
+            .expect("netns thread")
+    })
 }
 
 fn ip(args: &[&str]) {

@@ -25,10 +25,20 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "the nft baseline and its tests"),
     ("iproute2", "network namespaces in tests and the demo"),
     ("curl", "real client in tests and the demo"),
-    ("python3", "second real client in tests"),
+    (
+        "python3",
+        "second real client in tests; the demo's HTTPS origin",
+    ),
+    (
+        "git",
+        "HTTPS client through the proxy in the two-host tests and the demo",
+    ),
     ("systemd", "systemd-analyze verify of the image's units"),
     ("util-linux", "mountpoint, used by the image checks"),
-    ("procps", "kill, used by the image checks"),
+    (
+        "procps",
+        "kill and sysctl, used by the image checks and the test namespaces",
+    ),
     ("bpftool", "inspecting programs in the bypass tests"),
 ];
 
