@@ -71,8 +71,8 @@ pub fn follow(
     if !opts.json {
         writeln!(
             out,
-            "{:<12} {:>7}  {:<15} {:<4} {:<40} {:<7} {}",
-            "TIME", "PID", "COMM", "PROTO", "DESTINATION", "VERDICT", "REASON"
+            "{:<12} {:>7}  {:<15} {:<4} {:<40} {:<7} REASON",
+            "TIME", "PID", "COMM", "PROTO", "DESTINATION", "VERDICT"
         )?;
     }
     let mut pending = String::new();

@@ -203,8 +203,8 @@ fn print_table(f: &Value) {
         );
     };
     println!(
-        "{:<48} {:>16}   {:<14} {}",
-        "kernel benchmark", "measured", "goal", ""
+        "{:<48} {:>16}   {:<14}",
+        "kernel benchmark", "measured", "goal"
     );
     let r = f["connect_ratio_gate_vs_unconfined"].as_f64().unwrap();
     row(

