@@ -231,19 +231,37 @@ impl TwoHosts {
         cmd
     }
 
-    /// `curl` as the agent, through the proxy, trusting the throwaway CA. Returns its exit
-    /// code and what it printed (body, or the error on stderr).
+    /// `curl URL` as the agent, through the proxy (the agent's environment trusts only the
+    /// throwaway CA).
+    pub fn proxied_curl(&self, url: &str) -> Command {
+        let mut cmd = self.agent_command("curl");
+        cmd.args(["-sS", "--max-time", "10", "--proxy", &self.proxy_url(), url]);
+        cmd
+    }
+
+    /// `git clone URL DEST` as the agent, through the proxy.
+    pub fn proxied_git_clone(&self, url: &str, dest: &Path) -> Command {
+        let mut cmd = self.agent_command("git");
+        cmd.args(["-c", &format!("http.proxy={}", self.proxy_url())])
+            .args(["clone", "-q", url])
+            .arg(dest);
+        cmd
+    }
+
+    /// [`Self::proxied_curl`], run: its exit code and what it printed.
     pub fn curl_via_proxy(&self, url: &str) -> (i32, String) {
-        self.run_agent(self.agent_command("curl").args([
-            "-sS",
-            "--max-time",
-            "10",
-            "--proxy",
-            &self.proxy_url(),
-            "--cacert",
-            self.ca_pem.to_str().unwrap(),
-            url,
-        ]))
+        self.run_agent(&mut self.proxied_curl(url))
+    }
+
+    /// `tank-loader audit cross-check` of this topology's kernel and proxy logs (add `--json`
+    /// for the machine form).
+    pub fn cross_check(&self) -> Command {
+        let mut cmd = Command::new(workspace_bin("tank-loader"));
+        cmd.args(["audit", "cross-check", "--kernel"])
+            .arg(&self.loader.audit_log)
+            .arg("--proxy")
+            .arg(&self.proxy_log);
+        cmd
     }
 
     /// Runs an agent command to completion: its exit code and its stdout then stderr.

