@@ -48,43 +48,18 @@ fn bench() -> Value {
 
     // connect()+close latency: unconfined vs allowed-and-recorded vs 10k-entry allow map.
     let (mut lat_base, mut lat_gate, mut lat_10k) = (Vec::new(), Vec::new(), Vec::new());
+    let args = [
+        "connect".to_owned(),
+        listener.addr.to_string(),
+        CONNECTS_PER_ROUND.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p50 = |cgroup: &Path| run_worker(cgroup, &args)["p50_ns"].as_f64().unwrap();
+    // Interleaved, so drift in the machine's speed lands on all three alike.
     for _ in 0..ROUNDS {
-        lat_base.push(
-            run_worker(
-                base,
-                &[
-                    "connect",
-                    &listener.addr.to_string(),
-                    &CONNECTS_PER_ROUND.to_string(),
-                ],
-            )["p50_ns"]
-                .as_f64()
-                .unwrap(),
-        );
-        lat_gate.push(
-            run_worker(
-                &gate1.agent,
-                &[
-                    "connect",
-                    &listener.addr.to_string(),
-                    &CONNECTS_PER_ROUND.to_string(),
-                ],
-            )["p50_ns"]
-                .as_f64()
-                .unwrap(),
-        );
-        lat_10k.push(
-            run_worker(
-                &gate10k.agent,
-                &[
-                    "connect",
-                    &listener.addr.to_string(),
-                    &CONNECTS_PER_ROUND.to_string(),
-                ],
-            )["p50_ns"]
-                .as_f64()
-                .unwrap(),
-        );
+        lat_base.push(p50(base));
+        lat_gate.push(p50(&gate1.agent));
+        lat_10k.push(p50(&gate10k.agent));
     }
 
     eprintln!("bench: connect latency done");
