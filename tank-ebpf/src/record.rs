@@ -1,6 +1,7 @@
 //! Writing one event to the ring buffer and counting it: shared by every program, so each
 //! records the same fields the same way and the "no room" rule is decided once.
 
+use aya_ebpf::bindings::BPF_RB_NO_WAKEUP;
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
     generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
@@ -60,6 +61,7 @@ pub fn record(a: &Attempt) -> bool {
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         },
         None,
+        0,
     );
     if !written {
         if a.mode == mode::AUDIT {
@@ -85,8 +87,10 @@ pub fn record(a: &Attempt) -> bool {
 #[inline(always)]
 pub fn record_established(a: &Attempt, local: ([u8; 16], u16)) {
     // The callback runs in softirq or on whichever task releases the socket: there is no
-    // meaningful current task. Userspace joins the attempt's task by cookie.
-    if !write(a, Task::NONE, Some(local)) {
+    // meaningful current task. Userspace joins the attempt's task by cookie. No wakeup: the
+    // loader reads it with the next attempt or within its 250 ms tick, which spares every
+    // connection a second wakeup of the reader.
+    if !write(a, Task::NONE, Some(local), BPF_RB_NO_WAKEUP as u64) {
         count(counters::UNRECORDED_ESTABLISHED);
     }
 }
@@ -112,9 +116,10 @@ impl Task {
     };
 }
 
-/// Writes one event; false when the ring buffer has no room.
+/// Writes one event; false when the ring buffer has no room. `flags` go to the submit:
+/// `BPF_RB_NO_WAKEUP` leaves the reader asleep until the next event or its own tick.
 #[inline(always)]
-fn write(a: &Attempt, task: Task, local: Option<([u8; 16], u16)>) -> bool {
+fn write(a: &Attempt, task: Task, local: Option<([u8; 16], u16)>, flags: u64) -> bool {
     let Some(mut entry) = TANK_EVENTS.reserve::<Event>(0) else {
         return false;
     };
@@ -142,7 +147,7 @@ fn write(a: &Attempt, task: Task, local: Option<([u8; 16], u16)>) -> bool {
         mode: a.mode as u8,
         _pad: [0; 2],
     });
-    entry.submit(0);
+    entry.submit(flags);
     true
 }
 
