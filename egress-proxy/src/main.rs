@@ -1,86 +1,12 @@
 //! The `egress-proxy` command line. See `egress-proxy --help` and docs/proxy.md.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
+use egress_proxy::cli::{AuditCommand, Cli, Command, LogFormat};
 use egress_proxy::config::{self, ConfigError};
 use tank_ebpf_common::chain;
-
-/// tank's egress proxy: the audited trust boundary for autonomous coding agents.
-///
-/// The agent host's kernel lets the agent connect only to this proxy. It serves HTTP/1.1
-/// CONNECT tunnels and plain http:// requests, allows only what the policy file names,
-/// refuses private and cloud-metadata addresses after resolving names itself, and writes
-/// one tamper-evident audit record per connection.
-///
-/// Exit codes: 0 success; 1 `check` found problems, `audit verify` found tampering, or
-/// `run` failed while running; 2 usage error, unreadable file, or `run` could not start.
-#[derive(Parser)]
-#[command(name = "egress-proxy", version, max_term_width = 100)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the proxy until SIGTERM or SIGINT (SIGHUP reloads the policy).
-    ///
-    /// On SIGHUP the config file is read again; a file that does not validate is rejected
-    /// with a log line and the running policy stays. On SIGTERM the listeners close, open
-    /// tunnels get `shutdown_grace_secs` to finish, the rest are cut, and the audit log is
-    /// synced before exit. Logs go to stderr (RUST_LOG sets the level, default info).
-    Run {
-        /// The policy file (TOML; see docs/proxy.md for every key).
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
-        /// Once listening, write the bound addresses as JSON to FILE
-        /// (`{"listen": [...], "admin": ..., "pid": N}`), for supervisors and tests.
-        #[arg(long, value_name = "FILE")]
-        ready_file: Option<PathBuf>,
-        /// Log format on stderr.
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
-    },
-    /// Validate a policy file without running: every problem as FILE:LINE:COL: message.
-    ///
-    /// Exit 0 when valid, 1 when it has problems, 2 when it cannot be read.
-    Check {
-        /// The policy file.
-        #[arg(value_name = "FILE")]
-        file: PathBuf,
-    },
-    /// Work with the chained audit log.
-    Audit {
-        #[command(subcommand)]
-        command: AuditCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum AuditCommand {
-    /// Verify an audit log's hash chain and anchor.
-    ///
-    /// Detects edited, deleted, inserted, reordered and cut-off records and a partial last
-    /// line (a crash mid-write, reported and never accepted). Exit 0 intact, 1 problems
-    /// found, 2 usage or I/O error. Works on the kernel audit log of tank-loader too.
-    Verify {
-        /// The log (its anchor `FILE.head` is read if present).
-        #[arg(value_name = "FILE")]
-        file: PathBuf,
-        /// Print the report as JSON (records, head, anchor, problems) on stdout.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

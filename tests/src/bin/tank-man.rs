@@ -13,7 +13,7 @@ use clap_complete::Shell;
 
 /// Every binary that ships, with its clap definition.
 fn commands() -> Vec<clap::Command> {
-    vec![tank_loader::cli::command()]
+    vec![tank_loader::cli::command(), egress_proxy::cli::command()]
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1,0 +1,92 @@
+//! The command line of `egress-proxy`, in the library so that `cargo xtask man` renders man
+//! pages and shell completions from the same definitions as `--help` (the binary only parses).
+
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+
+/// The clap definition of the whole `egress-proxy` command line, for man pages and completions.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// tank's egress proxy: the audited trust boundary for autonomous coding agents.
+///
+/// The agent host's kernel lets the agent connect only to this proxy. It serves HTTP/1.1
+/// CONNECT tunnels and plain http:// requests, allows only what the policy file names,
+/// refuses private and cloud-metadata addresses after resolving names itself, and writes
+/// one tamper-evident audit record per connection.
+///
+/// Exit codes: 0 success; 1 `check` found problems, `audit verify` found tampering, or
+/// `run` failed while running; 2 usage error, unreadable file, or `run` could not start.
+#[derive(Parser)]
+#[command(name = "egress-proxy", version, max_term_width = 100)]
+pub struct Cli {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the proxy until SIGTERM or SIGINT (SIGHUP reloads the policy).
+    ///
+    /// On SIGHUP the config file is read again; a file that does not validate is rejected
+    /// with a log line and the running policy stays. On SIGTERM the listeners close, open
+    /// tunnels get `shutdown_grace_secs` to finish, the rest are cut, and the audit log is
+    /// synced before exit. Logs go to stderr (RUST_LOG sets the level, default info).
+    Run {
+        /// The policy file (TOML; see docs/proxy.md for every key).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Once listening, write the bound addresses as JSON to FILE
+        /// (`{"listen": [...], "admin": ..., "pid": N}`), for supervisors and tests.
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
+        /// Log format on stderr.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Validate a policy file without running: every problem as FILE:LINE:COL: message.
+    ///
+    /// Exit 0 when valid, 1 when it has problems, 2 when it cannot be read.
+    Check {
+        /// The policy file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Work with the chained audit log.
+    Audit {
+        /// The audit subcommand.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// The `audit` subcommands.
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Verify an audit log's hash chain and anchor.
+    ///
+    /// Detects edited, deleted, inserted, reordered and cut-off records and a partial last
+    /// line (a crash mid-write, reported and never accepted). Exit 0 intact, 1 problems
+    /// found, 2 usage or I/O error. Works on the kernel audit log of tank-loader too.
+    Verify {
+        /// The log (its anchor `FILE.head` is read if present).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Print the report as JSON (records, head, anchor, problems) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How `run` writes its log lines.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
