@@ -65,31 +65,16 @@ fn bench() -> Value {
     eprintln!("bench: connect latency done");
     // Bulk throughput of one allowed connection vs unconfined.
     let (mut tp_base, mut tp_gate) = (Vec::new(), Vec::new());
+    let send = [
+        "send".to_owned(),
+        listener.addr.to_string(),
+        THROUGHPUT_SECS.to_string(),
+    ];
+    let send: Vec<&str> = send.iter().map(String::as_str).collect();
+    let rate = |cgroup: &Path| run_worker(cgroup, &send)["bytes_per_s"].as_f64().unwrap();
     for _ in 0..ROUNDS {
-        tp_base.push(
-            run_worker(
-                base,
-                &[
-                    "send",
-                    &listener.addr.to_string(),
-                    &THROUGHPUT_SECS.to_string(),
-                ],
-            )["bytes_per_s"]
-                .as_f64()
-                .unwrap(),
-        );
-        tp_gate.push(
-            run_worker(
-                &gate1.agent,
-                &[
-                    "send",
-                    &listener.addr.to_string(),
-                    &THROUGHPUT_SECS.to_string(),
-                ],
-            )["bytes_per_s"]
-                .as_f64()
-                .unwrap(),
-        );
+        tp_base.push(rate(base));
+        tp_gate.push(rate(&gate1.agent));
     }
 
     // Denied attempts: two workers (one per core) flood an unlisted port on loopback.
