@@ -93,6 +93,14 @@ pub enum Command {
         #[arg(long, short, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Internal: the layer helper `run` starts when metrics are on (keeps only CAP_NET_ADMIN,
+    /// writes one JSON reading of the layers per line until its stdout closes).
+    #[command(hide = true)]
+    WatchLayers {
+        /// Configuration file.
+        #[arg(long, short, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Audit-log tools.
     Audit {
         #[command(subcommand)]

@@ -17,6 +17,7 @@ use tank_ebpf_common::chain::ChainWriter;
 use tank_ebpf_common::event::{hook, verdict, Event};
 use tokio::io::unix::AsyncFd;
 
+use crate::metrics::DrainStats;
 use crate::record::{Clock, Origin};
 
 /// How often the log is made durable and its anchor moved even when the ring buffer is quiet
@@ -28,6 +29,7 @@ pub async fn run(
     ring: RingBuf<MapData>,
     log: &mut ChainWriter,
     origin: &Origin,
+    stats: &DrainStats,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<u64> {
     // SAFETY: the AsyncFd owns the ring buffer, so its descriptor outlives the registration.
@@ -41,14 +43,14 @@ pub async fn run(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer wait failed")?;
-                written += drain(guard.get_inner_mut(), &mut attempts, log, origin)?;
+                written += drain(guard.get_inner_mut(), &mut attempts, log, origin, stats)?;
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                written += drain(ring.get_mut(), &mut attempts, log, origin)?;
+                written += drain(ring.get_mut(), &mut attempts, log, origin, stats)?;
             }
             () = &mut shutdown => {
-                written += drain(ring.get_mut(), &mut attempts, log, origin)?;
+                written += drain(ring.get_mut(), &mut attempts, log, origin, stats)?;
                 log.sync()?;
                 return Ok(written);
             }
@@ -62,9 +64,11 @@ fn drain(
     attempts: &mut Attempts,
     log: &mut ChainWriter,
     origin: &Origin,
+    stats: &DrainStats,
 ) -> anyhow::Result<u64> {
     let clock = Clock::now();
     let mut n = 0;
+    let mut oldest_ktime_ns = 0;
     while let Some(item) = ring.next() {
         let Some(mut event) = parse(&item) else {
             tracing::error!(len = item.len(), "ring buffer item of unexpected size; kernel and loader disagree on the event layout");
@@ -72,10 +76,15 @@ fn drain(
         };
         attempts.join(&mut event);
         log.append(&origin.network_record(&event, &clock))?;
+        stats.event(&event);
+        if n == 0 {
+            oldest_ktime_ns = event.ktime_ns;
+        }
         n += 1;
     }
     if n > 0 {
         let head = log.sync()?;
+        stats.batch(n, head.seq, oldest_ktime_ns);
         tracing::debug!(events = n, seq = head.seq, hash = %head.hash, "audit log synced");
     }
     Ok(n)

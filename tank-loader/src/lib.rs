@@ -10,6 +10,7 @@ pub mod config;
 pub mod crosscheck;
 pub mod drain;
 pub mod gate;
+pub mod metrics;
 pub mod nft;
 pub mod privileges;
 pub mod query;

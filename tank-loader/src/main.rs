@@ -13,7 +13,7 @@ use tank_ebpf_common::chain;
 
 use tank_loader::cli::{AuditCommand, Cli, Command};
 use tank_loader::config::Config;
-use tank_loader::{crosscheck, gate, nft, record, run, status, trace};
+use tank_loader::{crosscheck, gate, metrics, nft, record, run, status, trace};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -94,6 +94,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { config } => detach(&config, &mut out),
+        Command::WatchLayers { config } => {
+            metrics::watch_layers(&Config::load(&config)?, metrics::LAYER_CHECK_INTERVAL)
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Audit {
             command: AuditCommand::Verify { file, json },
         } => verify(&file, json, &mut out),

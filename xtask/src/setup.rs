@@ -40,6 +40,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "kill and sysctl, used by the image checks and the test namespaces",
     ),
     ("bpftool", "inspecting programs in the bypass tests"),
+    (
+        "prometheus",
+        "a real Prometheus server scrapes the loader's metrics in the metrics test",
+    ),
+    (
+        "chromium",
+        "headless browser that renders the cross-check's HTML report in its test",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

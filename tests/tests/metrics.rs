@@ -1,0 +1,85 @@
+//! The loader's Prometheus metrics, scraped by a real Prometheus server (root only): the
+//! series move when the agent is refused, by the gate (enforce mode) and by the nftables
+//! baseline (gate in audit mode), and the layers read as in force.
+
+use std::net::{SocketAddr, TcpListener};
+
+use tank_integration_tests::prometheus::{free_port, http_get, Prometheus};
+use tank_integration_tests::{nft_section, probe, Loader, TestCgroups};
+
+/// The agent (uid 65534 in the agent cgroup) connects to `to`; returns the probe's outcome.
+fn agent_connects(cg: &TestCgroups, to: SocketAddr) -> String {
+    probe(&cg.agent, Some(65534), &["tcp", &to.to_string()]).1
+}
+
+#[test]
+fn prometheus_sees_refusals_by_the_gate_and_by_nft_move_the_loader_series() {
+    let cg = TestCgroups::new();
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (nft, _) = nft_section("");
+    let config = |mode: &str| {
+        format!(
+            "mode = \"{mode}\"\nmetrics_listen = \"{metrics}\"\nproxies = [\"{}\"]\n{nft}",
+            proxy.local_addr().unwrap()
+        )
+    };
+    let mut loader = Loader::start(&cg, &config("enforce"));
+    let prom = Prometheus::start(&[metrics]);
+
+    // Scraped, with the layers the loader put in place.
+    prom.wait_for("up{job=\"tank\"}", |v| v == 1.0);
+    for layer in ["gate", "sock_create", "nft"] {
+        prom.wait_for(&format!("tank_layer_in_force{{layer=\"{layer}\"}}"), |v| {
+            v == 1.0
+        });
+    }
+    let start = prom.wait_for("tank_loader_start_time_seconds", |v| v > 1e9);
+    let denied = "sum(tank_attempts_total{verdict=\"deny\",reason=\"not_listed\"}) or vector(0)";
+    let before = prom.wait_for(denied, |_| true);
+    let head = prom.wait_for("tank_audit_chain_head_sequence", |v| v >= 1.0);
+
+    // Refused by the gate: the attempt counter and the chain head move.
+    assert_eq!(agent_connects(&cg, other.local_addr().unwrap()), "EPERM");
+    prom.wait_for(denied, |v| v >= before + 1.0);
+    prom.wait_for("tank_audit_chain_head_sequence", |v| v > head);
+    prom.wait_for("tank_audit_records_written_total", |v| v >= 1.0);
+    assert_eq!(agent_connects(&cg, proxy.local_addr().unwrap()), "ok");
+    prom.wait_for(
+        "tank_attempts_total{hook=\"connect4\",verdict=\"allow\",reason=\"proxy\"}",
+        |v| v >= 1.0,
+    );
+    prom.wait_for(
+        "tank_established_connections_total{reason=\"proxy\"}",
+        |v| v >= 1.0,
+    );
+    prom.wait_for("tank_ring_buffer_size_bytes", |v| v >= 4096.0);
+    prom.wait_for("tank_unrecorded_total{kind=\"denied\"}", |v| v == 0.0);
+
+    // Gate in audit mode: it lets the attempt through, nft refuses its packets.
+    loader.stop();
+    std::fs::write(
+        &loader.config,
+        std::fs::read_to_string(&loader.config)
+            .unwrap()
+            .replace("mode = \"enforce\"", "mode = \"audit\""),
+    )
+    .unwrap();
+    loader.restart();
+    prom.wait_for("tank_loader_start_time_seconds", |v| v > start);
+    let refused = "tank_nft_refused_packets_total";
+    let before = prom.wait_for(refused, |_| true);
+    assert_eq!(
+        agent_connects(&cg, other.local_addr().unwrap()),
+        "EHOSTUNREACH"
+    );
+    prom.wait_for(refused, |v| v > before);
+    prom.wait_for(
+        "tank_attempts_total{verdict=\"allow\",reason=\"audit_not_listed\"}",
+        |v| v >= 1.0,
+    );
+
+    // The endpoint serves /metrics only.
+    assert_eq!(http_get(metrics, "/").unwrap().0, 404);
+}
