@@ -160,5 +160,13 @@ pub enum AuditCommand {
         /// Machine-readable output: the whole report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also write the report as one self-contained HTML page to FILE, for an auditor.
+        ///
+        /// Verdict first, then the findings, then pictures: attempts and connections over time
+        /// per host, refusals by process and destination, proxy records by rule, and each log's
+        /// chain with its head. No script and nothing fetched from the network; lists are cut
+        /// at 100 rows (`--json` has them all), so a week of records opens quickly.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
     },
 }

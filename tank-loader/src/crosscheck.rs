@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tank_ebpf_common::chain::{self, Problem, Record, Report};
 
+use crate::activity::{self, Activity, Kind};
 use crate::record::NETWORK_ACTIVITY;
 
 /// Default greatest distance in time between a kernel record and its proxy record, ms.
@@ -116,6 +117,8 @@ pub struct CrossCheck {
     pub direct_listed_connections: u64,
     /// Denied attempts by destination and process, most frequent first.
     pub denied: Vec<DeniedGroup>,
+    /// Both logs over time per host, and proxy records by rule (bounded, for the pictures).
+    pub activity: Activity,
 }
 
 /// `consistent`, `discrepancies` or `tampered` (which takes precedence).
@@ -139,6 +142,10 @@ pub struct LogCheck {
     pub intact: bool,
     /// Complete records read.
     pub records: u64,
+    /// The last complete record: the chain's head.
+    pub head: chain::Head,
+    /// The anchor found beside the log, if any.
+    pub anchor: Option<chain::Head>,
     /// Chain problems.
     pub problems: Vec<Problem>,
     /// Network records lacking a field the check needs, or from the other kind of log.
@@ -229,8 +236,21 @@ impl Endpoint {
 }
 
 #[derive(Deserialize)]
+struct Device {
+    hostname: String,
+}
+
+/// The host a record names, for the timeline.
+fn host(device: &Option<Device>) -> &str {
+    device
+        .as_ref()
+        .map_or("(no hostname)", |d| d.hostname.as_str())
+}
+
+#[derive(Deserialize)]
 struct KernelRecord {
     time: i64,
+    device: Option<Device>,
     action: String,
     actor: Actor,
     src_endpoint: Option<Endpoint>,
@@ -265,6 +285,7 @@ struct KernelUnmapped {
 #[derive(Deserialize)]
 struct ProxyRecord {
     start_time: i64,
+    device: Option<Device>,
     action: String,
     src_endpoint: Endpoint,
     proxy_endpoint: Endpoint,
@@ -319,6 +340,8 @@ fn parse<'a, T: serde::de::DeserializeOwned>(
         file: log.path.clone(),
         intact: log.report.is_intact(),
         records: log.report.records,
+        head: log.report.head.clone(),
+        anchor: log.report.anchor.clone(),
         problems: log.report.problems.clone(),
         unreadable,
     };
@@ -347,9 +370,16 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         (HashSet::new(), HashSet::new(), HashSet::new());
     let (mut established, mut conns, mut direct_listed_connections) = (vec![], vec![], 0);
     let mut denied = BTreeMap::new();
+    let mut activity = activity::Builder::default();
     for (r, k) in &krecs {
         let (cookie, reason) = (k.unmapped.cookie, k.unmapped.reason.as_str());
         let tcp = k.connection_info.protocol_name == "tcp";
+        let kind = match (k.unmapped.hook.as_str(), k.action.as_str()) {
+            ("established", _) => Kind::Connection,
+            (_, "Allowed") => Kind::AttemptAllowed,
+            _ => Kind::AttemptDenied,
+        };
+        activity.add("kernel", host(&k.device), kind, k.time);
         match (k.unmapped.hook.as_str(), k.action.as_str()) {
             ("established", _) => {
                 connected.insert(cookie);
@@ -377,6 +407,16 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
     // Stable: equal counts keep the key order of the map.
     denied.sort_by_key(|g| std::cmp::Reverse(g.count));
 
+    for (_, p) in &precs {
+        let allowed = p.action == "Allowed";
+        let kind = if allowed {
+            Kind::ProxyAllowed
+        } else {
+            Kind::ProxyDenied
+        };
+        activity.add("proxy", host(&p.device), kind, p.start_time);
+        activity.rule(&p.unmapped.rule, allowed);
+    }
     let (p_used, k_used) = pair(&conns, &precs, opts);
     let proxy_unmatched: Vec<ProxyConnection> = precs
         .iter()
@@ -429,6 +469,7 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         allowed_never_connected: to_proxy.difference(&connected).count() as u64,
         direct_listed_connections,
         denied,
+        activity: activity.finish(),
     }
 }
 
@@ -503,7 +544,7 @@ fn count_denied(groups: &mut BTreeMap<DeniedKey, DeniedGroup>, k: &KernelRecord)
 }
 
 /// ms since the epoch as RFC 3339 in UTC with milliseconds, a fixed width for the columns.
-fn when(ms: i64) -> String {
+pub(crate) fn when(ms: i64) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );

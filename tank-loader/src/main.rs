@@ -13,7 +13,7 @@ use tank_ebpf_common::chain;
 
 use tank_loader::cli::{AuditCommand, Cli, Command};
 use tank_loader::config::Config;
-use tank_loader::{crosscheck, gate, metrics, nft, record, run, status, trace};
+use tank_loader::{crosscheck, gate, metrics, nft, record, report, run, status, trace};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -109,12 +109,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     window_ms,
                     nat,
                     json,
+                    html,
                 },
         } => cross_check(
             &kernel,
             &proxy,
             &crosscheck::Options { window_ms, nat },
             json,
+            html.as_deref(),
             &mut out,
         ),
     }
@@ -196,6 +198,7 @@ fn cross_check(
     proxy: &Path,
     opts: &crosscheck::Options,
     json: bool,
+    html: Option<&Path>,
     out: &mut impl Write,
 ) -> anyhow::Result<ExitCode> {
     // An input that cannot be read is a usage problem (exit 2), not a finding about the logs.
@@ -211,6 +214,10 @@ fn cross_check(
         return Ok(ExitCode::from(2));
     };
     let report = crosscheck::check(&kernel, &proxy, opts);
+    if let Some(file) = html {
+        std::fs::write(file, report::html(&report))
+            .with_context(|| format!("cannot write the HTML report to {}", file.display()))?;
+    }
     if json {
         serde_json::to_writer_pretty(&mut *out, &report)?;
         writeln!(out)?;

@@ -48,6 +48,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "chromium",
         "headless browser that renders the cross-check's HTML report in its test",
     ),
+    (
+        "poppler-utils",
+        "pdftotext reads back the text Chromium rendered of the HTML report",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
