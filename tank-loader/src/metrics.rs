@@ -559,6 +559,18 @@ mod tests {
     }
 
     #[test]
+    fn every_family_is_documented_in_operations_md() {
+        let doc = include_str!("../../docs/operations.md");
+        for f in FAMILIES {
+            assert!(
+                doc.contains(&format!("| `{}` | {} |", f.name, f.kind)),
+                "{} missing from docs/operations.md",
+                f.name
+            );
+        }
+    }
+
+    #[test]
     fn every_slot_maps_back_to_its_codes() {
         for (h, v, r) in [(0, 0, 0), (7, 2, 15), (1, 2, 3)] {
             let stats = DrainStats::new(0);
