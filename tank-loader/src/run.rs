@@ -109,7 +109,18 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
                 ring: metrics::RingPositions::map(&ring.as_fd().try_clone_to_owned()?, ring_size)?,
                 started,
             };
-            Some((metrics::prepare(addr, config_path)?, sources))
+            // Metrics are for watching, not for enforcing: an address in use must not keep the
+            // loader (and so the agent, bound to it) down. The missing target shows in Prometheus.
+            match metrics::prepare(addr, config_path) {
+                Ok(prepared) => Some((prepared, sources)),
+                Err(e) => {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "metrics NOT served; enforcement and the audit log are unaffected"
+                    );
+                    None
+                }
+            }
         }
     };
     // Programs stay loaded through their pinned links; the loader needs only the ring buffer

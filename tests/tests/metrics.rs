@@ -80,6 +80,49 @@ fn prometheus_sees_refusals_by_the_gate_and_by_nft_move_the_loader_series() {
         |v| v >= 1.0,
     );
 
+    // The loader holds no capability; its layer helper holds CAP_NET_ADMIN (bit 12) alone.
+    let caps = |pid: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .unwrap();
+        u64::from_str_radix(eff.trim(), 16).unwrap()
+    };
+    let loader_pid = loader.pid().to_string();
+    assert_eq!(caps(&loader_pid), 0, "the loader kept capabilities");
+    let children =
+        std::fs::read_to_string(format!("/proc/{loader_pid}/task/{loader_pid}/children")).unwrap();
+    let helper = children
+        .split_whitespace()
+        .next()
+        .expect("the layer helper runs");
+    assert_eq!(
+        caps(helper),
+        1 << 12,
+        "the helper holds more than CAP_NET_ADMIN"
+    );
+    let cmdline = std::fs::read_to_string(format!("/proc/{helper}/cmdline")).unwrap();
+    assert!(cmdline.contains("watch-layers"), "{cmdline}");
+
     // The endpoint serves /metrics only.
     assert_eq!(http_get(metrics, "/").unwrap().0, 404);
+}
+
+#[test]
+fn a_metrics_address_in_use_leaves_enforcement_and_the_log_running() {
+    let cg = TestCgroups::new();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let loader = Loader::start(
+        &cg,
+        &format!("metrics_listen = \"{}\"\n", taken.local_addr().unwrap()),
+    );
+    assert!(
+        loader.logs().contains("metrics NOT served"),
+        "{}",
+        loader.logs()
+    );
+    assert_eq!(agent_connects(&cg, other.local_addr().unwrap()), "EPERM");
+    assert_eq!(loader.records(1).len(), 1, "still recording");
 }
