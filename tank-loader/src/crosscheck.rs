@@ -516,6 +516,22 @@ fn pair(
     (p_used, k_used)
 }
 
+impl DeniedGroup {
+    /// Its columns as the reports show them: count, destination, protocol, process, reason,
+    /// first, last.
+    pub fn cells(&self) -> Vec<String> {
+        vec![
+            self.count.to_string(),
+            self.destination.map_or("-".to_owned(), |d| d.to_string()),
+            self.protocol.clone(),
+            self.process.clone(),
+            self.reason.clone(),
+            when(self.first_time),
+            when(self.last_time),
+        ]
+    }
+}
+
 type DeniedKey = (Option<SocketAddr>, String, String, String);
 
 fn count_denied(groups: &mut BTreeMap<DeniedKey, DeniedGroup>, k: &KernelRecord) {
@@ -637,17 +653,7 @@ pub fn render(c: &CrossCheck) -> String {
     if !c.denied.is_empty() {
         let header = "COUNT DESTINATION PROTO PROCESS REASON FIRST LAST";
         let mut rows = vec![header.split(' ').map(str::to_owned).collect::<Vec<_>>()];
-        rows.extend(c.denied.iter().map(|g| {
-            vec![
-                g.count.to_string(),
-                g.destination.map_or("-".to_owned(), |d| d.to_string()),
-                g.protocol.clone(),
-                g.process.clone(),
-                g.reason.clone(),
-                when(g.first_time),
-                when(g.last_time),
-            ]
-        }));
+        rows.extend(c.denied.iter().map(DeniedGroup::cells));
         let width = |i: usize| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0);
         let widths: Vec<usize> = (0..rows[0].len()).map(width).collect();
         for row in &rows {

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use tank_ebpf_common::chain::Problem;
 
 use crate::activity::{Kind, Series};
-use crate::crosscheck::{when, CrossCheck, KernelConnection, LogCheck, Verdict};
+use crate::crosscheck::{when, CrossCheck, DeniedGroup, KernelConnection, LogCheck, Verdict};
 
 /// Most rows of any list; the rest are counted and left to `--json`.
 pub const MAX_ROWS: usize = 100;
@@ -273,17 +273,7 @@ fn pictures(o: &mut String, c: &CrossCheck) {
             "last",
         ],
         c.denied.len(),
-        c.denied.iter().map(|g| {
-            vec![
-                g.count.to_string(),
-                g.destination.map_or("-".to_owned(), |d| d.to_string()),
-                g.protocol.clone(),
-                g.process.clone(),
-                g.reason.clone(),
-                when(g.first_time),
-                when(g.last_time),
-            ]
-        }),
+        c.denied.iter().map(DeniedGroup::cells),
     );
     o.push_str("</section>\n<section><h2>Proxy records by rule</h2>\n");
     let rules: Vec<(String, Vec<u64>)> = a
@@ -560,7 +550,6 @@ th{background:#f5f5f7}td{word-break:break-all}code{font-size:12px}.meta,.info,.m
 mod tests {
     use super::*;
     use crate::activity::Builder;
-    use crate::crosscheck::DeniedGroup;
     use tank_ebpf_common::chain::Head;
 
     fn log_check(problems: Vec<Problem>) -> LogCheck {

@@ -13,13 +13,20 @@ use tank_integration_tests::topology::{
 };
 use tank_integration_tests::{browser, workspace_bin};
 
-/// Runs the cross-check; returns its exit code and its JSON report.
-fn cross_check(kernel: &Path, proxy: &Path) -> (i32, serde_json::Value) {
-    let out = Command::new(workspace_bin("tank-loader"))
-        .args(["audit", "cross-check", "--json", "--kernel"])
+/// `tank-loader audit cross-check` of `kernel` against `proxy`.
+fn cross_check_command(kernel: &Path, proxy: &Path) -> Command {
+    let mut cmd = Command::new(workspace_bin("tank-loader"));
+    cmd.args(["audit", "cross-check", "--kernel"])
         .arg(kernel)
         .arg("--proxy")
-        .arg(proxy)
+        .arg(proxy);
+    cmd
+}
+
+/// Runs the cross-check; returns its exit code and its JSON report.
+fn cross_check(kernel: &Path, proxy: &Path) -> (i32, serde_json::Value) {
+    let out = cross_check_command(kernel, proxy)
+        .arg("--json")
         .output()
         .expect("run tank-loader audit cross-check");
     let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -307,11 +314,7 @@ fn the_agent_host_cannot_go_around_the_proxy_although_the_network_would_let_it()
 /// Writes the cross-check's HTML report of `kernel` against `proxy` to `html`; returns the
 /// exit code.
 fn html_report(kernel: &Path, proxy: &Path, html: &Path) -> i32 {
-    let out = Command::new(workspace_bin("tank-loader"))
-        .args(["audit", "cross-check", "--kernel"])
-        .arg(kernel)
-        .arg("--proxy")
-        .arg(proxy)
+    let out = cross_check_command(kernel, proxy)
         .arg("--html")
         .arg(html)
         .output()
