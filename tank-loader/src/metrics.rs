@@ -48,11 +48,12 @@ const fn family(name: &'static str, kind: &'static str, help: &'static str) -> F
 }
 
 /// Every family the loader exports, in exposition order.
-pub const FAMILIES: [Family; 13] = [
+pub const FAMILIES: [Family; 14] = [
     family("tank_attempts_total", "counter", "Connection and socket attempts of the agent cgroup written to the audit log, by hook, verdict and reason."),
     family("tank_established_connections_total", "counter", "Established TCP connections of the agent cgroup written to the audit log, by the reason their connect was allowed."),
     family("tank_unrecorded_total", "counter", "Attempts the kernel could not record (ring buffer full), by kind: denied (refused for want of a record), allowed (audit mode only), established (4-tuple lost)."),
     family("tank_ring_buffer_used_bytes", "gauge", "Bytes in the kernel ring buffer not yet read by the drain."),
+    family("tank_ring_buffer_written_bytes_total", "counter", "Bytes the kernel has written into the ring buffer since it was created (events with their 8-byte headers)."),
     family("tank_ring_buffer_size_bytes", "gauge", "Size of the kernel ring buffer."),
     family("tank_drain_lag_seconds", "gauge", "For the drain's last batch: time from the kernel stamping its oldest event to the batch being durable in the audit log."),
     family("tank_audit_records_written_total", "counter", "Network records the drain appended to the audit log since this loader started."),
@@ -179,16 +180,16 @@ impl RingPositions {
         })
     }
 
-    /// Bytes written by the kernel and not yet consumed by the drain.
-    pub fn used_bytes(&self) -> u64 {
+    /// The consumer and producer positions: bytes read by the drain and written by the kernel
+    /// since the ring buffer was created.
+    pub fn positions(&self) -> (u64, u64) {
         // SAFETY: both pointers stay mapped until drop; the kernel updates them atomically.
-        let (c, p) = unsafe {
+        unsafe {
             (
                 (*self.consumer).load(Relaxed),
                 (*self.producer).load(Relaxed),
             )
-        };
-        p.saturating_sub(c)
+        }
     }
 }
 
@@ -380,8 +381,8 @@ pub struct Snapshot {
     pub lag_ns: u64,
     /// Kernel counters, indexed as in [`counters`]; `None` when unreadable.
     pub counters: Option<[u64; counters::COUNT as usize]>,
-    /// Ring buffer bytes in use.
-    pub ring_used: u64,
+    /// Ring buffer bytes read by the drain and written by the kernel.
+    pub ring_positions: (u64, u64),
     /// Ring buffer size.
     pub ring_size: u32,
     /// Latest layer reading.
@@ -399,7 +400,7 @@ fn read(s: &Sources, layers: &Mutex<LayerReading>, scrapes: u64) -> Snapshot {
         head_seq: s.drain.head_seq.load(Relaxed),
         lag_ns: s.drain.lag_ns.load(Relaxed),
         counters: crate::gate::sum_counters(&s.counters).ok(),
-        ring_used: s.ring.used_bytes(),
+        ring_positions: s.ring.positions(),
         ring_size: s.ring.size,
         layers: layers.lock().expect("layer reading").clone(),
         started: unix_seconds(s.started),
@@ -455,7 +456,11 @@ pub fn render(snap: &Snapshot) -> String {
                     }
                 }
             }
-            "tank_ring_buffer_used_bytes" => sample("", &snap.ring_used),
+            "tank_ring_buffer_used_bytes" => {
+                let (consumed, produced) = snap.ring_positions;
+                sample("", &produced.saturating_sub(consumed));
+            }
+            "tank_ring_buffer_written_bytes_total" => sample("", &snap.ring_positions.1),
             "tank_ring_buffer_size_bytes" => sample("", &snap.ring_size),
             "tank_drain_lag_seconds" => sample("", &(snap.lag_ns as f64 / 1e9)),
             "tank_audit_records_written_total" => sample("", &snap.records),

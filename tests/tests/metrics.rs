@@ -39,11 +39,16 @@ fn prometheus_sees_refusals_by_the_gate_and_by_nft_move_the_loader_series() {
     let denied = "sum(tank_attempts_total{verdict=\"deny\",reason=\"not_listed\"}) or vector(0)";
     let before = prom.wait_for(denied, |_| true);
     let head = prom.wait_for("tank_audit_chain_head_sequence", |v| v >= 1.0);
+    let written = "tank_ring_buffer_written_bytes_total";
+    let ring_before = prom.wait_for(written, |_| true);
 
     // Refused by the gate: the attempt counter and the chain head move.
     assert_eq!(agent_connects(&cg, other.local_addr().unwrap()), "EPERM");
     prom.wait_for(denied, |v| v >= before + 1.0);
     prom.wait_for("tank_audit_chain_head_sequence", |v| v > head);
+    // The positions are read from the ring buffer itself: one event and its header at least.
+    let event = std::mem::size_of::<tank_ebpf_common::event::Event>() as f64 + 8.0;
+    prom.wait_for(written, |v| v >= ring_before + event);
     prom.wait_for("tank_audit_records_written_total", |v| v >= 1.0);
     assert_eq!(agent_connects(&cg, proxy.local_addr().unwrap()), "ok");
     prom.wait_for(
