@@ -9,6 +9,7 @@
 //! built from the bounded [`CrossCheck`] report and lists are cut at [`MAX_ROWS`], so a week of
 //! records opens as fast as a minute of them.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use tank_ebpf_common::chain::Problem;
@@ -232,8 +233,9 @@ fn pictures(o: &mut String, c: &CrossCheck) {
         timeline(o, a.start_ms, a.bucket_ms, &h.series);
     }
     o.push_str("</section>\n<section><h2>Refusals by the kernel</h2>\n");
-    let mut by_process: Vec<(String, u64)> = Vec::new();
-    let mut by_destination: Vec<(String, u64)> = Vec::new();
+    // Sums by key; a week of denials to random ports is many groups, so no linear search.
+    let mut by_process: HashMap<String, u64> = HashMap::new();
+    let mut by_destination: HashMap<String, u64> = HashMap::new();
     for g in &c.denied {
         let dst = g
             .destination
@@ -244,17 +246,16 @@ fn pictures(o: &mut String, c: &CrossCheck) {
             (&mut by_process, g.process.clone()),
             (&mut by_destination, dst),
         ] {
-            match list.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, n)) => *n += g.count,
-                None => list.push((key, g.count)),
-            }
+            *list.entry(key).or_default() += g.count;
         }
     }
-    for (title, mut list) in [
+    for (title, sums) in [
         ("By process", by_process),
         ("By destination", by_destination),
     ] {
-        list.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        let mut list: Vec<(String, u64)> = sums.into_iter().collect();
+        // Most first; equal counts by name, so the page is the same for the same logs.
+        list.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let _ = writeln!(o, "<h3>{title}</h3>");
         let bars: Vec<(String, Vec<u64>)> = list.into_iter().map(|(k, n)| (k, vec![n])).collect();
         bar_chart(o, &bars, &[("denied attempts", RED)]);
@@ -624,6 +625,40 @@ mod tests {
         );
         assert!(page.contains("default-src 'none'"));
         assert!(page.contains("No findings"));
+    }
+
+    #[test]
+    fn the_page_does_not_grow_with_the_logs() {
+        let mut big = report(Verdict::Consistent, vec![]);
+        let mut activity = Builder::default();
+        for i in 0..1_000_000i64 {
+            activity.add(
+                "kernel",
+                "agent",
+                Kind::AttemptDenied,
+                1_800_000_000_000 + i * 600,
+            );
+        }
+        big.activity = activity.finish();
+        big.denied = (0..50_000u32)
+            .map(|i| DeniedGroup {
+                destination: Some(format!("192.0.2.{}:{}", i % 250, 1000 + i).parse().unwrap()),
+                protocol: "udp".into(),
+                process: format!("p{}", i % 5000),
+                reason: "not_listed".into(),
+                count: 20,
+                first_time: 1_800_000_000_000,
+                last_time: 1_800_600_000_000,
+            })
+            .collect();
+        let small = html(&report(Verdict::Consistent, vec![])).len();
+        let page = html(&big);
+        assert!(
+            page.len() < small + 60_000,
+            "{} bytes against {small}",
+            page.len()
+        );
+        assert!(page.contains("(4988 others)") && page.contains("49900 more not shown"));
     }
 
     #[test]
