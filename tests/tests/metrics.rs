@@ -62,6 +62,9 @@ fn prometheus_sees_refusals_by_the_gate_and_by_nft_move_the_loader_series() {
     prom.wait_for("tank_ring_buffer_size_bytes", |v| v >= 4096.0);
     prom.wait_for("tank_unrecorded_total{kind=\"denied\"}", |v| v == 0.0);
 
+    // The agent cannot read the metrics: loopback is not on its allowlist.
+    assert_eq!(agent_connects(&cg, metrics), "EPERM");
+
     // Gate in audit mode: it lets the attempt through, nft refuses its packets.
     loader.stop();
     std::fs::write(
