@@ -15,7 +15,6 @@ pub mod metrics;
 pub mod nft;
 pub mod privileges;
 pub mod query;
-pub mod record;
 pub mod report;
 pub mod run;
 pub mod status;

@@ -438,7 +438,7 @@ pub fn render(snap: &Snapshot) -> String {
                         let labels = format!(
                             "{{hook=\"{}\",verdict=\"{}\",reason=\"{reason}\"}}",
                             name(h, hook::name),
-                            name(v, verdict::name)
+                            name(v, verdict_label)
                         );
                         sample(&labels, n);
                     }
@@ -482,6 +482,15 @@ pub fn render(snap: &Snapshot) -> String {
         }
     }
     out
+}
+
+/// The `verdict` label of a verdict code.
+fn verdict_label(code: u8) -> &'static str {
+    match code {
+        verdict::ALLOW => "allow",
+        verdict::DENY => "deny",
+        _ => "unknown",
+    }
 }
 
 /// The codes of a drain slot; `None` for the shared slot of out-of-range codes.

@@ -128,7 +128,7 @@ fn findings(o: &mut String, c: &CrossCheck) {
                 when(p.start_time),
                 p.client.to_string(),
                 p.destination.clone(),
-                p.action.clone(),
+                p.action.as_str().to_owned(),
                 p.rule.clone(),
             ]
         });
@@ -459,7 +459,7 @@ fn chain(o: &mut String, name: &str, log: &LogCheck) {
         esc(&log.file.display().to_string()),
         log.records,
         log.head.seq,
-        esc(&log.head.hash),
+        log.head.hash,
         esc(&anchor),
     );
     // Each problem marks the link at its place in the log (by line, or by seq); a cut end
@@ -551,7 +551,7 @@ th{background:#f5f5f7}td{word-break:break-all}code{font-size:12px}.meta,.info,.m
 mod tests {
     use super::*;
     use crate::activity::Builder;
-    use tank_ebpf_common::chain::Head;
+    use tank_ebpf_common::chain::{self, Head};
 
     fn log_check(problems: Vec<Problem>) -> LogCheck {
         LogCheck {
@@ -560,7 +560,7 @@ mod tests {
             records: 10,
             head: Head {
                 seq: 10,
-                hash: "ab".repeat(32),
+                hash: chain::Hash([0xab; 32]),
             },
             anchor: None,
             problems,

@@ -15,13 +15,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use aya::maps::{Map, PerCpuArray, RingBuf};
 use tank_ebpf_common::chain::ChainWriter;
+use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
+use tank_ebpf_common::ocsf::lifecycle;
 use tank_ebpf_common::{counters, event};
 
 use crate::cgroup::AgentCgroup;
 use crate::config::Config;
 use crate::gate::LsmState;
 use crate::metrics::{self, DrainStats};
-use crate::record::{self, Origin};
 use crate::{drain, gate, nft, privileges};
 
 /// Runs the loader until SIGTERM or SIGINT. Enforcement stays pinned when it returns.
@@ -44,14 +45,17 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     }
 
     let installed = gate::install(&cfg, &cgroup)?;
-    let origin = Origin {
-        hostname: nix::unistd::gethostname()?.to_string_lossy().into_owned(),
-    };
+    let hostname = nix::unistd::gethostname()?.to_string_lossy().into_owned();
     let hooks: Vec<_> = installed.hooks.iter()
-        .map(|(h, outcome, id)| serde_json::json!({"hook": h.name, "outcome": outcome, "program_id": id}))
+        .map(|(h, outcome, id)| serde_json::json!({"hook": h.name(), "outcome": outcome, "program_id": id}))
         .collect();
     for (hook, outcome, id) in &installed.hooks {
-        tracing::info!(hook = hook.name, ?outcome, program_id = id, "hook in place");
+        tracing::info!(
+            hook = hook.name(),
+            ?outcome,
+            program_id = id,
+            "hook in place"
+        );
     }
     match &installed.lsm {
         LsmState::InForce => {}
@@ -75,8 +79,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let endpoints: Vec<_> = cfg.endpoints.iter()
         .map(|e| serde_json::json!({"endpoint": e.addr.to_string(), "protocol": e.protocol, "proxy": e.is_proxy}))
         .collect();
-    log.append(&origin.lifecycle_record(
-        record::ACTIVITY_START,
+    log.append(&LifecycleRecord::new(
+        &hostname,
+        env!("CARGO_PKG_VERSION"),
+        lifecycle::START,
         format!("enforcement in place on cgroup {}", cgroup.path.display()),
         serde_json::json!({
             "cgroup": cgroup.path, "cgroup_id": cgroup.id, "mode": cfg.mode,
@@ -147,7 +153,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let written = runtime.block_on(drain::run(
         ring,
         &mut log,
-        &origin,
+        &Formatter::new(&hostname, env!("CARGO_PKG_VERSION")),
         &stats,
         shutdown_signal(),
     ))?;
