@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::{admin, admission};
+use crate::addr::LocalAddrs;
 use crate::audit::Audit;
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
@@ -25,7 +26,7 @@ use crate::policy::Policy;
 /// State shared by every connection.
 pub struct Shared {
     policy: RwLock<Arc<Policy>>,
-    local_addrs: RwLock<Arc<Vec<IpAddr>>>,
+    local_addrs: Arc<LocalAddrs>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     pub(super) audit: Audit,
@@ -49,10 +50,7 @@ impl Shared {
 
     /// The proxy host's own addresses, never dialled.
     pub(super) fn local_addrs(&self) -> Arc<Vec<IpAddr>> {
-        self.local_addrs
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.local_addrs.get()
     }
 }
 
@@ -153,7 +151,7 @@ pub async fn run(
         .unwrap_or_default();
     let shared = Arc::new(Shared {
         policy: RwLock::new(Arc::new(config.policy.clone())),
-        local_addrs: RwLock::new(Arc::new(crate::addr::local_addresses())),
+        local_addrs: LocalAddrs::follow(),
         metrics: metrics.clone(),
         audit,
         hostname,
@@ -255,10 +253,7 @@ fn reload(path: &Path, running: &Config, shared: &Shared) {
                 path.display()
             );
             *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.policy);
-            *shared
-                .local_addrs
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = Arc::new(crate::addr::local_addresses());
+            shared.local_addrs.refresh();
             shared.metrics.reloads_ok.inc();
         }
         Err(e) => {
