@@ -225,24 +225,6 @@ fn clients_outside_client_networks_are_refused_and_recorded() {
     assert_eq!(last["src_endpoint"]["ip"], "127.0.0.2");
 }
 
-/// A TCP connection from a chosen loopback source address.
-fn bind_connect(src: &str, dst: std::net::SocketAddr) -> std::net::TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-        let s = sock.connect(dst).await.unwrap();
-        let s = s.into_std().unwrap();
-        s.set_nonblocking(false).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
-        s
-    })
-}
-
 /// Runs `ip ARGS` (in the calling thread's network namespace), panicking on failure.
 fn ip(args: &[&str]) {
     let out = std::process::Command::new("ip")

@@ -35,6 +35,8 @@ pub struct Shared {
     pub(super) per_client: Mutex<HashMap<IpAddr, usize>>,
     /// Open connections in all (the proxy-wide cap).
     pub(super) total: AtomicUsize,
+    /// Refused connections lingering after their answer.
+    pub(super) lingering: AtomicUsize,
     /// Cut every tunnel now (shutdown grace over).
     pub(super) cut: CancellationToken,
 }
@@ -157,6 +159,7 @@ pub async fn run(
         hostname,
         per_client: Mutex::new(HashMap::new()),
         total: AtomicUsize::new(0),
+        lingering: AtomicUsize::new(0),
         cut: CancellationToken::new(),
     });
 
