@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod path;
 pub mod policy;
 pub mod relay;
 pub mod server;

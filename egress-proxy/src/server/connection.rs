@@ -273,7 +273,7 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
         return refuse(shared, stream, draft, r, &what).await;
     }
     let path = match &req {
-        Request::Http { path, .. } => Some(path.as_str()),
+        Request::Http { path, .. } => Some(path),
         Request::Connect { .. } => None,
     };
     let method_upper = req.method().to_ascii_uppercase();

@@ -121,6 +121,9 @@ pub async fn run(
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     raise_nofile();
+    for w in &config.warnings {
+        warn!("{w}");
+    }
     let metrics = Arc::new(Metrics::default());
     metrics.audit_healthy.set(1);
     let mut listeners = Vec::new();
@@ -241,6 +244,9 @@ pub async fn run(
 fn reload(path: &Path, running: &Config, shared: &Shared) {
     match config::load(path) {
         Ok(new) => {
+            for w in &new.warnings {
+                warn!("{w}");
+            }
             if new.listen != running.listen
                 || new.admin_listen != running.admin_listen
                 || new.audit_log != running.audit_log
