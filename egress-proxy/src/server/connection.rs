@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::{admission, resolve::resolve, Shared};
 use crate::audit::{Draft, HttpRequest, Url};
-use crate::http::{parse_request, response, Request};
+use crate::http::{response, HeadReader, Request};
 use crate::policy::{Limits, Policy, Reason, Refusal};
 use crate::relay::{self, Upstream};
 
@@ -136,10 +136,10 @@ async fn read_head(
     cut: &CancellationToken,
 ) -> Result<(Request, Vec<u8>), HeadFail> {
     let deadline = Instant::now() + limits.header_read_timeout;
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut head = HeadReader::default();
     let mut chunk = [0u8; 4096];
     loop {
-        let room = limits.max_header_bytes - buf.len();
+        let room = limits.max_header_bytes - head.len();
         if room == 0 {
             return Err(HeadFail::TooLarge);
         }
@@ -153,15 +153,14 @@ async fn read_head(
             () = cut.cancelled() => return Err(HeadFail::Cut),
         };
         if n == 0 {
-            return Err(if buf.is_empty() {
+            return Err(if head.is_empty() {
                 HeadFail::Closed
             } else {
                 HeadFail::Bad("client closed mid-head".into())
             });
         }
-        buf.extend_from_slice(&chunk[..n]);
-        match parse_request(&buf) {
-            Ok(Some((req, len))) => return Ok((req, buf.split_off(len))),
+        match head.push(&chunk[..n]) {
+            Ok(Some(done)) => return Ok(done),
             Ok(None) => {}
             Err(crate::http::HeadError::TooManyHeaders) => return Err(HeadFail::TooLarge),
             Err(e) => return Err(HeadFail::Bad(e.to_string())),
@@ -361,4 +360,21 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
     draft.traffic.bytes_in = outcome.bytes_in;
     draft.traffic.bytes_out += outcome.bytes_out;
     draft.error = outcome.end.error();
+    // A malformed request body (the relay's only InvalidData) before the origin answered:
+    // the client gets a 400 saying so rather than a bare close.
+    if let relay::End::Error(e) = &outcome.end {
+        if e.kind() == io::ErrorKind::InvalidData && outcome.bytes_in == 0 {
+            shared.metrics.refused(Reason::BadRequest);
+            let body = format!("egress-proxy: {what}: {e}\n");
+            let bytes = response(
+                400,
+                "Bad Request",
+                &[("X-Tank-Refused-By", Reason::BadRequest.as_str())],
+                &body,
+            );
+            let _ = relay::write_all(stream, &bytes).await;
+            goodbye(shared, stream).await;
+            draft.error = Some(format!("{e}; answered 400 after forwarding the head"));
+        }
+    }
 }
