@@ -1,6 +1,6 @@
 //! Limits, each with its own answer and log line: request head size, head read timeout
 //! (slowloris), idle tunnels, per-client and global connection caps, outsiders judged at
-//! accept, the admin listener's connection cap.
+//! accept, the admin listener's connection cap, and a low open-files limit.
 
 mod common;
 use common::*;
@@ -241,4 +241,136 @@ fn the_admin_listener_holds_a_bounded_number_of_connections() {
         s.read_to_string(&mut out).ok()?;
         out.starts_with("HTTP/1.1 200").then_some(())
     });
+}
+
+#[test]
+fn at_a_low_open_files_limit_every_client_gets_an_answer() {
+    raise_nofile();
+    let dir = tempdir();
+    let origin = Origin::echo();
+    let p = origin.port;
+    let config = format!(
+        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\nadmin_listen = \"127.0.0.1:0\"\nclient_networks = [\"127.0.0.1/32\"]\naudit_log = \"{}\"\nsystem_resolver = false\nallowed_domains = [{{ domain = \"a.test\", ports = [{p}], allow_private = true }}]\n[hosts]\n\"a.test\" = \"127.0.0.1\"\n",
+        dir.path().join("audit.jsonl").display()
+    );
+    let proxy = Proxy::start_limited(dir.path(), &config, Some(600));
+    let log = proxy.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("max_connections = 8192 needs"))
+        .unwrap_or_else(|| panic!("no line about lowering max_connections:\n{log}"));
+    let cap: usize = line
+        .split("lowered to ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!((40..100).contains(&cap), "{line}");
+
+    // 150 tunnels held open, each carrying a byte both ways (so each holds its pipes too).
+    let auth = format!("a.test:{p}");
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for i in 0..150 {
+        let (mut s, head) = connect_tunnel(proxy.addr, &auth);
+        if head.starts_with("HTTP/1.1 200") {
+            s.write_all(b"x").unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).unwrap();
+            open.push(s);
+        } else {
+            assert!(head.starts_with("HTTP/1.1 503"), "tunnel {i}: {head}");
+            refused += 1;
+        }
+    }
+    assert_eq!(open.len(), cap);
+    assert_eq!(refused, 150 - cap);
+
+    // Past the descriptors themselves: 400 connections at once, each answered, none hangs.
+    let burst: Vec<TcpStream> = (0..400)
+        .filter_map(|_| TcpStream::connect(proxy.addr).ok())
+        .collect();
+    for (i, mut s) in burst.into_iter().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(b"CONNECT a.test:1 HTTP/1.1\r\n\r\n");
+        let mut out = String::new();
+        match s.read_to_string(&mut out) {
+            Ok(_) => {}
+            // A reset after the answer was read counts as answered.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("connection {i} got no answer: {e}"),
+        }
+        assert!(
+            out.is_empty() || out.starts_with("HTTP/1.1 503"),
+            "connection {i}: {out}"
+        );
+    }
+    let log = proxy.log_text();
+    let warnings = log.matches("accept failed").count();
+    assert!(warnings <= 10, "{warnings} accept warnings:\n{log}");
+    assert!(
+        !log.contains("audit log could not be"),
+        "the audit log ran out of descriptors:\n{log}"
+    );
+
+    // Descriptors exhausted under the proxy's feet (its limit lowered to what it holds):
+    // the spare descriptor answers, and nothing hangs.
+    let held = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid))
+        .unwrap()
+        .count() as u64;
+    let lim = libc::rlimit {
+        rlim_cur: held,
+        rlim_max: 600,
+    };
+    // SAFETY: prlimit(2) on our child's pid with a valid rlimit.
+    let rc = unsafe {
+        libc::prlimit(
+            proxy.pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let mut spare_answers = 0;
+    for i in 0..20 {
+        let mut s = TcpStream::connect(proxy.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(format!("CONNECT {auth} HTTP/1.1\r\n\r\n").as_bytes());
+        let mut out = String::new();
+        if let Err(e) = s.read_to_string(&mut out) {
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "connection {i} got no answer: {e}"
+            );
+        }
+        if out.contains("out of file descriptors") {
+            spare_answers += 1;
+        }
+    }
+    assert!(spare_answers > 0, "the spare descriptor never answered");
+    let log = proxy.log_text();
+    let warnings = log.matches("accept failed").count();
+    assert!(warnings <= 10, "{warnings} accept warnings:\n{log}");
+    let lim = libc::rlimit {
+        rlim_cur: 600,
+        rlim_max: 600,
+    };
+    // SAFETY: as above.
+    unsafe {
+        libc::prlimit(
+            proxy.pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+
+    drop(open);
+    wait_for(Duration::from_secs(10), "the tunnels to close", || {
+        (proxy.metric("egress_proxy_active_connections") == 0.0).then_some(())
+    });
+    let (_, head) = connect_tunnel(proxy.addr, &auth);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }

@@ -4,19 +4,79 @@
 //! under until its audit record is queued. A client outside `client_networks` is answered
 //! and closed at once and never counts under the caps, so outsiders holding connections
 //! open cannot crowd out the agent hosts.
+//!
+//! Descriptors: a tunnel holds six (two sockets, two pipes) and a refused connection one
+//! while it lingers, so `max_connections` is checked against `RLIMIT_NOFILE` at start and
+//! lowered, with one line, to what it leaves room for (lingering refusals are capped at
+//! the same number). A spare descriptor is kept so that, should `accept` still meet `EMFILE`, the
+//! connection is taken, answered `503` and closed rather than left unanswered; accepting
+//! then backs off (10 ms doubling to 1 s) instead of spinning, with one warning per episode.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{connection, Shared};
+use crate::audit::Draft;
+use crate::http::response;
 use crate::policy::{Limits, Policy, Reason, Refusal};
+
+/// Descriptors one connection may hold: client and origin sockets, a pipe each way, plus
+/// one for a refused connection lingering in its place.
+const FDS_PER_CONNECTION: usize = 7;
+/// Descriptors kept for everything else: listeners, the audit log, the runtime, the admin
+/// listener's connections, the spare.
+const FDS_RESERVED: usize = 96;
+/// Longest pause between accepts while descriptors are exhausted.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Raises the soft open-files limit to the hard limit and returns how many connections it
+/// leaves room for.
+pub(super) fn descriptor_cap() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return usize::MAX;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                debug!(from = old, to = lim.rlim_max, "raised the open-files limit");
+            } else {
+                lim.rlim_cur = old;
+            }
+        }
+    }
+    let nofile = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    (nofile.saturating_sub(FDS_RESERVED) / FDS_PER_CONNECTION).max(1)
+}
+
+/// Says, in one line, when `max_connections` is lowered to the descriptor cap.
+pub(super) fn check_cap(limits: &Limits, cap: usize) {
+    if limits.max_connections > cap {
+        warn!(
+            "max_connections = {} needs {} open files, more than RLIMIT_NOFILE allows: lowered to {cap} (raise LimitNOFILE= to serve more)",
+            limits.max_connections,
+            limits.max_connections * FDS_PER_CONNECTION + FDS_RESERVED
+        );
+    }
+}
+
+/// A descriptor held in reserve for answering at `EMFILE`.
+fn spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
 
 /// Accepts proxy clients until `stop`, one tracked task per connection.
 pub(super) async fn accept_loop(
@@ -25,6 +85,8 @@ pub(super) async fn accept_loop(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
+    let mut reserve = spare();
+    let mut backoff: Option<Duration> = None;
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -32,6 +94,7 @@ pub(super) async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                backoff = None;
                 let local = match stream.local_addr() {
                     Ok(l) => l,
                     Err(e) => {
@@ -51,12 +114,71 @@ pub(super) async fn accept_loop(
                 ));
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning; the loop survives.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                let mut answered = false;
+                if exhausted && reserve.is_some() {
+                    // Free the spare, take the waiting connection, answer and close it.
+                    drop(reserve.take());
+                    if let Ok(Ok((stream, peer))) =
+                        tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
+                    {
+                        // Answered and closed here, so the descriptor is back for the spare.
+                        let draft = out_of_descriptors(&shared, stream, peer);
+                        let shared = shared.clone();
+                        tracker.spawn(async move {
+                            shared.audit.record(draft.finish(&shared.hostname)).await;
+                        });
+                        answered = true;
+                    }
+                }
+                if reserve.is_none() {
+                    reserve = spare();
+                }
+                // Back off instead of spinning; the loop survives. One warning per episode.
+                // A connection the spare answered was progress, not a spin: no pause then.
+                let pause = match backoff {
+                    None => {
+                        warn!("accept failed: {e}; backing off");
+                        Duration::from_millis(10)
+                    }
+                    Some(p) if answered => p,
+                    Some(p) => {
+                        debug!("accept failed: {e}");
+                        (p * 2).min(MAX_BACKOFF)
+                    }
+                };
+                backoff = Some(pause);
+                if answered {
+                    continue;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = stop.cancelled() => return,
+                }
             }
         }
     }
+}
+
+/// Answers a connection accepted on the spare descriptor with `503`, closes it, and returns
+/// its record.
+fn out_of_descriptors(shared: &Shared, stream: TcpStream, peer: std::net::SocketAddr) -> Draft {
+    let local = stream.local_addr().unwrap_or(peer);
+    let refusal = Refusal::new(
+        Reason::ConnectionLimit,
+        "the proxy is out of file descriptors (RLIMIT_NOFILE)",
+    );
+    shared.metrics.refused(refusal.reason);
+    let (status, text) = refusal.reason.status();
+    let body = format!("egress-proxy: refused: {}\n", refusal.detail);
+    let bytes = response(status, text, &[("X-Tank-Refused-By", refusal.by())], &body);
+    // No linger: the descriptor is the one kept for this, and it is needed back.
+    let _ = stream.try_write(&bytes);
+    drop(stream);
+    let mut draft = Draft::new(peer, local);
+    draft.rule = refusal.by().to_owned();
+    draft.error = Some(refusal.detail);
+    draft
 }
 
 /// Holds a connection's place under the connection caps.
@@ -106,13 +228,11 @@ fn admit(shared: &Arc<Shared>, client: IpAddr, limits: &Limits) -> Result<Admiss
         shared: shared.clone(),
         client,
     };
-    if total > limits.max_connections {
+    let max = limits.max_connections.min(shared.connection_cap);
+    if total > max {
         return Err(Refusal::new(
             Reason::ConnectionLimit,
-            format!(
-                "the proxy has {} connections open (max_connections)",
-                limits.max_connections
-            ),
+            format!("the proxy has {max} connections open (max_connections)"),
         ));
     }
     let mine = shared

@@ -105,14 +105,16 @@ async fn upstream_error(
     draft.error = Some(detail);
 }
 
-/// Refused connections lingering at once, at most: each holds a descriptor, and a client
-/// chooses how many it opens. Past it, a refusal closes at once.
+/// Refused connections lingering at once, at most (and never more than the descriptor
+/// budget's connection cap): each holds a descriptor, and a client chooses how many it
+/// opens. Past it, a refusal closes at once.
 const MAX_LINGERING: usize = 256;
 
 /// Closes after the proxy's own answer: lingers (so the client reads the answer rather than
 /// a reset) while under [`MAX_LINGERING`].
 async fn goodbye(shared: &Shared, stream: &mut TcpStream) {
-    if shared.lingering.fetch_add(1, Ordering::Relaxed) < MAX_LINGERING {
+    let cap = MAX_LINGERING.min(shared.connection_cap);
+    if shared.lingering.fetch_add(1, Ordering::Relaxed) < cap {
         relay::linger(stream).await;
     } else {
         let _ = stream.shutdown().await;

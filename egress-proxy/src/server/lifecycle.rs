@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::{admin, admission};
 use crate::addr::LocalAddrs;
@@ -37,6 +37,8 @@ pub struct Shared {
     pub(super) total: AtomicUsize,
     /// Refused connections lingering after their answer.
     pub(super) lingering: AtomicUsize,
+    /// Connections the open-files limit leaves room for (`max_connections` is lowered to it).
+    pub(super) connection_cap: usize,
     /// Cut every tunnel now (shutdown grace over).
     pub(super) cut: CancellationToken,
 }
@@ -95,32 +97,14 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Raises the soft open-files limit to the hard limit: every tunnel holds two sockets and
-/// two pipes.
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let old = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                debug!(from = old, to = lim.rlim_max, "raised the open-files limit");
-            }
-        }
-    }
-}
-
 /// Runs the proxy until SIGTERM/SIGINT, then drains. `config_path` is re-read on SIGHUP.
 pub async fn run(
     config_path: PathBuf,
     config: Config,
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    raise_nofile();
+    let connection_cap = admission::descriptor_cap();
+    admission::check_cap(&config.policy.limits, connection_cap);
     for w in &config.warnings {
         warn!("{w}");
     }
@@ -163,6 +147,7 @@ pub async fn run(
         per_client: Mutex::new(HashMap::new()),
         total: AtomicUsize::new(0),
         lingering: AtomicUsize::new(0),
+        connection_cap,
         cut: CancellationToken::new(),
     });
 
@@ -247,6 +232,7 @@ fn reload(path: &Path, running: &Config, shared: &Shared) {
             for w in &new.warnings {
                 warn!("{w}");
             }
+            admission::check_cap(&new.policy.limits, shared.connection_cap);
             if new.listen != running.listen
                 || new.admin_listen != running.admin_listen
                 || new.audit_log != running.audit_log
