@@ -313,64 +313,70 @@ fn at_a_low_open_files_limit_every_client_gets_an_answer() {
         "the audit log ran out of descriptors:\n{log}"
     );
 
-    // Descriptors exhausted under the proxy's feet (its limit lowered to what it holds):
-    // the spare descriptor answers, and nothing hangs.
-    let held = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid))
-        .unwrap()
-        .count() as u64;
-    let lim = libc::rlimit {
-        rlim_cur: held,
-        rlim_max: 600,
-    };
-    // SAFETY: prlimit(2) on our child's pid with a valid rlimit.
-    let rc = unsafe {
-        libc::prlimit(
-            proxy.pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &lim,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-    let mut spare_answers = 0;
-    for i in 0..20 {
-        let mut s = TcpStream::connect(proxy.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let _ = s.write_all(format!("CONNECT {auth} HTTP/1.1\r\n\r\n").as_bytes());
-        let mut out = String::new();
-        if let Err(e) = s.read_to_string(&mut out) {
-            assert_eq!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset,
-                "connection {i} got no answer: {e}"
-            );
-        }
-        if out.contains("out of file descriptors") {
-            spare_answers += 1;
-        }
-    }
-    assert!(spare_answers > 0, "the spare descriptor never answered");
-    let log = proxy.log_text();
-    let warnings = log.matches("accept failed").count();
-    assert!(warnings <= 10, "{warnings} accept warnings:\n{log}");
-    let lim = libc::rlimit {
-        rlim_cur: 600,
-        rlim_max: 600,
-    };
-    // SAFETY: as above.
-    unsafe {
-        libc::prlimit(
-            proxy.pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &lim,
-            std::ptr::null_mut(),
-        )
-    };
-
     drop(open);
     wait_for(Duration::from_secs(10), "the tunnels to close", || {
         (proxy.metric("egress_proxy_active_connections") == 0.0).then_some(())
     });
     let (_, head) = connect_tunnel(proxy.addr, &auth);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Descriptors exhausted under the proxy's feet: its limit lowered to just above its
+    // spare descriptor (the last /dev/null it opened). Connections held open fill what
+    // is free below it; from then on the spare answers each, and nothing hangs.
+    let fd_dir = format!("/proc/{}/fd", proxy.pid);
+    let spare: u64 = std::fs::read_dir(&fd_dir)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            (std::fs::read_link(e.path()).ok()? == std::path::Path::new("/dev/null"))
+                .then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .max()
+        .expect("the spare descriptor");
+    set_nofile(proxy.pid, spare + 1);
+    let mut held = Vec::new();
+    let mut spare_answers = 0;
+    for i in 0..40 {
+        let mut s = TcpStream::connect(proxy.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(format!("CONNECT {auth} HTTP/1.1\r\n\r\n").as_bytes());
+        let mut head = [0u8; 512];
+        match s.read(&mut head) {
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&head[..n]);
+                assert!(text.starts_with("HTTP/1.1 "), "connection {i}: {text}");
+                spare_answers += usize::from(text.contains("out of file descriptors"));
+            }
+            Err(e) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "connection {i} got no answer: {e}"
+            ),
+        }
+        held.push(s);
+    }
+    assert!(spare_answers > 0, "the spare descriptor never answered");
+    let log = proxy.log_text();
+    let warnings = log.matches("accept failed").count();
+    assert!(warnings <= 10, "{warnings} accept warnings:\n{log}");
+    set_nofile(proxy.pid, 600);
+    drop(held);
+}
+
+/// Sets a running process's open-files limit (soft; the hard limit stays 600).
+fn set_nofile(pid: u32, soft: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: 600,
+    };
+    // SAFETY: prlimit(2) on our child's pid with a valid rlimit.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }

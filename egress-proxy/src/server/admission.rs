@@ -7,12 +7,12 @@
 //!
 //! Descriptors: a tunnel holds six (two sockets, two pipes) and a refused connection one
 //! while it lingers, so `max_connections` is checked against `RLIMIT_NOFILE` at start and
-//! lowered, with one line, to what it leaves room for (lingering refusals are capped at
-//! the same number). A spare descriptor is kept so that, should `accept` still meet `EMFILE`, the
+//! lowered, with one line, to what it leaves room for; refused connections lingering at
+//! once are capped at the same number, and past it answered and closed at once. A spare descriptor is kept so that, should `accept` still meet `EMFILE`, the
 //! connection is taken, answered `503` and closed rather than left unanswered; accepting
 //! then backs off (10 ms doubling to 1 s) instead of spinning, with one warning per episode.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,14 +103,24 @@ pub(super) async fn accept_loop(
                     }
                 };
                 let policy = shared.policy();
-                let judged = judge(&shared, peer.ip(), &policy);
+                let verdict = match judge(&shared, peer.ip(), &policy) {
+                    Ok(admission) => Verdict::Admitted(admission),
+                    Err(refusal) => match RefusalSlot::take(&shared) {
+                        Some(slot) => Verdict::Refused(refusal, slot),
+                        None => {
+                            let draft = answer_now(&shared, stream, peer, refusal);
+                            record_later(&tracker, &shared, draft);
+                            continue;
+                        }
+                    },
+                };
                 tracker.spawn(connection::handle(
                     shared.clone(),
                     policy,
                     stream,
                     peer,
                     local,
-                    judged,
+                    verdict,
                 ));
             }
             Err(e) => {
@@ -123,11 +133,12 @@ pub(super) async fn accept_loop(
                         tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
                     {
                         // Answered and closed here, so the descriptor is back for the spare.
-                        let draft = out_of_descriptors(&shared, stream, peer);
-                        let shared = shared.clone();
-                        tracker.spawn(async move {
-                            shared.audit.record(draft.finish(&shared.hostname)).await;
-                        });
+                        let refusal = Refusal::new(
+                            Reason::ConnectionLimit,
+                            "the proxy is out of file descriptors (RLIMIT_NOFILE)",
+                        );
+                        let draft = answer_now(&shared, stream, peer, refusal);
+                        record_later(&tracker, &shared, draft);
                         answered = true;
                     }
                 }
@@ -160,25 +171,62 @@ pub(super) async fn accept_loop(
     }
 }
 
-/// Answers a connection accepted on the spare descriptor with `503`, closes it, and returns
-/// its record.
-fn out_of_descriptors(shared: &Shared, stream: TcpStream, peer: std::net::SocketAddr) -> Draft {
+/// Answers a refused connection at once, without a task or a linger, closes it, and
+/// returns its record: for refusals past [`MAX_REFUSING`] and on the spare descriptor.
+fn answer_now(shared: &Shared, stream: TcpStream, peer: SocketAddr, refusal: Refusal) -> Draft {
     let local = stream.local_addr().unwrap_or(peer);
-    let refusal = Refusal::new(
-        Reason::ConnectionLimit,
-        "the proxy is out of file descriptors (RLIMIT_NOFILE)",
-    );
     shared.metrics.refused(refusal.reason);
     let (status, text) = refusal.reason.status();
     let body = format!("egress-proxy: refused: {}\n", refusal.detail);
     let bytes = response(status, text, &[("X-Tank-Refused-By", refusal.by())], &body);
-    // No linger: the descriptor is the one kept for this, and it is needed back.
     let _ = stream.try_write(&bytes);
     drop(stream);
     let mut draft = Draft::new(peer, local);
     draft.rule = refusal.by().to_owned();
     draft.error = Some(refusal.detail);
     draft
+}
+
+/// Queues the record of a connection answered by [`answer_now`].
+fn record_later(tracker: &TaskTracker, shared: &Arc<Shared>, draft: Draft) {
+    let shared = shared.clone();
+    tracker.spawn(async move {
+        shared.audit.record(draft.finish(&shared.hostname)).await;
+    });
+}
+
+/// What accept decided about a connection.
+pub(super) enum Verdict {
+    /// Served, holding its place under the caps.
+    Admitted(Admission),
+    /// Answered with the refusal, then lingered, holding a [`RefusalSlot`].
+    Refused(Refusal, RefusalSlot),
+}
+
+/// Refused connections answered and lingering at once, at most (and never more than the
+/// descriptor budget's connection cap): each holds a descriptor, and a client chooses how
+/// many it opens. Past it, a refusal is answered and closed in the accept loop itself.
+const MAX_REFUSING: usize = 256;
+
+/// A refused connection's place among those lingering.
+pub(super) struct RefusalSlot(Arc<Shared>);
+
+impl RefusalSlot {
+    fn take(shared: &Arc<Shared>) -> Option<RefusalSlot> {
+        let cap = MAX_REFUSING.min(shared.connection_cap);
+        if shared.refusing.fetch_add(1, Ordering::Relaxed) < cap {
+            Some(RefusalSlot(shared.clone()))
+        } else {
+            shared.refusing.fetch_sub(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+impl Drop for RefusalSlot {
+    fn drop(&mut self) {
+        self.0.refusing.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Holds a connection's place under the connection caps.

@@ -5,16 +5,15 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{admission, resolve::resolve, Shared};
+use super::{admission::Verdict, resolve::resolve, Shared};
 use crate::audit::{Draft, HttpRequest, Url};
 use crate::http::{response, HeadReader, Request};
 use crate::policy::{Limits, Policy, Reason, Refusal};
@@ -28,22 +27,24 @@ pub(super) async fn handle(
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    judged: Result<admission::Admission, Refusal>,
+    verdict: Verdict,
 ) {
     let mut draft = Draft::new(peer, local);
-    // The admission holds the connection's place under the caps until its record is queued.
-    let admission = match judged {
-        Ok(admission) => {
+    // The verdict holds the connection's place (under the caps, or among the refusals
+    // lingering) until its record is queued.
+    let place = match verdict {
+        Verdict::Admitted(admission) => {
             let _ = stream.set_nodelay(true);
             serve(&shared, &policy, &mut stream, &mut draft).await;
-            Some(admission)
+            Verdict::Admitted(admission)
         }
-        Err(refusal) => {
+        Verdict::Refused(refusal, slot) => {
             if refusal.reason != Reason::ClientNetwork {
                 warn!(client = %peer, limit = refusal.reason.as_str(), "{}; refusing the connection", refusal.detail);
             }
+            let place = Verdict::Refused(refusal.clone(), slot);
             refuse(&shared, &mut stream, &mut draft, refusal, "").await;
-            None
+            place
         }
     };
     if draft.allowed {
@@ -54,7 +55,7 @@ pub(super) async fn handle(
     }
     let record = draft.finish(&shared.hostname);
     shared.audit.record(record).await;
-    drop(admission);
+    drop(place);
 }
 
 /// Answers a refusal, records it in the draft and the metrics.
@@ -81,7 +82,7 @@ async fn refuse(
     }
     let bytes = response(status, text, &[("X-Tank-Refused-By", &by)], &body);
     let _ = relay::write_all(stream, &bytes).await;
-    goodbye(shared, stream).await;
+    relay::linger(stream).await;
     draft.allowed = false;
     draft.rule = by;
     draft.error = Some(refusal.detail);
@@ -101,25 +102,8 @@ async fn upstream_error(
     let body = format!("egress-proxy: {what}: {detail}\n");
     let bytes = response(502, "Bad Gateway", &[("X-Tank-Error", stage)], &body);
     let _ = relay::write_all(stream, &bytes).await;
-    goodbye(shared, stream).await;
+    relay::linger(stream).await;
     draft.error = Some(detail);
-}
-
-/// Refused connections lingering at once, at most (and never more than the descriptor
-/// budget's connection cap): each holds a descriptor, and a client chooses how many it
-/// opens. Past it, a refusal closes at once.
-const MAX_LINGERING: usize = 256;
-
-/// Closes after the proxy's own answer: lingers (so the client reads the answer rather than
-/// a reset) while under [`MAX_LINGERING`].
-async fn goodbye(shared: &Shared, stream: &mut TcpStream) {
-    let cap = MAX_LINGERING.min(shared.connection_cap);
-    if shared.lingering.fetch_add(1, Ordering::Relaxed) < cap {
-        relay::linger(stream).await;
-    } else {
-        let _ = stream.shutdown().await;
-    }
-    shared.lingering.fetch_sub(1, Ordering::Relaxed);
 }
 
 enum HeadFail {
@@ -375,7 +359,7 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
                 &body,
             );
             let _ = relay::write_all(stream, &bytes).await;
-            goodbye(shared, stream).await;
+            relay::linger(stream).await;
             draft.error = Some(format!("{e}; answered 400 after forwarding the head"));
         }
     }

@@ -35,8 +35,8 @@ pub struct Shared {
     pub(super) per_client: Mutex<HashMap<IpAddr, usize>>,
     /// Open connections in all (the proxy-wide cap).
     pub(super) total: AtomicUsize,
-    /// Refused connections lingering after their answer.
-    pub(super) lingering: AtomicUsize,
+    /// Refused connections answered and lingering.
+    pub(super) refusing: AtomicUsize,
     /// Connections the open-files limit leaves room for (`max_connections` is lowered to it).
     pub(super) connection_cap: usize,
     /// Cut every tunnel now (shutdown grace over).
@@ -146,7 +146,7 @@ pub async fn run(
         hostname,
         per_client: Mutex::new(HashMap::new()),
         total: AtomicUsize::new(0),
-        lingering: AtomicUsize::new(0),
+        refusing: AtomicUsize::new(0),
         connection_cap,
         cut: CancellationToken::new(),
     });
