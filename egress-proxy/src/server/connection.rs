@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{admission::Verdict, resolve::resolve, Shared};
+use super::{admission::Verdict, Shared};
 use crate::audit::{Draft, HttpRequest, Url};
 use crate::http::{response, HeadReader, Request};
 use crate::policy::{Limits, Policy, Reason, Refusal};
@@ -270,8 +270,9 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
 
     // Resolve and connect within connect_timeout; only checked addresses are dialled.
     let deadline = Instant::now() + limits.connect_timeout;
+    let resolver = shared.resolver();
     let resolved = tokio::select! {
-        r = tokio::time::timeout_at(deadline, resolve(policy, &target)) => r.unwrap_or_else(|_| Err("resolution timed out (connect_timeout_secs)".into())),
+        r = tokio::time::timeout_at(deadline, resolver.resolve(policy, &target, deadline)) => r.unwrap_or_else(|_| Err("resolution timed out (connect_timeout_secs)".into())),
         () = shared.cut.cancelled() => Err("cut at shutdown".into()),
     };
     let addrs = match resolved {

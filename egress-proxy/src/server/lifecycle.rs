@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::{admin, admission};
+use super::{admin, admission, resolve::Resolver};
 use crate::addr::LocalAddrs;
 use crate::audit::Audit;
 use crate::config::{self, Config};
@@ -27,6 +27,7 @@ use crate::policy::Policy;
 pub struct Shared {
     policy: RwLock<Arc<Policy>>,
     local_addrs: Arc<LocalAddrs>,
+    resolver: RwLock<Arc<Resolver>>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     pub(super) audit: Audit,
@@ -47,6 +48,14 @@ impl Shared {
     /// The policy in force (a reload swaps it; a connection keeps the one it started with).
     pub(super) fn policy(&self) -> Arc<Policy> {
         self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The resolver in force.
+    pub(super) fn resolver(&self) -> Arc<Resolver> {
+        self.resolver
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -104,6 +113,7 @@ pub async fn run(
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let connection_cap = admission::descriptor_cap();
+    let resolver = Resolver::new(&config.policy)?;
     admission::check_cap(&config.policy.limits, connection_cap);
     for w in &config.warnings {
         warn!("{w}");
@@ -140,6 +150,7 @@ pub async fn run(
         .unwrap_or_default();
     let shared = Arc::new(Shared {
         policy: RwLock::new(Arc::new(config.policy.clone())),
+        resolver: RwLock::new(Arc::new(resolver)),
         local_addrs: LocalAddrs::follow(),
         metrics: metrics.clone(),
         audit,
@@ -228,29 +239,17 @@ pub async fn run(
 
 fn reload(path: &Path, running: &Config, shared: &Shared) {
     match config::load(path) {
-        Ok(new) => {
-            for w in &new.warnings {
-                warn!("{w}");
+        Ok(new) if !shared.resolver().fits(&new.policy) => match Resolver::new(&new.policy) {
+            Ok(resolver) => {
+                *shared.resolver.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(resolver);
+                apply(path, running, shared, new);
             }
-            admission::check_cap(&new.policy.limits, shared.connection_cap);
-            if new.listen != running.listen
-                || new.admin_listen != running.admin_listen
-                || new.audit_log != running.audit_log
-            {
-                warn!(
-                    "`listen`, `admin_listen` and `audit_log` changes take effect only on restart"
-                );
+            Err(e) => {
+                shared.metrics.reloads_rejected.inc();
+                error!("reload rejected, keeping the previous policy: {e:#}");
             }
-            info!(
-                allowed = new.policy.allowed.len(),
-                denied = new.policy.denied.len(),
-                "policy reloaded from {}",
-                path.display()
-            );
-            *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.policy);
-            shared.local_addrs.refresh();
-            shared.metrics.reloads_ok.inc();
-        }
+        },
+        Ok(new) => apply(path, running, shared, new),
         Err(e) => {
             shared.metrics.reloads_rejected.inc();
             error!(
@@ -259,4 +258,27 @@ fn reload(path: &Path, running: &Config, shared: &Shared) {
             );
         }
     }
+}
+
+/// Puts a reloaded configuration in force.
+fn apply(path: &Path, running: &Config, shared: &Shared, new: Config) {
+    for w in &new.warnings {
+        warn!("{w}");
+    }
+    admission::check_cap(&new.policy.limits, shared.connection_cap);
+    if new.listen != running.listen
+        || new.admin_listen != running.admin_listen
+        || new.audit_log != running.audit_log
+    {
+        warn!("`listen`, `admin_listen` and `audit_log` changes take effect only on restart");
+    }
+    info!(
+        allowed = new.policy.allowed.len(),
+        denied = new.policy.denied.len(),
+        "policy reloaded from {}",
+        path.display()
+    );
+    *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.policy);
+    shared.local_addrs.refresh();
+    shared.metrics.reloads_ok.inc();
 }
