@@ -160,6 +160,16 @@ fn connection_caps_refuse_with_429_and_503() {
     );
 }
 
+/// A config whose only client network is 127.0.0.1 (127.0.0.2 is an outsider), allowing
+/// `a.test:PORT` (loopback), with `limits` in its `[limits]` table.
+fn agent_only(dir: &std::path::Path, port: u16, limits: &str) -> String {
+    format!(
+        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\nadmin_listen = \"127.0.0.1:0\"\nclient_networks = [\"127.0.0.1/32\"]\naudit_log = \"{}\"\nsystem_resolver = false\n{}",
+        dir.join("audit.jsonl").display(),
+        body(port, limits)
+    )
+}
+
 #[test]
 fn an_outsider_holding_a_thousand_idle_connections_costs_the_agent_nothing() {
     raise_nofile();
@@ -167,11 +177,10 @@ fn an_outsider_holding_a_thousand_idle_connections_costs_the_agent_nothing() {
     let origin = Origin::echo();
     let p = origin.port;
     // The agent host is 127.0.0.1; 127.0.0.2 is an outsider.
-    let config = format!(
-        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\nadmin_listen = \"127.0.0.1:0\"\nclient_networks = [\"127.0.0.1/32\"]\naudit_log = \"{}\"\nsystem_resolver = false\nallowed_domains = [{{ domain = \"a.test\", ports = [{p}], allow_private = true }}]\n[hosts]\n\"a.test\" = \"127.0.0.1\"\n[limits]\nmax_connections = 200\n",
-        dir.path().join("audit.jsonl").display()
+    let proxy = Proxy::start_raw(
+        dir.path(),
+        &agent_only(dir.path(), p, "max_connections = 200\n"),
     );
-    let proxy = Proxy::start_raw(dir.path(), &config);
     let mut outsiders: Vec<TcpStream> = (0..1000)
         .map(|_| bind_connect("127.0.0.2", proxy.addr))
         .collect();
@@ -249,11 +258,7 @@ fn at_a_low_open_files_limit_every_client_gets_an_answer() {
     let dir = tempdir();
     let origin = Origin::echo();
     let p = origin.port;
-    let config = format!(
-        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\nadmin_listen = \"127.0.0.1:0\"\nclient_networks = [\"127.0.0.1/32\"]\naudit_log = \"{}\"\nsystem_resolver = false\nallowed_domains = [{{ domain = \"a.test\", ports = [{p}], allow_private = true }}]\n[hosts]\n\"a.test\" = \"127.0.0.1\"\n",
-        dir.path().join("audit.jsonl").display()
-    );
-    let proxy = Proxy::start_limited(dir.path(), &config, Some(600));
+    let proxy = Proxy::start_limited(dir.path(), &agent_only(dir.path(), p, ""), Some(600));
     let log = proxy.log_text();
     let line = log
         .lines()
@@ -334,9 +339,11 @@ fn at_a_low_open_files_limit_every_client_gets_an_answer() {
         .max()
         .expect("the spare descriptor");
     set_nofile(proxy.pid, spare + 1);
+    // Connections held open fill what is free below the limit; once the spare has answered
+    // one, the next are read and closed, as clients do, and each must be answered.
     let mut held = Vec::new();
     let mut spare_answers = 0;
-    for i in 0..40 {
+    for i in 0..60 {
         let mut s = TcpStream::connect(proxy.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let _ = s.write_all(format!("CONNECT {auth} HTTP/1.1\r\n\r\n").as_bytes());
@@ -350,12 +357,20 @@ fn at_a_low_open_files_limit_every_client_gets_an_answer() {
             Err(e) => assert_eq!(
                 e.kind(),
                 std::io::ErrorKind::ConnectionReset,
-                "connection {i} got no answer: {e}"
+                "connection {i} got no answer: {e}\n{}",
+                proxy.log_text()
             ),
         }
-        held.push(s);
+        if spare_answers == 0 {
+            held.push(s);
+        } else if spare_answers >= 10 {
+            break;
+        }
     }
-    assert!(spare_answers > 0, "the spare descriptor never answered");
+    assert!(
+        spare_answers >= 10,
+        "the spare descriptor answered {spare_answers} times"
+    );
     let log = proxy.log_text();
     let warnings = log.matches("accept failed").count();
     assert!(warnings <= 10, "{warnings} accept warnings:\n{log}");

@@ -99,11 +99,20 @@ fn question(msg: &[u8]) -> Option<(String, u16, usize)> {
     Some((labels.join("."), qtype, i + 4))
 }
 
-fn config(dir: &std::path::Path, port: u16, dns: SocketAddr, extra: &str) -> String {
-    format!(
-        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\nadmin_listen = \"127.0.0.1:0\"\nclient_networks = [\"127.0.0.0/8\"]\naudit_log = \"{}\"\nsystem_resolver = true\nallowed_domains = [{{ domain = \"*.dns.test\", ports = [{port}], allow_private = true }}]\n[resolver]\nnameservers = [\"{dns}\"]\n{extra}",
-        dir.join("audit.jsonl").display()
-    )
+/// An echo origin, the DNS server, and a proxy resolving `*.dns.test` through it only, with
+/// `extra` in its `[resolver]` table (and any tables after).
+fn start(extra: &str) -> (tempfile::TempDir, Origin, Dns, Proxy) {
+    let dir = tempdir();
+    let origin = Origin::echo();
+    let dns = Dns::start();
+    let config = format!(
+        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\nadmin_listen = \"127.0.0.1:0\"\nclient_networks = [\"127.0.0.0/8\"]\naudit_log = \"{}\"\nsystem_resolver = true\nallowed_domains = [{{ domain = \"*.dns.test\", ports = [{}], allow_private = true }}]\n[resolver]\nnameservers = [\"{}\"]\n{extra}",
+        dir.path().join("audit.jsonl").display(),
+        origin.port,
+        dns.addr
+    );
+    let proxy = Proxy::start_raw(dir.path(), &config);
+    (dir, origin, dns, proxy)
 }
 
 fn send_connect(proxy: SocketAddr, authority: &str) -> TcpStream {
@@ -122,19 +131,9 @@ fn answer(mut s: TcpStream) -> String {
 #[test]
 fn six_hundred_slow_lookups_do_not_make_a_fast_name_fail() {
     raise_nofile();
-    let dir = tempdir();
-    let origin = Origin::echo();
-    let dns = Dns::start();
+    let (_dir, origin, dns, proxy) =
+        start("lookup_timeout_secs = 3\n[limits]\nconnect_timeout_secs = 10\n");
     let p = origin.port;
-    let proxy = Proxy::start_raw(
-        dir.path(),
-        &config(
-            dir.path(),
-            p,
-            dns.addr,
-            "lookup_timeout_secs = 3\n[limits]\nconnect_timeout_secs = 10\n",
-        ),
-    );
     let slow: Vec<TcpStream> = (0..600)
         .map(|i| send_connect(proxy.addr, &format!("slow-{i}.dns.test:{p}")))
         .collect();
@@ -181,19 +180,10 @@ fn six_hundred_slow_lookups_do_not_make_a_fast_name_fail() {
 
 #[test]
 fn lookups_in_flight_are_bounded() {
-    let dir = tempdir();
-    let origin = Origin::echo();
-    let dns = Dns::start();
-    let p = origin.port;
-    let proxy = Proxy::start_raw(
-        dir.path(),
-        &config(
-            dir.path(),
-            p,
-            dns.addr,
-            "lookup_timeout_secs = 1\nmax_concurrent_lookups = 10\n[limits]\nconnect_timeout_secs = 1.5\n",
-        ),
+    let (_dir, origin, dns, proxy) = start(
+        "lookup_timeout_secs = 1\nmax_concurrent_lookups = 10\n[limits]\nconnect_timeout_secs = 1.5\n",
     );
+    let p = origin.port;
     let slow: Vec<TcpStream> = (0..50)
         .map(|i| send_connect(proxy.addr, &format!("slow-{i}.dns.test:{p}")))
         .collect();
