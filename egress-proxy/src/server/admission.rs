@@ -104,9 +104,15 @@ pub(super) async fn accept_loop(
                 };
                 let policy = shared.policy();
                 let verdict = match judge(&shared, peer.ip(), &policy) {
-                    Ok(admission) => Verdict::Admitted(admission),
+                    Ok(admission) => Verdict {
+                        refusal: None,
+                        place: Place::Admitted(admission),
+                    },
                     Err(refusal) => match RefusalSlot::take(&shared) {
-                        Some(slot) => Verdict::Refused(refusal, slot),
+                        Some(slot) => Verdict {
+                            refusal: Some(refusal),
+                            place: Place::Refusing(slot),
+                        },
                         None => {
                             let draft = answer_now(&shared, stream, peer, refusal);
                             record_later(&tracker, &shared, draft);
@@ -195,12 +201,21 @@ fn record_later(tracker: &TaskTracker, shared: &Arc<Shared>, draft: Draft) {
     });
 }
 
-/// What accept decided about a connection.
-pub(super) enum Verdict {
-    /// Served, holding its place under the caps.
-    Admitted(Admission),
-    /// Answered with the refusal, then lingered, holding a [`RefusalSlot`].
-    Refused(Refusal, RefusalSlot),
+/// What accept decided about a connection: served, or answered with a refusal. Either way
+/// it holds a place until its record is queued.
+pub(super) struct Verdict {
+    /// `None`: served.
+    pub refusal: Option<Refusal>,
+    /// Dropped once the record is queued.
+    pub place: Place,
+}
+
+/// The place a connection holds.
+pub(super) enum Place {
+    /// Under the connection caps.
+    Admitted(#[allow(dead_code, reason = "held for its Drop")] Admission),
+    /// Among the refused connections lingering.
+    Refusing(#[allow(dead_code, reason = "held for its Drop")] RefusalSlot),
 }
 
 /// Refused connections answered and lingering at once, at most (and never more than the

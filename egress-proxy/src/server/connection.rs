@@ -1,6 +1,6 @@
-//! One proxy connection, from its admission to its audit record: request head (size cap,
-//! read timeout) → client network → audit health → policy → resolution → address check →
-//! dial exactly a checked address → relay → one record. Every refusal answers the client
+//! One proxy connection, from its verdict at accept to its audit record: request head
+//! (size cap, read timeout) → audit health → policy → resolution → address check → dial
+//! exactly a checked address → relay → one record. Every refusal answers the client
 //! with the structured reason (`X-Tank-Refused-By`) and lands in the record.
 
 use std::io;
@@ -30,23 +30,19 @@ pub(super) async fn handle(
     verdict: Verdict,
 ) {
     let mut draft = Draft::new(peer, local);
-    // The verdict holds the connection's place (under the caps, or among the refusals
-    // lingering) until its record is queued.
-    let place = match verdict {
-        Verdict::Admitted(admission) => {
+    let Verdict { refusal, place } = verdict;
+    match refusal {
+        None => {
             let _ = stream.set_nodelay(true);
             serve(&shared, &policy, &mut stream, &mut draft).await;
-            Verdict::Admitted(admission)
         }
-        Verdict::Refused(refusal, slot) => {
+        Some(refusal) => {
             if refusal.reason != Reason::ClientNetwork {
                 warn!(client = %peer, limit = refusal.reason.as_str(), "{}; refusing the connection", refusal.detail);
             }
-            let place = Verdict::Refused(refusal.clone(), slot);
             refuse(&shared, &mut stream, &mut draft, refusal, "").await;
-            place
         }
-    };
+    }
     if draft.allowed {
         match draft.kind {
             "http" => shared.metrics.allowed_http.inc(),
@@ -55,6 +51,8 @@ pub(super) async fn handle(
     }
     let record = draft.finish(&shared.hostname);
     shared.audit.record(record).await;
+    // The connection's place (under the caps, or among the refusals lingering) is held
+    // until its record is queued.
     drop(place);
 }
 
