@@ -335,7 +335,8 @@ impl Validator<'_> {
         }
         for (rule, span) in allowed {
             if let Some((d, _)) = denied.iter().find(|(d, _)| {
-                !d.is_request_level()
+                d.methods.is_none()
+                    && d.path_prefixes.is_none()
                     && rule.pattern.covered_by(&d.pattern)
                     && match (&d.ports, &rule.ports) {
                         (Ports::Any, _) => true,

@@ -39,6 +39,18 @@ impl Dns {
             .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))
             .unwrap();
         let addr = socket.local_addr().unwrap();
+        // Room for a burst of hundreds of questions while this thread is slow to run.
+        let size: libc::c_int = 8 << 20;
+        // SAFETY: setsockopt with a valid c_int on our socket; failure only shrinks the room.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         let asked = Arc::new(Mutex::new(Vec::new()));
         let log = asked.clone();
         rt.spawn(async move {
