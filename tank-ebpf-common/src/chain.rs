@@ -504,6 +504,67 @@ impl Report {
     pub fn is_intact(&self) -> bool {
         self.problems.is_empty()
     }
+
+    /// The human report of the log at `path`: one line when intact, else one line per
+    /// problem and a summary.
+    pub fn render(&self, path: &Path) -> String {
+        let path = path.display();
+        if self.is_intact() {
+            let anchor = match &self.anchor {
+                Some(a) => format!("anchored at seq {}", a.seq),
+                None => "no anchor file".to_owned(),
+            };
+            return format!(
+                "{path}: intact: {} records, last seq {} ({anchor})\n",
+                self.records, self.head.seq
+            );
+        }
+        let mut text: String = self
+            .problems
+            .iter()
+            .map(|p| format!("{path}: {p}\n"))
+            .collect();
+        text += &format!(
+            "{path}: NOT intact: {} problem(s) in {} records\n",
+            self.problems.len(),
+            self.records
+        );
+        text
+    }
+}
+
+/// What `audit verify` says about its exit status, in both binaries' `--help` and man pages.
+pub const VERIFY_EXIT_CODES: &str = "Exit codes: 0 intact; 1 problems found (each listed); 2 the \
+     file cannot be read, or a usage error.";
+
+/// `audit verify`, as both binaries run it: verifies `file`, writes the report to `out` (as
+/// JSON with `json`) or one line naming what could not be read to `err`, and returns the exit
+/// status [`VERIFY_EXIT_CODES`] describes.
+pub fn verify_command(
+    program: &str,
+    file: &Path,
+    json: bool,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> io::Result<u8> {
+    let report = match verify(file) {
+        Ok(r) => r,
+        Err(e) => {
+            writeln!(
+                err,
+                "{program}: cannot read audit log `{}`: {e}",
+                file.display()
+            )?;
+            return Ok(2);
+        }
+    };
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(report.render(file).as_bytes())?;
+    }
+    Ok(if report.is_intact() { 0 } else { 1 })
 }
 
 /// Verifies the log at `path` against its chain and its anchor, if one exists.
@@ -756,6 +817,47 @@ mod tests {
         assert_eq!(
             verify(&path).unwrap().problems,
             vec![Problem::Malformed { line: 4 }]
+        );
+    }
+
+    #[test]
+    fn verify_command_reports_and_exits_by_the_one_rule() {
+        let (dir, path) = log_with(3);
+        let run = |path: &Path, json| {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let code = verify_command("prog", path, json, &mut out, &mut err).unwrap();
+            let text = |b| String::from_utf8(b).unwrap();
+            (code, text(out), text(err))
+        };
+        let (code, out, err) = run(&path, false);
+        let intact = format!(
+            "{}: intact: 3 records, last seq 3 (anchored at seq 3)\n",
+            path.display()
+        );
+        assert_eq!((code, out, err), (0, intact, String::new()));
+        let (code, out, _) = run(&path, true);
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!((code, report["records"].as_u64()), (0, Some(3)));
+
+        let mut l = lines(&path);
+        l.remove(1);
+        write_lines(&path, &l);
+        let (code, out, _) = run(&path, false);
+        assert_eq!(code, 1);
+        assert!(
+            out.ends_with(&format!(
+                "{}: NOT intact: 2 problem(s) in 2 records\n",
+                path.display()
+            )),
+            "{out}"
+        );
+
+        let missing = dir.path().join("missing.jsonl");
+        let (code, out, err) = run(&missing, false);
+        assert_eq!((code, out.as_str()), (2, ""));
+        assert!(
+            err.starts_with("prog: cannot read audit log `") && err.lines().count() == 1,
+            "{err}"
         );
     }
 

@@ -164,40 +164,8 @@ fn detach(config: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
 }
 
 fn verify(file: &Path, json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
-    let report = chain::verify(file).with_context(|| format!("cannot read {}", file.display()))?;
-    if json {
-        serde_json::to_writer_pretty(&mut *out, &report)?;
-        writeln!(out)?;
-    } else if report.is_intact() {
-        writeln!(
-            out,
-            "{}: intact, {} records, last seq {}{}",
-            file.display(),
-            report.records,
-            report.head.seq,
-            if report.anchor.is_some() {
-                ", matches its anchor"
-            } else {
-                " (no anchor file)"
-            }
-        )?;
-    } else {
-        writeln!(
-            out,
-            "{}: {} problem(s) in {} records",
-            file.display(),
-            report.problems.len(),
-            report.records
-        )?;
-        for p in &report.problems {
-            writeln!(out, "  {p}")?;
-        }
-    }
-    Ok(if report.is_intact() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    let code = chain::verify_command("tank-loader", file, json, out, &mut std::io::stderr())?;
+    Ok(ExitCode::from(code))
 }
 
 fn cross_check(
