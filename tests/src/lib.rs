@@ -5,6 +5,7 @@
 //! killed, cgroups removed, pins detached. Tests panic with a message rather than skip: a root
 //! test that cannot get what it needs must fail loudly in CI.
 
+pub mod appliance;
 pub mod seccomp;
 pub mod topology;
 

@@ -40,6 +40,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "kill and sysctl, used by the image checks and the test namespaces",
     ),
     ("bpftool", "inspecting programs in the bypass tests"),
+    (
+        "mmdebstrap",
+        "the Debian root the boot test boots (tests/tests/boot.rs)",
+    ),
+    (
+        "systemd-container",
+        "systemd-nspawn, which boots that root under a real systemd",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
