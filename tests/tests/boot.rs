@@ -84,21 +84,24 @@ const EXAMPLE_PROXY_IP: &str = "192.0.2.10";
 const LOADER: &str = "tank-loader.service";
 const AUDIT_LOG: &str = "var/log/tank/kernel-audit.jsonl";
 
-/// The stand-in for image/quadlet/tank-agent.container (see the module doc).
-const STANDIN_UNIT: &str = "\
-# Stand-in for the agent Quadlet: Debian's Podman 4.3 has no Quadlet (it came in 4.4).
+/// The stand-in for image/quadlet/tank-agent.container (see the module doc), as a user unit.
+fn standin_unit() -> String {
+    format!(
+        "# Stand-in for the agent Quadlet: Debian's Podman 4.3 has no Quadlet (it came in 4.4).
 [Unit]
 Description=tank agent stand-in (tests/tests/boot.rs)
-ConditionUser=2000
+ConditionUser={AGENT_UID}
 
 [Service]
 EnvironmentFile=/etc/tank/agent.env
-Environment=TANK_STANDIN_ELSEWHERE=10.201.0.9:443
+Environment=TANK_STANDIN_ELSEWHERE={ELSEWHERE}
 ExecStart=/usr/local/bin/tank-agent-standin
 
 [Install]
 WantedBy=default.target
-";
+"
+    )
+}
 
 /// One connection through the proxy named by HTTPS_PROXY, one elsewhere; each marks its
 /// payload so the far side can tell them apart. Then it stays up, as an agent would.
@@ -122,9 +125,8 @@ fn the_appliance_boots_guards_the_agent_across_crashes_and_restarts_and_fails_cl
     require_root();
     let started = Instant::now();
     let root = debian_root();
-    let built = started.elapsed();
+    eprintln!("boot test: root ready in {:.1?}", started.elapsed());
     let host = step("boot", || Appliance::boot(&root));
-    eprintln!("boot test: root ready in {built:.1?}");
 
     let first_cgroup = step("ordering", || {
         host.the_loader_is_ready_before_the_agents_manager()
@@ -790,6 +792,17 @@ impl Appliance {
             .container
             .ok(&["systemd-analyze", "security", "--no-pager", LOADER]);
         eprintln!("{out}");
+        // What the boot warned about, for the record (a container lacks a few host powers).
+        let warnings = self.container.ok(&[
+            "journalctl",
+            "-b",
+            "-p",
+            "warning",
+            "--no-pager",
+            "-o",
+            "cat",
+        ]);
+        eprintln!("--- boot warnings ---\n{warnings}");
         let score = out
             .lines()
             .find_map(|l| l.split_once(&format!("Overall exposure level for {LOADER}: ")))
@@ -873,7 +886,9 @@ impl Appliance {
             || "stuck".into(),
         );
         stop.store(true, Ordering::Relaxed);
-        let (ok, refused) = attacker.join().expect("attacker thread");
+        let (ok, refused) = attacker
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
         eprintln!(
             "boot test: attacker made {refused} refused attempts in {} rounds ({} while the loader was down or starting)",
             rounds.load(Ordering::Relaxed),
@@ -898,13 +913,7 @@ impl Appliance {
     /// the loader (pulled in again first) guards before the stand-in runs.
     fn a_restarted_manager_is_guarded_in_its_new_cgroup(&self, old_cgroup: u64) {
         let c = &self.container;
-        c.ok(&["systemctl", "stop", "user@2000.service"]);
-        c.wait(
-            "tank-loader stopped with the manager (BindsTo=)",
-            30,
-            || c.prop(LOADER, "ActiveState") == "inactive",
-            || self.state(),
-        );
+        self.stop_manager();
         c.ok(&["systemctl", "start", "user@2000.service"]);
         let new_cgroup = self.the_loader_is_ready_before_the_agents_manager();
         assert_ne!(
@@ -921,6 +930,18 @@ impl Appliance {
             "the loader's last start record names another cgroup"
         );
         self.the_stand_in_reaches_the_proxy_and_nothing_else(2);
+    }
+
+    /// Stops the agent's manager; the loader stops with it (BindsTo=).
+    fn stop_manager(&self) {
+        let c = &self.container;
+        c.ok(&["systemctl", "stop", "user@2000.service"]);
+        c.wait(
+            "tank-loader stopped with the manager (BindsTo=)",
+            30,
+            || c.prop(LOADER, "ActiveState") == "inactive",
+            || self.state(),
+        );
     }
 
     /// The cgroup ids of the loader's start records, in order.
@@ -941,13 +962,7 @@ impl Appliance {
     /// start at all. Once the file is fixed, the loader comes up and the manager after it.
     fn a_broken_config_keeps_the_agents_manager_down(&self) {
         let c = &self.container;
-        c.ok(&["systemctl", "stop", "user@2000.service"]);
-        c.wait(
-            "tank-loader stopped with the manager",
-            30,
-            || c.prop(LOADER, "ActiveState") == "inactive",
-            || self.state(),
-        );
+        self.stop_manager();
         let config = c.path("/etc/tank/loader.toml");
         let good = std::fs::read_to_string(&config).unwrap();
         let proxy_line = format!("proxies = [\"{PROXY}\"]");
@@ -1119,7 +1134,7 @@ fn install_appliance(root: &Path, upper: &Path) {
     install(
         upper,
         "/etc/systemd/user/tank-agent.service",
-        STANDIN_UNIT.as_bytes(),
+        standin_unit().as_bytes(),
         0o644,
     );
     symlink(
