@@ -55,12 +55,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tank_ebpf_common::chain;
+use tank_ebpf_common::{chain, ocsf};
 use tank_integration_tests::appliance::{cloud_init_file, parse_ini, read, values, AGENT_UID};
 use tank_integration_tests::topology::{self, Netns};
 use tank_integration_tests::{
     in_netns, kill_all_in, network_records, probe_with, require_root, unique, workspace_bin,
-    ProbeOpts,
+    NetworkRecord, ProbeOpts,
 };
 
 /// What goes into the cached root besides Debian's essential set, and why.
@@ -189,7 +189,7 @@ fn debian_root() -> PathBuf {
     );
     let name = format!(
         "debian-{codename}-{}",
-        &chain::hash_line(key.as_bytes())[..16]
+        &chain::Hash::of(key.as_bytes()).to_string()[..16]
     );
     let cache = Path::new(CACHE);
     let dir = cache.join(&name);
@@ -494,7 +494,7 @@ impl Container {
     }
 
     /// Waits (bounded) for the connection record of host process `pid` in the log at `log`.
-    fn wait_for_record(&self, log: &Path, pid: u32) -> tank_loader::record::NetworkRecord {
+    fn wait_for_record(&self, log: &Path, pid: u32) -> NetworkRecord {
         let mut found = None;
         self.wait(
             &format!("the record of pid {pid}"),
@@ -657,20 +657,20 @@ impl Appliance {
         }
     }
 
-    fn records(&self) -> Vec<tank_loader::record::NetworkRecord> {
+    fn records(&self) -> Vec<NetworkRecord> {
         network_records(&self.container.path(AUDIT_LOG))
     }
 
     /// The stand-in's connect records to `ip:port` with verdict `action`.
-    fn stand_in_records(&self, dst: &str, action: &str) -> Vec<tank_loader::record::NetworkRecord> {
+    fn stand_in_records(&self, dst: &str, action: &str) -> Vec<NetworkRecord> {
         self.records()
             .into_iter()
             .filter(|r| {
                 r.actor.process.user.uid == AGENT_UID.to_string()
                     && r.actor.process.name == "bash"
-                    && format!("{}:{}", r.dst_endpoint.ip, r.dst_endpoint.port) == dst
-                    && r.action == action
-                    && r.unmapped.hook == "connect4"
+                    && r.dst_endpoint.addr().map(|a| a.to_string()).as_deref() == Some(dst)
+                    && r.action.as_str() == action
+                    && r.unmapped.hook.as_str() == "connect4"
             })
             .collect()
     }
@@ -807,14 +807,13 @@ impl Appliance {
             !anchors.is_empty(),
             "no `audit anchor` line in the loader's journal:\n{journal}"
         );
-        let log = std::fs::read(self.container.path(AUDIT_LOG)).expect("the audit log");
-        let hashes: HashMap<u64, String> = log
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| {
-                let v: serde_json::Value = serde_json::from_slice(l).ok()?;
-                Some((v["seq"].as_u64()?, chain::hash_line(l)))
-            })
+        let path = self.container.path(AUDIT_LOG);
+        let text = std::fs::read(&path).expect("the audit log");
+        let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
+        let (_, records) = chain::read(&path).expect("read the audit log");
+        let hashes: HashMap<u64, String> = records
+            .iter()
+            .map(|r| (r.seq, chain::Hash::of(lines[r.line - 1]).to_string()))
             .collect();
         for (seq, hash) in anchors {
             assert_eq!(
@@ -982,7 +981,7 @@ impl Appliance {
         records
             .iter()
             .filter(|r| {
-                r.value["class_uid"] != serde_json::json!(tank_loader::record::NETWORK_ACTIVITY)
+                r.value["class_uid"] == serde_json::json!(ocsf::class::APPLICATION_LIFECYCLE)
             })
             .filter_map(|r| r.value["unmapped"]["cgroup_id"].as_u64())
             .collect()
