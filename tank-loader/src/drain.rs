@@ -9,11 +9,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aya::maps::{MapData, RingBuf};
-use tank_ebpf_common::chain::ChainWriter;
+use tank_ebpf_common::chain::{ChainWriter, Head};
 use tank_ebpf_common::event::{hook, verdict, Event};
 use tank_ebpf_common::ocsf::kernel::Formatter;
 use tokio::io::unix::AsyncFd;
@@ -23,6 +23,9 @@ use crate::metrics::DrainStats;
 /// How often the log is made durable and its anchor moved even when the ring buffer is quiet
 /// and how often the ring buffer is polled in case a wakeup was missed.
 const TICK: Duration = Duration::from_millis(250);
+
+/// How often, at most, a moved anchor also goes to the system log (besides start and shutdown).
+const ANCHOR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Drains `ring` into `log` until `shutdown` resolves, then drains what is left and syncs.
 pub async fn run(
@@ -37,6 +40,7 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("cannot watch the ring buffer: {}", e.into_parts().1))?;
     let mut tick = tokio::time::interval(TICK);
     let mut attempts = Attempts::default();
+    let mut anchor = AnchorLog::start(log.head());
     let mut written = 0;
     tokio::pin!(shutdown);
     loop {
@@ -51,11 +55,42 @@ pub async fn run(
             }
             () = &mut shutdown => {
                 written += drain(ring.get_mut(), &mut attempts, log, records, stats)?;
-                log.sync()?;
+                log_anchor(log.sync()?);
                 return Ok(written);
             }
         }
+        anchor.moved(log.head());
     }
+}
+
+/// Puts the log's anchor (the last durable record's `seq` and hash) into the system log too:
+/// journald ships it off the host, so a log and anchor rewritten together on the host still
+/// disagree with it. At start, when it moved (at most every [`ANCHOR_LOG_INTERVAL`]) and at
+/// shutdown; `drain` syncs every batch it writes, so the head is durable whenever it is logged.
+struct AnchorLog {
+    logged_at: Instant,
+    seq: u64,
+}
+
+impl AnchorLog {
+    fn start(head: &Head) -> Self {
+        log_anchor(head);
+        Self {
+            logged_at: Instant::now(),
+            seq: head.seq,
+        }
+    }
+
+    fn moved(&mut self, head: &Head) {
+        if head.seq != self.seq && self.logged_at.elapsed() >= ANCHOR_LOG_INTERVAL {
+            log_anchor(head);
+            (self.logged_at, self.seq) = (Instant::now(), head.seq);
+        }
+    }
+}
+
+fn log_anchor(head: &Head) {
+    tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
 }
 
 /// Moves every pending event into the log and makes the batch durable. Returns the count.

@@ -7,6 +7,7 @@
 
 pub mod browser;
 pub mod prometheus;
+pub mod appliance;
 pub mod seccomp;
 pub mod topology;
 

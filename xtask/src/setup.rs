@@ -52,6 +52,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "poppler-utils",
         "pdftotext reads back the text Chromium rendered of the HTML report",
     ),
+    (
+        "mmdebstrap",
+        "the Debian root the boot test boots (tests/tests/boot.rs)",
+    ),
+    (
+        "systemd-container",
+        "systemd-nspawn, which boots that root under a real systemd",
+    ),
     ("python3-pip", "installs the OCSF validator's PyPI packages"),
 ];
 
