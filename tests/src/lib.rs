@@ -5,9 +5,9 @@
 //! killed, cgroups removed, pins detached. Tests panic with a message rather than skip: a root
 //! test that cannot get what it needs must fail loudly in CI.
 
+pub mod appliance;
 pub mod browser;
 pub mod prometheus;
-pub mod appliance;
 pub mod seccomp;
 pub mod topology;
 
