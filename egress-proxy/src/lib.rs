@@ -12,6 +12,7 @@
 
 pub mod addr;
 pub mod audit;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod http;
