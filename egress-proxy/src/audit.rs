@@ -58,6 +58,28 @@ pub struct Metadata {
     pub version: &'static str,
     /// Always `proxy`.
     pub log_name: &'static str,
+    /// This record's id (inspected tunnels: their requests' `correlation_uid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// The tunnel record's `uid`, for request records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_uid: Option<String>,
+}
+
+impl Metadata {
+    fn proxy(uid: Option<String>, correlation_uid: Option<String>) -> Self {
+        Metadata {
+            product: Product {
+                name: "egress-proxy",
+                vendor_name: "tank",
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            version: "1.1.0",
+            log_name: "proxy",
+            uid,
+            correlation_uid,
+        }
+    }
 }
 
 /// OCSF device.
@@ -142,6 +164,13 @@ pub struct Unmapped {
     pub rule: String,
     /// What went wrong, if anything.
     pub error: Option<String>,
+    /// `inspected` for tunnels whose requests were judged (and recorded) one by one,
+    /// `opaque` for tunnels relayed as bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<&'static str>,
+    /// Requests served inside an inspected tunnel (each has its own record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
 }
 
 /// One audit record.
@@ -190,8 +219,22 @@ pub struct Record {
     /// Plain-HTTP requests only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_request: Option<HttpRequest>,
+    /// What the tunnel's TLS ClientHello said, when one was read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
     /// Proxy-specific fields.
     pub unmapped: Unmapped,
+}
+
+/// OCSF `tls`: what the agent's ClientHello asked for.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Tls {
+    /// The server name (SNI), if the ClientHello named one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// The ALPN protocols offered, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
 }
 
 /// What is known about a connection while it is handled; turned into a [`Record`] at its end.
@@ -223,6 +266,14 @@ pub struct Draft {
     pub error: Option<String>,
     /// Bytes.
     pub traffic: Traffic,
+    /// Record id, set for inspected tunnels.
+    pub uid: Option<String>,
+    /// The ClientHello's server name and ALPN, when one was read.
+    pub tls: Option<Tls>,
+    /// `inspected` or `opaque`, for tunnels.
+    pub tunnel: Option<&'static str>,
+    /// Requests served inside an inspected tunnel.
+    pub requests: Option<u64>,
 }
 
 impl Draft {
@@ -242,6 +293,10 @@ impl Draft {
             rule: String::new(),
             error: None,
             traffic: Traffic::default(),
+            uid: None,
+            tls: None,
+            tunnel: None,
+            requests: None,
         }
     }
 
@@ -269,15 +324,7 @@ impl Draft {
             action_id,
             disposition,
             disposition_id,
-            metadata: Metadata {
-                product: Product {
-                    name: "egress-proxy",
-                    vendor_name: "tank",
-                    version: env!("CARGO_PKG_VERSION"),
-                },
-                version: "1.1.0",
-                log_name: "proxy",
-            },
+            metadata: Metadata::proxy(self.uid, None),
             device: Device {
                 hostname: hostname.to_owned(),
             },
@@ -295,19 +342,215 @@ impl Draft {
             },
             traffic: self.traffic,
             http_request: self.http,
+            tls: self.tls,
             unmapped: Unmapped {
                 kind: self.kind,
                 rule: self.rule,
                 error: self.error,
+                tunnel: self.tunnel,
+                requests: self.requests,
             },
         }
     }
 }
 
+/// One request inside an inspected tunnel, as the proxy knows it when the response ends.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Allowed (forwarded) or refused inside the tunnel.
+    pub allowed: bool,
+    /// Received at, ms since the epoch.
+    pub start_ms: u64,
+    /// Until the response ended, ms.
+    pub duration_ms: u64,
+    /// The agent host.
+    pub client: SocketAddr,
+    /// The origin address the tunnel is connected to.
+    pub origin: SocketAddr,
+    /// The tunnel's host.
+    pub host: String,
+    /// The method, as sent.
+    pub method: String,
+    /// `https://host[:port]/path[?query]` (query left out where the rule redacts it).
+    pub url: String,
+    /// `HTTP/1.1` or `HTTP/2`, towards the agent.
+    pub version: &'static str,
+    /// The status the agent got.
+    pub status: Option<u16>,
+    /// Response body bytes.
+    pub bytes_in: u64,
+    /// Request body bytes.
+    pub bytes_out: u64,
+    /// The deciding rule, or the refusal's reason.
+    pub rule: String,
+    /// The credential injected, by name.
+    pub credential: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// The tunnel record's `metadata.uid`.
+    pub tunnel_uid: String,
+}
+
+/// OCSF HTTP Activity (4002): one request inside an inspected tunnel.
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestRecord {
+    /// 4002.
+    pub class_uid: u32,
+    /// 4.
+    pub category_uid: u32,
+    /// OCSF HTTP Activity's activity by method (3 Get, 6 Post...; 99 Other).
+    pub activity_id: u32,
+    /// 400200 + activity_id.
+    pub type_uid: u32,
+    /// = end_time.
+    pub time: u64,
+    /// Request received.
+    pub start_time: u64,
+    /// Response ended.
+    pub end_time: u64,
+    /// ms.
+    pub duration: u64,
+    /// 1 allowed, 3 refused.
+    pub severity_id: u32,
+    /// `Allowed` / `Denied`.
+    pub action: &'static str,
+    /// 1 / 2.
+    pub action_id: u32,
+    /// `Allowed` / `Blocked`.
+    pub disposition: &'static str,
+    /// 1 / 2.
+    pub disposition_id: u32,
+    /// With `correlation_uid` = the tunnel record's `uid`.
+    pub metadata: Metadata,
+    /// The proxy host.
+    pub device: Device,
+    /// The agent host.
+    pub src_endpoint: Endpoint,
+    /// The origin.
+    pub dst_endpoint: DstEndpoint,
+    /// The request.
+    pub http_request: InnerHttpRequest,
+    /// The response, when one was sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_response: Option<HttpResponse>,
+    /// Body bytes each way.
+    pub traffic: Traffic,
+    /// Proxy-specific fields.
+    pub unmapped: RequestUnmapped,
+}
+
+/// OCSF `http_request` of a request inside a tunnel.
+#[derive(Clone, Debug, Serialize)]
+pub struct InnerHttpRequest {
+    /// The method.
+    pub http_method: String,
+    /// The URL.
+    pub url: Url,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub version: &'static str,
+}
+
+/// OCSF `http_response`.
+#[derive(Clone, Debug, Serialize)]
+pub struct HttpResponse {
+    /// The status code.
+    pub code: u16,
+}
+
+/// Request-record fields outside OCSF.
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestUnmapped {
+    /// Always `request`.
+    pub kind: &'static str,
+    /// The deciding rule, or the refusal reason.
+    pub rule: String,
+    /// The `[[credentials]]` entry injected, by name (never its secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+/// OCSF HTTP Activity's activity_id for a method.
+fn http_activity(method: &str) -> u32 {
+    match method.to_ascii_uppercase().as_str() {
+        "CONNECT" => 1,
+        "DELETE" => 2,
+        "GET" => 3,
+        "HEAD" => 4,
+        "OPTIONS" => 5,
+        "POST" => 6,
+        "PUT" => 7,
+        "TRACE" => 8,
+        _ => 99,
+    }
+}
+
+impl RequestRecord {
+    /// The record of `r`, written on `hostname`.
+    pub fn new(r: Request, hostname: &str) -> Self {
+        let activity_id = http_activity(&r.method);
+        let end = r.start_ms + r.duration_ms;
+        let (action, action_id, disposition, disposition_id, severity_id) = if r.allowed {
+            ("Allowed", 1, "Allowed", 1, 1)
+        } else {
+            ("Denied", 2, "Blocked", 2, 3)
+        };
+        RequestRecord {
+            class_uid: 4002,
+            category_uid: 4,
+            activity_id,
+            type_uid: 400200 + activity_id,
+            time: end,
+            start_time: r.start_ms,
+            end_time: end,
+            duration: r.duration_ms,
+            severity_id,
+            action,
+            action_id,
+            disposition,
+            disposition_id,
+            metadata: Metadata::proxy(None, Some(r.tunnel_uid)),
+            device: Device {
+                hostname: hostname.to_owned(),
+            },
+            src_endpoint: r.client.into(),
+            dst_endpoint: DstEndpoint {
+                hostname: Some(r.host),
+                ip: Some(crate::policy::canonical_ip(r.origin.ip())),
+                port: Some(r.origin.port()),
+            },
+            http_request: InnerHttpRequest {
+                http_method: r.method,
+                url: Url { url_string: r.url },
+                version: r.version,
+            },
+            http_response: r.status.map(|code| HttpResponse { code }),
+            traffic: Traffic {
+                bytes_in: r.bytes_in,
+                bytes_out: r.bytes_out,
+            },
+            unmapped: RequestUnmapped {
+                kind: "request",
+                rule: r.rule,
+                credential: r.credential,
+                error: r.error,
+            },
+        }
+    }
+}
+
+/// A record of either kind, as queued for the writer.
+#[derive(Debug)]
+enum Entry {
+    Connection(Record),
+    Request(Box<RequestRecord>),
+}
+
 /// The sending side of the audit log.
 #[derive(Clone, Debug)]
 pub struct Audit {
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Entry>,
     healthy: Arc<AtomicBool>,
 }
 
@@ -348,7 +591,16 @@ impl Audit {
 
     /// Queues a record; waits if the writer is behind (backpressure, never dropping).
     pub async fn record(&self, record: Record) {
-        if self.tx.send(record).await.is_err() {
+        self.send(Entry::Connection(record)).await
+    }
+
+    /// Queues a request record of an inspected tunnel.
+    pub async fn record_request(&self, record: RequestRecord) {
+        self.send(Entry::Request(Box::new(record))).await
+    }
+
+    async fn send(&self, entry: Entry) {
+        if self.tx.send(entry).await.is_err() {
             tracing::error!("audit writer is gone; record lost");
             self.healthy.store(false, Ordering::Relaxed);
         }
@@ -362,7 +614,7 @@ impl Audit {
 
 fn writer_loop(
     mut writer: ChainWriter,
-    mut rx: mpsc::Receiver<Record>,
+    mut rx: mpsc::Receiver<Entry>,
     healthy: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) {
@@ -380,7 +632,11 @@ fn writer_loop(
                 }
             }
             for r in batch.drain(..) {
-                match writer.append(&r) {
+                let appended = match &r {
+                    Entry::Connection(r) => writer.append(r),
+                    Entry::Request(r) => writer.append(r),
+                };
+                match appended {
                     Ok(_) => metrics.audit_records.inc(),
                     Err(e) => {
                         ok = false;

@@ -125,8 +125,18 @@ pub fn init(dir: &Path, domains: &[String]) -> Result<(PathBuf, PathBuf), CaErro
         source,
     })?;
     let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
-    write_new(&key_path, 0o600, key.serialize_pem().as_bytes(), "cannot create CA key")?;
-    if let Err(e) = write_new(&cert_path, 0o644, cert.pem().as_bytes(), "cannot create CA certificate") {
+    write_new(
+        &key_path,
+        0o600,
+        key.serialize_pem().as_bytes(),
+        "cannot create CA key",
+    )?;
+    if let Err(e) = write_new(
+        &cert_path,
+        0o644,
+        cert.pem().as_bytes(),
+        "cannot create CA certificate",
+    ) {
         let _ = std::fs::remove_file(&key_path);
         return Err(e);
     }
@@ -207,10 +217,12 @@ impl Ca {
             pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
                 .map_err(|e| bad_cert(format!("no PEM certificate ({e})")))?
         };
-        let params = CertificateParams::from_ca_cert_der(&cert_der)
-            .map_err(|e| bad_cert(e.to_string()))?;
+        let params =
+            CertificateParams::from_ca_cert_der(&cert_der).map_err(|e| bad_cert(e.to_string()))?;
         if !matches!(params.is_ca, IsCa::Ca(_)) {
-            return Err(bad_cert("not a CA certificate (basicConstraints cA is not set)".into()));
+            return Err(bad_cert(
+                "not a CA certificate (basicConstraints cA is not set)".into(),
+            ));
         }
         let permitted = params
             .name_constraints
@@ -219,7 +231,9 @@ impl Ca {
                 nc.permitted_subtrees
                     .iter()
                     .filter_map(|s| match s {
-                        GeneralSubtree::DnsName(n) => Some(n.trim_start_matches('.').to_ascii_lowercase()),
+                        GeneralSubtree::DnsName(n) => {
+                            Some(n.trim_start_matches('.').to_ascii_lowercase())
+                        }
                         _ => None,
                     })
                     .collect()
@@ -258,7 +272,8 @@ impl Ca {
         )
         .build()
         .map_err(|e| CaError::BadCert(cert_path.to_owned(), e.to_string()))?;
-        let server_name = pki_types::ServerName::try_from(name).map_err(|e| CaError::Sign(e.to_string()))?;
+        let server_name =
+            pki_types::ServerName::try_from(name).map_err(|e| CaError::Sign(e.to_string()))?;
         use rustls::client::danger::ServerCertVerifier;
         verifier
             .verify_server_cert(&chain, &[], &server_name, &[], pki_types::UnixTime::now())
@@ -293,8 +308,13 @@ impl Ca {
     fn mint(
         &self,
         host: &str,
-    ) -> Result<(pki_types::CertificateDer<'static>, pki_types::PrivateKeyDer<'static>), CaError>
-    {
+    ) -> Result<
+        (
+            pki_types::CertificateDer<'static>,
+            pki_types::PrivateKeyDer<'static>,
+        ),
+        CaError,
+    > {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(sign_err)?;
         let mut params = CertificateParams::new(vec![host.to_owned()]).map_err(sign_err)?;
         params.distinguished_name = DistinguishedName::new();
@@ -304,7 +324,8 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::try_from(LEAF_LIFETIME).unwrap_or(time::Duration::DAY);
+        params.not_after =
+            now + time::Duration::try_from(LEAF_LIFETIME).unwrap_or(time::Duration::DAY);
         let leaf = params
             .signed_by(&key, &self.issuer, &self.key)
             .map_err(sign_err)?;
@@ -341,7 +362,11 @@ impl Ca {
 mod tests {
     use super::*;
 
-    fn verify(ca_der: &pki_types::CertificateDer<'static>, leaf: &pki_types::CertificateDer<'_>, name: &str) -> Result<(), rustls::Error> {
+    fn verify(
+        ca_der: &pki_types::CertificateDer<'static>,
+        leaf: &pki_types::CertificateDer<'_>,
+        name: &str,
+    ) -> Result<(), rustls::Error> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca_der.clone()).unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -365,17 +390,30 @@ mod tests {
     #[test]
     fn init_makes_a_private_key_and_a_constrained_ca_that_mints_verifiable_leaves() {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = init(dir.path(), &["Example.test".into(), "api.other.test".into()]).unwrap();
-        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        let (cert, key) = init(
+            dir.path(),
+            &["Example.test".into(), "api.other.test".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let ca = Ca::load(&cert, &key).unwrap();
         assert_eq!(ca.permitted(), ["example.test", "api.other.test"]);
         assert!(ca.permits("example.test") && ca.permits("git.example.test"));
         assert!(!ca.permits("badexample.test") && !ca.permits("other.test"));
         let leaf = ca.leaf("git.example.test").unwrap();
         verify(ca.cert_der(), &leaf.cert[0], "git.example.test").unwrap();
-        assert!(Arc::ptr_eq(&leaf, &ca.leaf("git.example.test").unwrap()), "leaf not cached");
+        assert!(
+            Arc::ptr_eq(&leaf, &ca.leaf("git.example.test").unwrap()),
+            "leaf not cached"
+        );
         // Never overwrites.
-        assert!(matches!(init(dir.path(), &["x.test".into()]), Err(CaError::Io { .. })));
+        assert!(matches!(
+            init(dir.path(), &["x.test".into()]),
+            Err(CaError::Io { .. })
+        ));
     }
 
     /// What a stolen key could do: sign a leaf for a name outside the constraints. webpki
@@ -388,7 +426,10 @@ mod tests {
         for name in ["bank.test", "example.test.evil.test"] {
             let (leaf, _) = ca.mint(name).unwrap();
             let err = verify(ca.cert_der(), &leaf, name).unwrap_err();
-            assert!(format!("{err:?}").contains("NameConstraint"), "{name}: {err:?}");
+            assert!(
+                format!("{err:?}").contains("NameConstraint"),
+                "{name}: {err:?}"
+            );
         }
         // An IP address SAN is excluded too.
         let (leaf, _) = ca.mint("192.0.2.1").unwrap();

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -52,11 +53,21 @@ pub enum Reason {
     ConnectionLimit,
     /// The audit log cannot be written; nothing is let through unrecorded.
     AuditUnavailable,
+    /// A tunnel's ClientHello names no server, another server than the CONNECT host, or
+    /// hides it (ECH).
+    SniMismatch,
+    /// A tunnel to a TLS port did not start with a TLS ClientHello (and its rule is not
+    /// `opaque`).
+    NotTls,
+    /// A request inside an inspected tunnel names another host than the tunnel's.
+    HostMismatch,
+    /// A request carries its own value in a header a `[[credentials]]` entry sets.
+    CredentialMismatch,
 }
 
 impl Reason {
     /// Every reason, for metrics.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 19] = [
         Reason::ClientNetwork,
         Reason::DeniedDomain,
         Reason::DefaultDeny,
@@ -72,6 +83,10 @@ impl Reason {
         Reason::ClientConnectionLimit,
         Reason::ConnectionLimit,
         Reason::AuditUnavailable,
+        Reason::SniMismatch,
+        Reason::NotTls,
+        Reason::HostMismatch,
+        Reason::CredentialMismatch,
     ];
 
     /// The stable name.
@@ -92,6 +107,10 @@ impl Reason {
             Reason::ClientConnectionLimit => "client-connection-limit",
             Reason::ConnectionLimit => "connection-limit",
             Reason::AuditUnavailable => "audit-unavailable",
+            Reason::SniMismatch => "sni-mismatch",
+            Reason::NotTls => "not-tls",
+            Reason::HostMismatch => "host-mismatch",
+            Reason::CredentialMismatch => "credential-mismatch",
         }
     }
 
@@ -148,7 +167,8 @@ pub enum Pattern {
 }
 
 impl Pattern {
-    fn matches(&self, host: &Host) -> bool {
+    /// Whether `host` matches the pattern.
+    pub fn matches(&self, host: &Host) -> bool {
         match (self, host) {
             (Pattern::Exact(n), Host::Name(h)) => n == h,
             (Pattern::Subdomains(s), Host::Name(h)) => {
@@ -187,6 +207,14 @@ pub struct Rule {
     pub path_prefixes: Option<Vec<String>>,
     /// May connect to private addresses (see [`crate::addr`]).
     pub allow_private: bool,
+    /// Tunnels under this rule are inspected: TLS is terminated with a leaf from the CA and
+    /// each request inside is judged on its own (see [`crate::inspect`]). The tunnel itself
+    /// is admitted on host and port; methods and paths apply to the requests inside.
+    pub inspect: bool,
+    /// Tunnels under this rule may carry anything (SSH over 443...): no ClientHello check.
+    pub opaque: bool,
+    /// Request records of inspected tunnels leave out the query string.
+    pub redact_query: bool,
 }
 
 impl Rule {
@@ -213,8 +241,12 @@ impl Rule {
     fn matches(&self, t: &Target, method: &str, path: Option<&str>) -> bool {
         self.pattern.matches(&t.host)
             && self.port_ok(t.port)
-            && self.method_ok(method)
-            && self.path_ok(path)
+            && (self.admits_tunnel(method) || self.method_ok(method) && self.path_ok(path))
+    }
+    /// An inspected rule admits the CONNECT itself; its methods and paths judge the
+    /// requests inside.
+    fn admits_tunnel(&self, method: &str) -> bool {
+        self.inspect && method == "CONNECT"
     }
 }
 
@@ -310,9 +342,25 @@ pub struct Policy {
     pub system_resolver: bool,
     /// Limits.
     pub limits: Limits,
+    /// Ports whose tunnels must open with a TLS ClientHello naming the CONNECT host
+    /// (unless the rule is `opaque`).
+    pub tls_ports: Vec<u16>,
+    /// The CA and origin trust of inspected tunnels; `None` when no rule inspects.
+    pub inspection: Option<Arc<crate::inspect::Inspection>>,
+    /// `[[credentials]]`, in file order.
+    pub credentials: Vec<Arc<crate::credentials::Credential>>,
 }
 
 impl Policy {
+    /// The rule that makes a tunnel to `target` inspected, if any: an allowed `inspect`
+    /// rule for its host and port wins over every opaque one, so nothing a rule says to
+    /// inspect passes uninspected.
+    pub fn inspecting(&self, target: &Target) -> Option<&Rule> {
+        self.allowed
+            .iter()
+            .find(|r| r.inspect && r.pattern.matches(&target.host) && r.port_ok(target.port))
+    }
+
     /// Whether `client` may use the proxy.
     pub fn client_allowed(&self, client: IpAddr) -> bool {
         let client = canonical_ip(client);
@@ -364,7 +412,10 @@ impl Policy {
                 ),
             ));
         }
-        let methods: Vec<&Rule> = ports.into_iter().filter(|r| r.method_ok(method)).collect();
+        let methods: Vec<&Rule> = ports
+            .into_iter()
+            .filter(|r| r.admits_tunnel(method) || r.method_ok(method))
+            .collect();
         if methods.is_empty() {
             return Err(Refusal::new(
                 Reason::MethodNotAllowed,
@@ -373,7 +424,7 @@ impl Policy {
         }
         methods
             .into_iter()
-            .find(|r| r.path_ok(path))
+            .find(|r| r.admits_tunnel(method) || r.path_ok(path))
             .ok_or_else(|| {
                 Refusal::new(
                     Reason::PathNotAllowed,
@@ -441,6 +492,9 @@ mod tests {
             methods: None,
             path_prefixes: None,
             allow_private: false,
+            inspect: false,
+            opaque: false,
+            redact_query: false,
         }
     }
 
@@ -480,6 +534,9 @@ mod tests {
             hosts: HashMap::new(),
             system_resolver: false,
             limits: Limits::default(),
+            tls_ports: vec![443],
+            inspection: None,
+            credentials: Vec::new(),
         }
     }
 

@@ -14,10 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{admission, resolve::resolve, Shared};
-use crate::audit::{Draft, HttpRequest, Url};
+use crate::audit::{Draft, HttpRequest, Tls, Url};
+use crate::clienthello;
 use crate::http::{parse_request, response, Request};
+use crate::inspect;
 use crate::policy::{Limits, Policy, Reason, Refusal};
 use crate::relay::{self, Upstream};
+use crate::target::{Host, Target};
 
 /// Serves one accepted connection and queues its audit record.
 pub(super) async fn handle(
@@ -179,7 +182,7 @@ async fn dial(
     Err(last_err)
 }
 
-async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: &mut Draft) {
+async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, draft: &mut Draft) {
     let limits = &policy.limits;
     let (req, early) = match read_head(stream, limits, &shared.cut).await {
         Ok(x) => x,
@@ -302,6 +305,16 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
     let _ = origin.set_nodelay(true);
     debug!(client = %draft.client, request = %what, rule = %rule.id, origin = ?draft.ip, "allowed");
 
+    if let (Request::Connect { .. }, Some(inspection)) = (
+        &req,
+        policy.inspecting(&target).and(policy.inspection.as_ref()),
+    ) {
+        return inspected(
+            shared, policy, inspection, target, stream, origin, early, draft, &what,
+        )
+        .await;
+    }
+    let mut early = early;
     let upstream = match &req {
         Request::Connect { .. } => {
             if let Err(e) =
@@ -309,6 +322,41 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
             {
                 draft.error = Some(format!("writing the CONNECT answer: {e}"));
                 return;
+            }
+            draft.tunnel = Some("opaque");
+            if policy.tls_ports.contains(&target.port) && !rule.opaque {
+                let host = match &target.host {
+                    Host::Name(n) => Some(n.as_str()),
+                    Host::Ip(_) => None,
+                };
+                match clienthello::check(
+                    stream,
+                    std::mem::take(&mut early),
+                    host,
+                    limits.header_read_timeout,
+                )
+                .await
+                {
+                    Ok((hello, read)) => {
+                        draft.tls = Some(Tls {
+                            sni: hello.sni,
+                            alpn: hello.alpn,
+                        });
+                        early = read;
+                    }
+                    Err((hello, refusal)) => {
+                        draft.tls = hello.map(|h| Tls {
+                            sni: h.sni,
+                            alpn: h.alpn,
+                        });
+                        shared.metrics.refused(refusal.reason);
+                        info!(client = %draft.client, request = %what, by = refusal.by(), "refused: {}", refusal.detail);
+                        draft.allowed = false;
+                        draft.rule = refusal.by().to_owned();
+                        draft.error = Some(refusal.detail);
+                        return;
+                    }
+                }
             }
             Upstream::Tunnel
         }
@@ -348,4 +396,40 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
     draft.traffic.bytes_in = outcome.bytes_in;
     draft.traffic.bytes_out += outcome.bytes_out;
     draft.error = outcome.end.error();
+}
+
+/// An inspected tunnel: the origin is verified for exactly the CONNECT host before the agent
+/// gets its `200` (a failure is a `502` with the reason), then [`inspect::serve`] takes over.
+#[allow(clippy::too_many_arguments)]
+async fn inspected(
+    shared: &Shared,
+    policy: &Arc<Policy>,
+    inspection: &inspect::Inspection,
+    target: Target,
+    stream: &mut TcpStream,
+    origin: TcpStream,
+    early: Vec<u8>,
+    draft: &mut Draft,
+    what: &str,
+) {
+    let limits = &policy.limits;
+    let origin =
+        match inspect::open_origin(inspection, &target, origin, limits.connect_timeout).await {
+            Ok(o) => o,
+            Err(e) => return upstream_error(shared, stream, draft, "origin-tls", e, what).await,
+        };
+    if let Err(e) = relay::write_all(stream, b"HTTP/1.1 200 Connection established\r\n\r\n").await {
+        draft.error = Some(format!("writing the CONNECT answer: {e}"));
+        return;
+    }
+    let setup = inspect::Setup {
+        policy: policy.clone(),
+        target,
+        origin,
+        audit: shared.audit.clone(),
+        metrics: shared.metrics.clone(),
+        hostname: shared.hostname.clone(),
+        cut: shared.cut.clone(),
+    };
+    inspect::serve(setup, stream, early, draft).await
 }
