@@ -1,7 +1,8 @@
 //! The TOML configuration, validated into a [`Config`] with line-precise errors.
 //!
-//! Every error names `FILE:LINE:COL`; validation collects all problems of a file rather
-//! than stopping at the first. See docs/proxy.md for every key.
+//! Every error names `FILE:LINE:COL` on one line; validation collects all problems of a
+//! file rather than stopping at the first. Rules that can never apply load, with a warning
+//! in the same form ([`Config::warnings`]). See docs/proxy.md for every key.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use crate::ca;
 use crate::credentials::{Credential, Secret};
 use crate::inspect::Inspection;
+use crate::path::normalise_prefix;
 use crate::policy::{Limits, Pattern, Policy, Ports, Rule};
 use crate::target::{canonical_host, Host};
 
@@ -39,6 +41,9 @@ pub struct Config {
     pub audit_log: PathBuf,
     /// Everything a reload may change.
     pub policy: Policy,
+    /// Rules that can never apply, or apply otherwise than written, one
+    /// `FILE:LINE:COL: warning: ...` line each; `check`, `run` and reload print them.
+    pub warnings: Vec<String>,
 }
 
 /// One problem in a configuration file, at a position.
@@ -98,18 +103,37 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Diagnostic>> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let (line, col) = line_col(text, e.span().map_or(0, |s| s.start));
-        vec![Diagnostic {
-            line,
-            col,
-            message: e.message().trim().to_owned(),
-        }]
+        // toml's message spans lines ("invalid array\nexpected `]`"): one line, joined.
+        let message = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(": ");
+        vec![Diagnostic { line, col, message }]
     })?;
     let mut v = Validator {
         text,
         diags: Vec::new(),
+        warnings: Vec::new(),
     };
-    let config = v.config(raw, path);
+    let mut config = v.config(raw, path);
     if v.diags.is_empty() {
+        v.warnings.sort_by_key(|d| (d.line, d.col));
+        config.warnings = v
+            .warnings
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}:{}:{}: warning: {}",
+                    path.display(),
+                    d.line,
+                    d.col,
+                    d.message
+                )
+            })
+            .collect();
         Ok(config)
     } else {
         v.diags.sort_by_key(|d| (d.line, d.col));
@@ -297,6 +321,7 @@ impl<'de> Deserialize<'de> for Addrs {
 struct Validator<'a> {
     text: &'a str,
     diags: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Validator<'_> {
@@ -307,6 +332,53 @@ impl Validator<'_> {
             col,
             message: message.into(),
         });
+    }
+
+    fn warn(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, span.start);
+        self.warnings.push(Diagnostic {
+            line,
+            col,
+            message: message.into(),
+        });
+    }
+
+    /// Warns about rules that can never apply as written, or refuse more than they say.
+    fn warn_rules(&mut self, allowed: &[(Rule, Range<usize>)], denied: &[(Rule, Range<usize>)]) {
+        for (d, span) in denied {
+            if d.is_request_level() {
+                self.warn(
+                    span.clone(),
+                    format!("{} judges requests (paths or methods): tunnels (HTTPS) to the hosts it names are refused, since their requests cannot be seen", d.id),
+                );
+            }
+        }
+        for (rule, span) in allowed {
+            if let Some((d, _)) = denied.iter().find(|(d, _)| {
+                !d.is_request_level()
+                    && rule.pattern.covered_by(&d.pattern)
+                    && match (&d.ports, &rule.ports) {
+                        (Ports::Any, _) => true,
+                        (Ports::List(dp), Ports::List(rp)) => rp.iter().all(|p| dp.contains(p)),
+                        (Ports::List(_), Ports::Any) => false,
+                    }
+            }) {
+                self.warn(
+                    span.clone(),
+                    format!(
+                        "{} never applies: {} denies every host and port it names",
+                        rule.id, d.id
+                    ),
+                );
+            } else if rule.path_prefixes.is_some()
+                && matches!(&rule.ports, Ports::List(l) if l.iter().all(|&p| p == 443))
+            {
+                self.warn(
+                    span.clone(),
+                    format!("{} allows only plain-HTTP paths, yet names only port 443: HTTPS tunnels to it are refused (a tunnel's paths cannot be seen)", rule.id),
+                );
+            }
+        }
     }
 
     fn config(&mut self, raw: RawConfig, path: &Path) -> Config {
@@ -377,16 +449,19 @@ impl Validator<'_> {
                 path.parent().unwrap_or(Path::new(".")).join(p)
             }
         };
-        let allowed: Vec<Rule> = raw
+        let allowed: Vec<(Rule, Range<usize>)> = raw
             .allowed_domains
             .iter()
-            .filter_map(|r| self.rule(r, true))
+            .filter_map(|r| Some((self.rule(r, true)?, r.span())))
             .collect();
-        let denied = raw
+        let denied: Vec<(Rule, Range<usize>)> = raw
             .denied_domains
             .iter()
-            .filter_map(|r| self.rule(r, false))
+            .filter_map(|r| Some((self.rule(r, false)?, r.span())))
             .collect();
+        self.warn_rules(&allowed, &denied);
+        let allowed: Vec<Rule> = allowed.into_iter().map(|(r, _)| r).collect();
+        let denied = denied.into_iter().map(|(r, _)| r).collect();
         let mut hosts = HashMap::new();
         for (name, addrs) in &raw.hosts {
             match canonical_host(name.get_ref()) {
@@ -442,6 +517,7 @@ impl Validator<'_> {
                 inspection,
                 credentials,
             },
+            warnings: Vec::new(),
         }
     }
 
@@ -614,11 +690,19 @@ impl Validator<'_> {
                         .iter()
                         .filter_map(|x| {
                             let p = x.get_ref();
-                            if p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()) {
-                                Some(p.clone())
-                            } else {
-                                self.err(x.span(), format!("path prefix `{p}` must start with `/` and hold no spaces or control characters"));
-                                None
+                            let normal = (p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()))
+                                .then(|| normalise_prefix(p).ok())
+                                .flatten();
+                            match normal {
+                                Some(n) if &n != p => {
+                                    self.warn(x.span(), format!("path prefix `{p}` is compared in normal form, as `{n}` (see docs/proxy.md)"));
+                                    Some(n)
+                                }
+                                Some(n) => Some(n),
+                                None => {
+                                    self.err(x.span(), format!("path prefix `{p}` must start with `/` and hold no spaces, control characters, `?`, backslashes or malformed escapes"));
+                                    None
+                                }
                             }
                         })
                         .collect::<Vec<_>>()
@@ -1135,6 +1219,45 @@ idle_timeout_secs = 2.5
         );
         assert_eq!(e.len(), 3, "{e:?}");
         assert!(e[1].2.contains("10.0.0.0/8"), "{e:?}");
+    }
+
+    #[test]
+    fn rules_that_never_apply_as_written_are_warned_about() {
+        let c = ok(r#"allowed_domains = [
+  "gist.github.com",
+  { domain = "api.test", path_prefixes = ["/v1/"] },
+  { domain = "files.test", ports = [80], path_prefixes = ["//pub/./x/"] },
+  "fine.test",
+]
+denied_domains = ["*.github.com", { domain = "files.test", path_prefixes = ["/private/"] }]
+"#);
+        let w = c.warnings;
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(w[0].starts_with("/etc/p.toml:5:3: warning: allowed_domains:gist.github.com never applies: denied_domains:*.github.com"), "{w:?}");
+        assert!(w[1].starts_with("/etc/p.toml:6:3: warning: allowed_domains:api.test allows only plain-HTTP paths, yet names only port 443"), "{w:?}");
+        assert!(
+            w[2].contains("`//pub/./x/` is compared in normal form, as `/pub/x/`"),
+            "{w:?}"
+        );
+        assert!(
+            w[3].starts_with(
+                "/etc/p.toml:10:35: warning: denied_domains:files.test judges requests"
+            ),
+            "{w:?}"
+        );
+        assert_eq!(
+            c.policy.allowed[2].path_prefixes,
+            Some(vec!["/pub/x/".to_owned()])
+        );
+        assert!(ok("allowed_domains = [\"a.test\"]\n").warnings.is_empty());
+    }
+
+    #[test]
+    fn a_syntax_error_is_one_line() {
+        let e = errs(&format!("{BASE}allowed_domains = [\"x.test\"\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(!e[0].2.contains('\n'), "{e:?}");
+        assert!(e[0].2.contains("expected"), "{e:?}");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! The parser is strict where leniency would let a request mean two things: one
 //! `Content-Length` or `Transfer-Encoding: chunked`, never both; no user information in
-//! URLs; the target's authority overrides the `Host` header, which is rewritten to match.
+//! URLs; the target's authority overrides the `Host` header, which is rewritten to match;
+//! the path is put in normal form ([`crate::path`]) and forwarded in that form.
 
+use crate::path::{self, PathError};
 use crate::target::{parse_authority, Target, TargetError};
 
 /// Headers accepted in one request head.
@@ -24,8 +26,8 @@ pub enum Request {
         method: String,
         /// Where to.
         target: Target,
-        /// The origin-form path and query sent to the origin.
-        path: String,
+        /// The path (normal form) and query sent to the origin.
+        path: path::Normal,
         /// The request URL for the audit log (`http://host:port/path`).
         url: String,
         /// The head to send to the origin.
@@ -77,6 +79,9 @@ pub enum HeadError {
     /// The target is malformed.
     #[error("invalid target: {0}")]
     Target(#[from] TargetError),
+    /// The path cannot be put in normal form.
+    #[error("invalid path: {0}")]
+    Path(#[from] PathError),
     /// Ambiguous body framing.
     #[error("ambiguous body framing: {0}")]
     Framing(&'static str),
@@ -116,11 +121,12 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> 
     let (authority, tail) = rest.split_at(split);
     let target = parse_authority(authority, Some(80))?;
     let tail = tail.split('#').next().unwrap_or("");
-    let path = match tail {
+    let path = path::normalise(&match tail {
         "" => "/".to_owned(),
         t if t.starts_with('?') => format!("/{t}"),
         t => t.to_owned(),
-    };
+    })?;
+    let origin_form = path.to_string();
 
     // Body framing and the head for the origin.
     let mut content_length: Option<u64> = None;
@@ -142,7 +148,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> 
     let mut head = Vec::with_capacity(len + 64);
     head.extend_from_slice(method.as_bytes());
     head.push(b' ');
-    head.extend_from_slice(path.as_bytes());
+    head.extend_from_slice(origin_form.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     // The authority as the origin expects it: no port when it is the default.
     let host_header = if target.port == 80 {
@@ -150,7 +156,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> 
     } else {
         target.to_string()
     };
-    let url = format!("http://{host_header}{path}");
+    let url = format!("http://{host_header}{origin_form}");
     head.extend_from_slice(host_header.as_bytes());
     head.extend_from_slice(b"\r\n");
     for h in req.headers.iter() {
@@ -422,7 +428,7 @@ mod tests {
         assert_eq!(method, "GET");
         assert_eq!(target.host, Host::Name("files.test".into()));
         assert_eq!(target.port, 80);
-        assert_eq!(path, "/pub/a?b=c");
+        assert_eq!(path.to_string(), "/pub/a?b=c");
         assert_eq!(url, "http://files.test/pub/a?b=c");
         assert_eq!(body, BodyKind::None);
         assert_eq!(
@@ -438,7 +444,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(path, "/?x");
+        assert_eq!(path.to_string(), "/?x");
         assert_eq!(body, BodyKind::Length(5));
         assert!(String::from_utf8(head)
             .unwrap()

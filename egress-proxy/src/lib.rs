@@ -20,6 +20,7 @@ pub mod credentials;
 pub mod http;
 pub mod inspect;
 pub mod metrics;
+pub mod path;
 pub mod policy;
 pub mod relay;
 pub mod server;

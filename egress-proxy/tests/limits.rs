@@ -1,5 +1,6 @@
 //! Limits, each with its own answer and log line: request head size, head read timeout
-//! (slowloris), idle tunnels, per-client and global connection caps.
+//! (slowloris), idle tunnels, per-client and global connection caps, outsiders judged at
+//! accept, the admin listener's connection cap.
 
 mod common;
 use common::*;
@@ -157,4 +158,87 @@ fn connection_caps_refuse_with_429_and_503() {
         proxy.metric("egress_proxy_refusals_total{reason=\"connection-limit\"}"),
         1.0
     );
+}
+
+#[test]
+fn an_outsider_holding_a_thousand_idle_connections_costs_the_agent_nothing() {
+    raise_nofile();
+    let dir = tempdir();
+    let origin = Origin::echo();
+    let p = origin.port;
+    // The agent host is 127.0.0.1; 127.0.0.2 is an outsider.
+    let config = format!(
+        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\nadmin_listen = \"127.0.0.1:0\"\nclient_networks = [\"127.0.0.1/32\"]\naudit_log = \"{}\"\nsystem_resolver = false\nallowed_domains = [{{ domain = \"a.test\", ports = [{p}], allow_private = true }}]\n[hosts]\n\"a.test\" = \"127.0.0.1\"\n[limits]\nmax_connections = 200\n",
+        dir.path().join("audit.jsonl").display()
+    );
+    let proxy = Proxy::start_raw(dir.path(), &config);
+    let mut outsiders: Vec<TcpStream> = (0..1000)
+        .map(|_| bind_connect("127.0.0.2", proxy.addr))
+        .collect();
+    let auth = format!("a.test:{p}");
+    for i in 0..50 {
+        let (_, head) = connect_tunnel(proxy.addr, &auth);
+        assert!(head.starts_with("HTTP/1.1 200"), "agent tunnel {i}: {head}");
+    }
+    // Each outsider was answered and closed without sending a byte.
+    for (i, s) in outsiders.iter_mut().enumerate() {
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .unwrap_or_else(|e| panic!("outsider {i} got no answer: {e}"));
+        assert!(out.starts_with("HTTP/1.1 403"), "outsider {i}: {out}");
+        assert_eq!(header(&out, "X-Tank-Refused-By"), Some("client-network"));
+    }
+    assert_eq!(
+        proxy.metric("egress_proxy_refusals_total{reason=\"client-network\"}"),
+        1000.0
+    );
+    assert_eq!(
+        proxy.metric("egress_proxy_refusals_total{reason=\"connection-limit\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn the_admin_listener_holds_a_bounded_number_of_connections() {
+    raise_nofile();
+    let dir = tempdir();
+    let proxy = Proxy::start(dir.path(), "");
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", proxy.pid))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let mut held: Vec<TcpStream> = (0..500)
+        .map(|_| TcpStream::connect(proxy.admin).unwrap())
+        .collect();
+    // What the proxy closed at once reads as end of stream; what it keeps times out.
+    let mut kept = 0;
+    for s in &mut held {
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Ok(_) => panic!("the admin listener answered an idle connection"),
+            Err(_) => kept += 1,
+        }
+    }
+    assert!(
+        kept <= 32,
+        "the admin listener kept {kept} idle connections open"
+    );
+    assert!(
+        fds() <= before + 40,
+        "the proxy holds {} descriptors, {before} before",
+        fds()
+    );
+    drop(held);
+    wait_for(Duration::from_secs(10), "/healthz", || {
+        let mut s = TcpStream::connect(proxy.admin).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.starts_with("HTTP/1.1 200").then_some(())
+    });
 }

@@ -147,15 +147,14 @@ async fn forward(
     }
     check_authority(tunnel, &req).map_err(Answer::Refused)?;
     let method = req.method().as_str().to_ascii_uppercase();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    // Judged on the normal form, which is also what the origin is sent.
+    let normal = crate::path::normalise(req.uri().path_and_query().map_or("/", |p| p.as_str()))
+        .map_err(|e| Answer::Refused(Refusal::new(Reason::BadRequest, e.to_string())))?;
     let rule = tunnel
         .policy
-        .decide(&tunnel.target, &method, Some(&path))
+        .decide(&tunnel.target, &method, Some(&normal))
         .map_err(Answer::Refused)?;
+    let path = normal.to_string();
     facts.decided_by(rule);
     let host = match &tunnel.target.host {
         Host::Name(n) => n.as_str(),
@@ -170,7 +169,7 @@ async fn forward(
         .policy
         .credentials
         .iter()
-        .find(|c| c.applies(host, &path))
+        .find(|c| c.applies(host, normal.path()))
     {
         match c.apply(&mut headers) {
             Applied::Injected => {

@@ -1,6 +1,9 @@
-//! Admission: the accept loop of each proxy listener, and the connection caps
-//! (`max_connections`, `max_connections_per_client`) a connection holds its place under
-//! until its audit record is queued.
+//! Admission: the accept loop of each proxy listener, and what a connection is judged on
+//! the moment it is accepted, before it may send a byte: its client network, then the
+//! connection caps (`max_connections`, `max_connections_per_client`) it holds its place
+//! under until its audit record is queued. A client outside `client_networks` is answered
+//! and closed at once and never counts under the caps, so outsiders holding connections
+//! open cannot crowd out the agent hosts.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -13,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{connection, Shared};
-use crate::policy::{Limits, Reason, Refusal};
+use crate::policy::{Limits, Policy, Reason, Refusal};
 
 /// Accepts proxy clients until `stop`, one tracked task per connection.
 pub(super) async fn accept_loop(
@@ -36,7 +39,16 @@ pub(super) async fn accept_loop(
                         continue;
                     }
                 };
-                tracker.spawn(connection::handle(shared.clone(), stream, peer, local));
+                let policy = shared.policy();
+                let judged = judge(&shared, peer.ip(), &policy);
+                tracker.spawn(connection::handle(
+                    shared.clone(),
+                    policy,
+                    stream,
+                    peer,
+                    local,
+                    judged,
+                ));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; the loop survives.
@@ -71,12 +83,19 @@ impl Drop for Admission {
     }
 }
 
-/// Counts the connection under the caps, or refuses it (and then does not count it).
-pub(super) fn admit(
-    shared: &Arc<Shared>,
-    client: IpAddr,
-    limits: &Limits,
-) -> Result<Admission, Refusal> {
+/// Judges a connection at accept: its client network, then the caps. An admitted
+/// connection is counted until its [`Admission`] drops; a refused one is not counted.
+fn judge(shared: &Arc<Shared>, client: IpAddr, policy: &Policy) -> Result<Admission, Refusal> {
+    if !policy.client_allowed(client) {
+        return Err(Refusal::new(
+            Reason::ClientNetwork,
+            format!("{client} is not in client_networks"),
+        ));
+    }
+    admit(shared, client, &policy.limits)
+}
+
+fn admit(shared: &Arc<Shared>, client: IpAddr, limits: &Limits) -> Result<Admission, Refusal> {
     let total = shared.total.fetch_add(1, Ordering::Relaxed) + 1;
     shared.metrics.active_connections.add(1);
     {

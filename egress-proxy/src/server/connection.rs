@@ -5,9 +5,10 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,24 +23,28 @@ use crate::policy::{Limits, Policy, Reason, Refusal};
 use crate::relay::{self, Upstream};
 use crate::target::{Host, Target};
 
-/// Serves one accepted connection and queues its audit record.
+/// Serves one accepted connection, judged at accept ([`admission`]), and queues its audit
+/// record.
 pub(super) async fn handle(
     shared: Arc<Shared>,
+    policy: Arc<Policy>,
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    judged: Result<admission::Admission, Refusal>,
 ) {
-    let policy = shared.policy();
     let mut draft = Draft::new(peer, local);
     // The admission holds the connection's place under the caps until its record is queued.
-    let admission = match admission::admit(&shared, peer.ip(), &policy.limits) {
+    let admission = match judged {
         Ok(admission) => {
             let _ = stream.set_nodelay(true);
             serve(&shared, &policy, &mut stream, &mut draft).await;
             Some(admission)
         }
         Err(refusal) => {
-            warn!(client = %peer, limit = refusal.reason.as_str(), "{}; refusing the connection", refusal.detail);
+            if refusal.reason != Reason::ClientNetwork {
+                warn!(client = %peer, limit = refusal.reason.as_str(), "{}; refusing the connection", refusal.detail);
+            }
             refuse(&shared, &mut stream, &mut draft, refusal, "").await;
             None
         }
@@ -79,7 +84,7 @@ async fn refuse(
     }
     let bytes = response(status, text, &[("X-Tank-Refused-By", &by)], &body);
     let _ = relay::write_all(stream, &bytes).await;
-    relay::linger(stream).await;
+    goodbye(shared, stream).await;
     draft.allowed = false;
     draft.rule = by;
     draft.error = Some(refusal.detail);
@@ -99,8 +104,23 @@ async fn upstream_error(
     let body = format!("egress-proxy: {what}: {detail}\n");
     let bytes = response(502, "Bad Gateway", &[("X-Tank-Error", stage)], &body);
     let _ = relay::write_all(stream, &bytes).await;
-    relay::linger(stream).await;
+    goodbye(shared, stream).await;
     draft.error = Some(detail);
+}
+
+/// Refused connections lingering at once, at most: each holds a descriptor, and a client
+/// chooses how many it opens. Past it, a refusal closes at once.
+const MAX_LINGERING: usize = 256;
+
+/// Closes after the proxy's own answer: lingers (so the client reads the answer rather than
+/// a reset) while under [`MAX_LINGERING`].
+async fn goodbye(shared: &Shared, stream: &mut TcpStream) {
+    if shared.lingering.fetch_add(1, Ordering::Relaxed) < MAX_LINGERING {
+        relay::linger(stream).await;
+    } else {
+        let _ = stream.shutdown().await;
+    }
+    shared.lingering.fetch_sub(1, Ordering::Relaxed);
 }
 
 enum HeadFail {
@@ -248,13 +268,6 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
             format!("{method} {url}")
         }
     };
-    if !policy.client_allowed(draft.client.ip()) {
-        let r = Refusal::new(
-            Reason::ClientNetwork,
-            format!("{} is not in client_networks", draft.client.ip()),
-        );
-        return refuse(shared, stream, draft, r, &what).await;
-    }
     if !shared.audit.is_healthy() {
         let r = Refusal::new(
             Reason::AuditUnavailable,
@@ -263,7 +276,7 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
         return refuse(shared, stream, draft, r, &what).await;
     }
     let path = match &req {
-        Request::Http { path, .. } => Some(path.as_str()),
+        Request::Http { path, .. } => Some(path),
         Request::Connect { .. } => None,
     };
     let method_upper = req.method().to_ascii_uppercase();

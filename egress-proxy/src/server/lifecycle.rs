@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::{admin, admission};
+use crate::addr::LocalAddrs;
 use crate::audit::Audit;
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
@@ -25,7 +26,7 @@ use crate::policy::Policy;
 /// State shared by every connection.
 pub struct Shared {
     policy: RwLock<Arc<Policy>>,
-    local_addrs: RwLock<Arc<Vec<IpAddr>>>,
+    local_addrs: Arc<LocalAddrs>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     pub(super) audit: Audit,
@@ -34,6 +35,8 @@ pub struct Shared {
     pub(super) per_client: Mutex<HashMap<IpAddr, usize>>,
     /// Open connections in all (the proxy-wide cap).
     pub(super) total: AtomicUsize,
+    /// Refused connections lingering after their answer.
+    pub(super) lingering: AtomicUsize,
     /// Cut every tunnel now (shutdown grace over).
     pub(super) cut: CancellationToken,
 }
@@ -49,10 +52,7 @@ impl Shared {
 
     /// The proxy host's own addresses, never dialled.
     pub(super) fn local_addrs(&self) -> Arc<Vec<IpAddr>> {
-        self.local_addrs
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.local_addrs.get()
     }
 }
 
@@ -121,6 +121,9 @@ pub async fn run(
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     raise_nofile();
+    for w in &config.warnings {
+        warn!("{w}");
+    }
     let metrics = Arc::new(Metrics::default());
     metrics.audit_healthy.set(1);
     let mut listeners = Vec::new();
@@ -153,12 +156,13 @@ pub async fn run(
         .unwrap_or_default();
     let shared = Arc::new(Shared {
         policy: RwLock::new(Arc::new(config.policy.clone())),
-        local_addrs: RwLock::new(Arc::new(crate::addr::local_addresses())),
+        local_addrs: LocalAddrs::follow(),
         metrics: metrics.clone(),
         audit,
         hostname,
         per_client: Mutex::new(HashMap::new()),
         total: AtomicUsize::new(0),
+        lingering: AtomicUsize::new(0),
         cut: CancellationToken::new(),
     });
 
@@ -240,6 +244,9 @@ pub async fn run(
 fn reload(path: &Path, running: &Config, shared: &Shared) {
     match config::load(path) {
         Ok(new) => {
+            for w in &new.warnings {
+                warn!("{w}");
+            }
             if new.listen != running.listen
                 || new.admin_listen != running.admin_listen
                 || new.audit_log != running.audit_log
@@ -255,10 +262,7 @@ fn reload(path: &Path, running: &Config, shared: &Shared) {
                 path.display()
             );
             *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.policy);
-            *shared
-                .local_addrs
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = Arc::new(crate::addr::local_addresses());
+            shared.local_addrs.refresh();
             shared.metrics.reloads_ok.inc();
         }
         Err(e) => {
