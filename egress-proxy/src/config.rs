@@ -346,7 +346,10 @@ impl Validator<'_> {
     /// Warns about rules that can never apply as written, or refuse more than they say.
     fn warn_rules(&mut self, allowed: &[(Rule, Range<usize>)], denied: &[(Rule, Range<usize>)]) {
         for (d, span) in denied {
-            if d.is_request_level() {
+            let inspected = allowed
+                .iter()
+                .any(|(a, _)| a.inspect && d.pattern.covered_by(&a.pattern));
+            if d.is_request_level() && !inspected {
                 self.warn(
                     span.clone(),
                     format!("{} judges requests (paths or methods): tunnels (HTTPS) to the hosts it names are refused, since their requests cannot be seen", d.id),
@@ -371,6 +374,7 @@ impl Validator<'_> {
                     ),
                 );
             } else if rule.path_prefixes.is_some()
+                && !rule.inspect
                 && matches!(&rule.ports, Ports::List(l) if l.iter().all(|&p| p == 443))
             {
                 self.warn(
