@@ -189,7 +189,7 @@ fn one_repository_is_allowed_and_another_refused_inside_one_tunnel_every_http_ve
             assert_eq!(tunnel["class_uid"], 4001);
             assert_eq!(tunnel["unmapped"]["tunnel"], "inspected");
             assert_eq!(tunnel["unmapped"]["requests"], 5, "{case}: {tunnel}");
-            assert_eq!(tunnel["tls"]["sni"], "api.github.test");
+            assert_eq!(tunnel["unmapped"]["sni"], "api.github.test");
             assert_eq!(tunnel["unmapped"]["rule"], "allowed_domains:api");
             let requests: Vec<_> = proxy_records
                 .iter()
@@ -198,7 +198,7 @@ fn one_repository_is_allowed_and_another_refused_inside_one_tunnel_every_http_ve
             assert_eq!(requests.len(), 5, "{case}: {proxy_records:#?}");
             for r in &requests {
                 assert_eq!(r["metadata"]["correlation_uid"], uid.as_str(), "{case}");
-                assert_eq!(r["unmapped"]["kind"], "request");
+                assert_eq!(r["metadata"]["log_name"], "proxy");
                 assert!(
                     !r["http_request"]["url"]["url_string"]
                         .as_str()
@@ -298,7 +298,7 @@ fn a_request_for_another_host_or_a_client_hello_for_another_name_is_refused() {
     assert!(origin.seen().is_empty(), "{:?}", origin.seen());
     let records = proxy.wait_records(3);
     let r = record_where(&records, &[("/unmapped/rule", "sni-mismatch")]);
-    assert_eq!(r["tls"]["sni"], "github.test");
+    assert_eq!(r["unmapped"]["sni"], "github.test");
     assert_eq!(r["action"], "Denied");
 }
 

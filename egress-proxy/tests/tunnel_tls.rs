@@ -50,8 +50,8 @@ fn a_client_hello_for_the_connect_host_passes_and_is_recorded() {
     assert!(body.starts_with("hello GET /hello HTTP/2.0"), "{body}");
     let r = &proxy.wait_records(1)[0];
     assert_eq!(r["action"], "Allowed");
-    assert_eq!(r["tls"]["sni"], "origin.test");
-    assert_eq!(r["tls"]["alpn"], serde_json::json!(["h2", "http/1.1"]));
+    assert_eq!(r["unmapped"]["sni"], "origin.test");
+    assert_eq!(r["unmapped"]["alpn"], serde_json::json!(["h2", "http/1.1"]));
     assert_eq!(r["unmapped"]["tunnel"], "opaque");
 }
 
@@ -88,7 +88,7 @@ fn a_client_hello_naming_another_host_is_refused_before_any_byte_reaches_the_ori
     let r = &proxy.wait_records(1)[0];
     assert_eq!(r["action"], "Denied");
     assert_eq!(r["unmapped"]["rule"], "sni-mismatch");
-    assert_eq!(r["tls"]["sni"], "other.test");
+    assert_eq!(r["unmapped"]["sni"], "other.test");
     assert!(
         r["unmapped"]["error"]
             .as_str()
@@ -149,5 +149,5 @@ fn a_tunnel_to_a_tls_port_that_does_not_start_with_tls_is_refused_unless_opaque(
         .contains("malformed TLS ClientHello")));
     let opaque = record_where(&records, &[("/dst_endpoint/hostname", "ssh.test")]);
     assert_eq!(opaque["action"], "Allowed");
-    assert!(opaque.get("tls").is_none());
+    assert!(opaque["unmapped"].get("sni").is_none());
 }

@@ -40,8 +40,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "kill and sysctl, used by the image checks and the test namespaces",
     ),
     ("bpftool", "inspecting programs in the bypass tests"),
-    ("python3-requests", "requests, a real client of the inspection tests"),
-    ("nodejs", "Node's TLS client, a real client of the inspection tests"),
+    (
+        "python3-requests",
+        "requests, a real client of the inspection tests",
+    ),
+    (
+        "nodejs",
+        "Node's TLS client, a real client of the inspection tests",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

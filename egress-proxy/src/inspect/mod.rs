@@ -30,7 +30,9 @@ use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::audit::{Audit, Draft, Tls};
+use tank_ebpf_common::ocsf::proxy::TunnelKind;
+
+use crate::audit::{Audit, Draft};
 use crate::ca::Ca;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, Reason, Refusal, Rule};
@@ -226,7 +228,7 @@ pub async fn serve(setup: Setup, agent: &mut TcpStream, early: Vec<u8>, draft: &
     } = setup;
     let uid = new_uid();
     draft.uid = Some(uid.clone());
-    draft.tunnel = Some("inspected");
+    draft.tunnel = Some(TunnelKind::Inspected);
     let rule = policy
         .inspecting(&target)
         .expect("serve is called for inspected targets only")
@@ -259,27 +261,22 @@ pub async fn serve(setup: Setup, agent: &mut TcpStream, early: Vec<u8>, draft: &
         }
     };
     let hello = start.client_hello();
-    let tls = Tls {
-        sni: hello.server_name().map(str::to_owned),
-        alpn: hello
-            .alpn()
-            .map(|a| a.map(|p| String::from_utf8_lossy(p).into_owned()).collect())
-            .unwrap_or_default(),
-    };
-    draft.tls = Some(tls.clone());
-    if let Some(sni) = &tls.sni {
-        if !sni.eq_ignore_ascii_case(&host) {
-            let r = Refusal::new(
-                Reason::SniMismatch,
-                format!("the ClientHello names `{sni}`, the tunnel is to {host}"),
-            );
-            metrics.refused(r.reason);
-            info!(client = %draft.client, tunnel = %uid, "refused: {}", r.detail);
-            draft.allowed = false;
-            draft.rule = r.by().to_owned();
-            draft.error = Some(r.detail);
-            return;
-        }
+    draft.sni = hello.server_name().map(str::to_ascii_lowercase);
+    draft.alpn = hello
+        .alpn()
+        .map(|a| a.map(|p| String::from_utf8_lossy(p).into_owned()).collect())
+        .unwrap_or_default();
+    if let Some(sni) = draft.sni.clone().filter(|sni| *sni != host) {
+        let r = Refusal::new(
+            Reason::SniMismatch,
+            format!("the ClientHello names `{sni}`, the tunnel is to {host}"),
+        );
+        metrics.refused(r.reason);
+        info!(client = %draft.client, tunnel = %uid, "refused: {}", r.detail);
+        draft.allowed = false;
+        draft.rule = r.by().to_owned();
+        draft.error = Some(r.detail);
+        return;
     }
     let config = match inspection.agent_config(&host) {
         Ok(c) => c,

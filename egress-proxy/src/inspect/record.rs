@@ -8,7 +8,12 @@ use std::time::Instant;
 use http::Request;
 
 use super::Tunnel;
-use crate::audit::{now_ms, RequestRecord};
+use tank_ebpf_common::ocsf::proxy::{
+    HttpRequest, Request as Facts, RequestDetails, RequestRecord, Traffic, Url,
+};
+use tank_ebpf_common::ocsf::Endpoint;
+
+use crate::audit::now_ms;
 use crate::policy::{Refusal, Rule};
 
 /// One request's facts; [`RequestFacts::finish`] queues its record.
@@ -112,27 +117,35 @@ impl RequestFacts {
 
     /// Queues the record (from any context: the write waits in its own task).
     pub fn finish(self, tunnel: &Tunnel) {
-        let record = RequestRecord::new(
-            crate::audit::Request {
-                allowed: self.allowed,
-                start_ms: self.start_ms,
-                duration_ms: self.started.elapsed().as_millis() as u64,
-                client: tunnel.client,
-                origin: tunnel.origin_addr,
-                host: tunnel.target.host.to_plain_string(),
-                method: self.method.clone(),
-                url: self.record_url().to_owned(),
-                version: self.version,
-                status: self.status,
+        let url = self.record_url().to_owned();
+        let facts = Facts {
+            allowed: self.allowed,
+            start_ms: self.start_ms as i64,
+            duration_ms: self.started.elapsed().as_millis() as i64,
+            client: tunnel.client,
+            target: Endpoint {
+                hostname: Some(tunnel.target.host.to_plain_string()),
+                ip: Some(tunnel.origin_addr.ip().to_canonical()),
+                port: Some(tunnel.origin_addr.port()),
+            },
+            http: HttpRequest {
+                http_method: self.method,
+                url: Url { url_string: url },
+                version: self.version.to_owned(),
+            },
+            status: self.status,
+            traffic: Traffic {
                 bytes_in: self.bytes_in.load(Ordering::Relaxed),
                 bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            },
+            tunnel_uid: tunnel.uid.clone(),
+            details: RequestDetails {
                 rule: self.rule,
                 credential: self.credential,
                 error: self.error,
-                tunnel_uid: tunnel.uid.clone(),
             },
-            &tunnel.hostname,
-        );
+        };
+        let record = RequestRecord::new(facts, &tunnel.hostname, env!("CARGO_PKG_VERSION"));
         let audit = tunnel.audit.clone();
         tokio::spawn(async move { audit.record_request(record).await });
     }

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{admission, resolve::resolve, Shared};
-use crate::audit::{Draft, HttpRequest, Tls, Url};
+use tank_ebpf_common::ocsf::proxy::{RequestKind, TunnelKind};
+
+use crate::audit::Draft;
 use crate::clienthello;
 use crate::http::{parse_request, response, Request};
 use crate::inspect;
@@ -51,7 +53,7 @@ pub(super) async fn handle(
     };
     if draft.allowed {
         match draft.kind {
-            "http" => shared.metrics.allowed_http.inc(),
+            RequestKind::Http => shared.metrics.allowed_http.inc(),
             _ => shared.metrics.allowed_connect.inc(),
         }
     }
@@ -254,17 +256,12 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
     draft.port = Some(target.port);
     let what = match &req {
         Request::Connect { .. } => {
-            draft.kind = "connect";
+            draft.kind = RequestKind::Connect;
             format!("CONNECT {target}")
         }
         Request::Http { method, url, .. } => {
-            draft.kind = "http";
-            draft.http = Some(HttpRequest {
-                http_method: method.clone(),
-                url: Url {
-                    url_string: url.clone(),
-                },
-            });
+            draft.kind = RequestKind::Http;
+            draft.http = Some((method.clone(), url.clone()));
             format!("{method} {url}")
         }
     };
@@ -336,7 +333,7 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
                 draft.error = Some(format!("writing the CONNECT answer: {e}"));
                 return;
             }
-            draft.tunnel = Some("opaque");
+            draft.tunnel = Some(TunnelKind::Opaque);
             if policy.tls_ports.contains(&target.port) && !rule.opaque {
                 let host = match &target.host {
                     Host::Name(n) => Some(n.as_str()),
@@ -351,17 +348,13 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
                 .await
                 {
                     Ok((hello, read)) => {
-                        draft.tls = Some(Tls {
-                            sni: hello.sni,
-                            alpn: hello.alpn,
-                        });
+                        (draft.sni, draft.alpn) = (hello.sni, hello.alpn);
                         early = read;
                     }
                     Err((hello, refusal)) => {
-                        draft.tls = hello.map(|h| Tls {
-                            sni: h.sni,
-                            alpn: h.alpn,
-                        });
+                        if let Some(h) = hello {
+                            (draft.sni, draft.alpn) = (h.sni, h.alpn);
+                        }
                         shared.metrics.refused(refusal.reason);
                         info!(client = %draft.client, request = %what, by = refusal.by(), "refused: {}", refusal.detail);
                         draft.allowed = false;
