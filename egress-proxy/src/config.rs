@@ -22,7 +22,7 @@ use crate::ca;
 use crate::credentials::{Credential, Secret};
 use crate::inspect::Inspection;
 use crate::path::normalise_prefix;
-use crate::policy::{Limits, Pattern, Policy, Ports, Rule};
+use crate::policy::{Limits, Pattern, Policy, Ports, ResolverSettings, Rule};
 use crate::target::{canonical_host, Host};
 
 /// Default port of an `allowed_domains` entry that names none.
@@ -180,6 +180,8 @@ struct RawConfig {
     hosts: BTreeMap<Spanned<String>, Spanned<Addrs>>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    resolver: RawResolver,
     tls_ports: Option<Spanned<Vec<Spanned<i64>>>>,
     inspection: Option<Spanned<RawInspection>>,
     #[serde(default)]
@@ -202,6 +204,14 @@ struct RawCredential {
     header: Spanned<String>,
     value: Spanned<String>,
     secret_file: Spanned<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawResolver {
+    nameservers: Option<Spanned<Vec<Spanned<String>>>>,
+    lookup_timeout_secs: Option<Spanned<f64>>,
+    max_concurrent_lookups: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -498,6 +508,7 @@ impl Validator<'_> {
             }
         }
         let limits = self.limits(&raw.limits);
+        let resolver = self.resolver(&raw.resolver);
         let tls_ports = self.tls_ports(raw.tls_ports.as_ref());
         let inspection = self.inspection(
             raw.inspection.as_ref(),
@@ -516,12 +527,63 @@ impl Validator<'_> {
                 client_networks,
                 hosts,
                 system_resolver: raw.system_resolver.unwrap_or(true),
+                resolver,
                 limits,
                 tls_ports,
                 inspection,
                 credentials,
             },
             warnings: Vec::new(),
+        }
+    }
+
+    fn resolver(&mut self, raw: &RawResolver) -> ResolverSettings {
+        let d = ResolverSettings::default();
+        let nameservers = raw.nameservers.as_ref().map(|list| {
+            if list.get_ref().is_empty() {
+                self.err(
+                    list.span(),
+                    "`nameservers` is empty; leave it out to use /etc/resolv.conf",
+                );
+            }
+            list.get_ref()
+                .iter()
+                .filter_map(|a| {
+                    let s = a.get_ref();
+                    let parsed = s
+                        .parse::<SocketAddr>()
+                        .ok()
+                        .or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+                    if parsed.is_none() {
+                        self.err(a.span(), format!("`{s}` is not an address or address:port"));
+                    }
+                    parsed
+                })
+                .collect()
+        });
+        let lookup_timeout = match &raw.lookup_timeout_secs {
+            None => d.lookup_timeout,
+            Some(s) if (0.1..=60.0).contains(s.get_ref()) => Duration::from_secs_f64(*s.get_ref()),
+            Some(s) => {
+                self.err(
+                    s.span(),
+                    "`lookup_timeout_secs` must be from 0.1 to 60 seconds",
+                );
+                d.lookup_timeout
+            }
+        };
+        let max_lookups = match &raw.max_concurrent_lookups {
+            None => d.max_lookups,
+            Some(s) if (1..=65536).contains(s.get_ref()) => *s.get_ref() as usize,
+            Some(s) => {
+                self.err(s.span(), "`max_concurrent_lookups` must be from 1 to 65536");
+                d.max_lookups
+            }
+        };
+        ResolverSettings {
+            nameservers,
+            lookup_timeout,
+            max_lookups,
         }
     }
 

@@ -330,6 +330,27 @@ impl Default for Limits {
     }
 }
 
+/// How names missing from `[hosts]` are resolved (`[resolver]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolverSettings {
+    /// Nameservers asked; `None` = those of `/etc/resolv.conf`.
+    pub nameservers: Option<Vec<std::net::SocketAddr>>,
+    /// Time one lookup may take.
+    pub lookup_timeout: Duration,
+    /// Lookups in flight at once; more wait for a slot (within `connect_timeout`).
+    pub max_lookups: usize,
+}
+
+impl Default for ResolverSettings {
+    fn default() -> Self {
+        Self {
+            nameservers: None,
+            lookup_timeout: Duration::from_secs(5),
+            max_lookups: 1024,
+        }
+    }
+}
+
 /// The reloadable part of the configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -341,8 +362,10 @@ pub struct Policy {
     pub client_networks: Vec<IpNet>,
     /// Static name → addresses table, consulted before the system resolver.
     pub hosts: HashMap<String, Vec<IpAddr>>,
-    /// Whether names missing from `hosts` go to the system resolver.
+    /// Whether names missing from `hosts` go to DNS (the proxy's own stub resolver).
     pub system_resolver: bool,
+    /// How DNS is asked.
+    pub resolver: ResolverSettings,
     /// Limits.
     pub limits: Limits,
     /// Ports whose tunnels must open with a TLS ClientHello naming the CONNECT host
@@ -577,6 +600,7 @@ mod tests {
             client_networks: vec!["10.0.0.0/8".parse().unwrap()],
             hosts: HashMap::new(),
             system_resolver: false,
+            resolver: ResolverSettings::default(),
             limits: Limits::default(),
             tls_ports: vec![443],
             inspection: None,

@@ -1,25 +1,24 @@
-//! One proxy connection, from its admission to its audit record: request head (size cap,
-//! read timeout) → client network → audit health → policy → resolution → address check →
-//! dial exactly a checked address → relay → one record. Every refusal answers the client
+//! One proxy connection, from its verdict at accept to its audit record: request head
+//! (size cap, read timeout) → audit health → policy → resolution → address check → dial
+//! exactly a checked address → relay → one record. Every refusal answers the client
 //! with the structured reason (`X-Tank-Refused-By`) and lands in the record.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{admission, resolve::resolve, Shared};
 use tank_ebpf_common::ocsf::proxy::{RequestKind, TunnelKind};
 
+use super::{admission::Verdict, Shared};
 use crate::audit::Draft;
 use crate::clienthello;
-use crate::http::{parse_request, response, Request};
+use crate::http::{response, HeadReader, Request};
 use crate::inspect;
 use crate::policy::{Limits, Policy, Reason, Refusal};
 use crate::relay::{self, Upstream};
@@ -33,24 +32,22 @@ pub(super) async fn handle(
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    judged: Result<admission::Admission, Refusal>,
+    verdict: Verdict,
 ) {
     let mut draft = Draft::new(peer, local);
-    // The admission holds the connection's place under the caps until its record is queued.
-    let admission = match judged {
-        Ok(admission) => {
+    let Verdict { refusal, place } = verdict;
+    match refusal {
+        None => {
             let _ = stream.set_nodelay(true);
             serve(&shared, &policy, &mut stream, &mut draft).await;
-            Some(admission)
         }
-        Err(refusal) => {
+        Some(refusal) => {
             if refusal.reason != Reason::ClientNetwork {
                 warn!(client = %peer, limit = refusal.reason.as_str(), "{}; refusing the connection", refusal.detail);
             }
             refuse(&shared, &mut stream, &mut draft, refusal, "").await;
-            None
         }
-    };
+    }
     if draft.allowed {
         match draft.kind {
             RequestKind::Http => shared.metrics.allowed_http.inc(),
@@ -59,7 +56,9 @@ pub(super) async fn handle(
     }
     let record = draft.finish(&shared.hostname);
     shared.audit.record(record).await;
-    drop(admission);
+    // The connection's place (under the caps, or among the refusals lingering) is held
+    // until its record is queued.
+    drop(place);
 }
 
 /// Answers a refusal, records it in the draft and the metrics.
@@ -86,7 +85,7 @@ async fn refuse(
     }
     let bytes = response(status, text, &[("X-Tank-Refused-By", &by)], &body);
     let _ = relay::write_all(stream, &bytes).await;
-    goodbye(shared, stream).await;
+    relay::linger(stream).await;
     draft.allowed = false;
     draft.rule = by;
     draft.error = Some(refusal.detail);
@@ -106,23 +105,8 @@ async fn upstream_error(
     let body = format!("egress-proxy: {what}: {detail}\n");
     let bytes = response(502, "Bad Gateway", &[("X-Tank-Error", stage)], &body);
     let _ = relay::write_all(stream, &bytes).await;
-    goodbye(shared, stream).await;
+    relay::linger(stream).await;
     draft.error = Some(detail);
-}
-
-/// Refused connections lingering at once, at most: each holds a descriptor, and a client
-/// chooses how many it opens. Past it, a refusal closes at once.
-const MAX_LINGERING: usize = 256;
-
-/// Closes after the proxy's own answer: lingers (so the client reads the answer rather than
-/// a reset) while under [`MAX_LINGERING`].
-async fn goodbye(shared: &Shared, stream: &mut TcpStream) {
-    if shared.lingering.fetch_add(1, Ordering::Relaxed) < MAX_LINGERING {
-        relay::linger(stream).await;
-    } else {
-        let _ = stream.shutdown().await;
-    }
-    shared.lingering.fetch_sub(1, Ordering::Relaxed);
 }
 
 enum HeadFail {
@@ -141,10 +125,10 @@ async fn read_head(
     cut: &CancellationToken,
 ) -> Result<(Request, Vec<u8>), HeadFail> {
     let deadline = Instant::now() + limits.header_read_timeout;
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut head = HeadReader::default();
     let mut chunk = [0u8; 4096];
     loop {
-        let room = limits.max_header_bytes - buf.len();
+        let room = limits.max_header_bytes - head.len();
         if room == 0 {
             return Err(HeadFail::TooLarge);
         }
@@ -158,15 +142,14 @@ async fn read_head(
             () = cut.cancelled() => return Err(HeadFail::Cut),
         };
         if n == 0 {
-            return Err(if buf.is_empty() {
+            return Err(if head.is_empty() {
                 HeadFail::Closed
             } else {
                 HeadFail::Bad("client closed mid-head".into())
             });
         }
-        buf.extend_from_slice(&chunk[..n]);
-        match parse_request(&buf) {
-            Ok(Some((req, len))) => return Ok((req, buf.split_off(len))),
+        match head.push(&chunk[..n]) {
+            Ok(Some(done)) => return Ok(done),
             Ok(None) => {}
             Err(crate::http::HeadError::TooManyHeaders) => return Err(HeadFail::TooLarge),
             Err(e) => return Err(HeadFail::Bad(e.to_string())),
@@ -285,8 +268,9 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
 
     // Resolve and connect within connect_timeout; only checked addresses are dialled.
     let deadline = Instant::now() + limits.connect_timeout;
+    let resolver = shared.resolver();
     let resolved = tokio::select! {
-        r = tokio::time::timeout_at(deadline, resolve(policy, &target)) => r.unwrap_or_else(|_| Err("resolution timed out (connect_timeout_secs)".into())),
+        r = tokio::time::timeout_at(deadline, resolver.resolve(policy, &target, deadline)) => r.unwrap_or_else(|_| Err("resolution timed out (connect_timeout_secs)".into())),
         () = shared.cut.cancelled() => Err("cut at shutdown".into()),
     };
     let addrs = match resolved {
@@ -402,6 +386,23 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
     draft.traffic.bytes_in = outcome.bytes_in;
     draft.traffic.bytes_out += outcome.bytes_out;
     draft.error = outcome.end.error();
+    // A malformed request body (the relay's only InvalidData) before the origin answered:
+    // the client gets a 400 saying so rather than a bare close.
+    if let relay::End::Error(e) = &outcome.end {
+        if e.kind() == io::ErrorKind::InvalidData && outcome.bytes_in == 0 {
+            shared.metrics.refused(Reason::BadRequest);
+            let body = format!("egress-proxy: {what}: {e}\n");
+            let bytes = response(
+                400,
+                "Bad Request",
+                &[("X-Tank-Refused-By", Reason::BadRequest.as_str())],
+                &body,
+            );
+            let _ = relay::write_all(stream, &bytes).await;
+            relay::linger(stream).await;
+            draft.error = Some(format!("{e}; answered 400 after forwarding the head"));
+        }
+    }
 }
 
 /// An inspected tunnel: the origin is verified for exactly the CONNECT host before the agent

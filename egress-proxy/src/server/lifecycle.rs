@@ -14,9 +14,9 @@ use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-use super::{admin, admission};
+use super::{admin, admission, resolve::Resolver};
 use crate::addr::LocalAddrs;
 use crate::audit::Audit;
 use crate::config::{self, Config};
@@ -27,6 +27,7 @@ use crate::policy::Policy;
 pub struct Shared {
     policy: RwLock<Arc<Policy>>,
     local_addrs: Arc<LocalAddrs>,
+    resolver: RwLock<Arc<Resolver>>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     pub(super) audit: Audit,
@@ -35,8 +36,10 @@ pub struct Shared {
     pub(super) per_client: Mutex<HashMap<IpAddr, usize>>,
     /// Open connections in all (the proxy-wide cap).
     pub(super) total: AtomicUsize,
-    /// Refused connections lingering after their answer.
-    pub(super) lingering: AtomicUsize,
+    /// Refused connections answered and lingering.
+    pub(super) refusing: AtomicUsize,
+    /// Connections the open-files limit leaves room for (`max_connections` is lowered to it).
+    pub(super) connection_cap: usize,
     /// Cut every tunnel now (shutdown grace over).
     pub(super) cut: CancellationToken,
 }
@@ -45,6 +48,14 @@ impl Shared {
     /// The policy in force (a reload swaps it; a connection keeps the one it started with).
     pub(super) fn policy(&self) -> Arc<Policy> {
         self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The resolver in force.
+    pub(super) fn resolver(&self) -> Arc<Resolver> {
+        self.resolver
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -95,32 +106,15 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Raises the soft open-files limit to the hard limit: every tunnel holds two sockets and
-/// two pipes.
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let old = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                debug!(from = old, to = lim.rlim_max, "raised the open-files limit");
-            }
-        }
-    }
-}
-
 /// Runs the proxy until SIGTERM/SIGINT, then drains. `config_path` is re-read on SIGHUP.
 pub async fn run(
     config_path: PathBuf,
     config: Config,
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    raise_nofile();
+    let connection_cap = admission::descriptor_cap();
+    let resolver = Resolver::new(&config.policy)?;
+    admission::check_cap(&config.policy.limits, connection_cap);
     for w in &config.warnings {
         warn!("{w}");
     }
@@ -156,13 +150,15 @@ pub async fn run(
         .unwrap_or_default();
     let shared = Arc::new(Shared {
         policy: RwLock::new(Arc::new(config.policy.clone())),
+        resolver: RwLock::new(Arc::new(resolver)),
         local_addrs: LocalAddrs::follow(),
         metrics: metrics.clone(),
         audit,
         hostname,
         per_client: Mutex::new(HashMap::new()),
         total: AtomicUsize::new(0),
-        lingering: AtomicUsize::new(0),
+        refusing: AtomicUsize::new(0),
+        connection_cap,
         cut: CancellationToken::new(),
     });
 
@@ -243,28 +239,17 @@ pub async fn run(
 
 fn reload(path: &Path, running: &Config, shared: &Shared) {
     match config::load(path) {
-        Ok(new) => {
-            for w in &new.warnings {
-                warn!("{w}");
+        Ok(new) if !shared.resolver().fits(&new.policy) => match Resolver::new(&new.policy) {
+            Ok(resolver) => {
+                *shared.resolver.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(resolver);
+                apply(path, running, shared, new);
             }
-            if new.listen != running.listen
-                || new.admin_listen != running.admin_listen
-                || new.audit_log != running.audit_log
-            {
-                warn!(
-                    "`listen`, `admin_listen` and `audit_log` changes take effect only on restart"
-                );
+            Err(e) => {
+                shared.metrics.reloads_rejected.inc();
+                error!("reload rejected, keeping the previous policy: {e:#}");
             }
-            info!(
-                allowed = new.policy.allowed.len(),
-                denied = new.policy.denied.len(),
-                "policy reloaded from {}",
-                path.display()
-            );
-            *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.policy);
-            shared.local_addrs.refresh();
-            shared.metrics.reloads_ok.inc();
-        }
+        },
+        Ok(new) => apply(path, running, shared, new),
         Err(e) => {
             shared.metrics.reloads_rejected.inc();
             error!(
@@ -273,4 +258,27 @@ fn reload(path: &Path, running: &Config, shared: &Shared) {
             );
         }
     }
+}
+
+/// Puts a reloaded configuration in force.
+fn apply(path: &Path, running: &Config, shared: &Shared, new: Config) {
+    for w in &new.warnings {
+        warn!("{w}");
+    }
+    admission::check_cap(&new.policy.limits, shared.connection_cap);
+    if new.listen != running.listen
+        || new.admin_listen != running.admin_listen
+        || new.audit_log != running.audit_log
+    {
+        warn!("`listen`, `admin_listen` and `audit_log` changes take effect only on restart");
+    }
+    info!(
+        allowed = new.policy.allowed.len(),
+        denied = new.policy.denied.len(),
+        "policy reloaded from {}",
+        path.display()
+    );
+    *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.policy);
+    shared.local_addrs.refresh();
+    shared.metrics.reloads_ok.inc();
 }

@@ -86,12 +86,34 @@ impl Proxy {
 
     /// Starts the proxy with exactly `config` as its config file.
     pub fn start_raw(dir: &Path, config: &str) -> Proxy {
+        Self::start_limited(dir, config, None)
+    }
+
+    /// Starts the proxy with `config`, its open-files limit (soft and hard) set to `nofile`.
+    pub fn start_limited(dir: &Path, config: &str, nofile: Option<u64>) -> Proxy {
         let config_path = dir.join("proxy.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.join("proxy.log");
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit(2) runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(["run", "--config"])
             .arg(&config_path)
             .arg("--ready-file")
