@@ -229,7 +229,7 @@ struct RawLimits {
 /// An `allowed_domains`/`denied_domains` entry: a string, or a table.
 enum RuleSpec {
     Short(String),
-    Full(RuleTable),
+    Full(Box<RuleTable>),
 }
 
 #[derive(Deserialize)]
@@ -260,7 +260,7 @@ impl<'de> Deserialize<'de> for RuleSpec {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RuleSpec, A::Error> {
                 RuleTable::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RuleSpec::Full)
+                    .map(|t| RuleSpec::Full(Box::new(t)))
             }
         }
         d.deserialize_any(V)

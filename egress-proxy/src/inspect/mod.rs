@@ -47,8 +47,11 @@ pub struct Inspection {
     /// TLS towards origins: system roots plus `upstream_ca`.
     pub origin_tls: Arc<rustls::ClientConfig>,
     upstream_ca: Option<PathBuf>,
-    agent_tls: Mutex<HashMap<String, (Arc<rustls::sign::CertifiedKey>, Arc<rustls::ServerConfig>)>>,
+    agent_tls: Mutex<HashMap<String, AgentTls>>,
 }
+
+/// A host's leaf and the agent-facing TLS configuration made with it.
+type AgentTls = (Arc<rustls::sign::CertifiedKey>, Arc<rustls::ServerConfig>);
 
 impl std::fmt::Debug for Inspection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
