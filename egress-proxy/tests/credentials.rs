@@ -3,7 +3,7 @@
 //! proxy's log and audit log hold (never the secret).
 
 mod common;
-use common::https::{CertKind, HttpsOrigin, TunnelClient};
+use common::https::{make_ca, CertKind, HttpsOrigin, TunnelClient};
 use common::*;
 
 use std::os::unix::fs::PermissionsExt;
@@ -11,22 +11,6 @@ use std::path::Path;
 use std::process::Command;
 
 const SECRET: &str = "s3cr3t-token-value-0123456789";
-
-fn make_ca(dir: &Path) -> std::path::PathBuf {
-    let ca = dir.join("ca");
-    let out = Command::new(BIN)
-        .args(["ca", "init"])
-        .arg(&ca)
-        .args(["--domain", "api.github.test", "--domain", "other.test"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ca
-}
 
 fn write_secret(dir: &Path, value: &str) {
     let p = dir.join("github-token");
@@ -54,7 +38,7 @@ header = "Authorization"
 value = "Bearer {{secret}}"
 secret_file = "github-token"
 "#,
-        ca = make_ca(dir).display(),
+        ca = make_ca(dir, "ca", &["api.github.test", "other.test"]).display(),
         up = origin.ca_pem.display(),
     )
 }

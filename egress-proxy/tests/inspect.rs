@@ -4,28 +4,10 @@
 //! log holds, besides what the client was answered.
 
 mod common;
-use common::https::{CertKind, HttpsOrigin, TunnelClient};
+use common::https::{make_ca, CertKind, HttpsOrigin, TunnelClient};
 use common::*;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-/// Makes a CA with the real CLI, for `domains`.
-pub fn make_ca(dir: &Path, domains: &[&str]) -> PathBuf {
-    let ca = dir.join("ca");
-    let mut cmd = Command::new(BIN);
-    cmd.args(["ca", "init"]).arg(&ca);
-    for d in domains {
-        cmd.args(["--domain", d]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "ca init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ca
-}
+use std::path::Path;
 
 /// The GitHub example of docs/proxy.md, on the origin's port: one repository allowed on
 /// the git host and the API host, everything else on them refused.
@@ -46,7 +28,7 @@ denied_domains = [
 ca_dir = "{ca}"
 upstream_ca = "{up}"
 "#,
-        ca = make_ca(dir, &["github.test"]).display(),
+        ca = make_ca(dir, "ca", &["github.test"]).display(),
         up = origin.ca_pem.display(),
     )
 }
@@ -307,7 +289,7 @@ fn a_request_for_another_host_or_a_client_hello_for_another_name_is_refused() {
 #[test]
 fn a_leaf_the_ca_signs_for_a_name_outside_its_constraints_is_rejected_by_curl() {
     let dir = tempdir();
-    let ca_dir = make_ca(dir.path(), &["github.test"]);
+    let ca_dir = make_ca(dir.path(), "ca", &["github.test"]);
     let ca_key =
         rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
     let ca_params = rcgen::CertificateParams::from_ca_cert_pem(

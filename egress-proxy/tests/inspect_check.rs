@@ -4,26 +4,11 @@
 //! credentials that cannot mean anything.
 
 mod common;
+use common::https::make_ca;
 use common::*;
 
 use std::path::Path;
 use std::process::Command;
-
-fn ca_init(dir: &Path, name: &str, domain: &str) -> std::path::PathBuf {
-    let ca = dir.join(name);
-    let out = Command::new(BIN)
-        .args(["ca", "init"])
-        .arg(&ca)
-        .args(["--domain", domain])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ca
-}
 
 /// `check` on the test config with `body`: (exit code, stderr lines).
 fn check(dir: &Path, body: &str) -> (i32, Vec<String>) {
@@ -58,8 +43,8 @@ fn one_line(dir: &Path, body: &str, want: &[&str]) {
 fn inspection_mistakes_are_one_line_each() {
     let dir = tempdir();
     let d = dir.path();
-    let good = ca_init(d, "ca", "github.test");
-    let other = ca_init(d, "other", "github.test");
+    let good = make_ca(d, "ca", &["github.test"]);
+    let other = make_ca(d, "other", &["github.test"]);
     let rule = r#"allowed_domains = [{ domain = "api.github.test", inspect = true }]"#;
 
     one_line(
@@ -85,7 +70,7 @@ fn inspection_mistakes_are_one_line_each() {
         &["does not match the certificate"],
     );
 
-    let narrow = ca_init(d, "narrow", "api.github.test");
+    let narrow = make_ca(d, "narrow", &["api.github.test"]);
     one_line(
         d,
         &format!("allowed_domains = [{{ domain = \"github.test\", inspect = true }}]\n[inspection]\nca_dir = \"{}\"\n", narrow.display()),

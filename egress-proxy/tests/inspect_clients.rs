@@ -5,7 +5,7 @@
 //! repository and be refused the other; the origin is judged by what it received.
 
 mod common;
-use common::https::{CertKind, HttpsOrigin};
+use common::https::{make_ca, CertKind, HttpsOrigin};
 use common::*;
 
 use std::path::{Path, PathBuf};
@@ -28,13 +28,7 @@ impl Setup {
             CertKind::Good,
             files,
         );
-        let out = Command::new(BIN)
-            .args(["ca", "init"])
-            .arg(dir.path().join("ca"))
-            .args(["--domain", "github.test"])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        make_ca(dir.path(), "ca", &["github.test"]);
         let body = format!(
             r#"allowed_domains = [
   {{ domain = "github.test", ports = [{p}], inspect = true, allow_private = true, methods = ["GET"], path_prefixes = ["/repos/owner/repo/", "/git/owner/repo.git/"] }},

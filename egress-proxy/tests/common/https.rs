@@ -374,3 +374,20 @@ impl TunnelClient {
         })
     }
 }
+
+/// Makes an inspection CA in `dir/name` with the real CLI (`egress-proxy ca init`).
+pub fn make_ca(dir: &Path, name: &str, domains: &[&str]) -> PathBuf {
+    let ca = dir.join(name);
+    let mut cmd = std::process::Command::new(super::BIN);
+    cmd.args(["ca", "init"]).arg(&ca);
+    for d in domains {
+        cmd.args(["--domain", d]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ca
+}
