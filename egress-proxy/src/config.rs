@@ -335,22 +335,23 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
+    fn at(&self, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
         let (line, col) = line_col(self.text, span.start);
-        self.diags.push(Diagnostic {
+        Diagnostic {
             line,
             col,
             message: message.into(),
-        });
+        }
+    }
+
+    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let d = self.at(span, message);
+        self.diags.push(d);
     }
 
     fn warn(&mut self, span: Range<usize>, message: impl Into<String>) {
-        let (line, col) = line_col(self.text, span.start);
-        self.warnings.push(Diagnostic {
-            line,
-            col,
-            message: message.into(),
-        });
+        let d = self.at(span, message);
+        self.warnings.push(d);
     }
 
     /// Warns about rules that can never apply as written, or refuse more than they say.
@@ -368,7 +369,8 @@ impl Validator<'_> {
         }
         for (rule, span) in allowed {
             if let Some((d, _)) = denied.iter().find(|(d, _)| {
-                !d.is_request_level()
+                d.methods.is_none()
+                    && d.path_prefixes.is_none()
                     && rule.pattern.covered_by(&d.pattern)
                     && match (&d.ports, &rule.ports) {
                         (Ports::Any, _) => true,

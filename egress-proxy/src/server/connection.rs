@@ -7,13 +7,12 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use tank_ebpf_common::ocsf::proxy::{RequestKind, TunnelKind};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-use tank_ebpf_common::ocsf::proxy::{RequestKind, TunnelKind};
 
 use super::{admission::Verdict, Shared};
 use crate::audit::Draft;

@@ -85,9 +85,12 @@ impl Resolver {
         })
     }
 
-    /// Whether it was built for what `policy` asks (else a reload rebuilds it).
+    /// Whether it was built for what `policy` asks (else a reload rebuilds it). One that
+    /// reads `/etc/resolv.conf` never fits, so each reload re-reads the file.
     pub fn fits(&self, policy: &Policy) -> bool {
-        self.settings == policy.resolver && self.dns.is_some() == policy.system_resolver
+        self.settings == policy.resolver
+            && self.dns.is_some() == policy.system_resolver
+            && !(policy.system_resolver && policy.resolver.nameservers.is_none())
     }
 
     /// The addresses `target` names, unchecked, by `deadline`. The error is the one line
