@@ -157,6 +157,41 @@ fn findings(o: &mut String, c: &CrossCheck) {
             );
         }
     }
+    let i = &c.inspected;
+    if !i.miscounted.is_empty() {
+        any = true;
+        let rows = i.miscounted.iter().map(|t| {
+            vec![
+                t.line.to_string(),
+                t.uid.clone(),
+                t.says.to_string(),
+                t.found.to_string(),
+            ]
+        });
+        table(
+            o,
+            "Inspected tunnels whose request records do not add up",
+            "warn",
+            &["line", "tunnel uid", "tunnel says", "request records"],
+            i.miscounted.len(),
+            rows,
+        );
+    }
+    if !i.orphaned.is_empty() {
+        any = true;
+        let rows = i
+            .orphaned
+            .iter()
+            .map(|(uid, n)| vec![uid.clone(), n.to_string()]);
+        table(
+            o,
+            "Request records naming no tunnel record (a tunnel still open, or a lost record)",
+            "warn",
+            &["tunnel uid", "request records"],
+            i.orphaned.len(),
+            rows,
+        );
+    }
     if !any {
         o.push_str("<p class=\"none\">No findings: both chains verify and every proxied connection is in both logs.</p>\n");
     }
@@ -603,6 +638,7 @@ mod tests {
                 })
                 .collect(),
             activity: activity.finish(),
+            inspected: Default::default(),
         }
     }
 

@@ -60,6 +60,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "systemd-container",
         "systemd-nspawn, which boots that root under a real systemd",
     ),
+    (
+        "python3-requests",
+        "requests, a real client of the inspection tests",
+    ),
+    (
+        "nodejs",
+        "Node's TLS client, a real client of the inspection tests",
+    ),
     ("python3-pip", "installs the OCSF validator's PyPI packages"),
 ];
 
