@@ -76,6 +76,15 @@ pub mod hook {
     /// outside the connecting task, so the task fields are zero; userspace copies them from
     /// the attempt with the same cookie.
     pub const ESTABLISHED: u8 = 7;
+    /// `cgroup/setsockopt`: a socket option that would send the agent's packets somewhere
+    /// other than the destination the gate judged (IPv4 source routes, IPv6 routing and other
+    /// extension headers). No destination: the event carries the socket's family, type and
+    /// protocol.
+    pub const SETSOCKOPT: u8 = 8;
+    /// `cgroup_skb/egress`: a packet of the agent's sockets carrying IPv4 options or an IPv6
+    /// routing header, set per message as ancillary data (which no sock_addr hook sees). The
+    /// event carries the packet's real destination address and the socket's remote port.
+    pub const EGRESS: u8 = 9;
 
     /// Stable name of a hook code, for logs.
     pub fn name(code: u8) -> &'static str {
@@ -87,6 +96,8 @@ pub mod hook {
             SOCK_CREATE => "sock_create",
             LSM_SOCKET_CREATE => "lsm_socket_create",
             ESTABLISHED => "established",
+            SETSOCKOPT => "setsockopt",
+            EGRESS => "egress",
             _ => "unknown",
         }
     }
@@ -132,6 +143,15 @@ pub mod reason {
     /// An established connection whose destination is no longer in the allow map: the policy
     /// changed between the connect that was allowed and the end of the handshake.
     pub const NO_LONGER_LISTED: u8 = 9;
+    /// IPv4 options (`IP_OPTIONS`, or `IP_RETOPTS` ancillary data): loose and strict source
+    /// routes send the packet to their first hop, not to the destination the gate judged.
+    pub const IP_OPTIONS: u8 = 10;
+    /// IPv6 extension headers set by socket option (`IPV6_RTHDR`, `IPV6_HOPOPTS`,
+    /// `IPV6_DSTOPTS`, `IPV6_RTHDRDSTOPTS`, the RFC 2292 forms and `IPV6_2292PKTOPTIONS`): a
+    /// routing header sends the packet to its first segment, not to the destination judged.
+    pub const IPV6_EXTENSION_HEADERS: u8 = 11;
+    /// A packet carrying an IPv6 routing header (set as ancillary data on one message).
+    pub const IPV6_ROUTING_HEADER: u8 = 12;
 
     /// Stable name of a reason code, for logs.
     pub fn name(code: u8) -> &'static str {
@@ -145,6 +165,9 @@ pub mod reason {
             PROTOCOL_NOT_ALLOWED => "protocol_not_allowed",
             FAMILY_NOT_ALLOWED => "family_not_allowed",
             NO_LONGER_LISTED => "no_longer_listed",
+            IP_OPTIONS => "ip_options",
+            IPV6_EXTENSION_HEADERS => "ipv6_extension_headers",
+            IPV6_ROUTING_HEADER => "ipv6_routing_header",
             _ => "unknown",
         }
     }

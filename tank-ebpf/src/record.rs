@@ -49,7 +49,7 @@ pub fn current_mode() -> u32 {
 pub fn record(a: &Attempt) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    let written = write(
+    record_as(
         a,
         Task {
             pid: pid_tgid as u32,
@@ -60,9 +60,26 @@ pub fn record(a: &Attempt) -> bool {
             // SAFETY: a helper every program type that calls `record` may call, no arguments.
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         },
-        None,
-        0,
-    );
+    )
+}
+
+/// [`record`] for a packet: programs that may run outside the sending task (in softirq, on
+/// a retransmit) name the socket's owner and cgroup instead of whatever task is current.
+#[inline(always)]
+pub fn record_packet(a: &Attempt, uid: u32, cgroup_id: u64) -> bool {
+    record_as(
+        a,
+        Task {
+            uid,
+            cgroup_id,
+            ..Task::NONE
+        },
+    )
+}
+
+#[inline(always)]
+fn record_as(a: &Attempt, task: Task) -> bool {
+    let written = write(a, task, None, 0);
     if !written {
         if a.mode == mode::AUDIT {
             count(counters::UNRECORDED_ALLOWED);

@@ -64,7 +64,11 @@ pub fn tank_sock_create(ctx: SockContext) -> i32 {
         hook: hook::SOCK_CREATE,
         reason,
         // Audit mode refuses nothing, here as in the gate; the reason says what enforce would do.
-        verdict: if mode == mode::AUDIT { verdict::ALLOW } else { verdict::DENY },
+        verdict: if mode == mode::AUDIT {
+            verdict::ALLOW
+        } else {
+            verdict::DENY
+        },
         mode,
     });
     if allowed {

@@ -57,8 +57,8 @@ fn established(ctx: &SockOpsContext) {
     let remote_port = u32::from_be(unsafe { core::ptr::read_volatile(&ops.remote_port) }) as u16;
     // The same lookup the connect made, so the record says which kind of endpoint this is.
     // SAFETY: the value is a plain byte read at once.
-    let listed = unsafe { TANK_ALLOW.get(&AllowKey::new(remote, remote_port, IPPROTO_TCP as u8)) }
-        .copied();
+    let listed =
+        unsafe { TANK_ALLOW.get(&AllowKey::new(remote, remote_port, IPPROTO_TCP as u8)) }.copied();
     let mode = current_mode();
     let reason = match listed {
         Some(allow::kind::PROXY) => reason::PROXY,

@@ -1,5 +1,5 @@
 //! The kernel programs: loading `tank-ebpf`, filling its maps, attaching each program (the
-//! sock_addr gate and sock_create on the agent's cgroup, BPF LSM `socket_create` where the
+//! sock_addr gate, sock_create, sock_ops, setsockopt and skb egress on the agent's cgroup, BPF LSM `socket_create` where the
 //! kernel allows it) and pinning everything so enforcement outlives the loader.
 //!
 //! Restarts re-adopt: a pinned link whose program is byte-identical (same kernel tag) and still
@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, ProgramInfo, SockOps};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, CgroupSockopt,
+    Lsm, ProgramInfo, SockOps,
+};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tank_ebpf_common::{allow, counters, event, settings};
 
@@ -48,6 +51,11 @@ pub enum HookKind {
     Sock(u32),
     /// The cgroup `sock_ops` program on the agent cgroup (BPF_CGROUP_SOCK_OPS = 3).
     SockOps,
+    /// The cgroup `setsockopt` program on the agent cgroup (BPF_CGROUP_SETSOCKOPT = 22).
+    Sockopt,
+    /// A cgroup `skb` program on the agent cgroup, at this `bpf_attach_type`
+    /// (BPF_CGROUP_INET_EGRESS = 1).
+    Skb(u32),
     /// A BPF LSM program on this LSM hook; it is host-wide and scopes itself to the agent
     /// cgroup through the settings map.
     Lsm(&'static str),
@@ -57,8 +65,9 @@ impl Hook {
     /// The `bpf_attach_type` on the agent cgroup, for cgroup hooks.
     pub fn cgroup_attach_type(&self) -> Option<u32> {
         match self.kind {
-            HookKind::SockAddr(t) | HookKind::Sock(t) => Some(t),
+            HookKind::SockAddr(t) | HookKind::Sock(t) | HookKind::Skb(t) => Some(t),
             HookKind::SockOps => Some(3),
+            HookKind::Sockopt => Some(22),
             HookKind::Lsm(_) => None,
         }
     }
@@ -66,7 +75,7 @@ impl Hook {
 
 /// Every hook tank attaches to the agent cgroup; each must be in place for `status` to call the
 /// cgroup enforced.
-pub const HOOKS: [Hook; 6] = [
+pub const HOOKS: [Hook; 8] = [
     Hook {
         name: "connect4",
         program: "tank_connect4",
@@ -96,6 +105,16 @@ pub const HOOKS: [Hook; 6] = [
         name: "established",
         program: "tank_sock_ops",
         kind: HookKind::SockOps,
+    },
+    Hook {
+        name: "setsockopt",
+        program: "tank_setsockopt",
+        kind: HookKind::Sockopt,
+    },
+    Hook {
+        name: "egress",
+        program: "tank_egress",
+        kind: HookKind::Skb(1),
     },
 ];
 
@@ -219,11 +238,11 @@ fn place(
         }
     }
 
-    let link = attach(ebpf, &hook, cgroup_fd)
-        .with_context(|| format!("cannot attach {} ({})", hook.program, hook.name))?;
     // bpffs refuses names with a dot.
     let staged = pin.with_file_name(format!("{}_staged", hook.name));
     let _ = std::fs::remove_file(&staged);
+    let link = attach(ebpf, &hook, cgroup_fd, &staged)
+        .with_context(|| format!("cannot attach {} ({})", hook.program, hook.name))?;
     let link = link
         .pin(&staged)
         .with_context(|| format!("cannot pin link at {}", staged.display()))?;
@@ -266,6 +285,16 @@ fn load(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<ProgramInfo> {
             p.load().with_context(refused)?;
             Ok(p.info()?)
         }
+        HookKind::Sockopt => {
+            let p: &mut CgroupSockopt = program.try_into()?;
+            p.load().with_context(refused)?;
+            Ok(p.info()?)
+        }
+        HookKind::Skb(_) => {
+            let p: &mut CgroupSkb = program.try_into()?;
+            p.load().with_context(refused)?;
+            Ok(p.info()?)
+        }
         HookKind::Lsm(lsm_hook) => {
             let btf = Btf::from_sys_fs()
                 .context("BPF LSM needs the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
@@ -276,8 +305,14 @@ fn load(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<ProgramInfo> {
     }
 }
 
-/// Attaches a loaded program and hands back its link, not yet pinned.
-fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup_fd: &std::fs::File) -> anyhow::Result<FdLink> {
+/// Attaches a loaded program and hands back its link, not yet pinned (`scratch` is a free pin
+/// path it may use on the way).
+fn attach(
+    ebpf: &mut Ebpf,
+    hook: &Hook,
+    cgroup_fd: &std::fs::File,
+    scratch: &Path,
+) -> anyhow::Result<FdLink> {
     let program = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
@@ -297,6 +332,27 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup_fd: &std::fs::File) -> anyhow::Re
         HookKind::SockOps => {
             let p: &mut SockOps = program.try_into()?;
             let id = p.attach(cgroup_fd, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into()?
+        }
+        HookKind::Sockopt => {
+            // aya 0.14 has no FdLink for sockopt links: create the link ourselves, pin it and
+            // take it back through the pin, then free the scratch path.
+            let p: &mut CgroupSockopt = program.try_into()?;
+            let attach_type = hook.cgroup_attach_type().expect("a cgroup hook");
+            let link = query::cgroup_link_create(p.fd()?.as_fd(), cgroup_fd.as_fd(), attach_type)?;
+            query::obj_pin(link.as_fd(), scratch)?;
+            let pinned = PinnedLink::from_pin(scratch);
+            std::fs::remove_file(scratch)?;
+            FdLink::from(pinned?)
+        }
+        HookKind::Skb(attach_type) => {
+            let p: &mut CgroupSkb = program.try_into()?;
+            let kind = match attach_type {
+                0 => CgroupSkbAttachType::Ingress,
+                1 => CgroupSkbAttachType::Egress,
+                t => return Err(anyhow!("no cgroup skb attach type {t}")),
+            };
+            let id = p.attach(cgroup_fd, kind, CgroupAttachMode::Single)?;
             p.take_link(id)?.try_into()?
         }
         HookKind::Lsm(_) => {

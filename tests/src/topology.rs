@@ -345,7 +345,7 @@ impl Drop for TwoHosts {
 }
 
 /// A veth pair with one end in each namespace, both up.
-fn wire(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+pub fn wire(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     a.ip(&[
         "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
     ]);

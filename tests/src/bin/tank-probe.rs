@@ -22,14 +22,23 @@
 //!   detach PIN_DIR CGROUP_DIR   unpin tank's links/maps and BPF_PROG_DETACH its hooks
 //!   run CMD ARGS...             run a command; prints "ok" or "exit=N"
 //!   flood ADDR:PORT N           N TCP connects; prints "ok=A eperm=B other=C"
+//!   reroute HEADER HOW VIA ADDR:PORT MARK
+//!                               put HEADER (rthdr, srr, pktoptions, cmsg-srr, cmsg-rthdr,
+//!                               cmsg-pktinfo) naming VIA on a send of MARK to ADDR:PORT made
+//!                               HOW (udp-sendto, udp-connect, tcp-fastopen, tcp); prints
+//!                               "opt=.. send=.." (see tank_integration_tests::reroute)
+//!   udp-connect-cmsg ADDR:PORT MARK
+//!                               connect a UDP socket, then send MARK with an IP_TOS (IPv4) or
+//!                               IPV6_TCLASS (IPv6) cmsg
 
 use std::ffi::CString;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
+use tank_integration_tests::reroute::{cvt, show, socket as new_socket};
 
 type Outcome = std::io::Result<()>;
 
@@ -138,6 +147,25 @@ fn main() {
             );
             return;
         }
+        "reroute" => {
+            use tank_integration_tests::reroute::{attempt, Header, Send};
+            let header = args
+                .get(1)
+                .and_then(|a| Header::parse(a))
+                .unwrap_or_else(|| usage());
+            let how = args
+                .get(2)
+                .and_then(|a| Send::parse(a))
+                .unwrap_or_else(|| usage());
+            let via = args
+                .get(3)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| usage());
+            let mark = args.get(5).unwrap_or_else(|| usage());
+            println!("{}", attempt(header, how, via, target(4), mark.as_bytes()));
+            return;
+        }
+        "udp-connect-cmsg" => udp_connect_cmsg(&target(1), args.get(2).unwrap_or_else(|| usage())),
         "flood" => {
             let n = number(2);
             let (mut ok, mut eperm, mut other) = (0, 0, 0);
@@ -156,24 +184,6 @@ fn main() {
     println!("{}", show(&outcome));
 }
 
-fn show(outcome: &Outcome) -> String {
-    match outcome {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => e.raw_os_error().map_or_else(
-            || e.to_string(),
-            |code| format!("{:?}", nix::errno::Errno::from_raw(code)),
-        ),
-    }
-}
-
-fn cvt(rc: libc::c_int) -> std::io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
 fn bind_any(target: &SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::bind(if target.is_ipv4() {
         "0.0.0.0:0"
@@ -182,19 +192,20 @@ fn bind_any(target: &SocketAddr) -> std::io::Result<UdpSocket> {
     })
 }
 
-fn family_of(target: &SocketAddr) -> i32 {
-    if target.is_ipv4() {
-        libc::AF_INET
+/// A connected UDP socket's send with ancillary data, as QUIC stacks and resolvers make it.
+fn udp_connect_cmsg(target: &SocketAddr, mark: &str) -> Outcome {
+    use tank_integration_tests::reroute::{control, sendmsg};
+    let sock = new_socket(target, libc::SOCK_DGRAM)?;
+    let addr = SockaddrStorage::from(*target);
+    // SAFETY: addr outlives the call.
+    cvt(unsafe { libc::connect(sock.as_raw_fd(), addr.as_ptr(), addr.len()) })?;
+    let tos = 0x10i32.to_ne_bytes();
+    let cmsg = if target.is_ipv4() {
+        control(libc::SOL_IP, libc::IP_TOS, &tos)
     } else {
-        libc::AF_INET6
-    }
-}
-
-fn new_socket(target: &SocketAddr, sock_type: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the descriptor is owned at once.
-    let fd = cvt(unsafe { libc::socket(family_of(target), sock_type | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: fd was just returned by socket(2) and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        control(libc::SOL_IPV6, libc::IPV6_TCLASS, &tos)
+    };
+    sendmsg(sock.as_raw_fd(), None, &cmsg, mark.as_bytes(), 0)
 }
 
 /// socket(2)/socketpair(2) through syscall(2), so a family with bits above 32 reaches the

@@ -1,0 +1,124 @@
+//! `cgroup_skb/egress`: packets of the agent's sockets whose IP header sends them somewhere
+//! other than the destination the gate judged.
+//!
+//! Socket options are the setsockopt program's ([`crate::sockopt`]), but the same headers can
+//! be set for one message as ancillary data, which no sock_addr hook sees: `udp_sendmsg` runs
+//! the sendmsg hook before it takes `faddr` from an `IP_RETOPTS` source route, and on kernels
+//! with CONFIG_IPV6_MIP6 `ip6_datagram_send_ctl` accepts a type 2 routing header. So every
+//! packet is checked here, after the kernel built its IP header: IPv4 options of any kind
+//! (the agent cannot set them any other way; source routes redirect) and an IPv6 routing
+//! header, behind up to three hop-by-hop or destination-options headers, are refused and
+//! recorded. Everything else passes after reading one or two header bytes: this is the only
+//! tank program that runs per packet, and it is kept to that.
+//!
+//! Kernel requirements: cgroup skb programs (4.10).
+
+use aya_ebpf::{
+    helpers::generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+    EbpfContext,
+};
+use tank_ebpf_common::{
+    event::{hook, reason, verdict},
+    settings::mode,
+};
+
+use crate::record::{current_mode, record_packet, Attempt};
+
+/// What a cgroup skb program returns to let the packet go.
+const SKB_PASS: i32 = 1;
+/// What it returns to drop it (the sender's call fails with EPERM).
+const SKB_DROP: i32 = 0;
+
+/// `ETH_P_IP` and `ETH_P_IPV6` as `__sk_buff.protocol` holds them (network byte order).
+const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
+const ETH_P_IPV6_BE: u32 = 0x86ddu16.to_be() as u32;
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_DEST: u8 = 60;
+const IPV6_HEADER_LEN: usize = 40;
+
+#[cgroup_skb(egress)]
+pub fn tank_egress(ctx: SkBuffContext) -> i32 {
+    let protocol = ctx.skb.protocol();
+    let refusal = if protocol == ETH_P_IP_BE {
+        ipv4_options(&ctx)
+    } else if protocol == ETH_P_IPV6_BE {
+        ipv6_routing_header(&ctx)
+    } else {
+        None
+    };
+    let Some((reason, family, dst_addr)) = refusal else {
+        return SKB_PASS;
+    };
+    let mode = current_mode();
+    // remote_port: the socket's peer port, network order in the low 16 bits.
+    let dst_port = u16::from_be(ctx.skb.remote_port() as u16);
+    let allowed = record_packet(
+        &Attempt {
+            // SAFETY: a helper allowed in cgroup skb programs, called with the program's context.
+            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            dst_addr,
+            dst_port,
+            family,
+            sock_type: 0,
+            protocol: 0,
+            hook: hook::EGRESS,
+            reason,
+            verdict: if mode == mode::AUDIT {
+                verdict::ALLOW
+            } else {
+                verdict::DENY
+            },
+            mode,
+        },
+        ctx.get_socket_uid(),
+        // SAFETY: a helper allowed in cgroup skb programs, called with the program's context.
+        unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) },
+    );
+    if allowed {
+        SKB_PASS
+    } else {
+        SKB_DROP
+    }
+}
+
+/// IPv4 with options (IHL above 5 words): the reason, family and the real destination.
+#[inline(always)]
+fn ipv4_options(ctx: &SkBuffContext) -> Option<(u8, u16, [u8; 16])> {
+    // An unreadable header is not ours to judge: the kernel built it.
+    let version_ihl: u8 = ctx.load(0).ok()?;
+    if version_ihl & 0x0f <= 5 {
+        return None;
+    }
+    let daddr: [u8; 4] = ctx.load(16).ok()?;
+    Some((
+        reason::IP_OPTIONS,
+        2,
+        tank_ebpf_common::allow::ipv4_mapped(daddr),
+    ))
+}
+
+/// IPv6 with a routing header: the reason, family and the real (first-segment) destination.
+#[inline(always)]
+fn ipv6_routing_header(ctx: &SkBuffContext) -> Option<(u8, u16, [u8; 16])> {
+    let mut next: u8 = ctx.load(6).ok()?;
+    let mut offset = IPV6_HEADER_LEN;
+    // A routing header may follow hop-by-hop and destination options; three is more than
+    // RFC 8200's order allows before it.
+    for _ in 0..3 {
+        if next != NEXTHDR_HOP && next != NEXTHDR_DEST {
+            break;
+        }
+        let ext: [u8; 2] = ctx.load(offset).ok()?;
+        next = ext[0];
+        offset += (usize::from(ext[1]) + 1) * 8;
+    }
+    if next != NEXTHDR_ROUTING {
+        return None;
+    }
+    let daddr: [u8; 16] = ctx.load(24).ok()?;
+    Some((reason::IPV6_ROUTING_HEADER, 10, daddr))
+}
