@@ -67,9 +67,21 @@ pub fn script(
         path.display(),
         cgroup.path.display()
     )];
-    if let Some((first, last)) = cfg.uid_range {
+    if !cfg.uid_ranges.is_empty() {
+        let uids: Vec<String> = cfg
+            .uid_ranges
+            .iter()
+            .map(|&(first, last)| {
+                if first == last {
+                    first.to_string()
+                } else {
+                    format!("{first}-{last}")
+                }
+            })
+            .collect();
         agent_match.push(format!(
-            "meta skuid {first}-{last} jump agent comment \"agent host uid range\""
+            "meta skuid {{ {} }} jump agent comment \"agent host uids\"",
+            uids.join(", ")
         ));
     }
     let mut agent = vec![
@@ -277,7 +289,7 @@ mod tests {
         let cfg = NftConfig {
             enabled: true,
             table: "tank".into(),
-            uid_range: Some((100_000, 165_535)),
+            uid_ranges: vec![(2000, 2000), (100_000, 165_535)],
         };
         let s = script(
             &cfg,
@@ -289,7 +301,10 @@ mod tests {
             s.contains("socket cgroupv2 level 2 \"unified/x/agent\" jump agent"),
             "{s}"
         );
-        assert!(s.contains("meta skuid 100000-165535 jump agent"), "{s}");
+        assert!(
+            s.contains("meta skuid { 2000, 100000-165535 } jump agent"),
+            "{s}"
+        );
         let s = script(&cfg, &cgroup("/sys/fs/cgroup/x/agent", "/x/agent"), &[]).unwrap();
         assert!(s.contains("socket cgroupv2 level 2 \"x/agent\""), "{s}");
         assert!(script(&cfg, &cgroup("/mnt/cg2/x/agent", "/x/agent"), &[]).is_err());
@@ -300,7 +315,7 @@ mod tests {
         let cfg = NftConfig {
             enabled: true,
             table: "t".into(),
-            uid_range: None,
+            uid_ranges: Vec::new(),
         };
         let eps = [
             endpoint("[::ffff:192.0.2.1]:3128", Protocol::Tcp, true),

@@ -27,13 +27,17 @@
 //!                               cmsg-pktinfo) naming VIA on a send of MARK to ADDR:PORT made
 //!                               HOW (udp-sendto, udp-connect, tcp-fastopen, tcp); prints
 //!                               "opt=.. send=.." (see tank_integration_tests::reroute)
+//!   handed-in scm|pidfd CGROUP UID ADDR:PORT
+//!                               a child moves to CGROUP, becomes UID and makes a TCP socket;
+//!                               we (still in our cgroup) take it over SCM_RIGHTS or with
+//!                               pidfd_getfd and connect it to ADDR:PORT
 //!   udp-connect-cmsg ADDR:PORT MARK
 //!                               connect a UDP socket, then send MARK with an IP_TOS (IPv4) or
 //!                               IPV6_TCLASS (IPv6) cmsg
 
 use std::ffi::CString;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::process::Command;
 use std::time::Duration;
 
@@ -165,6 +169,12 @@ fn main() {
             println!("{}", attempt(header, how, via, target(4), mark.as_bytes()));
             return;
         }
+        "handed-in" => handed_in(
+            args.get(1).unwrap_or_else(|| usage()),
+            args.get(2).unwrap_or_else(|| usage()),
+            number(3) as u32,
+            &target(4),
+        ),
         "udp-connect-cmsg" => udp_connect_cmsg(&target(1), args.get(2).unwrap_or_else(|| usage())),
         "flood" => {
             let n = number(2);
@@ -190,6 +200,85 @@ fn bind_any(target: &SocketAddr) -> std::io::Result<UdpSocket> {
     } else {
         "[::]:0"
     })
+}
+
+/// A TCP socket made outside our cgroup by another uid, handed to us, then connected.
+fn handed_in(how: &str, cgroup: &str, uid: u32, target: &SocketAddr) -> Outcome {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let (mut ours, mut theirs) = UnixStream::pair()?;
+    // SAFETY: fork in a single-threaded probe; the child only makes syscalls and exits.
+    let child = match unsafe { nix::unistd::fork() }.map_err(std::io::Error::from)? {
+        nix::unistd::ForkResult::Child => {
+            drop(ours);
+            std::fs::write(format!("{cgroup}/cgroup.procs"), "0")
+                .expect("move to the creator cgroup");
+            nix::unistd::setgroups(&[]).expect("setgroups");
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).expect("setgid");
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).expect("setuid");
+            let sock = new_socket(target, libc::SOCK_STREAM).expect("creator's socket");
+            let fd = sock.as_raw_fd();
+            if how == "scm" {
+                nix::sys::socket::sendmsg::<()>(
+                    theirs.as_raw_fd(),
+                    &[std::io::IoSlice::new(b"s")],
+                    &[nix::sys::socket::ControlMessage::ScmRights(&[fd])],
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                )
+                .expect("SCM_RIGHTS");
+            } else {
+                theirs
+                    .write_all(&fd.to_ne_bytes())
+                    .expect("tell the fd number");
+            }
+            // Hold the socket until the parent says it has its own copy.
+            let _ = theirs.read(&mut [0u8; 1]);
+            std::process::exit(0);
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    drop(theirs);
+    let sock = if how == "scm" {
+        let mut buf = [0u8; 1];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = nix::sys::socket::recvmsg::<()>(
+            ours.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::empty(),
+        )?;
+        let fd = msg
+            .cmsgs()?
+            .find_map(|c| match c {
+                nix::sys::socket::ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                _ => None,
+            })
+            .ok_or_else(|| std::io::Error::other("no descriptor passed"))?;
+        // SAFETY: a descriptor SCM_RIGHTS just installed for us.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+    } else {
+        let mut number = [0u8; 4];
+        ours.read_exact(&mut number)?;
+        // SAFETY: plain pidfd_open(2)/pidfd_getfd(2); the descriptors are owned at once.
+        let pidfd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) } as i32)?;
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+        let fd = cvt(unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_getfd,
+                pidfd.as_raw_fd(),
+                i32::from_ne_bytes(number),
+                0,
+            )
+        } as i32)?;
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+    };
+    ours.write_all(b"k")?;
+    let _ = nix::sys::wait::waitpid(child, None);
+    let addr = SockaddrStorage::from(*target);
+    // SAFETY: addr outlives the call.
+    cvt(unsafe { libc::connect(sock.as_raw_fd(), addr.as_ptr(), addr.len()) }).map(drop)
 }
 
 /// A connected UDP socket's send with ancillary data, as QUIC stacks and resolvers make it.
