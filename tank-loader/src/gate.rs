@@ -168,6 +168,7 @@ pub fn link_pin(pin_dir: &Path, hook: &Hook) -> PathBuf {
 /// once to `cgroup`, pinned under `cfg.pin_dir`.
 pub fn install(cfg: &Config, cgroup: &AgentCgroup) -> anyhow::Result<Installed> {
     bpffs::prepare(&cfg.pin_dir)?;
+    refuse_stale_pins(&cfg.pin_dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&cfg.pin_dir)
         .map_max_entries(event::MAP_NAME, cfg.ring_buffer_bytes)
@@ -412,6 +413,51 @@ fn mode_code(mode: Mode) -> u32 {
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Map> {
     ebpf.map_mut(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// Refuses to start on maps pinned with another layout than this loader's programs use.
+///
+/// aya reuses a map pinned under the same name whatever its shape, and the kernel lets the
+/// programs load against it: a counter map pinned by an older tank with fewer slots would drop
+/// the new slots' counts, a settings map would read its missing slots as 0. Replacing the maps
+/// in place would orphan what the old ring buffer still holds and reset the counters, so the
+/// loader stops here instead, before touching anything: the programs already attached keep
+/// enforcing with the maps they have, and the error says how to upgrade. The ring buffer's size
+/// alone may differ (it is configurable; [`warn_on_ring_size`] reports it).
+fn refuse_stale_pins(pin_dir: &Path) -> anyhow::Result<()> {
+    let object = aya_obj::Object::parse(OBJECT).context("cannot parse tank's eBPF object")?;
+    for (name, wanted) in &object.maps {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("cannot inspect pinned map {}", path.display()))?;
+        let shape = |key: u32, value: u32, entries: u32, flags: u32| {
+            format!("key {key} B, value {value} B, {entries} entries, flags {flags:#x}")
+        };
+        let is_ring = name == event::MAP_NAME;
+        let entries = |n: u32| if is_ring { 0 } else { n };
+        let found = shape(
+            pinned.key_size(),
+            pinned.value_size(),
+            entries(pinned.max_entries()),
+            pinned.map_flags(),
+        );
+        let needed = shape(
+            wanted.key_size(),
+            wanted.value_size(),
+            entries(wanted.max_entries()),
+            wanted.map_flags(),
+        );
+        if found != needed {
+            anyhow::bail!(
+                "pinned map {} has another layout ({found}) than this tank-loader needs ({needed}): it was pinned by another tank version. Nothing was changed and the programs attached now keep enforcing with it; to upgrade, stop the agent, run `tank-loader detach`, then start tank-loader again",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A pinned ring buffer keeps the size it was created with; say so instead of pretending.
