@@ -85,6 +85,15 @@ pub mod hook {
     /// routing header, set per message as ancillary data (which no sock_addr hook sees). The
     /// event carries the packet's real destination address and the socket's remote port.
     pub const EGRESS: u8 = 9;
+    /// `sock_ops` passive-established callback: a TCP connection *into* one of the agent's
+    /// listening sockets completed its handshake. `dst_*` is the remote end (who connected),
+    /// `src_*` the agent's local address and port. Task fields are zero (it runs in softirq);
+    /// the socket's owner is not known here.
+    pub const ACCEPTED: u8 = 10;
+    /// `cgroup_skb/ingress`: a TCP connection attempt (SYN) to one of the agent's sockets from
+    /// another host. `dst_*` is the remote end that tried, `src_*` the agent's address and port;
+    /// the task fields carry the socket owner's uid and cgroup.
+    pub const INBOUND: u8 = 11;
 
     /// Stable name of a hook code, for logs.
     pub fn name(code: u8) -> &'static str {
@@ -98,6 +107,8 @@ pub mod hook {
             ESTABLISHED => "established",
             SETSOCKOPT => "setsockopt",
             EGRESS => "egress",
+            ACCEPTED => "accepted",
+            INBOUND => "inbound",
             _ => "unknown",
         }
     }
@@ -152,6 +163,11 @@ pub mod reason {
     pub const IPV6_EXTENSION_HEADERS: u8 = 11;
     /// A packet carrying an IPv6 routing header (set as ancillary data on one message).
     pub const IPV6_ROUTING_HEADER: u8 = 12;
+    /// A connection attempt into the agent from another host: whoever connects in receives
+    /// what the agent writes, past every outbound check. Only the host itself may connect in.
+    pub const NOT_FROM_HOST: u8 = 13;
+    /// A connection into the agent was accepted (from the host itself, or in audit mode).
+    pub const INBOUND_ACCEPTED: u8 = 14;
 
     /// Stable name of a reason code, for logs.
     pub fn name(code: u8) -> &'static str {
@@ -168,6 +184,8 @@ pub mod reason {
             IP_OPTIONS => "ip_options",
             IPV6_EXTENSION_HEADERS => "ipv6_extension_headers",
             IPV6_ROUTING_HEADER => "ipv6_routing_header",
+            NOT_FROM_HOST => "not_from_host",
+            INBOUND_ACCEPTED => "inbound_accepted",
             _ => "unknown",
         }
     }

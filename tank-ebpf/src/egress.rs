@@ -74,6 +74,7 @@ pub fn tank_egress(ctx: SkBuffContext) -> i32 {
             },
             mode,
         },
+        None,
         ctx.get_socket_uid(),
         // SAFETY: a helper allowed in cgroup skb programs, called with the program's context.
         unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) },

@@ -13,7 +13,10 @@
 //! - [`egress`]: refuses packets that carry such headers anyway, set per message as ancillary
 //!   data; the one per-packet program, reading one or two header bytes.
 //! - [`sock_ops`]: once a TCP connection the gate allowed is established, records its local
-//!   address and port, so the kernel's record names the whole 4-tuple the proxy sees.
+//!   address and port, so the kernel's record names the whole 4-tuple the proxy sees; and
+//!   records every connection accepted into the agent.
+//! - [`inbound`]: drops and records TCP connection attempts into the agent from other hosts
+//!   (ingress only).
 //!
 //! Every refusal, and every attempt the gate judges, is one event in the ring buffer
 //! ([`record`]). When the ring buffer has no room an attempt is refused (even an allowlisted
@@ -28,6 +31,7 @@
 #![no_main]
 
 mod egress;
+mod inbound;
 mod lsm;
 mod record;
 mod sock_addr;

@@ -51,6 +51,7 @@ pub fn record(a: &Attempt) -> bool {
     let uid_gid = bpf_get_current_uid_gid();
     record_as(
         a,
+        None,
         Task {
             pid: pid_tgid as u32,
             tgid: (pid_tgid >> 32) as u32,
@@ -65,10 +66,17 @@ pub fn record(a: &Attempt) -> bool {
 
 /// [`record`] for a packet: programs that may run outside the sending task (in softirq, on
 /// a retransmit) name the socket's owner and cgroup instead of whatever task is current.
+/// `local` is the agent's end, where the packet names it.
 #[inline(always)]
-pub fn record_packet(a: &Attempt, uid: u32, cgroup_id: u64) -> bool {
+pub fn record_packet(
+    a: &Attempt,
+    local: Option<([u8; 16], u16)>,
+    uid: u32,
+    cgroup_id: u64,
+) -> bool {
     record_as(
         a,
+        local,
         Task {
             uid,
             cgroup_id,
@@ -78,8 +86,8 @@ pub fn record_packet(a: &Attempt, uid: u32, cgroup_id: u64) -> bool {
 }
 
 #[inline(always)]
-fn record_as(a: &Attempt, task: Task) -> bool {
-    let written = write(a, task, None, 0);
+fn record_as(a: &Attempt, local: Option<([u8; 16], u16)>, task: Task) -> bool {
+    let written = write(a, task, local, 0);
     if !written {
         if a.mode == mode::AUDIT {
             count(counters::UNRECORDED_ALLOWED);

@@ -54,7 +54,7 @@ pub enum HookKind {
     /// The cgroup `setsockopt` program on the agent cgroup (BPF_CGROUP_SETSOCKOPT = 22).
     Sockopt,
     /// A cgroup `skb` program on the agent cgroup, at this `bpf_attach_type`
-    /// (BPF_CGROUP_INET_EGRESS = 1).
+    /// (BPF_CGROUP_INET_INGRESS = 0, BPF_CGROUP_INET_EGRESS = 1).
     Skb(u32),
     /// A BPF LSM program on this LSM hook; it is host-wide and scopes itself to the agent
     /// cgroup through the settings map.
@@ -75,7 +75,7 @@ impl Hook {
 
 /// Every hook tank attaches to the agent cgroup; each must be in place for `status` to call the
 /// cgroup enforced.
-pub const HOOKS: [Hook; 8] = [
+pub const HOOKS: [Hook; 9] = [
     Hook {
         name: "connect4",
         program: "tank_connect4",
@@ -115,6 +115,11 @@ pub const HOOKS: [Hook; 8] = [
         name: "egress",
         program: "tank_egress",
         kind: HookKind::Skb(1),
+    },
+    Hook {
+        name: "inbound",
+        program: "tank_inbound",
+        kind: HookKind::Skb(0),
     },
 ];
 

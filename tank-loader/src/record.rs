@@ -257,7 +257,12 @@ impl Origin {
                     n => n.to_string(),
                 },
                 protocol_ver_id: version,
-                direction_id: 2,
+                // OCSF: 1 inbound (someone connected into the agent), 2 outbound.
+                direction_id: if matches!(event.hook, hook::ACCEPTED | hook::INBOUND) {
+                    1
+                } else {
+                    2
+                },
             },
             unmapped: KernelDetails {
                 hook: hook::name(event.hook).into(),

@@ -443,8 +443,8 @@ pub struct ProbeOpts<'a> {
     pub seccomp: bool,
 }
 
-/// [`probe`] with every option.
-pub fn probe_with(cgroup: &Path, opts: &ProbeOpts<'_>, args: &[&str]) -> (u32, String) {
+/// `tank-probe` with its options, to run in the background (see `serve`).
+pub fn probe_command(cgroup: &Path, opts: &ProbeOpts<'_>) -> Command {
     let mut cmd = Command::new(workspace_bin("tank-probe"));
     cmd.arg("--cgroup").arg(cgroup);
     if let Some(netns) = opts.netns {
@@ -456,7 +456,12 @@ pub fn probe_with(cgroup: &Path, opts: &ProbeOpts<'_>, args: &[&str]) -> (u32, S
     if opts.seccomp {
         cmd.arg("--seccomp");
     }
-    let child = cmd
+    cmd
+}
+
+/// [`probe`] with every option.
+pub fn probe_with(cgroup: &Path, opts: &ProbeOpts<'_>, args: &[&str]) -> (u32, String) {
+    let child = probe_command(cgroup, opts)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -31,6 +31,9 @@
 //!                               a child moves to CGROUP, becomes UID and makes a TCP socket;
 //!                               we (still in our cgroup) take it over SCM_RIGHTS or with
 //!                               pidfd_getfd and connect it to ADDR:PORT
+//!   serve ADDR:PORT MARK SECONDS
+//!                               listen on ADDR:PORT, print "ready", then for SECONDS write MARK
+//!                               to every connection accepted; prints "accepted=N"
 //!   udp-connect-cmsg ADDR:PORT MARK
 //!                               connect a UDP socket, then send MARK with an IP_TOS (IPv4) or
 //!                               IPV6_TCLASS (IPv6) cmsg
@@ -167,6 +170,27 @@ fn main() {
                 .unwrap_or_else(|| usage());
             let mark = args.get(5).unwrap_or_else(|| usage());
             println!("{}", attempt(header, how, via, target(4), mark.as_bytes()));
+            return;
+        }
+        "serve" => {
+            let listener = std::net::TcpListener::bind(target(1)).expect("listen");
+            listener
+                .set_nonblocking(true)
+                .expect("non-blocking listener");
+            println!("ready");
+            let mark = args.get(2).unwrap_or_else(|| usage());
+            let until = std::time::Instant::now() + Duration::from_secs(number(3));
+            let mut accepted = 0;
+            while std::time::Instant::now() < until {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        accepted += 1;
+                        let _ = std::io::Write::write_all(&mut conn, mark.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            println!("accepted={accepted}");
             return;
         }
         "handed-in" => handed_in(
