@@ -1,5 +1,6 @@
-//! The audit log: one chained record per connection, shaped after OCSF Network Activity
-//! (class 4001), written through [`tank_ebpf_common::chain`].
+//! The audit log: one chained record per connection, an OCSF Network Activity record
+//! ([`tank_ebpf_common::ocsf::proxy::ConnectionRecord`]) written through
+//! [`tank_ebpf_common::chain`].
 //!
 //! Records go to one writer thread over a bounded channel. The thread appends every record
 //! queued, then makes the batch durable with one `fdatasync` and moves the anchor (group
@@ -18,8 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use tank_ebpf_common::chain::{ChainError, ChainWriter};
+use tank_ebpf_common::ocsf::proxy::{
+    Connection, ConnectionRecord, ProxyDetails, RequestKind, Traffic, Url,
+};
+use tank_ebpf_common::ocsf::Endpoint;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
@@ -38,163 +42,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// OCSF product metadata.
-#[derive(Clone, Debug, Serialize)]
-pub struct Product {
-    /// Always `egress-proxy`.
-    pub name: &'static str,
-    /// Always `tank`.
-    pub vendor_name: &'static str,
-    /// The crate version.
-    pub version: &'static str,
-}
-
-/// OCSF metadata.
-#[derive(Clone, Debug, Serialize)]
-pub struct Metadata {
-    /// The product.
-    pub product: Product,
-    /// OCSF schema version.
-    pub version: &'static str,
-    /// Always `proxy`.
-    pub log_name: &'static str,
-}
-
-/// OCSF device.
-#[derive(Clone, Debug, Serialize)]
-pub struct Device {
-    /// The proxy host's name.
-    pub hostname: String,
-}
-
-/// An address and port.
-#[derive(Clone, Debug, Serialize)]
-pub struct Endpoint {
-    /// Address.
-    pub ip: IpAddr,
-    /// Port.
-    pub port: u16,
-}
-
-impl From<SocketAddr> for Endpoint {
-    fn from(a: SocketAddr) -> Self {
-        Self {
-            ip: crate::policy::canonical_ip(a.ip()),
-            port: a.port(),
-        }
-    }
-}
-
-/// The destination.
-#[derive(Clone, Debug, Serialize)]
-pub struct DstEndpoint {
-    /// The canonical target host (name or address), `null` when no request was parsed.
-    pub hostname: Option<String>,
-    /// The address connected to (or last tried), `null` if none.
-    pub ip: Option<IpAddr>,
-    /// The target port, `null` when no request was parsed.
-    pub port: Option<u16>,
-}
-
-/// OCSF connection info.
-#[derive(Clone, Debug, Serialize)]
-pub struct ConnectionInfo {
-    /// `tcp`.
-    pub protocol_name: &'static str,
-    /// 6.
-    pub protocol_num: u8,
-    /// 2 (outbound).
-    pub direction_id: u8,
-}
-
-/// Bytes relayed.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Traffic {
-    /// Origin to client.
-    pub bytes_in: u64,
-    /// Client to origin.
-    pub bytes_out: u64,
-}
-
-/// The URL of a plain-HTTP request.
-#[derive(Clone, Debug, Serialize)]
-pub struct Url {
-    /// `http://host[:port]/path?query`.
-    pub url_string: String,
-}
-
-/// A plain-HTTP request.
-#[derive(Clone, Debug, Serialize)]
-pub struct HttpRequest {
-    /// The method.
-    pub http_method: String,
-    /// The URL.
-    pub url: Url,
-}
-
-/// Fields outside OCSF.
-#[derive(Clone, Debug, Serialize)]
-pub struct Unmapped {
-    /// `connect`, `http`, or `invalid` (no request could be parsed).
-    pub kind: &'static str,
-    /// The rule that decided (`allowed_domains:<name>`, `denied_domains:<name>`), or the
-    /// refusal reason when no rule did (`default-deny`, `private-address`, ...).
-    pub rule: String,
-    /// What went wrong, if anything.
-    pub error: Option<String>,
-}
-
-/// One audit record.
-#[derive(Clone, Debug, Serialize)]
-pub struct Record {
-    /// 4001, Network Activity.
-    pub class_uid: u32,
-    /// 4, Network Activity.
-    pub category_uid: u32,
-    /// 1 opened/allowed, 5 refused.
-    pub activity_id: u32,
-    /// 400100 + activity_id.
-    pub type_uid: u32,
-    /// Record time (= end_time), ms since the epoch.
-    pub time: u64,
-    /// When the connection was accepted.
-    pub start_time: u64,
-    /// When it ended.
-    pub end_time: u64,
-    /// end - start, ms.
-    pub duration: u64,
-    /// 1 informational (allowed), 3 medium (refused).
-    pub severity_id: u32,
-    /// `Allowed` / `Denied`.
-    pub action: &'static str,
-    /// 1 / 2.
-    pub action_id: u32,
-    /// `Allowed` / `Blocked`.
-    pub disposition: &'static str,
-    /// 1 / 2.
-    pub disposition_id: u32,
-    /// Product and schema.
-    pub metadata: Metadata,
-    /// The proxy host.
-    pub device: Device,
-    /// The client (agent host) as the proxy saw it.
-    pub src_endpoint: Endpoint,
-    /// The proxy's end of the client connection.
-    pub proxy_endpoint: Endpoint,
-    /// The target.
-    pub dst_endpoint: DstEndpoint,
-    /// TCP, outbound.
-    pub connection_info: ConnectionInfo,
-    /// Bytes each way.
-    pub traffic: Traffic,
-    /// Plain-HTTP requests only.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub http_request: Option<HttpRequest>,
-    /// Proxy-specific fields.
-    pub unmapped: Unmapped,
-}
-
-/// What is known about a connection while it is handled; turned into a [`Record`] at its end.
+/// What is known about a connection while it is handled; turned into a record at its end.
 #[derive(Debug)]
 pub struct Draft {
     /// Wall-clock start, ms.
@@ -205,16 +53,16 @@ pub struct Draft {
     pub client: SocketAddr,
     /// Proxy side.
     pub local: SocketAddr,
-    /// Kind (`connect`, `http`, `invalid`).
-    pub kind: &'static str,
+    /// What the client asked for.
+    pub kind: RequestKind,
     /// Target host.
     pub host: Option<String>,
     /// Target port.
     pub port: Option<u16>,
     /// Address connected to.
     pub ip: Option<IpAddr>,
-    /// Plain-HTTP request.
-    pub http: Option<HttpRequest>,
+    /// Method and URL of a plain-HTTP request.
+    pub http: Option<(String, String)>,
     /// Allowed (true) or refused.
     pub allowed: bool,
     /// Deciding rule or reason.
@@ -233,7 +81,7 @@ impl Draft {
             started: Instant::now(),
             client,
             local,
-            kind: "invalid",
+            kind: RequestKind::Invalid,
             host: None,
             port: None,
             ip: None,
@@ -246,68 +94,36 @@ impl Draft {
     }
 
     /// The finished record.
-    pub fn finish(self, hostname: &str) -> Record {
-        let duration = self.started.elapsed().as_millis() as u64;
-        let end = self.start_ms + duration;
-        let (activity_id, action, action_id, disposition, disposition_id, severity_id) =
-            if self.allowed {
-                (1, "Allowed", 1, "Allowed", 1, 1)
-            } else {
-                (5, "Denied", 2, "Blocked", 2, 3)
-            };
-        Record {
-            class_uid: 4001,
-            category_uid: 4,
-            activity_id,
-            type_uid: 400100 + activity_id,
-            time: end,
-            start_time: self.start_ms,
-            end_time: end,
-            duration,
-            severity_id,
-            action,
-            action_id,
-            disposition,
-            disposition_id,
-            metadata: Metadata {
-                product: Product {
-                    name: "egress-proxy",
-                    vendor_name: "tank",
-                    version: env!("CARGO_PKG_VERSION"),
-                },
-                version: "1.1.0",
-                log_name: "proxy",
-            },
-            device: Device {
-                hostname: hostname.to_owned(),
-            },
-            src_endpoint: self.client.into(),
-            proxy_endpoint: self.local.into(),
-            dst_endpoint: DstEndpoint {
+    pub fn finish(self, hostname: &str) -> ConnectionRecord {
+        let (http_method, url) = self.http.unzip();
+        let connection = Connection {
+            allowed: self.allowed,
+            start_ms: self.start_ms as i64,
+            duration_ms: self.started.elapsed().as_millis() as i64,
+            client: self.client,
+            local: self.local,
+            target: Endpoint {
                 hostname: self.host,
                 ip: self.ip,
                 port: self.port,
             },
-            connection_info: ConnectionInfo {
-                protocol_name: "tcp",
-                protocol_num: 6,
-                direction_id: 2,
-            },
             traffic: self.traffic,
-            http_request: self.http,
-            unmapped: Unmapped {
+            url: url.map(|url_string| Url { url_string }),
+            details: ProxyDetails {
                 kind: self.kind,
                 rule: self.rule,
+                http_method,
                 error: self.error,
             },
-        }
+        };
+        ConnectionRecord::new(connection, hostname, env!("CARGO_PKG_VERSION"))
     }
 }
 
 /// The sending side of the audit log.
 #[derive(Clone, Debug)]
 pub struct Audit {
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<ConnectionRecord>,
     healthy: Arc<AtomicBool>,
 }
 
@@ -347,7 +163,7 @@ impl Audit {
     }
 
     /// Queues a record; waits if the writer is behind (backpressure, never dropping).
-    pub async fn record(&self, record: Record) {
+    pub async fn record(&self, record: ConnectionRecord) {
         if self.tx.send(record).await.is_err() {
             tracing::error!("audit writer is gone; record lost");
             self.healthy.store(false, Ordering::Relaxed);
@@ -362,7 +178,7 @@ impl Audit {
 
 fn writer_loop(
     mut writer: ChainWriter,
-    mut rx: mpsc::Receiver<Record>,
+    mut rx: mpsc::Receiver<ConnectionRecord>,
     healthy: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) {

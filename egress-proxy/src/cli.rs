@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use tank_ebpf_common::chain;
 
 /// The clap definition of the whole `egress-proxy` command line, for man pages and completions.
 pub fn command() -> clap::Command {
@@ -67,11 +68,12 @@ pub enum Command {
 /// The `audit` subcommands.
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Verify an audit log's hash chain and anchor.
+    /// Verify a hash-chained audit log (the proxy's or tank-loader's kernel log).
     ///
     /// Detects edited, deleted, inserted, reordered and cut-off records and a partial last
-    /// line (a crash mid-write, reported and never accepted). Exit 0 intact, 1 problems
-    /// found, 2 usage or I/O error. Works on the kernel audit log of tank-loader too.
+    /// line (a crash mid-write, reported and never accepted). Prints the same report as
+    /// `tank-loader audit verify`.
+    #[command(after_help = chain::VERIFY_EXIT_CODES)]
     Verify {
         /// The log (its anchor `FILE.head` is read if present).
         #[arg(value_name = "FILE")]

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use tank_ebpf_common::ocsf::proxy::RequestKind;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::audit::{Audit, Draft, HttpRequest, Url};
+use crate::audit::{Audit, Draft};
 use crate::config::{self, Config};
 use crate::http::{parse_request, response, Request};
 use crate::metrics::Metrics;
@@ -375,7 +376,7 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, lo
     };
     if draft.allowed {
         match draft.kind {
-            "http" => shared.metrics.allowed_http.inc(),
+            RequestKind::Http => shared.metrics.allowed_http.inc(),
             _ => shared.metrics.allowed_connect.inc(),
         }
     }
@@ -557,17 +558,12 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
     draft.port = Some(target.port);
     let what = match &req {
         Request::Connect { .. } => {
-            draft.kind = "connect";
+            draft.kind = RequestKind::Connect;
             format!("CONNECT {target}")
         }
         Request::Http { method, url, .. } => {
-            draft.kind = "http";
-            draft.http = Some(HttpRequest {
-                http_method: method.clone(),
-                url: Url {
-                    url_string: url.clone(),
-                },
-            });
+            draft.kind = RequestKind::Http;
+            draft.http = Some((method.clone(), url.clone()));
             format!("{method} {url}")
         }
     };

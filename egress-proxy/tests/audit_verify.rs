@@ -156,7 +156,10 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
     let (code, out, _) = verify(&partial, false);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("line 7: not a chained record"), "{out}");
-    assert_eq!(read_records(&partial).last().unwrap()["seq"], 7);
+    assert_eq!(
+        read_records(&partial).last().unwrap()["metadata"]["sequence"],
+        7
+    );
 
     // Unreadable: exit 2 with a one-line error.
     let (code, _, err) = verify(&dir.path().join("missing.jsonl"), false);

@@ -4,10 +4,12 @@
 //! the request log written by `egress-proxy`, so one verifier serves an auditor for both.
 //!
 //! # Format
-//! One JSON object per line. The writer puts two fields first:
-//! - `seq`: 1 for the first record, then +1 per record, no gaps;
-//! - `prev`: lowercase hex SHA-256 of the previous record's line (its exact bytes, without the
-//!   newline); 64 zeros ([`GENESIS`]) for the first record.
+//! One JSON object per line, each an OCSF event (`crate::ocsf`). The chain's two fields live
+//! where OCSF has room for them:
+//! - `metadata.sequence` (the record's `seq`): 1 for the first record, then +1 per record, no
+//!   gaps;
+//! - `unmapped.prev`: lowercase hex SHA-256 of the previous record's line (its exact bytes,
+//!   without the newline); 64 zeros ([`Hash::GENESIS`]) for the first record.
 //!
 //! An edit to a record breaks the next record's `prev`; a deleted or reordered record breaks
 //! `seq` and `prev`; a crash mid-write leaves a partial last line, which is reported and never
@@ -30,8 +32,74 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-/// `prev` of the first record.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// A SHA-256 of one record's line; written as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    /// `prev` of the first record: all zeros.
+    pub const GENESIS: Hash = Hash([0; 32]);
+
+    /// The hash of `line` (its bytes without the newline).
+    pub fn of(line: &[u8]) -> Self {
+        Self(Sha256::digest(line).into())
+    }
+
+    /// Lowercase hex, without allocating.
+    pub fn hex(&self) -> [u8; 64] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+        }
+        out
+    }
+}
+
+impl std::fmt::Display for Hash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(&self.hex()).expect("hex is ASCII"))
+    }
+}
+
+impl std::fmt::Debug for Hash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hash({self})")
+    }
+}
+
+impl std::str::FromStr for Hash {
+    type Err = hex::FromHexError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out)?;
+        Ok(Self(out))
+    }
+}
+
+impl Serialize for Hash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a record needs from the chain to be written: its `seq` and the `prev` it must name.
+#[derive(Clone, Copy, Debug)]
+pub struct Link<'a> {
+    /// `metadata.sequence` of the record.
+    pub seq: u64,
+    /// `unmapped.prev` of the record.
+    pub prev: &'a Hash,
+}
 
 /// Failure to open or append to a chained log.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +129,8 @@ pub enum ChainError {
         /// The log.
         path: PathBuf,
     },
-    /// The record to append did not serialize to a JSON object without `seq`/`prev`.
-    #[error("audit record is not a JSON object free of the reserved fields `seq` and `prev`")]
+    /// The record to append did not serialize to a JSON object free of the chain's fields.
+    #[error("audit record is not a JSON object free of the chain's fields `metadata.sequence` and `unmapped.prev`")]
     BadRecord,
 }
 
@@ -71,8 +139,8 @@ pub enum ChainError {
 pub struct Head {
     /// Sequence number (0 for an empty log).
     pub seq: u64,
-    /// Hash of the record's line ([`GENESIS`] for an empty log).
-    pub hash: String,
+    /// Hash of the record's line ([`Hash::GENESIS`] for an empty log).
+    pub hash: Hash,
 }
 
 /// What [`ChainWriter::open`] found and repaired at the end of an existing log.
@@ -153,29 +221,52 @@ impl ChainWriter {
         ))
     }
 
-    /// Appends one record; `record` must serialize to a JSON object. Returns its `seq`.
+    /// Appends one record; `record` must serialize to a JSON object without the chain's
+    /// fields, which are added here. Returns its `seq`.
     ///
     /// The record reaches the file in one `write(2)`, but is durable only after [`Self::sync`].
     pub fn append<T: Serialize>(&mut self, record: &T) -> Result<u64, ChainError> {
-        let serde_json::Value::Object(fields) =
+        let serde_json::Value::Object(mut fields) =
             serde_json::to_value(record).map_err(|_| ChainError::BadRecord)?
         else {
             return Err(ChainError::BadRecord);
         };
-        if fields.contains_key("seq") || fields.contains_key("prev") {
-            return Err(ChainError::BadRecord);
+        let seq = self.head.seq + 1;
+        let prev = self.head.hash.to_string();
+        for ((object, key), value) in [(SEQ, seq.into()), (PREV, prev.into())] {
+            let slot = fields
+                .entry(object)
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+            match slot {
+                serde_json::Value::Object(o) if !o.contains_key(key) => {
+                    o.insert(key.to_owned(), value);
+                }
+                _ => return Err(ChainError::BadRecord),
+            }
         }
+        let body = serde_json::to_vec(&fields).map_err(|_| ChainError::BadRecord)?;
+        self.append_with(|_, line| line.extend_from_slice(&body))
+    }
+
+    /// Appends one record that `write` formats straight into the line buffer, given the
+    /// record's [`Link`] (its `seq` and `prev`, which it must write where [`append`] puts
+    /// them): the path of writers that cannot afford an intermediate value. Returns its `seq`.
+    ///
+    /// [`append`]: Self::append
+    pub fn append_with(
+        &mut self,
+        write: impl FnOnce(Link<'_>, &mut Vec<u8>),
+    ) -> Result<u64, ChainError> {
         let seq = self.head.seq + 1;
         self.line.clear();
-        write!(self.line, "{{\"seq\":{seq},\"prev\":\"{}\"", self.head.hash).expect("write to Vec");
-        if !fields.is_empty() {
-            let body = serde_json::to_vec(&fields).map_err(|_| ChainError::BadRecord)?;
-            self.line.push(b',');
-            self.line.extend_from_slice(&body[1..]);
-        } else {
-            self.line.push(b'}');
-        }
-        let hash = hash_line(&self.line);
+        write(
+            Link {
+                seq,
+                prev: &self.head.hash,
+            },
+            &mut self.line,
+        );
+        let hash = Hash::of(&self.line);
         self.line.push(b'\n');
         self.file
             .write_all(&self.line)
@@ -224,6 +315,18 @@ fn lock(file: &File) -> io::Result<()> {
     }
 }
 
+/// Where a record holds its `seq`: `metadata.sequence`.
+const SEQ: (&str, &str) = ("metadata", "sequence");
+/// Where a record holds its `prev`: `unmapped.prev`.
+const PREV: (&str, &str) = ("unmapped", "prev");
+
+/// The `seq` and `prev` of a parsed record, if it has both.
+fn link_of(record: &serde_json::Value) -> Option<(u64, &str)> {
+    let seq = record.get(SEQ.0)?.get(SEQ.1)?.as_u64()?;
+    let prev = record.get(PREV.0)?.get(PREV.1)?.as_str()?;
+    Some((seq, prev))
+}
+
 /// True when a writer currently holds the log at `path`.
 pub fn is_held(path: &Path) -> io::Result<bool> {
     let file = File::open(path)?;
@@ -241,11 +344,6 @@ pub fn anchor_path(log: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Lowercase hex SHA-256 of one record's line (without its newline).
-pub fn hash_line(line: &[u8]) -> String {
-    hex::encode(Sha256::digest(line))
-}
-
 enum TailError {
     Io(io::Error),
     Bad(String),
@@ -258,7 +356,7 @@ fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
         return Ok((
             Head {
                 seq: 0,
-                hash: GENESIS.to_owned(),
+                hash: Hash::GENESIS,
             },
             0,
         ));
@@ -279,7 +377,7 @@ fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
             return Ok((
                 Head {
                     seq: 0,
-                    hash: GENESIS.to_owned(),
+                    hash: Hash::GENESIS,
                 },
                 partial,
             ));
@@ -296,13 +394,13 @@ fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
 fn head_of(line: &[u8]) -> Result<Head, TailError> {
     let seq = serde_json::from_slice::<serde_json::Value>(line)
         .ok()
-        .and_then(|v| v.get("seq").and_then(|s| s.as_u64()))
+        .and_then(|v| link_of(&v).map(|(seq, _)| seq))
         .ok_or_else(|| {
             TailError::Bad("its last complete line is not a chained record".to_owned())
         })?;
     Ok(Head {
         seq,
-        hash: hash_line(line),
+        hash: Hash::of(line),
     })
 }
 
@@ -310,7 +408,8 @@ fn head_of(line: &[u8]) -> Result<Head, TailError> {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "problem", rename_all = "snake_case")]
 pub enum Problem {
-    /// A line is not a JSON object with a numeric `seq` and a string `prev`.
+    /// A line is not a JSON object with a numeric `metadata.sequence` and a hex
+    /// `unmapped.prev`.
     Malformed {
         /// 1-based line number.
         line: usize,
@@ -405,6 +504,67 @@ impl Report {
     pub fn is_intact(&self) -> bool {
         self.problems.is_empty()
     }
+
+    /// The human report of the log at `path`: one line when intact, else one line per
+    /// problem and a summary.
+    pub fn render(&self, path: &Path) -> String {
+        let path = path.display();
+        if self.is_intact() {
+            let anchor = match &self.anchor {
+                Some(a) => format!("anchored at seq {}", a.seq),
+                None => "no anchor file".to_owned(),
+            };
+            return format!(
+                "{path}: intact: {} records, last seq {} ({anchor})\n",
+                self.records, self.head.seq
+            );
+        }
+        let mut text: String = self
+            .problems
+            .iter()
+            .map(|p| format!("{path}: {p}\n"))
+            .collect();
+        text += &format!(
+            "{path}: NOT intact: {} problem(s) in {} records\n",
+            self.problems.len(),
+            self.records
+        );
+        text
+    }
+}
+
+/// What `audit verify` says about its exit status, in both binaries' `--help` and man pages.
+pub const VERIFY_EXIT_CODES: &str = "Exit codes: 0 intact; 1 problems found (each listed); 2 the \
+     file cannot be read, or a usage error.";
+
+/// `audit verify`, as both binaries run it: verifies `file`, writes the report to `out` (as
+/// JSON with `json`) or one line naming what could not be read to `err`, and returns the exit
+/// status [`VERIFY_EXIT_CODES`] describes.
+pub fn verify_command(
+    program: &str,
+    file: &Path,
+    json: bool,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> io::Result<u8> {
+    let report = match verify(file) {
+        Ok(r) => r,
+        Err(e) => {
+            writeln!(
+                err,
+                "{program}: cannot read audit log `{}`: {e}",
+                file.display()
+            )?;
+            return Ok(2);
+        }
+    };
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(report.render(file).as_bytes())?;
+    }
+    Ok(if report.is_intact() { 0 } else { 1 })
 }
 
 /// Verifies the log at `path` against its chain and its anchor, if one exists.
@@ -420,11 +580,11 @@ pub fn read(path: &Path) -> io::Result<(Report, Vec<Record>)> {
     let mut problems = Vec::new();
     let mut head = Head {
         seq: 0,
-        hash: GENESIS.to_owned(),
+        hash: Hash::GENESIS,
     };
     let mut line_no = 0;
     let mut buf = Vec::new();
-    let mut hashes: Vec<(u64, String)> = Vec::new();
+    let mut hashes: Vec<(u64, Hash)> = Vec::new();
     loop {
         buf.clear();
         if reader.read_until(b'\n', &mut buf)? == 0 {
@@ -439,8 +599,8 @@ pub fn read(path: &Path) -> io::Result<(Report, Vec<Record>)> {
         let parsed = serde_json::from_slice::<serde_json::Value>(&buf)
             .ok()
             .and_then(|v| {
-                let seq = v.get("seq")?.as_u64()?;
-                let prev = v.get("prev")?.as_str()?.to_owned();
+                let (seq, prev) = link_of(&v)?;
+                let prev = prev.parse::<Hash>().ok()?;
                 Some((seq, prev, v))
             });
         let Some((seq, prev, value)) = parsed else {
@@ -459,9 +619,9 @@ pub fn read(path: &Path) -> io::Result<(Report, Vec<Record>)> {
         }
         head = Head {
             seq,
-            hash: hash_line(&buf),
+            hash: Hash::of(&buf),
         };
-        hashes.push((seq, head.hash.clone()));
+        hashes.push((seq, head.hash));
         records.push(Record {
             line: line_no,
             seq,
@@ -532,13 +692,16 @@ mod tests {
     }
 
     #[test]
-    fn intact_log_verifies_and_fields_come_first() {
+    fn intact_log_verifies_with_the_chain_fields_in_place() {
         let (_d, path) = log_with(5);
         let report = verify(&path).unwrap();
         assert!(report.is_intact(), "{:?}", report.problems);
         assert_eq!(report.records, 5);
         assert_eq!(report.anchor.unwrap().seq, 5);
-        assert!(lines(&path)[0].starts_with(&format!("{{\"seq\":1,\"prev\":\"{GENESIS}\",")));
+        let first: serde_json::Value = serde_json::from_str(&lines(&path)[0]).unwrap();
+        assert_eq!(first["metadata"]["sequence"], 1);
+        assert_eq!(first["unmapped"]["prev"], Hash::GENESIS.to_string());
+        assert_eq!(first["note"], "x");
     }
 
     #[test]
@@ -658,6 +821,47 @@ mod tests {
     }
 
     #[test]
+    fn verify_command_reports_and_exits_by_the_one_rule() {
+        let (dir, path) = log_with(3);
+        let run = |path: &Path, json| {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let code = verify_command("prog", path, json, &mut out, &mut err).unwrap();
+            let text = |b| String::from_utf8(b).unwrap();
+            (code, text(out), text(err))
+        };
+        let (code, out, err) = run(&path, false);
+        let intact = format!(
+            "{}: intact: 3 records, last seq 3 (anchored at seq 3)\n",
+            path.display()
+        );
+        assert_eq!((code, out, err), (0, intact, String::new()));
+        let (code, out, _) = run(&path, true);
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!((code, report["records"].as_u64()), (0, Some(3)));
+
+        let mut l = lines(&path);
+        l.remove(1);
+        write_lines(&path, &l);
+        let (code, out, _) = run(&path, false);
+        assert_eq!(code, 1);
+        assert!(
+            out.ends_with(&format!(
+                "{}: NOT intact: 2 problem(s) in 2 records\n",
+                path.display()
+            )),
+            "{out}"
+        );
+
+        let missing = dir.path().join("missing.jsonl");
+        let (code, out, err) = run(&missing, false);
+        assert_eq!((code, out.as_str()), (2, ""));
+        assert!(
+            err.starts_with("prog: cannot read audit log `") && err.lines().count() == 1,
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_second_writer_is_refused() {
         let (_d, path) = log_with(1);
         let (_w, _) = ChainWriter::open(&path).unwrap();
@@ -673,7 +877,15 @@ mod tests {
         let (_d, path) = log_with(0);
         let (mut w, _) = ChainWriter::open(&path).unwrap();
         assert!(matches!(
-            w.append(&json!({"seq": 9})),
+            w.append(&json!({"metadata": {"sequence": 9}})),
+            Err(ChainError::BadRecord)
+        ));
+        assert!(matches!(
+            w.append(&json!({"unmapped": {"prev": "x"}})),
+            Err(ChainError::BadRecord)
+        ));
+        assert!(matches!(
+            w.append(&json!({"unmapped": 1})),
             Err(ChainError::BadRecord)
         ));
         assert!(matches!(

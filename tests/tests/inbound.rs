@@ -14,12 +14,17 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use tank_integration_tests::topology::{wire, Netns};
+use tank_integration_tests::NetworkRecord;
 use tank_integration_tests::{
     in_netns, nft_section, probe_command, unique, Loader, ProbeOpts, TestCgroups,
 };
-use tank_loader::record::NetworkRecord;
 
 const AGENT: Option<u32> = Some(65534);
+
+/// An endpoint's address as text ("" when it has none).
+fn ip(e: &tank_ebpf_common::ocsf::Endpoint) -> String {
+    e.ip.map(|a| a.to_string()).unwrap_or_default()
+}
 const AGENT_ADDR: &str = "10.202.0.2";
 const REMOTE_ADDR: &str = "10.202.0.1";
 
@@ -163,15 +168,15 @@ fn the_bpf_layer_alone_drops_and_records_connections_from_other_hosts() {
         "only the host's two connections were accepted"
     );
     let attempt = t.wait_record(|r| {
-        r.unmapped.hook == "inbound" && r.src_endpoint.as_ref().is_some_and(|s| s.port == port)
+        r.unmapped.hook.as_str() == "inbound" && r.src_endpoint.port == Some(port)
     });
     assert_eq!(
         (
             attempt.action.as_str(),
             attempt.unmapped.reason.as_str(),
-            attempt.dst_endpoint.ip.as_str()
+            ip(&attempt.dst_endpoint)
         ),
-        ("Denied", "not_from_host", REMOTE_ADDR),
+        ("Denied", "not_from_host", REMOTE_ADDR.to_owned()),
         "{attempt:?}"
     );
     assert_eq!(attempt.connection_info.direction_id, 1, "inbound");
@@ -181,9 +186,9 @@ fn the_bpf_layer_alone_drops_and_records_connections_from_other_hosts() {
     );
     for from in ["127.0.0.1", AGENT_ADDR] {
         let r = t.wait_record(|r| {
-            r.unmapped.hook == "accepted"
-                && r.dst_endpoint.ip == from
-                && r.src_endpoint.as_ref().is_some_and(|s| s.port == port)
+            r.unmapped.hook.as_str() == "accepted"
+                && r.dst_endpoint.ip == from.parse().ok()
+                && r.src_endpoint.port == Some(port)
         });
         assert_eq!(
             (r.action.as_str(), r.unmapped.reason.as_str()),
@@ -202,7 +207,7 @@ fn nft_alone_keeps_the_agents_data_from_other_hosts() {
     // reaches it, which the row checks above.
     let (port, _) = t.remote_refused_host_accepted();
     let attempt = t.wait_record(|r| {
-        r.unmapped.hook == "inbound" && r.src_endpoint.as_ref().is_some_and(|s| s.port == port)
+        r.unmapped.hook.as_str() == "inbound" && r.src_endpoint.port == Some(port)
     });
     assert_eq!(
         (attempt.action.as_str(), attempt.unmapped.mode.as_str()),
@@ -220,10 +225,10 @@ fn both_layers_refuse_and_record_connections_from_other_hosts() {
     let (port, accepted) = t.remote_refused_host_accepted();
     assert_eq!(accepted, "accepted=2");
     let attempt = t.wait_record(|r| {
-        r.unmapped.hook == "inbound" && r.src_endpoint.as_ref().is_some_and(|s| s.port == port)
+        r.unmapped.hook.as_str() == "inbound" && r.src_endpoint.port == Some(port)
     });
     assert_eq!(
-        (attempt.action.as_str(), attempt.dst_endpoint.ip.as_str()),
-        ("Denied", REMOTE_ADDR)
+        (attempt.action.as_str(), ip(&attempt.dst_endpoint)),
+        ("Denied", REMOTE_ADDR.to_owned())
     );
 }
