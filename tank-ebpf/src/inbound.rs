@@ -68,7 +68,11 @@ pub fn tank_inbound(ctx: SkBuffContext) -> i32 {
             protocol: u16::from(IPPROTO_TCP),
             hook: hook::INBOUND,
             reason: reason::NOT_FROM_HOST,
-            verdict: if mode == mode::AUDIT { verdict::ALLOW } else { verdict::DENY },
+            verdict: if mode == mode::AUDIT {
+                verdict::ALLOW
+            } else {
+                verdict::DENY
+            },
             mode,
         },
         Some(local),

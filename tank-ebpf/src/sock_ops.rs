@@ -11,8 +11,11 @@
 //! Kernel requirements: cgroup sock_ops (4.13), `bpf_get_socket_cookie` for sock_ops (4.20).
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB}, helpers::generated::bpf_get_socket_cookie,
-    macros::sock_ops, programs::SockOpsContext, EbpfContext,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    helpers::generated::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+    EbpfContext,
 };
 use tank_ebpf_common::{
     allow::{self, ipv4_mapped, AllowKey},
@@ -83,7 +86,11 @@ fn established(ctx: &SockOpsContext, passive: bool) {
             family: family as u16,
             sock_type: SOCK_STREAM,
             protocol: IPPROTO_TCP,
-            hook: if passive { hook::ACCEPTED } else { hook::ESTABLISHED },
+            hook: if passive {
+                hook::ACCEPTED
+            } else {
+                hook::ESTABLISHED
+            },
             reason,
             verdict: verdict::ALLOW,
             mode,
