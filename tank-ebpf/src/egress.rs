@@ -13,27 +13,10 @@
 //!
 //! Kernel requirements: cgroup skb programs (4.10).
 
-use aya_ebpf::{
-    helpers::generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id},
-    macros::cgroup_skb,
-    programs::SkBuffContext,
-    EbpfContext,
-};
-use tank_ebpf_common::{
-    event::{hook, reason, verdict},
-    settings::mode,
-};
+use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
+use tank_ebpf_common::event::{hook, reason};
 
-use crate::record::{current_mode, record_packet, Attempt};
-
-/// What a cgroup skb program returns to let the packet go.
-const SKB_PASS: i32 = 1;
-/// What it returns to drop it (the sender's call fails with EPERM).
-const SKB_DROP: i32 = 0;
-
-/// `ETH_P_IP` and `ETH_P_IPV6` as `__sk_buff.protocol` holds them (network byte order).
-const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
-const ETH_P_IPV6_BE: u32 = 0x86ddu16.to_be() as u32;
+use crate::skb::{refuse, Refused, ETH_P_IPV6_BE, ETH_P_IP_BE, SKB_PASS};
 
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
@@ -53,37 +36,20 @@ pub fn tank_egress(ctx: SkBuffContext) -> i32 {
     let Some((reason, family, dst_addr)) = refusal else {
         return SKB_PASS;
     };
-    let mode = current_mode();
     // remote_port: the socket's peer port, network order in the low 16 bits.
     let dst_port = u16::from_be(ctx.skb.remote_port() as u16);
-    let allowed = record_packet(
-        &Attempt {
-            // SAFETY: a helper allowed in cgroup skb programs, called with the program's context.
-            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-            dst_addr,
-            dst_port,
+    refuse(
+        &ctx,
+        Refused {
+            remote: (dst_addr, dst_port),
+            local: None,
             family,
             sock_type: 0,
             protocol: 0,
             hook: hook::EGRESS,
             reason,
-            verdict: if mode == mode::AUDIT {
-                verdict::ALLOW
-            } else {
-                verdict::DENY
-            },
-            mode,
         },
-        None,
-        ctx.get_socket_uid(),
-        // SAFETY: a helper allowed in cgroup skb programs, called with the program's context.
-        unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) },
-    );
-    if allowed {
-        SKB_PASS
-    } else {
-        SKB_DROP
-    }
+    )
 }
 
 /// IPv4 with options (IHL above 5 words): the reason, family and the real destination.

@@ -12,27 +12,14 @@
 //!
 //! Kernel requirements: cgroup skb programs (4.10).
 
-use aya_ebpf::{
-    helpers::generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id},
-    macros::cgroup_skb,
-    programs::SkBuffContext,
-    EbpfContext,
-};
+use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use tank_ebpf_common::{
     allow::ipv4_mapped,
-    event::{hook, reason, verdict},
-    settings::mode,
+    event::{hook, reason},
 };
 
-use crate::record::{current_mode, record_packet, Attempt};
+use crate::skb::{refuse, Refused, ETH_P_IPV6_BE, ETH_P_IP_BE, SKB_PASS};
 
-/// What a cgroup skb program returns to let the packet in.
-const SKB_PASS: i32 = 1;
-/// What it returns to drop it.
-const SKB_DROP: i32 = 0;
-
-const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
-const ETH_P_IPV6_BE: u32 = 0x86ddu16.to_be() as u32;
 const IPPROTO_TCP: u8 = 6;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -56,35 +43,18 @@ pub fn tank_inbound(ctx: SkBuffContext) -> i32 {
     let Some((family, remote, local)) = attempt else {
         return SKB_PASS;
     };
-    let mode = current_mode();
-    let allowed = record_packet(
-        &Attempt {
-            // SAFETY: a helper allowed in cgroup skb programs, called with the program's context.
-            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-            dst_addr: remote.0,
-            dst_port: remote.1,
+    refuse(
+        &ctx,
+        Refused {
+            remote,
+            local: Some(local),
             family,
             sock_type: 1,
             protocol: u16::from(IPPROTO_TCP),
             hook: hook::INBOUND,
             reason: reason::NOT_FROM_HOST,
-            verdict: if mode == mode::AUDIT {
-                verdict::ALLOW
-            } else {
-                verdict::DENY
-            },
-            mode,
         },
-        Some(local),
-        ctx.get_socket_uid(),
-        // SAFETY: a helper allowed in cgroup skb programs, called with the program's context.
-        unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) },
-    );
-    if allowed {
-        SKB_PASS
-    } else {
-        SKB_DROP
-    }
+    )
 }
 
 /// An address and a port (host order).

@@ -18,11 +18,11 @@ use aya_ebpf::{
     helpers::generated::bpf_get_current_ancestor_cgroup_id, macros::lsm, programs::LsmContext,
 };
 use tank_ebpf_common::{
-    event::{hook, reason, verdict},
-    settings::{self, mode},
+    event::{hook, reason},
+    settings,
 };
 
-use crate::record::{current_mode, record, Attempt};
+use crate::record::{current_mode, record, refusal_verdict, Attempt};
 use crate::setting;
 
 const AF_UNIX: i32 = 1;
@@ -60,11 +60,7 @@ pub fn tank_socket_create(ctx: LsmContext) -> i32 {
         protocol: protocol as u16,
         hook: hook::LSM_SOCKET_CREATE,
         reason: reason::FAMILY_NOT_ALLOWED,
-        verdict: if mode == mode::AUDIT {
-            verdict::ALLOW
-        } else {
-            verdict::DENY
-        },
+        verdict: refusal_verdict(mode),
         mode,
     });
     if allowed {

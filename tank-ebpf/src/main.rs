@@ -34,6 +34,7 @@ mod egress;
 mod inbound;
 mod lsm;
 mod record;
+mod skb;
 mod sock_addr;
 mod sock_create;
 mod sock_ops;

@@ -43,6 +43,17 @@ pub fn current_mode() -> u32 {
     setting(settings::MODE)
 }
 
+/// The verdict of something a program refuses: audit mode refuses nothing (the reason still
+/// says what enforce mode would do).
+#[inline(always)]
+pub fn refusal_verdict(mode: u32) -> u8 {
+    if mode == mode::AUDIT {
+        verdict::ALLOW
+    } else {
+        verdict::DENY
+    }
+}
+
 /// Records `a` and returns whether the attempt may go ahead.
 ///
 /// With no room in the ring buffer, enforce mode refuses the attempt: an allowed attempt must

@@ -15,12 +15,9 @@
 //! Kernel requirements: cgroup sockopt programs (5.3).
 
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
-use tank_ebpf_common::{
-    event::{hook, reason, verdict},
-    settings::mode,
-};
+use tank_ebpf_common::event::{hook, reason};
 
-use crate::record::{current_mode, record, Attempt};
+use crate::record::{current_mode, record, refusal_verdict, Attempt};
 
 /// What a cgroup sockopt program returns to let the kernel handle the option.
 const SOCKOPT_PASS: i32 = 1;
@@ -67,11 +64,7 @@ pub fn tank_setsockopt(ctx: SockoptContext) -> i32 {
         hook: hook::SETSOCKOPT,
         reason,
         // Audit mode refuses nothing; the reason says what enforce would do.
-        verdict: if mode == mode::AUDIT {
-            verdict::ALLOW
-        } else {
-            verdict::DENY
-        },
+        verdict: refusal_verdict(mode),
         mode,
     });
     if allowed {
