@@ -102,10 +102,14 @@ impl Draft {
             duration_ms: self.started.elapsed().as_millis() as i64,
             client: self.client,
             local: self.local,
-            target: Endpoint {
-                hostname: self.host,
-                ip: self.ip,
-                port: self.port,
+            // With no request parsed, the only destination there was is the proxy itself.
+            target: match (self.host, self.ip) {
+                (None, None) => self.local.into(),
+                (hostname, ip) => Endpoint {
+                    hostname,
+                    ip,
+                    port: self.port,
+                },
             },
             traffic: self.traffic,
             url: url.map(|url_string| Url { url_string }),
