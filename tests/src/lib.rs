@@ -365,6 +365,19 @@ impl Loader {
         }
     }
 
+    /// Waits (bounded) for a connection record matching `wanted` and returns it.
+    pub fn wait_record(&self, wanted: impl Fn(&NetworkRecord) -> bool) -> NetworkRecord {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = network_records(&self.audit_log);
+            if let Some(r) = records.iter().find(|r| wanted(r)) {
+                return r.clone();
+            }
+            assert!(Instant::now() < deadline, "no such record in {records:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits (bounded) until the audit log has at least `n` connection records, then returns
     /// them all, after checking the log's hash chain is intact.
     pub fn records(&self, n: usize) -> Vec<NetworkRecord> {

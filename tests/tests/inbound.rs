@@ -14,7 +14,6 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use tank_integration_tests::topology::{wire, Netns};
-use tank_integration_tests::NetworkRecord;
 use tank_integration_tests::{
     in_netns, nft_section, probe_command, unique, Loader, ProbeOpts, TestCgroups,
 };
@@ -103,19 +102,6 @@ impl Inbound {
         })
     }
 
-    /// Waits (bounded) for a record matching `wanted`.
-    fn wait_record(&self, wanted: impl Fn(&NetworkRecord) -> bool) -> NetworkRecord {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let records = self.loader.records(1);
-            if let Some(r) = records.iter().find(|r| wanted(r)) {
-                return r.clone();
-            }
-            assert!(Instant::now() < deadline, "no such record in {records:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// The row: from the unguarded sibling a remote client gets the marker (the channel is
     /// real); from the agent cgroup it gets nothing, while the host itself still does. Returns
     /// the port and how many connections the agent accepted.
@@ -167,7 +153,7 @@ fn the_bpf_layer_alone_drops_and_records_connections_from_other_hosts() {
         accepted, "accepted=2",
         "only the host's two connections were accepted"
     );
-    let attempt = t.wait_record(|r| {
+    let attempt = t.loader.wait_record(|r| {
         r.unmapped.hook.as_str() == "inbound" && r.src_endpoint.port == Some(port)
     });
     assert_eq!(
@@ -185,7 +171,7 @@ fn the_bpf_layer_alone_drops_and_records_connections_from_other_hosts() {
         "the listening socket's owner"
     );
     for from in ["127.0.0.1", AGENT_ADDR] {
-        let r = t.wait_record(|r| {
+        let r = t.loader.wait_record(|r| {
             r.unmapped.hook.as_str() == "accepted"
                 && r.dst_endpoint.ip == from.parse().ok()
                 && r.src_endpoint.port == Some(port)
@@ -206,7 +192,7 @@ fn nft_alone_keeps_the_agents_data_from_other_hosts() {
     // SYN-ACK comes from a request socket no cgroup match sees), but nothing the agent writes
     // reaches it, which the row checks above.
     let (port, _) = t.remote_refused_host_accepted();
-    let attempt = t.wait_record(|r| {
+    let attempt = t.loader.wait_record(|r| {
         r.unmapped.hook.as_str() == "inbound" && r.src_endpoint.port == Some(port)
     });
     assert_eq!(
@@ -224,7 +210,7 @@ fn both_layers_refuse_and_record_connections_from_other_hosts() {
     let t = Inbound::new("enforce", true);
     let (port, accepted) = t.remote_refused_host_accepted();
     assert_eq!(accepted, "accepted=2");
-    let attempt = t.wait_record(|r| {
+    let attempt = t.loader.wait_record(|r| {
         r.unmapped.hook.as_str() == "inbound" && r.src_endpoint.port == Some(port)
     });
     assert_eq!(

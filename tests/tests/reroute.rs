@@ -155,35 +155,23 @@ impl Far {
 
     /// Waits (bounded) for the record of `pid` by `hook`.
     fn record(&self, pid: u32, hook: &str) -> NetworkRecord {
-        self.wait_record(|r| r.actor.process.pid == pid && r.unmapped.hook.as_str() == hook)
+        self.loader
+            .wait_record(|r| r.actor.process.pid == pid && r.unmapped.hook.as_str() == hook)
     }
 
     /// The egress record of the datagram `pid` sent: the egress program names the socket
     /// (cookie, owner uid, cgroup), and the sendmsg record with the same cookie names the
     /// process.
     fn egress_record(&self, pid: u32) -> NetworkRecord {
-        let sent = self.wait_record(|r| {
+        let sent = self.loader.wait_record(|r| {
             r.actor.process.pid == pid && r.unmapped.hook.as_str().starts_with("sendmsg")
         });
-        let r = self.wait_record(|r| {
+        let r = self.loader.wait_record(|r| {
             r.unmapped.hook.as_str() == "egress" && r.unmapped.cookie == sent.unmapped.cookie
         });
         assert_eq!(r.actor.process.user.uid, sent.actor.process.user.uid);
         assert_eq!(r.unmapped.cgroup_id, sent.unmapped.cgroup_id);
         r
-    }
-
-    /// Waits (bounded) for a record matching `wanted`.
-    fn wait_record(&self, wanted: impl Fn(&NetworkRecord) -> bool) -> NetworkRecord {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let records = self.loader.records(1);
-            if let Some(r) = records.iter().find(|r| wanted(r)) {
-                return r.clone();
-            }
-            assert!(Instant::now() < deadline, "no such record in {records:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 }
 
