@@ -10,7 +10,6 @@
 //! from the agent cgroup with nft off: layer 1 alone must hold.
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
-use std::time::{Duration, Instant};
 
 use tank_integration_tests::topology::{wire, Netns};
 use tank_integration_tests::NetworkRecord;
