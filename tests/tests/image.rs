@@ -753,7 +753,7 @@ fn the_agent_uid_is_the_same_everywhere() {
 }
 
 #[test]
-fn the_nft_uid_range_is_the_agents_subordinate_range() {
+fn the_nft_uid_range_covers_the_agent_user_and_its_subordinate_range() {
     let containerfile = read("image/Containerfile");
     let subuid = containerfile
         .split("echo \"agent:")
@@ -762,13 +762,18 @@ fn the_nft_uid_range_is_the_agents_subordinate_range() {
         .expect("the Containerfile gives `agent` a subordinate UID range");
     let (first, count) = subuid.split_once(':').unwrap();
     let (first, count): (u32, u32) = (first.parse().unwrap(), count.parse().unwrap());
-    let range = format!("uid_range = \"{first}-{}\"", first + count - 1);
-    assert!(
-        read("image/config/loader.toml").contains(&range),
-        "loader.toml lacks {range}"
-    );
-    assert!(
-        cloud_init_file("/etc/tank/loader.toml").contains(&range),
-        "the cloud-init loader.toml lacks {range}"
-    );
+    let wanted = vec![(AGENT_UID, AGENT_UID), (first, first + count - 1)];
+    for (what, text) in [
+        ("loader.toml", read("image/config/loader.toml")),
+        (
+            "the cloud-init loader.toml",
+            cloud_init_file("/etc/tank/loader.toml"),
+        ),
+    ] {
+        let config = tank_loader::config::Config::parse(&text, what).expect(what);
+        assert_eq!(
+            config.nft.uid_ranges, wanted,
+            "{what}: every uid agent processes run as"
+        );
+    }
 }

@@ -97,6 +97,8 @@ pub mod severity {
 /// OCSF `device.type_id`: tank runs on servers (the agent appliance, the proxy host).
 pub const DEVICE_TYPE_SERVER: u8 = 1;
 
+/// OCSF `connection_info.direction_id`: inbound (a connection someone opened into the agent).
+pub const DIRECTION_INBOUND: u8 = 1;
 /// OCSF `connection_info.direction_id`: outbound.
 pub const DIRECTION_OUTBOUND: u8 = 2;
 
@@ -338,7 +340,7 @@ pub struct ConnectionInfo {
     /// 4 or 6, where known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_ver_id: Option<u8>,
-    /// [`DIRECTION_OUTBOUND`].
+    /// [`DIRECTION_OUTBOUND`], or [`DIRECTION_INBOUND`] for connections into the agent.
     pub direction_id: u8,
 }
 
