@@ -13,6 +13,7 @@ pub mod gate;
 pub mod nft;
 pub mod privileges;
 pub mod query;
+pub mod ring;
 pub mod run;
 pub mod status;
 pub mod trace;

@@ -10,16 +10,18 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use anyhow::Context;
-use aya::maps::RingBuf;
+use aya::maps::{Map, PerCpuArray};
 use tank_ebpf_common::chain::ChainWriter;
-use tank_ebpf_common::event;
-use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
+use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
 use tank_ebpf_common::ocsf::lifecycle;
+use tank_ebpf_common::{counters, event};
 
 use crate::cgroup::AgentCgroup;
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::gate::LsmState;
-use crate::{drain, gate, nft, privileges};
+use crate::ring::Ring;
+use crate::{gate, nft, privileges};
 
 /// Runs the loader until SIGTERM or SIGINT. Enforcement stays pinned when it returns.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -39,6 +41,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             "the audit log ended in a partial record (a crash mid-write); it stays in the log and `audit verify` reports it");
     }
 
+    // Maps a previous run pinned hold what it read; new ones hold nothing the log has.
+    let reused = [event::MAP_NAME, counters::MAP_NAME]
+        .iter()
+        .all(|m| cfg.pin_dir.join(m).exists());
     let installed = gate::install(&cfg, &cgroup)?;
     let hostname = nix::unistd::gethostname()?.to_string_lossy().into_owned();
     let hooks: Vec<_> = installed.hooks.iter()
@@ -74,6 +80,20 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let endpoints: Vec<_> = cfg.endpoints.iter()
         .map(|e| serde_json::json!({"endpoint": e.addr.to_string(), "protocol": e.protocol, "proxy": e.is_proxy}))
         .collect();
+    let mut ebpf = installed.ebpf;
+    let take = |ebpf: &mut aya::Ebpf, name| {
+        ebpf.take_map(name)
+            .with_context(|| format!("map {name} missing from the object"))
+    };
+    let ring = match take(&mut ebpf, event::MAP_NAME)? {
+        Map::RingBuf(data) => Ring::new(data)?,
+        _ => anyhow::bail!("map {} is not a ring buffer", event::MAP_NAME),
+    };
+    let counters = PerCpuArray::try_from(take(&mut ebpf, counters::MAP_NAME)?)?;
+    // Programs stay loaded through their pinned links; the loader needs only these two maps.
+    drop(ebpf);
+    let drain = Drain::new(ring, counters, &log, &cfg.audit_log, &hostname, reused)?;
+
     log.append(&LifecycleRecord::new(
         &hostname,
         env!("CARGO_PKG_VERSION"),
@@ -82,18 +102,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         serde_json::json!({
             "cgroup": cgroup.path, "cgroup_id": cgroup.id, "mode": cfg.mode,
             "hooks": hooks, "endpoints": endpoints, "loader_pid": std::process::id(),
-            "lsm": installed.lsm, "nft": nft_state,
+            "lsm": installed.lsm, "nft": nft_state, "ring_pos": drain.ring_pos(),
         }),
     ))?;
     log.sync()?;
-
-    let mut ebpf = installed.ebpf;
-    let ring = RingBuf::try_from(
-        ebpf.take_map(event::MAP_NAME)
-            .context("ring buffer missing from the object")?,
-    )?;
-    // Programs stay loaded through their pinned links; the loader needs only the ring buffer.
-    drop(ebpf);
 
     privileges::drop_all()?;
     notify_ready();
@@ -103,12 +115,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let written = runtime.block_on(drain::run(
-        ring,
-        &mut log,
-        &Formatter::new(&hostname, env!("CARGO_PKG_VERSION")),
-        shutdown_signal(),
-    ))?;
+    let written = runtime.block_on(drain.run(&mut log, shutdown_signal()))?;
     tracing::info!(
         events = written,
         seq = log.head().seq,
