@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aya::maps::{MapData, PerCpuArray};
@@ -35,6 +35,9 @@ use crate::ring::Ring;
 /// How often the ring buffer and the counters are looked at when no wakeup comes (a ring that
 /// is full sends none, and counters send none), and the log made durable if anything is new.
 const TICK: Duration = Duration::from_millis(250);
+
+/// Least time between two anchors logged to the system log.
+const ANCHOR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Events appended between two syncs at most: bounds the batch a crash can force the next
 /// loader to read again.
@@ -67,6 +70,8 @@ pub struct Drain {
     accounted: UnrecordedTotals,
     looked_ms: Option<i64>,
     checkpoint: PathBuf,
+    /// When the anchor last went to the system log.
+    anchor_logged: Option<Instant>,
 }
 
 impl Drain {
@@ -114,6 +119,7 @@ impl Drain {
             accounted,
             looked_ms: None,
             checkpoint,
+            anchor_logged: None,
         };
         // Counters that went back are new maps (a reboot): nothing of theirs is accounted for.
         let now = drain.totals()?;
@@ -174,7 +180,13 @@ impl Drain {
                 return Ok(total);
             }
             let head = log.sync()?;
-            tracing::debug!(events, seq = head.seq, hash = %head.hash, "audit log synced");
+            if self.anchor_logged.is_none_or(|t| t.elapsed() >= ANCHOR_LOG_INTERVAL) {
+                // The anchor also goes to the system log, which is shipped off the host.
+                tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
+                self.anchor_logged = Some(Instant::now());
+            } else {
+                tracing::debug!(events, seq = head.seq, hash = %head.hash, "audit log synced");
+            }
             let checkpoint = Checkpoint {
                 ring_pos: self.ring.position(),
                 unrecorded: self.accounted,

@@ -20,7 +20,9 @@ use tank_integration_tests::{counter, Loader, TestCgroups};
 const ROUNDS: usize = 5;
 const CONNECTS_PER_ROUND: usize = 5_000;
 const THROUGHPUT_SECS: f64 = 1.0;
-const FLOOD_PER_WORKER: u64 = 250_000;
+/// Denied attempts per flood worker: two workers make 1,000,000 events, which the bench's
+/// 128 MiB ring buffer holds (about 1.19 million of 112 bytes) while the drain is stopped.
+const FLOOD_PER_WORKER: u64 = 500_000;
 const COLD_STARTS: usize = 5;
 const MAP_ENTRIES: usize = 10_000;
 
@@ -77,10 +79,16 @@ fn bench() -> Value {
         tp_gate.push(rate(&gate1.agent));
     }
 
-    // Denied attempts: two workers (one per core) flood an unlisted port on loopback.
+    // Denied attempts: two workers (one per core) flood an unlisted port on loopback while the
+    // loader is stopped (SIGSTOP), so the flood has both cores and its events wait in the ring.
+    // Then the loader continues alone and the drain's sustained rate is timed from a full ring
+    // to the last record durable in the chained log (anchor moved): no ring to hide a slow
+    // drain, which has one core (the loader is single-threaded) and nothing competing.
     let denied_target = listener.other_addr.to_string();
+    let loader_pid = nix::unistd::Pid::from_raw(gate1_loader.pid() as i32);
     let before = gate1_loader.status();
     let durable_before = durable_records(&gate1_loader.audit_log);
+    nix::sys::signal::kill(loader_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let start = Instant::now();
     let workers: Vec<_> = (0..2)
         .map(|_| {
@@ -104,20 +112,15 @@ fn bench() -> Value {
     let after = gate1_loader.status();
     let delta = |name| counter(&after, name) - counter(&before, name);
     let (recorded, unrecorded) = (delta("denied"), delta("unrecorded_denied"));
-    // Wait until the drain has written every recorded event to the log.
     let drain_start = Instant::now();
-    let logged_before = durable_before;
+    nix::sys::signal::kill(loader_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     let mut logged = durable_records(&gate1_loader.audit_log);
-    while logged - logged_before < recorded && drain_start.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(20));
+    while logged - durable_before < recorded && drain_start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(2));
         logged = durable_records(&gate1_loader.audit_log);
     }
-    eprintln!(
-        "bench: flood {flood_elapsed:.2}s, drain caught up {:.2}s later",
-        drain_start.elapsed().as_secs_f64()
-    );
-    // The drain runs during the flood and then catches up.
-    let drain_secs = flood_elapsed + drain_start.elapsed().as_secs_f64();
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+    eprintln!("bench: flood {flood_elapsed:.2}s (drain stopped), drain {drain_secs:.3}s");
 
     // Cold start: a fresh loader (nothing pinned) until it reports enforcement in place.
     let cold_cg = TestCgroups::new();
@@ -147,8 +150,9 @@ fn bench() -> Value {
             "attempts_per_s": attempts as f64 / worker_secs,
             "recorded_in_kernel": recorded, "unrecorded_counted": unrecorded,
             "unaccounted": attempts as i64 - recorded as i64 - unrecorded as i64,
-            "written_to_audit_log": logged - logged_before,
-            "drain_events_per_s": (logged - logged_before) as f64 / drain_secs,
+            "written_to_audit_log": logged - durable_before,
+            "drain_seconds": drain_secs,
+            "drain_events_per_s": (logged - durable_before) as f64 / drain_secs,
         },
         "cold_start_ms": { "median": med(&mut cold.clone()), "all": cold },
         "rounds": ROUNDS, "connects_per_round": CONNECTS_PER_ROUND,
@@ -201,11 +205,12 @@ fn print_table(f: &Value) {
         "-",
         true,
     );
+    let drain = d["drain_events_per_s"].as_f64().unwrap();
     row(
-        "  audit-log drain, events/s",
-        format!("{:.0}", d["drain_events_per_s"].as_f64().unwrap()),
-        "-",
-        true,
+        "  drain, ring buffer -> durable chained log, events/s",
+        format!("{drain:.0}"),
+        ">= 1000000",
+        drain >= 1_000_000.0,
     );
     let c = f["cold_start_ms"]["median"].as_f64().unwrap();
     row(
