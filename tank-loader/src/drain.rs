@@ -180,7 +180,10 @@ impl Drain {
                 return Ok(total);
             }
             let head = log.sync()?;
-            if self.anchor_logged.is_none_or(|t| t.elapsed() >= ANCHOR_LOG_INTERVAL) {
+            if self
+                .anchor_logged
+                .is_none_or(|t| t.elapsed() >= ANCHOR_LOG_INTERVAL)
+            {
                 // The anchor also goes to the system log, which is shipped off the host.
                 tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
                 self.anchor_logged = Some(Instant::now());

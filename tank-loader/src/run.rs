@@ -108,14 +108,19 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     log.sync()?;
 
     privileges::drop_all()?;
-    notify_ready();
-    tracing::info!(cgroup = %cgroup.dir.display(), cgroup_id = cgroup.id, mode = ?cfg.mode,
-        endpoints = cfg.endpoints.len(), log = %cfg.audit_log.display(), "enforcing; draining events into the audit log");
-
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let written = runtime.block_on(drain.run(&mut log, shutdown_signal()))?;
+    // The handlers are in place before systemd hears we are ready: a SIGTERM right after
+    // readiness must stop the drain cleanly, not kill the loader mid-batch.
+    let shutdown = {
+        let _runtime = runtime.enter();
+        shutdown_signal()?
+    };
+    notify_ready();
+    tracing::info!(cgroup = %cgroup.dir.display(), cgroup_id = cgroup.id, mode = ?cfg.mode,
+        endpoints = cfg.endpoints.len(), log = %cfg.audit_log.display(), "enforcing; draining events into the audit log");
+    let written = runtime.block_on(drain.run(&mut log, shutdown))?;
     tracing::info!(
         events = written,
         seq = log.head().seq,
@@ -124,14 +129,17 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves at the first SIGTERM or SIGINT; the handlers are installed when this is called.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// Tells systemd (Type=notify) that enforcement is in place. No-op outside systemd.
