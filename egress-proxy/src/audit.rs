@@ -1,5 +1,6 @@
 //! The audit log: one chained record per connection, an OCSF Network Activity record
-//! ([`tank_ebpf_common::ocsf::proxy::ConnectionRecord`]) written through
+//! ([`tank_ebpf_common::ocsf::proxy::ConnectionRecord`]), and one HTTP Activity record per
+//! request inside an inspected tunnel ([`RequestRecord`]), written through
 //! [`tank_ebpf_common::chain`].
 //!
 //! Records go to one writer thread over a bounded channel. The thread appends every record
@@ -21,7 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tank_ebpf_common::chain::{ChainError, ChainWriter};
 use tank_ebpf_common::ocsf::proxy::{
-    Connection, ConnectionRecord, ProxyDetails, RequestKind, Traffic, Url,
+    Connection, ConnectionRecord, ProxyDetails, RequestKind, RequestRecord, Traffic, TunnelKind,
+    Url,
 };
 use tank_ebpf_common::ocsf::Endpoint;
 use tokio::sync::mpsc;
@@ -71,6 +73,16 @@ pub struct Draft {
     pub error: Option<String>,
     /// Bytes.
     pub traffic: Traffic,
+    /// Record id, set for inspected tunnels (their requests' `correlation_uid`).
+    pub uid: Option<String>,
+    /// Inspected or opaque, for tunnels.
+    pub tunnel: Option<TunnelKind>,
+    /// The ClientHello's server name, when one was read.
+    pub sni: Option<String>,
+    /// The ClientHello's ALPN protocols.
+    pub alpn: Vec<String>,
+    /// Requests served inside an inspected tunnel.
+    pub requests: Option<u64>,
 }
 
 impl Draft {
@@ -90,6 +102,11 @@ impl Draft {
             rule: String::new(),
             error: None,
             traffic: Traffic::default(),
+            uid: None,
+            tunnel: None,
+            sni: None,
+            alpn: Vec::new(),
+            requests: None,
         }
     }
 
@@ -114,21 +131,33 @@ impl Draft {
             },
             traffic: self.traffic,
             url: url.map(|url_string| Url { url_string }),
+            uid: self.uid,
             details: ProxyDetails {
                 kind: self.kind,
                 rule: self.rule,
                 http_method,
                 error: self.error,
+                tunnel: self.tunnel,
+                sni: self.sni,
+                alpn: self.alpn,
+                requests: self.requests,
             },
         };
         ConnectionRecord::new(connection, hostname, env!("CARGO_PKG_VERSION"))
     }
 }
 
+/// A record of either kind, as queued for the writer.
+#[derive(Debug)]
+enum Entry {
+    Connection(Box<ConnectionRecord>),
+    Request(Box<RequestRecord>),
+}
+
 /// The sending side of the audit log.
 #[derive(Clone, Debug)]
 pub struct Audit {
-    tx: mpsc::Sender<ConnectionRecord>,
+    tx: mpsc::Sender<Entry>,
     healthy: Arc<AtomicBool>,
 }
 
@@ -169,7 +198,16 @@ impl Audit {
 
     /// Queues a record; waits if the writer is behind (backpressure, never dropping).
     pub async fn record(&self, record: ConnectionRecord) {
-        if self.tx.send(record).await.is_err() {
+        self.send(Entry::Connection(Box::new(record))).await
+    }
+
+    /// Queues a request record of an inspected tunnel.
+    pub async fn record_request(&self, record: RequestRecord) {
+        self.send(Entry::Request(Box::new(record))).await
+    }
+
+    async fn send(&self, entry: Entry) {
+        if self.tx.send(entry).await.is_err() {
             tracing::error!("audit writer is gone; record lost");
             self.healthy.store(false, Ordering::Relaxed);
         }
@@ -183,7 +221,7 @@ impl Audit {
 
 fn writer_loop(
     mut writer: ChainWriter,
-    mut rx: mpsc::Receiver<ConnectionRecord>,
+    mut rx: mpsc::Receiver<Entry>,
     healthy: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) {
@@ -201,7 +239,11 @@ fn writer_loop(
                 }
             }
             for r in batch.drain(..) {
-                match writer.append(&r) {
+                let appended = match &r {
+                    Entry::Connection(r) => writer.append(r),
+                    Entry::Request(r) => writer.append(r),
+                };
+                match appended {
                     Ok(_) => metrics.audit_records.inc(),
                     Err(e) => {
                         ok = false;

@@ -275,7 +275,7 @@ fn an_address_the_proxy_host_gains_after_start_is_its_own() {
         ip(&["addr", "add", "100.200.0.1/32", "dev", "tp0"]);
         // The change reaches the proxy as a netlink event; allow it a moment to arrive.
         wait_for(
-            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs(10),
             "the proxy to see its new address",
             || {
                 let (_, head) = connect_tunnel(proxy.addr, &format!("late.test:{p}"));

@@ -71,9 +71,11 @@ pub struct NftConfig {
     pub enabled: bool,
     /// Name of tank's table in the `inet` family (`table`, default `tank`).
     pub table: String,
-    /// Host UID range of the agent's users (`uid_range = "100000-165535"`): rootless Podman maps
-    /// the container's users there. Packets of sockets owned by these users are the agent's too.
-    pub uid_range: Option<(u32, u32)>,
+    /// Host UIDs of the agent's users, as inclusive ranges (`uid_range = "100000-165535"`, or a
+    /// list such as `["2000", "524288-589823"]`): the agent user itself and the subordinate UIDs
+    /// rootless Podman maps the container's users to. Packets of sockets owned by these users
+    /// are the agent's too, wherever the socket was created.
+    pub uid_ranges: Vec<(u32, u32)>,
 }
 
 /// Enforcement mode.
@@ -167,7 +169,7 @@ struct RawNft {
     enabled: bool,
     #[serde(default = "default_table")]
     table: Spanned<String>,
-    uid_range: Option<Spanned<String>>,
+    uid_range: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -340,11 +342,11 @@ impl Config {
         if !valid_name {
             return Err(at(raw_nft.table.span(), format!("nft table name `{table}` must start with a letter and hold only letters, digits, `_` and `-` (at most 64)")));
         }
-        let uid_range = match &raw_nft.uid_range {
-            None => None,
-            Some(value) => Some(parse_uid_range(value.get_ref()).ok_or_else(|| {
-                at(value.span(), format!("uid_range `{}` must be \"FIRST-LAST\" with FIRST <= LAST (e.g. \"100000-165535\")", value.get_ref()))
-            })?),
+        let uid_ranges = match &raw_nft.uid_range {
+            None => Vec::new(),
+            Some(value) => parse_uid_ranges(value.get_ref()).ok_or_else(|| {
+                at(value.span(), format!("uid_range {} must be \"FIRST-LAST\" with FIRST <= LAST, a single UID, or a list of those (e.g. [\"2000\", \"524288-589823\"])", value.get_ref()))
+            })?,
         };
 
         Ok(Config {
@@ -359,16 +361,26 @@ impl Config {
             nft: NftConfig {
                 enabled: raw_nft.enabled,
                 table: raw_nft.table.into_inner(),
-                uid_range,
+                uid_ranges,
             },
         })
     }
 }
 
-fn parse_uid_range(text: &str) -> Option<(u32, u32)> {
-    let (first, last) = text.split_once('-')?;
-    let (first, last) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
-    (first <= last).then_some((first, last))
+/// `"FIRST-LAST"`, `"UID"`, or a non-empty list of those.
+fn parse_uid_ranges(value: &toml::Value) -> Option<Vec<(u32, u32)>> {
+    let one = |text: &str| -> Option<(u32, u32)> {
+        let (first, last) = text.split_once('-').unwrap_or((text, text));
+        let (first, last) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+        (first <= last).then_some((first, last))
+    };
+    match value {
+        toml::Value::String(text) => Some(vec![one(text)?]),
+        toml::Value::Array(items) if !items.is_empty() => {
+            items.iter().map(|item| one(item.as_str()?)).collect()
+        }
+        _ => None,
+    }
 }
 
 /// IPv4 and its IPv4-mapped IPv6 form are the same destination to the kernel gate.
@@ -457,7 +469,7 @@ comment = "resolver"
             NftConfig {
                 enabled: true,
                 table: "tank".into(),
-                uid_range: None
+                uid_ranges: Vec::new()
             }
         );
         let c = Config::parse(
@@ -471,7 +483,7 @@ comment = "resolver"
             NftConfig {
                 enabled: true,
                 table: "tank-x_1".into(),
-                uid_range: Some((100_000, 165_535))
+                uid_ranges: vec![(100_000, 165_535)]
             }
         );
         assert!(
@@ -491,7 +503,19 @@ comment = "resolver"
         assert!(err("cgroup = \"/a\"\n[nft]\ntable = \"t;flush\"\n")
             .starts_with("t.toml:3:9: nft table name"));
         assert!(err("cgroup = \"/a\"\n[nft]\nuid_range = \"5-1\"\n")
-            .starts_with("t.toml:3:13: uid_range `5-1`"));
+            .starts_with("t.toml:3:13: uid_range \"5-1\""));
+        assert!(
+            err("cgroup = \"/a\"\n[nft]\nuid_range = [\"2000\", \"x\"]\n")
+                .starts_with("t.toml:3:13: uid_range [\"2000\", \"x\"]")
+        );
+        assert!(err("cgroup = \"/a\"\n[nft]\nuid_range = []\n")
+            .starts_with("t.toml:3:13: uid_range []"));
+        let c = Config::parse(
+            "cgroup = \"/a\"\n[nft]\nuid_range = [\"2000\", \"524288-589823\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.nft.uid_ranges, vec![(2000, 2000), (524_288, 589_823)]);
         assert!(err("cgroup = \"/a\"\n[nft]\ntabel = \"x\"\n")
             .starts_with("t.toml:3:1: unknown field `tabel`"));
         assert!(err("cgroup = \"/a/\\\"x\"\n").starts_with("t.toml:1:10: cgroup path contains"));

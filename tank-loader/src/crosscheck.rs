@@ -20,7 +20,7 @@ use serde::Serialize;
 use tank_ebpf_common::chain::{self, Problem, Record, Report};
 use tank_ebpf_common::event::{hook, reason};
 use tank_ebpf_common::ocsf::kernel::{NetworkRecord, UnrecordedRecord};
-use tank_ebpf_common::ocsf::proxy::ConnectionRecord;
+use tank_ebpf_common::ocsf::proxy::{ConnectionRecord, TunnelKind};
 use tank_ebpf_common::ocsf::{self, protocol, Action, Kind};
 
 /// Default greatest distance in time between a kernel record and its proxy record, ms.
@@ -122,6 +122,8 @@ pub struct CrossCheck {
     /// accounts for them. Not a discrepancy by itself; unrecorded `established` connections
     /// explain proxy records that match nothing.
     pub unrecorded: Vec<UnrecordedGroup>,
+    /// Requests inside inspected tunnels, counted per tunnel.
+    pub inspected: Inspected,
 }
 
 /// One kernel log record of attempts the kernel could not record.
@@ -139,6 +141,68 @@ pub struct UnrecordedGroup {
     pub start_time: Option<i64>,
     /// End of the interval, ms.
     pub end_time: i64,
+}
+
+/// The requests of inspected tunnels: each tunnel record says how many it served, and that
+/// many request records must name it (`metadata.correlation_uid`).
+#[derive(Debug, Default, Serialize)]
+pub struct Inspected {
+    /// Inspected tunnel records.
+    pub tunnels: u64,
+    /// Request records.
+    pub requests: u64,
+    /// Tunnels whose request records do not number what the tunnel record says.
+    pub miscounted: Vec<TunnelRequests>,
+    /// Request records naming no tunnel record (a tunnel still open, or a lost record).
+    pub orphaned: BTreeMap<String, u64>,
+}
+
+/// One inspected tunnel's requests, as listed when they do not add up.
+#[derive(Debug, Serialize)]
+pub struct TunnelRequests {
+    /// The tunnel record's line.
+    pub line: usize,
+    /// Its `metadata.uid`.
+    pub uid: String,
+    /// `unmapped.requests` of the tunnel record.
+    pub says: u64,
+    /// Request records naming it.
+    pub found: u64,
+}
+
+/// Counts the request records of each inspected tunnel in the proxy log.
+fn inspected(proxy: &Log, precs: &[(&Record, ConnectionRecord)]) -> Inspected {
+    let mut per_tunnel: BTreeMap<String, u64> = BTreeMap::new();
+    let mut requests = 0;
+    for r in &proxy.records {
+        if let Ok(Kind::Request(q)) = ocsf::parse(&r.value) {
+            requests += 1;
+            let uid = q.metadata.correlation_uid.clone().unwrap_or_default();
+            *per_tunnel.entry(uid).or_default() += 1;
+        }
+    }
+    let mut out = Inspected {
+        requests,
+        ..Inspected::default()
+    };
+    for (r, p) in precs {
+        let (Some(uid), Some(TunnelKind::Inspected)) = (&p.metadata.uid, p.unmapped.tunnel) else {
+            continue;
+        };
+        out.tunnels += 1;
+        let found = per_tunnel.remove(uid).unwrap_or(0);
+        let says = p.unmapped.requests.unwrap_or(0);
+        if found != says {
+            out.miscounted.push(TunnelRequests {
+                line: r.line,
+                uid: uid.clone(),
+                says,
+                found,
+            });
+        }
+    }
+    out.orphaned = per_tunnel;
+    out
 }
 
 /// `consistent`, `discrepancies` or `tampered` (which takes precedence).
@@ -285,7 +349,7 @@ fn kernel_record(kind: Kind) -> Result<Option<KernelItem>, String> {
         Kind::Unrecorded(u) => Ok(Some(KernelItem::Unrecorded(u))),
         Kind::Kernel(_) => Err("dst_endpoint has no ip and port".to_owned()),
         Kind::Lifecycle(_) => Ok(None),
-        Kind::Proxy(_) => Err("a proxy record in the kernel log".to_owned()),
+        Kind::Proxy(_) | Kind::Request(_) => Err("a proxy record in the kernel log".to_owned()),
     }
 }
 
@@ -296,6 +360,8 @@ fn proxy_record(kind: Kind) -> Result<Option<ConnectionRecord>, String> {
             Ok(Some(p))
         }
         Kind::Proxy(_) => Err("src_endpoint or proxy has no ip and port".to_owned()),
+        // Requests inside inspected tunnels are counted per tunnel (see `requests`), not paired.
+        Kind::Request(_) => Ok(None),
         Kind::Kernel(_) | Kind::Lifecycle(_) | Kind::Unrecorded(_) => {
             Err("a kernel record in the proxy log".to_owned())
         }
@@ -395,7 +461,10 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         .filter_map(|(c, used)| (!used).then_some(c))
         .collect();
 
+    let inspected = inspected(proxy, &precs);
     let discrepancy = !(proxy_unmatched.is_empty()
+        && inspected.miscounted.is_empty()
+        && inspected.orphaned.is_empty()
         && kernel_unmatched.is_empty()
         && established_without_attempt.is_empty()
         && kernel_log.unreadable.is_empty()
@@ -422,6 +491,7 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         direct_listed_connections,
         denied,
         unrecorded,
+        inspected,
     }
 }
 
@@ -552,6 +622,25 @@ pub fn render(c: &CrossCheck) -> String {
         "matched: {} of {} proxy records ({pct}), {} of {} kernel connections to the proxy\n",
         c.matched, c.proxy_records, c.matched, c.kernel_proxy_connections
     );
+    let i = &c.inspected;
+    if i.tunnels > 0 || i.requests > 0 {
+        out += &format!(
+            "inspected: {} requests in {} tunnels ({} miscounted, {} requests naming no tunnel)\n",
+            i.requests,
+            i.tunnels,
+            i.miscounted.len(),
+            i.orphaned.values().sum::<u64>()
+        );
+        for t in &i.miscounted {
+            out += &format!(
+                "  line {}: tunnel {} says {} requests, {} request records name it\n",
+                t.line, t.uid, t.says, t.found
+            );
+        }
+        for (uid, n) in &i.orphaned {
+            out += &format!("  {n} request records name tunnel {uid}, which has no record\n");
+        }
+    }
     out += &format!(
         "proxy records with no kernel record (not from the agent's cgroup, or lost): {}\n",
         c.proxy_unmatched.len()
@@ -649,7 +738,10 @@ mod tests {
     use tank_ebpf_common::chain::{ChainWriter, Hash, Head, Link};
     use tank_ebpf_common::event::{verdict, Event};
     use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
-    use tank_ebpf_common::ocsf::proxy::{Connection, ProxyDetails, RequestKind, Traffic};
+    use tank_ebpf_common::ocsf::proxy::{
+        Connection, HttpRequest, ProxyDetails, Request, RequestDetails, RequestKind, RequestRecord,
+        Traffic, Url,
+    };
     use tank_ebpf_common::ocsf::{lifecycle, Endpoint};
 
     const AGENT: [u8; 4] = [10, 0, 0, 5];
@@ -789,14 +881,102 @@ mod tests {
             },
             traffic: Traffic::default(),
             url: None,
+            uid: None,
             details: ProxyDetails {
                 kind: RequestKind::Connect,
                 rule: "allowed_domains:web".into(),
                 http_method: None,
                 error: None,
+                tunnel: None,
+                sni: None,
+                alpn: Vec::new(),
+                requests: None,
             },
         };
         serde_json::to_value(ConnectionRecord::new(c, "proxy", "0")).unwrap()
+    }
+
+    /// An inspected tunnel's record saying it served `requests`, with request records for
+    /// `recorded` of them.
+    fn inspected_tunnel(dt: i64, port: u16, uid: &str, requests: u64, recorded: u64) -> Vec<Value> {
+        let mut tunnel = proxied(dt, port);
+        tunnel["metadata"]["uid"] = json!(uid);
+        tunnel["unmapped"]["tunnel"] = json!("inspected");
+        tunnel["unmapped"]["requests"] = json!(requests);
+        let request = |n: u64| {
+            let r = Request {
+                allowed: true,
+                start_ms: T0 + dt + n as i64,
+                duration_ms: 1,
+                client: SocketAddr::from((AGENT, port)),
+                target: Endpoint::default(),
+                http: HttpRequest {
+                    http_method: "GET".into(),
+                    url: Url {
+                        url_string: format!("https://example.com/{n}"),
+                    },
+                    version: "HTTP/2".into(),
+                },
+                status: Some(200),
+                traffic: Traffic::default(),
+                tunnel_uid: uid.into(),
+                details: RequestDetails {
+                    rule: "allowed_domains:web".into(),
+                    credential: None,
+                    error: None,
+                },
+            };
+            serde_json::to_value(RequestRecord::new(r, "proxy", "0")).unwrap()
+        };
+        let mut out: Vec<Value> = (0..recorded).map(request).collect();
+        out.push(tunnel);
+        out
+    }
+
+    #[test]
+    fn requests_of_inspected_tunnels_are_counted_per_tunnel() {
+        let kernel = [connection(1, 0, 40001), connection(2, 9, 40002)].concat();
+        let proxy = [
+            inspected_tunnel(20, 40001, "t1", 3, 3),
+            inspected_tunnel(20, 40002, "t2", 2, 2),
+        ]
+        .concat();
+        let c = check_logs(kernel.clone(), proxy);
+        assert_eq!(c.verdict, Verdict::Consistent, "{}", render(&c));
+        assert_eq!(
+            [c.inspected.tunnels, c.inspected.requests, c.matched],
+            [2, 5, 2]
+        );
+        assert!(render(&c).contains(
+            "\ninspected: 5 requests in 2 tunnels (0 miscounted, 0 requests naming no tunnel)\n"
+        ));
+        // A request record lost, and requests naming a tunnel with no record.
+        let mut proxy = [
+            inspected_tunnel(20, 40001, "t1", 3, 2),
+            inspected_tunnel(20, 40002, "t2", 2, 2),
+        ]
+        .concat();
+        proxy.extend(
+            inspected_tunnel(30, 40003, "gone", 1, 1)
+                .into_iter()
+                .take(1),
+        );
+        let c = check_logs(kernel, proxy);
+        assert_eq!(c.verdict, Verdict::Discrepancies);
+        assert_eq!(c.inspected.miscounted.len(), 1);
+        assert_eq!(
+            (
+                c.inspected.miscounted[0].says,
+                c.inspected.miscounted[0].found
+            ),
+            (3, 2)
+        );
+        assert_eq!(c.inspected.orphaned.get("gone"), Some(&1));
+        let text = render(&c);
+        assert!(
+            text.contains("tunnel t1 says 3 requests, 2 request records name it"),
+            "{text}"
+        );
     }
 
     fn opts() -> Options {

@@ -164,6 +164,8 @@ impl Drain {
                 _ = tick.tick() => written += this.pass(log)?,
                 () = &mut shutdown => {
                     written += this.pass(log)?;
+                    let head = log.head();
+                    tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
                     return Ok(written);
                 }
             }

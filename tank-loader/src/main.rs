@@ -25,6 +25,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a terminal: under systemd stderr is the journal, where escape codes
+        // would garble every line (`journalctl -o cat` shows them raw).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match dispatch(cli.command) {
         Ok(code) => code,

@@ -105,7 +105,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             "lsm": installed.lsm, "nft": nft_state, "ring_pos": drain.ring_pos(),
         }),
     ))?;
-    log.sync()?;
+    let head = log.sync()?;
+    // The anchor also goes to the system log, which is shipped off the host.
+    tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
 
     privileges::drop_all()?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -124,7 +124,7 @@ pub fn follow(
                 Some(unrecorded_row(&r))
             }
             Ok(Kind::Kernel(_) | Kind::Lifecycle(_) | Kind::Unrecorded(_)) => None,
-            Ok(Kind::Proxy(_)) => {
+            Ok(Kind::Proxy(_) | Kind::Request(_)) => {
                 unreadable(err, path, offset, "a proxy record, not a kernel one")?;
                 summary.unreadable += 1;
                 None

@@ -10,7 +10,8 @@ use std::process::Command;
 use tank_ebpf_common::chain::{self, ChainWriter};
 use tank_ebpf_common::ocsf::validate;
 use tank_integration_tests::topology::{
-    TwoHosts, AGENT_IP, FORBIDDEN_NAME, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PORT,
+    TwoHosts, AGENT_IP, API_NAME, API_SECRET, FORBIDDEN_NAME, ORIGIN_IP, ORIGIN_NAME, PROXY_IP,
+    PROXY_PORT,
 };
 use tank_integration_tests::workspace_bin;
 
@@ -317,4 +318,38 @@ fn the_agent_host_cannot_go_around_the_proxy_although_the_network_would_let_it()
     let (code, out) = hosts.curl_via_proxy(&format!("https://{FORBIDDEN_NAME}/"));
     assert_ne!(code, 0);
     assert!(out.contains("403"), "{out}");
+}
+
+/// An inspected tunnel on the audited path: the agent (holding no token) calls the forge API
+/// for the allowed repository and another one over one tunnel; the forge receives the token
+/// the proxy set, only for the allowed request; the tunnel's record matches the kernel's, and
+/// the cross-check counts its two request records.
+#[test]
+fn an_inspected_tunnel_matches_the_kernel_record_and_its_requests_are_counted() {
+    let mut hosts = TwoHosts::start();
+    let mut curl = hosts.proxied_curl(&format!("https://{API_NAME}/repos/owner/repo/issues"));
+    curl.arg(format!("https://{API_NAME}/repos/owner/other/issues"))
+        .args(["-o", "/dev/null", "-o", "/dev/null", "-w", "%{http_code}\n"]);
+    let (code, out) = hosts.run_agent(&mut curl);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["200", "403"],
+        "{out}"
+    );
+    let received = std::fs::read_to_string(&hosts.origin_received).unwrap_or_default();
+    assert_eq!(
+        received,
+        format!("/repos/owner/repo/issues Authorization: Bearer {API_SECRET}\n"),
+        "what the forge received"
+    );
+    hosts.wait_proxy_records(1);
+    hosts.wait_established(1);
+    hosts.stop_proxy();
+    let (code, report) = cross_check(&hosts.loader.audit_log, &hosts.proxy_log);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["verdict"], "consistent", "{report:#}");
+    assert_eq!(report["matched"], 1, "{report:#}");
+    assert_eq!(report["inspected"]["tunnels"], 1, "{report:#}");
+    assert_eq!(report["inspected"]["requests"], 2, "{report:#}");
 }

@@ -40,6 +40,22 @@ const PACKAGES: &[(&str, &str)] = &[
         "kill and sysctl, used by the image checks and the test namespaces",
     ),
     ("bpftool", "inspecting programs in the bypass tests"),
+    (
+        "mmdebstrap",
+        "the Debian root the boot test boots (tests/tests/boot.rs)",
+    ),
+    (
+        "systemd-container",
+        "systemd-nspawn, which boots that root under a real systemd",
+    ),
+    (
+        "python3-requests",
+        "requests, a real client of the inspection tests",
+    ),
+    (
+        "nodejs",
+        "Node's TLS client, a real client of the inspection tests",
+    ),
     ("python3-pip", "installs the OCSF validator's PyPI packages"),
 ];
 
