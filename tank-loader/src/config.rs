@@ -38,6 +38,8 @@ pub struct Config {
     pub lsm: LsmMode,
     /// The nftables baseline.
     pub nft: NftConfig,
+    /// Where `run` serves Prometheus metrics (`metrics_listen`); `None` when off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `lsm`: the BPF LSM `socket_create` layer (families other than AF_UNIX, AF_INET, AF_INET6,
@@ -160,6 +162,7 @@ struct RawConfig {
     lsm: LsmMode,
     #[serde(default)]
     nft: Option<RawNft>,
+    metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +352,17 @@ impl Config {
             })?,
         };
 
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(value) if value.get_ref() == "off" => None,
+            Some(value) => match value.get_ref().parse::<SocketAddr>() {
+                // The metrics describe what the agent attempts; they stay on the host unless an
+                // operator puts an authenticating proxy in front.
+                Ok(addr) if addr.ip().is_loopback() => Some(addr),
+                _ => return Err(at(value.span(), format!("metrics_listen `{}` must be a loopback address:port (e.g. \"127.0.0.1:9465\") or \"off\"", value.get_ref()))),
+            },
+        };
+
         Ok(Config {
             cgroup: cgroup_path.to_owned(),
             mode: raw.mode,
@@ -363,6 +377,7 @@ impl Config {
                 table: raw_nft.table.into_inner(),
                 uid_ranges,
             },
+            metrics_listen,
         })
     }
 }
@@ -519,6 +534,26 @@ comment = "resolver"
         assert!(err("cgroup = \"/a\"\n[nft]\ntabel = \"x\"\n")
             .starts_with("t.toml:3:1: unknown field `tabel`"));
         assert!(err("cgroup = \"/a/\\\"x\"\n").starts_with("t.toml:1:10: cgroup path contains"));
+    }
+
+    #[test]
+    fn metrics_are_off_unless_set_and_only_on_loopback() {
+        let parse = |extra: &str| Config::parse(&format!("cgroup = \"/a\"\n{extra}"), "t.toml");
+        assert_eq!(parse("").unwrap().metrics_listen, None);
+        assert_eq!(
+            parse("metrics_listen = \"off\"\n").unwrap().metrics_listen,
+            None
+        );
+        assert_eq!(
+            parse("metrics_listen = \"[::1]:9465\"\n")
+                .unwrap()
+                .metrics_listen,
+            Some("[::1]:9465".parse().unwrap())
+        );
+        for bad in ["0.0.0.0:9465", "192.0.2.1:9465", "localhost:9465", "9465"] {
+            let e = err(&format!("cgroup = \"/a\"\nmetrics_listen = \"{bad}\"\n"));
+            assert!(e.starts_with("t.toml:2:18: metrics_listen"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ use tank_ebpf_common::ocsf::kernel::{NetworkRecord, UnrecordedRecord};
 use tank_ebpf_common::ocsf::proxy::{ConnectionRecord, TunnelKind};
 use tank_ebpf_common::ocsf::{self, protocol, Action, Kind};
 
+use crate::activity::{self, Activity};
+
 /// Default greatest distance in time between a kernel record and its proxy record, ms.
 pub const DEFAULT_WINDOW_MS: u64 = 5000;
 
@@ -122,6 +124,8 @@ pub struct CrossCheck {
     /// accounts for them. Not a discrepancy by itself; unrecorded `established` connections
     /// explain proxy records that match nothing.
     pub unrecorded: Vec<UnrecordedGroup>,
+    /// Both logs over time per host, and proxy records by rule (bounded, for the pictures).
+    pub activity: Activity,
     /// Requests inside inspected tunnels, counted per tunnel.
     pub inspected: Inspected,
 }
@@ -226,6 +230,10 @@ pub struct LogCheck {
     pub intact: bool,
     /// Complete records read.
     pub records: u64,
+    /// The last complete record: the chain's head.
+    pub head: chain::Head,
+    /// The anchor found beside the log, if any.
+    pub anchor: Option<chain::Head>,
     /// Chain problems.
     pub problems: Vec<Problem>,
     /// Records that are not one of this log's kinds, lack a field the check needs, or belong
@@ -330,6 +338,8 @@ fn read<T>(
         file: log.path.clone(),
         intact: log.report.is_intact(),
         records: log.report.records,
+        head: log.report.head.clone(),
+        anchor: log.report.anchor.clone(),
         problems: log.report.problems.clone(),
         unreadable,
     };
@@ -405,9 +415,16 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         (HashSet::new(), HashSet::new(), HashSet::new());
     let (mut established, mut conns, mut direct_listed_connections) = (vec![], vec![], 0);
     let mut denied = BTreeMap::new();
+    let mut activity = activity::Builder::default();
     for (r, k) in &krecs {
         let (cookie, why) = (k.unmapped.cookie, k.unmapped.reason.0);
         let tcp = k.connection_info.protocol_num == protocol::TCP;
+        let counted = match (k.unmapped.hook.0, k.action) {
+            (hook::ESTABLISHED, _) => activity::Kind::Connection,
+            (_, Action::Allowed) => activity::Kind::AttemptAllowed,
+            (_, Action::Denied) => activity::Kind::AttemptDenied,
+        };
+        activity.add("kernel", &k.device.hostname, counted, k.time);
         match (k.unmapped.hook.0, k.action) {
             (hook::ESTABLISHED, _) => {
                 connected.insert(cookie);
@@ -435,6 +452,16 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
     // Stable: equal counts keep the key order of the map.
     denied.sort_by_key(|g| std::cmp::Reverse(g.count));
 
+    for (_, p) in &precs {
+        let allowed = p.action == Action::Allowed;
+        let counted = if allowed {
+            activity::Kind::ProxyAllowed
+        } else {
+            activity::Kind::ProxyDenied
+        };
+        activity.add("proxy", &p.device.hostname, counted, p.start_time);
+        activity.rule(&p.unmapped.rule, allowed);
+    }
     let (p_used, k_used) = pair(&conns, &precs, opts);
     let proxy_unmatched: Vec<ProxyConnection> = precs
         .iter()
@@ -491,6 +518,7 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         direct_listed_connections,
         denied,
         unrecorded,
+        activity: activity.finish(),
         inspected,
     }
 }
@@ -542,6 +570,22 @@ fn pair(
     (p_used, k_used)
 }
 
+impl DeniedGroup {
+    /// Its columns as the reports show them: count, destination, protocol, process, reason,
+    /// first, last.
+    pub fn cells(&self) -> Vec<String> {
+        vec![
+            self.count.to_string(),
+            self.destination.map_or("-".to_owned(), |d| d.to_string()),
+            self.protocol.clone(),
+            self.process.clone(),
+            self.reason.clone(),
+            when(self.first_time),
+            when(self.last_time),
+        ]
+    }
+}
+
 type DeniedKey = (Option<SocketAddr>, String, String, String);
 
 fn count_denied(groups: &mut BTreeMap<DeniedKey, DeniedGroup>, k: &NetworkRecord) {
@@ -571,7 +615,7 @@ fn count_denied(groups: &mut BTreeMap<DeniedKey, DeniedGroup>, k: &NetworkRecord
 }
 
 /// ms since the epoch as RFC 3339 in UTC with milliseconds, a fixed width for the columns.
-fn when(ms: i64) -> String {
+pub(crate) fn when(ms: i64) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
@@ -702,17 +746,7 @@ pub fn render(c: &CrossCheck) -> String {
     if !c.denied.is_empty() {
         let header = "COUNT DESTINATION PROTO PROCESS REASON FIRST LAST";
         let mut rows = vec![header.split(' ').map(str::to_owned).collect::<Vec<_>>()];
-        rows.extend(c.denied.iter().map(|g| {
-            vec![
-                g.count.to_string(),
-                g.destination.map_or("-".to_owned(), |d| d.to_string()),
-                g.protocol.clone(),
-                g.process.clone(),
-                g.reason.clone(),
-                when(g.first_time),
-                when(g.last_time),
-            ]
-        }));
+        rows.extend(c.denied.iter().map(DeniedGroup::cells));
         let width = |i: usize| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0);
         let widths: Vec<usize> = (0..rows[0].len()).map(width).collect();
         for row in &rows {

@@ -7,7 +7,8 @@
 //! Each pass reads what the ring holds ([`Ring`], in place), formats each event straight into
 //! the chain's batch (no allocation per record), appends a record for any unrecorded counter
 //! that moved since the last pass, makes the batch durable (one `fdatasync`, anchor moved),
-//! and only then hands the ring its space back. A loader killed mid-pass leaves the events in
+//! and only then hands the ring its space back. Each event and each durable batch is also
+//! counted in [`DrainStats`] (plain stores, no allocation) for the loader's metrics. A loader killed mid-pass leaves the events in
 //! the ring; the next one skips those its predecessor already logged (by `unmapped.ring_pos`)
 //! and logs the rest. The unrecorded totals the log has accounted for are kept in a checkpoint
 //! beside the log (`<log>.drain`), for the same reason.
@@ -19,6 +20,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -30,6 +32,7 @@ use tank_ebpf_common::event::{hook, verdict, Event};
 use tank_ebpf_common::ocsf::kernel::{Formatter, UnrecordedRecord, UnrecordedTotals};
 use tokio::io::unix::AsyncFd;
 
+use crate::metrics::DrainStats;
 use crate::ring::Ring;
 
 /// How often the ring buffer and the counters are looked at when no wakeup comes (a ring that
@@ -66,6 +69,8 @@ pub struct Drain {
     records: Formatter,
     hostname: String,
     attempts: Attempts,
+    /// What the metrics read: counts per event, records and lag per durable batch.
+    stats: Arc<DrainStats>,
     /// Totals the log has accounted for, and when the drain last looked (ms).
     accounted: UnrecordedTotals,
     looked_ms: Option<i64>,
@@ -85,6 +90,7 @@ impl Drain {
         log_path: &Path,
         hostname: &str,
         reused: bool,
+        stats: Arc<DrainStats>,
     ) -> anyhow::Result<Self> {
         let checkpoint = checkpoint_path(log_path);
         let saved: Option<Checkpoint> = std::fs::read(&checkpoint)
@@ -116,6 +122,7 @@ impl Drain {
             records: Formatter::new(hostname, env!("CARGO_PKG_VERSION")),
             hostname: hostname.to_owned(),
             attempts: Attempts::default(),
+            stats,
             accounted,
             looked_ms: None,
             checkpoint,
@@ -153,6 +160,8 @@ impl Drain {
             .map_err(|e| anyhow::anyhow!("cannot watch the ring buffer: {}", e.into_parts().1))?;
         let mut tick = tokio::time::interval(TICK);
         let mut written = 0;
+        // The head the drain starts from (the Start record's), before any batch.
+        this.stats.batch(0, log.head().seq, None);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -176,12 +185,13 @@ impl Drain {
     pub fn pass(&mut self, log: &mut ChainWriter) -> anyhow::Result<u64> {
         let mut total = 0;
         loop {
-            let events = self.read_batch(log)?;
+            let (events, oldest_ktime_ns) = self.read_batch(log)?;
             let counted = self.account(log)?;
             if events == 0 && !counted {
                 return Ok(total);
             }
             let head = log.sync()?;
+            self.stats.batch(events as u64, head.seq, oldest_ktime_ns);
             if self
                 .anchor_logged
                 .is_none_or(|t| t.elapsed() >= ANCHOR_LOG_INTERVAL)
@@ -205,16 +215,18 @@ impl Drain {
         }
     }
 
-    /// Appends up to [`BATCH`] events from the ring.
-    fn read_batch(&mut self, log: &mut ChainWriter) -> Result<usize, ChainError> {
+    /// Appends up to [`BATCH`] events from the ring. Returns how many, and the kernel time of
+    /// the first (the batch's oldest), if any.
+    fn read_batch(&mut self, log: &mut ChainWriter) -> Result<(usize, Option<u64>), ChainError> {
         let clock = Clock::now();
         let Self {
             ring,
             records,
             attempts,
+            stats,
             ..
         } = self;
-        let mut failed = None;
+        let (mut failed, mut oldest_ktime_ns) = (None, None);
         let n = ring.read(BATCH, |item| {
             if failed.is_some() {
                 return;
@@ -229,11 +241,14 @@ impl Drain {
                 records.write(line, link, &event, unix_ns, item.end)
             }) {
                 failed = Some(e);
+                return;
             }
+            stats.event(&event);
+            oldest_ktime_ns.get_or_insert(event.ktime_ns);
         });
         match failed {
             Some(e) => Err(e),
-            None => Ok(n),
+            None => Ok((n, oldest_ktime_ns)),
         }
     }
 

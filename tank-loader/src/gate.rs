@@ -513,6 +513,13 @@ pub fn pinned_map(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
 /// Sums the per-CPU counters, indexed as in [`counters`].
 pub fn read_counters(pin_dir: &Path) -> anyhow::Result<[u64; counters::COUNT as usize]> {
     let map: PerCpuArray<_, u64> = PerCpuArray::try_from(pinned_map(pin_dir, counters::MAP_NAME)?)?;
+    sum_counters(&map)
+}
+
+/// Sums the per-CPU counters of an open counter map, indexed as in [`counters`].
+pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, u64>,
+) -> anyhow::Result<[u64; counters::COUNT as usize]> {
     let mut sums = [0u64; counters::COUNT as usize];
     for (slot, sum) in sums.iter_mut().enumerate() {
         *sum = map.get(&(slot as u32), 0)?.iter().sum();

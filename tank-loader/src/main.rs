@@ -15,7 +15,7 @@ use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
 use tank_ebpf_common::ocsf::lifecycle;
 use tank_loader::cli::{AuditCommand, Cli, Command};
 use tank_loader::config::Config;
-use tank_loader::{crosscheck, gate, nft, run, status, trace};
+use tank_loader::{crosscheck, gate, metrics, nft, report, run, status, trace};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -104,6 +104,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Detach { config } => detach(&config, &mut out),
+        Command::WatchLayers { config } => {
+            metrics::watch_layers(&Config::load(&config)?, metrics::LAYER_CHECK_INTERVAL)
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Audit {
             command: AuditCommand::Verify { file, json },
         } => verify(&file, json, &mut out),
@@ -115,12 +119,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     window_ms,
                     nat,
                     json,
+                    html,
                 },
         } => cross_check(
             &kernel,
             &proxy,
             &crosscheck::Options { window_ms, nat },
             json,
+            html.as_deref(),
             &mut out,
         ),
     }
@@ -170,6 +176,7 @@ fn cross_check(
     proxy: &Path,
     opts: &crosscheck::Options,
     json: bool,
+    html: Option<&Path>,
     out: &mut impl Write,
 ) -> anyhow::Result<ExitCode> {
     // An input that cannot be read is a usage problem (exit 2), not a finding about the logs.
@@ -185,6 +192,10 @@ fn cross_check(
         return Ok(ExitCode::from(2));
     };
     let report = crosscheck::check(&kernel, &proxy, opts);
+    if let Some(file) = html {
+        std::fs::write(file, report::html(&report))
+            .with_context(|| format!("cannot write the HTML report to {}", file.display()))?;
+    }
     if json {
         serde_json::to_writer_pretty(&mut *out, &report)?;
         writeln!(out)?;

@@ -127,6 +127,11 @@ impl Ring {
         unsafe { &*self.producer.ptr.as_ptr().cast::<AtomicU64>() }.load(Ordering::Acquire)
     }
 
+    /// The size of the data area, in bytes.
+    pub fn size(&self) -> u32 {
+        (self.mask + 1) as u32
+    }
+
     /// Position of the next record to read.
     pub fn position(&self) -> u64 {
         self.read

@@ -6,11 +6,13 @@
 //! so the agent never starts unguarded. Everything privileged (BPF, nft) happens before the
 //! loader drops every capability.
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
-use aya::maps::{Map, PerCpuArray};
+use aya::maps::{Map, MapData, PerCpuArray};
 use tank_ebpf_common::chain::ChainWriter;
 use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
 use tank_ebpf_common::ocsf::lifecycle;
@@ -20,11 +22,13 @@ use crate::cgroup::AgentCgroup;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::gate::LsmState;
+use crate::metrics::{self, DrainStats};
 use crate::ring::Ring;
 use crate::{gate, nft, privileges};
 
 /// Runs the loader until SIGTERM or SIGINT. Enforcement stays pinned when it returns.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    let started = std::time::SystemTime::now();
     let cfg = Config::load(config_path)?;
     let cgroup = AgentCgroup::open_or_create(&cfg.cgroup)?;
 
@@ -89,10 +93,52 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         Map::RingBuf(data) => Ring::new(data)?,
         _ => anyhow::bail!("map {} is not a ring buffer", event::MAP_NAME),
     };
-    let counters = PerCpuArray::try_from(take(&mut ebpf, counters::MAP_NAME)?)?;
+    let counters = match take(&mut ebpf, counters::MAP_NAME)? {
+        Map::PerCpuArray(data) => data,
+        _ => anyhow::bail!("map {} is not a per-CPU array", counters::MAP_NAME),
+    };
     // Programs stay loaded through their pinned links; the loader needs only these two maps.
     drop(ebpf);
-    let drain = Drain::new(ring, counters, &log, &cfg.audit_log, &hostname, reused)?;
+    let stats = Arc::new(DrainStats::new(log.head().seq));
+    let metrics = match cfg.metrics_listen {
+        None => None,
+        Some(addr) => {
+            // The metrics thread reads the counters and ring positions through handles of its
+            // own; the drain keeps the originals.
+            let sources = metrics::Sources {
+                drain: stats.clone(),
+                counters: PerCpuArray::try_from(Map::PerCpuArray(MapData::from_fd(
+                    counters.fd().as_fd().try_clone_to_owned()?,
+                )?))?,
+                ring: metrics::RingPositions::map(
+                    &ring.as_fd().try_clone_to_owned()?,
+                    ring.size(),
+                )?,
+                started,
+            };
+            // Metrics are for watching, not for enforcing: an address in use must not keep the
+            // loader (and so the agent, bound to it) down. The missing target shows in Prometheus.
+            match metrics::prepare(addr, config_path) {
+                Ok(prepared) => Some((prepared, sources)),
+                Err(e) => {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "metrics NOT served; enforcement and the audit log are unaffected"
+                    );
+                    None
+                }
+            }
+        }
+    };
+    let drain = Drain::new(
+        ring,
+        PerCpuArray::try_from(Map::PerCpuArray(counters))?,
+        &log,
+        &cfg.audit_log,
+        &hostname,
+        reused,
+        stats,
+    )?;
 
     log.append(&LifecycleRecord::new(
         &hostname,
@@ -110,6 +156,15 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
 
     privileges::drop_all()?;
+    // After the drop: threads started before it would keep the capabilities.
+    let _metrics = match metrics {
+        Some((prepared, sources)) => {
+            let running = prepared.start(sources)?;
+            tracing::info!(addr = %running.addr, "metrics at http://{}/metrics", running.addr);
+            Some(running)
+        }
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

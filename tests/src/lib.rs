@@ -6,6 +6,8 @@
 //! test that cannot get what it needs must fail loudly in CI.
 
 pub mod appliance;
+pub mod browser;
+pub mod prometheus;
 pub mod reroute;
 pub mod seccomp;
 pub mod topology;
@@ -271,7 +273,9 @@ impl Loader {
                 Err(e)
                     if !matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) =>
                 {
                     panic!("notify socket: {e}")

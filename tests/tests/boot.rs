@@ -146,6 +146,9 @@ fn the_appliance_boots_guards_the_agent_across_crashes_and_restarts_and_fails_cl
         host.the_stand_in_reaches_the_proxy_and_nothing_else(1)
     });
     step("anchors", || host.chain_anchors_reach_the_journal());
+    step("metrics", || {
+        host.the_metrics_are_served_inside_the_sandbox()
+    });
     step("security", || {
         host.the_security_exposure_is_what_the_docs_say()
     });
@@ -781,6 +784,33 @@ impl Appliance {
             last.unmapped.cgroup_id, agent_id,
             "the refusal was not the stand-in's: {last:?}"
         );
+    }
+
+    /// The appliance's `metrics_listen` is served from inside the unit's sandbox, with the
+    /// layers read by the CAP_NET_ADMIN helper.
+    fn the_metrics_are_served_inside_the_sandbox(&self) {
+        let journal = self.container.journal(LOADER);
+        assert!(
+            journal.contains("metrics at http://127.0.0.1:9465/metrics"),
+            "{journal}"
+        );
+        let scrape = "exec 3<>/dev/tcp/127.0.0.1/9465 && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3";
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.container.ok(&["bash", "-c", scrape]);
+            if text.contains("tank_layer_in_force{layer=\"gate\"} 1") {
+                assert!(
+                    text.contains("tank_layer_in_force{layer=\"nft\"} 1"),
+                    "{text}"
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no layer reading in 20 s:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// Every `audit anchor` the loader logged names a record of the log by its seq and hash.

@@ -41,6 +41,18 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("bpftool", "inspecting programs in the bypass tests"),
     (
+        "prometheus",
+        "a real Prometheus server scrapes the loader's metrics in the metrics test",
+    ),
+    (
+        "chromium",
+        "headless browser that renders the cross-check's HTML report in its test",
+    ),
+    (
+        "poppler-utils",
+        "pdftotext reads back the text Chromium rendered of the HTML report",
+    ),
+    (
         "mmdebstrap",
         "the Debian root the boot test boots (tests/tests/boot.rs)",
     ),

@@ -16,7 +16,7 @@
 //! Workers are this same binary re-executed inside a cgroup (`tank-bench worker ...`), so the
 //! code path measured is a real process making real system calls under the real gate.
 //!
-//! Usage: tank-bench OUT.json
+//! Usage: tank-bench OUT.json [--scrape-metrics]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -26,6 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tank_integration_tests::prometheus::{free_port, http_get};
 use tank_integration_tests::{counter, Loader, TestCgroups};
 
 /// Interleaved rounds of the connect-latency cases (odd, for a plain median).
@@ -39,6 +40,7 @@ const THROUGHPUT_SECS: f64 = 0.5;
 const FLOOD_PER_WORKER: u64 = 500_000;
 const COLD_STARTS: usize = 5;
 const MAP_ENTRIES: usize = 10_000;
+const DRAIN_ROUNDS: usize = 3;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -46,20 +48,29 @@ fn main() {
         worker(&args[1..]);
         return;
     }
-    let out = args.first().expect("usage: tank-bench OUT.json");
-    let figures = bench();
+    let out = args
+        .first()
+        .expect("usage: tank-bench OUT.json [--scrape-metrics]");
+    let scrape = args.iter().any(|a| a == "--scrape-metrics");
+    let figures = bench(scrape);
     std::fs::write(out, serde_json::to_vec_pretty(&figures).unwrap()).expect("write results");
     print_table(&figures);
 }
 
-fn bench() -> Value {
+fn bench(scrape: bool) -> Value {
     let load_before = load_average();
     let placement = Placement::new();
     placement.pin_self();
     let listener = Listener::start();
     let proxy = format!("proxies = [\"{}\"]", listener.addr);
     let gate1 = TestCgroups::new();
-    let gate1_loader = Loader::start(&gate1, &format!("{proxy}\nring_buffer_bytes = 134217728"));
+    let metrics: Option<SocketAddr> =
+        scrape.then(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+    let metrics_listen = metrics.map_or(String::new(), |a| format!("metrics_listen = \"{a}\"\n"));
+    let gate1_loader = Loader::start(
+        &gate1,
+        &format!("{proxy}\n{metrics_listen}ring_buffer_bytes = 134217728"),
+    );
     let gate10k = TestCgroups::new();
     let gate10k_loader =
         Loader::start(&gate10k, &format!("{proxy}\n{}", many_entries(MAP_ENTRIES)));
@@ -115,49 +126,22 @@ fn bench() -> Value {
         ratio_spread(&throughput[1], &throughput[0])
     );
 
-    // Denied attempts: two workers (one per core) flood an unlisted port on loopback while the
-    // loader is stopped (SIGSTOP), so the flood has both cores and its events wait in the ring.
-    // Then the loader continues alone and the drain's sustained rate is timed from a full ring
-    // to the last record durable in the chained log (anchor moved): no ring to hide a slow
-    // drain, which has one core (the loader is single-threaded) and nothing competing.
+    // Denied attempts flood an unlisted port on loopback with the drain stopped, then the
+    // drain is timed from a full ring (`denied_flood`): no ring to hide a slow drain.
     let denied_target = listener.other_addr.to_string();
-    let loader_pid = nix::unistd::Pid::from_raw(gate1_loader.pid() as i32);
-    let before = gate1_loader.status();
-    let durable_before = durable_records(&gate1_loader.audit_log);
-    nix::sys::signal::kill(loader_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let start = Instant::now();
-    let workers: Vec<_> = (0..2)
-        .map(|_| {
-            spawn_worker(
-                &Placement::unpinned(),
-                &gate1.agent,
-                &["flood", &denied_target, &FLOOD_PER_WORKER.to_string()],
-            )
-        })
-        .collect();
-    let results: Vec<Value> = workers.into_iter().map(finish_worker).collect();
-    let flood_elapsed = start.elapsed().as_secs_f64();
-    let attempts: u64 = results
-        .iter()
-        .map(|r| r["attempts"].as_u64().unwrap())
-        .sum();
-    let eperm: u64 = results.iter().map(|r| r["eperm"].as_u64().unwrap()).sum();
-    let worker_secs = results
-        .iter()
-        .map(|r| r["elapsed_s"].as_f64().unwrap())
-        .fold(0.0, f64::max);
-    let after = gate1_loader.status();
-    let delta = |name| counter(&after, name) - counter(&before, name);
-    let (recorded, unrecorded) = (delta("denied"), delta("unrecorded_denied"));
-    let drain_start = Instant::now();
-    nix::sys::signal::kill(loader_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    let mut logged = durable_records(&gate1_loader.audit_log);
-    while logged - durable_before < recorded && drain_start.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(2));
-        logged = durable_records(&gate1_loader.audit_log);
-    }
-    let drain_secs = drain_start.elapsed().as_secs_f64();
-    eprintln!("bench: flood {flood_elapsed:.2}s (drain stopped), drain {drain_secs:.3}s");
+    let flood = denied_flood(&gate1_loader, &gate1, &denied_target, None);
+    // With --scrape-metrics: the same, in rounds alternating between unscraped and scraped
+    // every second during the drain, so the scrape's cost is seen against the drain's spread.
+    let scraped = metrics.map(|addr| {
+        let (mut plain, mut scraped, mut scrapes) = (Vec::new(), Vec::new(), 0);
+        for _ in 0..DRAIN_ROUNDS {
+            plain.push(denied_flood(&gate1_loader, &gate1, &denied_target, None).drain_rate());
+            let f = denied_flood(&gate1_loader, &gate1, &denied_target, Some(addr));
+            scraped.push(f.drain_rate());
+            scrapes += f.scrapes;
+        }
+        json!({ "unscraped": spread(&mut plain), "scraped_every_1s": spread(&mut scraped), "scrapes": scrapes })
+    });
 
     // Cold start: a fresh loader (nothing pinned) until it reports enforcement in place.
     let cold_cg = TestCgroups::new();
@@ -198,14 +182,15 @@ fn bench() -> Value {
         "throughput_ratio_control_vs_unconfined": ratio_spread(&throughput[1], &throughput[0]),
         "throughput_ratio_gate_vs_unconfined": ratio_spread(&throughput[2], &throughput[0]),
         "denied_flood": {
-            "attempts": attempts, "eperm": eperm, "seconds": worker_secs,
-            "attempts_per_s": attempts as f64 / worker_secs,
-            "recorded_in_kernel": recorded, "unrecorded_counted": unrecorded,
-            "unaccounted": attempts as i64 - recorded as i64 - unrecorded as i64,
-            "written_to_audit_log": logged - durable_before,
-            "drain_seconds": drain_secs,
-            "drain_events_per_s": (logged - durable_before) as f64 / drain_secs,
+            "attempts": flood.attempts, "eperm": flood.eperm, "seconds": flood.worker_secs,
+            "attempts_per_s": flood.attempts as f64 / flood.worker_secs,
+            "recorded_in_kernel": flood.recorded, "unrecorded_counted": flood.unrecorded,
+            "unaccounted": flood.attempts as i64 - flood.recorded as i64 - flood.unrecorded as i64,
+            "written_to_audit_log": flood.logged,
+            "drain_seconds": flood.drain_secs,
+            "drain_events_per_s": flood.drain_rate(),
         },
+        "drain_events_per_s_scraped": scraped,
         "cold_start_ms": { "median": med(&mut cold.clone()), "all": cold },
         "latency_rounds": LATENCY_ROUNDS, "connects_per_round": CONNECTS_PER_ROUND,
         "throughput_rounds": THROUGHPUT_ROUNDS, "throughput_secs_per_round": THROUGHPUT_SECS,
@@ -317,6 +302,129 @@ fn load_average() -> String {
         .join(" ")
 }
 
+/// One denied flood and how the drain kept up with it.
+struct Flood {
+    attempts: u64,
+    eperm: u64,
+    worker_secs: f64,
+    recorded: u64,
+    unrecorded: u64,
+    logged: u64,
+    drain_secs: f64,
+    /// Metrics requests answered during the drain.
+    scrapes: u64,
+}
+
+impl Flood {
+    fn drain_rate(&self) -> f64 {
+        self.logged as f64 / self.drain_secs
+    }
+}
+
+/// The drain's sustained rate from a full ring: the loader is stopped (SIGSTOP) while two
+/// workers (one per core, so the flood has both) each make [`FLOOD_PER_WORKER`] denied attempts
+/// at `target` from the agent cgroup, their events waiting in the ring; then it continues
+/// alone and is timed until every recorded event is durable in the chained log (anchor moved).
+/// The drain has one core (the loader is single-threaded) and nothing competing; with `scrape`,
+/// a scraper fetches its metrics every second meanwhile.
+fn denied_flood(
+    loader: &Loader,
+    cg: &TestCgroups,
+    target: &str,
+    scrape: Option<SocketAddr>,
+) -> Flood {
+    let pid = nix::unistd::Pid::from_raw(loader.pid() as i32);
+    let before = loader.status();
+    let durable_before = durable_records(&loader.audit_log);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let start = Instant::now();
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            spawn_worker(
+                &Placement::unpinned(),
+                &cg.agent,
+                &["flood", target, &FLOOD_PER_WORKER.to_string()],
+            )
+        })
+        .collect();
+    let results: Vec<Value> = workers.into_iter().map(finish_worker).collect();
+    let flood_elapsed = start.elapsed().as_secs_f64();
+    let attempts: u64 = results
+        .iter()
+        .map(|r| r["attempts"].as_u64().unwrap())
+        .sum();
+    let eperm: u64 = results.iter().map(|r| r["eperm"].as_u64().unwrap()).sum();
+    let worker_secs = results
+        .iter()
+        .map(|r| r["elapsed_s"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    // `status` reads the kernel's counters, not the stopped loader.
+    let after = loader.status();
+    let delta = |name| counter(&after, name) - counter(&before, name);
+    let (recorded, unrecorded) = (delta("denied"), delta("unrecorded_denied"));
+    // Started before the loader continues: its first request is answered as the drain begins.
+    let scraper = scrape.map(Scraper::start);
+    let drain_start = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let mut logged = durable_records(&loader.audit_log);
+    while logged - durable_before < recorded && drain_start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(2));
+        logged = durable_records(&loader.audit_log);
+    }
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+    let scrapes = scraper.map_or(0, Scraper::stop);
+    eprintln!("bench: flood {flood_elapsed:.2}s (drain stopped), drain {drain_secs:.3}s");
+    Flood {
+        attempts,
+        eperm,
+        worker_secs,
+        recorded,
+        unrecorded,
+        logged: logged - durable_before,
+        drain_secs,
+        scrapes,
+    }
+}
+
+/// Median and range of `v`.
+fn spread(v: &mut [f64]) -> Value {
+    v.sort_by(f64::total_cmp);
+    json!({ "median": v[v.len() / 2], "min": v[0], "max": v[v.len() - 1], "all": v })
+}
+
+/// A Prometheus-like scraper: `GET /metrics` every second on a thread until stopped.
+struct Scraper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Scraper {
+    fn start(addr: SocketAddr) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let (code, body) = http_get(addr, "/metrics").expect("scrape the loader");
+                assert!(
+                    code == 200 && body.contains("tank_attempts_total"),
+                    "scrape: {code}"
+                );
+                n += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            n
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops it; returns the scrapes made.
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("scraper")
+    }
+}
+
 fn print_table(f: &Value) {
     let row = |name: &str, value: String, goal: &str, ok: bool| {
         println!(
@@ -398,6 +506,28 @@ fn print_table(f: &Value) {
         ">= 1000000",
         drain >= 1_000_000.0,
     );
+    if let Some(s) = f["drain_events_per_s_scraped"].as_object() {
+        let (plain, scraped) = (&s["unscraped"], &s["scraped_every_1s"]);
+        let median = |v: &Value| v["median"].as_f64().unwrap();
+        // Met when the scraped median stays inside the range of the unscraped rounds (or above).
+        row(
+            "  drain events/s scraped every 1 s, median",
+            format!("{:.0}", median(scraped)),
+            "within spread",
+            median(scraped) >= plain["min"].as_f64().unwrap(),
+        );
+        row(
+            "  drain events/s unscraped, median (min-max)",
+            format!(
+                "{:.0} ({:.0}-{:.0})",
+                median(plain),
+                plain["min"].as_f64().unwrap(),
+                plain["max"].as_f64().unwrap()
+            ),
+            "-",
+            true,
+        );
+    }
     let c = f["cold_start_ms"]["median"].as_f64().unwrap();
     row(
         "loader cold start to enforcing, median ms",

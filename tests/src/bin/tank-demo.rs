@@ -7,6 +7,7 @@
 //! down at the end, also on failure.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -145,9 +146,23 @@ fn main() {
     println!(
         "\n== the auditor: tank-loader audit cross-check --kernel KERNEL_LOG --proxy PROXY_LOG\n"
     );
-    let out = hosts.cross_check().output().expect("run the cross-check");
+    // The same report as a page for the auditor's file, kept after the demo (target/demo/).
+    let html = std::env::current_exe()
+        .expect("current_exe")
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .join("demo/cross-check.html");
+    std::fs::create_dir_all(html.parent().unwrap()).expect("create target/demo");
+    let out = hosts
+        .cross_check()
+        .arg("--html")
+        .arg(&html)
+        .output()
+        .expect("run the cross-check");
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    println!("the same report as one HTML page: {}", html.display());
     println!("\n== tearing down (loader stopped, gate detached, namespaces and cgroup removed)");
     drop(hosts);
     std::process::exit(out.status.code().unwrap_or(1));
