@@ -126,6 +126,7 @@ impl Draft {
                     hostname,
                     ip,
                     port: self.port,
+                    ..Endpoint::default()
                 },
             },
             traffic: self.traffic,

@@ -20,10 +20,12 @@
 //! also log each anchor to their system log (journald), which is shipped off the host.
 //!
 //! # Durability
-//! [`ChainWriter::append`] issues one `write(2)` per record on an `O_APPEND` descriptor, so a
-//! crash can only cut the last line. [`ChainWriter::sync`] makes everything appended so far
-//! durable (`fdatasync`) and then moves the anchor; callers decide how often (see
-//! docs/audit-format.md for each log's policy).
+//! [`ChainWriter::append`] formats a record into the writer's batch; the batch reaches the file
+//! in large `write(2)`s on an `O_APPEND` descriptor (when it reaches [`FLUSH_BYTES`], and at
+//! every sync), so a crash can only cut the last line. [`ChainWriter::sync`] writes and makes
+//! durable (`fdatasync`) everything appended so far and then moves the anchor; callers decide
+//! how often (see docs/audit-format.md for each log's policy). Nothing appended is durable, or
+//! even in the file, before a sync.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -151,13 +153,22 @@ pub struct Recovery {
     pub partial_bytes: usize,
 }
 
+/// A batch is written to the file once it holds this many bytes.
+pub const FLUSH_BYTES: usize = 1 << 20;
+
 /// Appends records to a chained log.
 #[derive(Debug)]
 pub struct ChainWriter {
     path: PathBuf,
     file: File,
+    /// The last record appended.
     head: Head,
-    line: Vec<u8>,
+    /// The last record in the file: what `head` returns to if writing the batch fails.
+    written: Head,
+    /// Records appended since the last write, newline-terminated.
+    batch: Vec<u8>,
+    /// The last complete record the log held when it was opened.
+    tail: Option<serde_json::Value>,
 }
 
 impl ChainWriter {
@@ -192,7 +203,7 @@ impl ChainWriter {
                 source: e,
             },
         })?;
-        let (head, partial_bytes) = read_tail(&mut file).map_err(|e| match e {
+        let (head, tail, partial_bytes) = read_tail(&mut file).map_err(|e| match e {
             TailError::Io(source) => ChainError::Io {
                 path: path.to_owned(),
                 action: "read its tail",
@@ -214,8 +225,10 @@ impl ChainWriter {
             Self {
                 path: path.to_owned(),
                 file,
+                written: head.clone(),
                 head,
-                line: Vec::with_capacity(1024),
+                batch: Vec::with_capacity(FLUSH_BYTES + 64 * 1024),
+                tail,
             },
             recovery,
         ))
@@ -224,7 +237,7 @@ impl ChainWriter {
     /// Appends one record; `record` must serialize to a JSON object without the chain's
     /// fields, which are added here. Returns its `seq`.
     ///
-    /// The record reaches the file in one `write(2)`, but is durable only after [`Self::sync`].
+    /// The record is in the file and durable only after [`Self::sync`].
     pub fn append<T: Serialize>(&mut self, record: &T) -> Result<u64, ChainError> {
         let serde_json::Value::Object(mut fields) =
             serde_json::to_value(record).map_err(|_| ChainError::BadRecord)?
@@ -258,29 +271,47 @@ impl ChainWriter {
         write: impl FnOnce(Link<'_>, &mut Vec<u8>),
     ) -> Result<u64, ChainError> {
         let seq = self.head.seq + 1;
-        self.line.clear();
+        let start = self.batch.len();
         write(
             Link {
                 seq,
                 prev: &self.head.hash,
             },
-            &mut self.line,
+            &mut self.batch,
         );
-        let hash = Hash::of(&self.line);
-        self.line.push(b'\n');
-        self.file
-            .write_all(&self.line)
-            .map_err(|source| ChainError::Io {
-                path: self.path.clone(),
-                action: "append a record",
-                source,
-            })?;
+        let hash = Hash::of(&self.batch[start..]);
+        self.batch.push(b'\n');
         self.head = Head { seq, hash };
+        if self.batch.len() >= FLUSH_BYTES {
+            self.flush()?;
+        }
         Ok(seq)
     }
 
-    /// Makes every appended record durable, then moves the anchor to the last one.
+    /// Writes the batch to the file. On failure the records of the batch are dropped and the
+    /// chain continues from the last record written.
+    fn flush(&mut self) -> Result<(), ChainError> {
+        let written = self.file.write_all(&self.batch);
+        self.batch.clear();
+        match written {
+            Ok(()) => {
+                self.written = self.head.clone();
+                Ok(())
+            }
+            Err(source) => {
+                self.head = self.written.clone();
+                Err(ChainError::Io {
+                    path: self.path.clone(),
+                    action: "append records",
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Writes every appended record, makes it durable, then moves the anchor to the last one.
     pub fn sync(&mut self) -> Result<&Head, ChainError> {
+        self.flush()?;
         self.file.sync_data().map_err(|source| ChainError::Io {
             path: self.path.clone(),
             action: "fdatasync",
@@ -302,6 +333,22 @@ impl ChainWriter {
     /// The last record appended.
     pub fn head(&self) -> &Head {
         &self.head
+    }
+
+    /// The last complete record the log held when it was opened (`None` for an empty log):
+    /// where a writer that continues a log finds what its predecessor last wrote.
+    pub fn tail(&self) -> Option<&serde_json::Value> {
+        self.tail.as_ref()
+    }
+}
+
+impl Drop for ChainWriter {
+    /// Writes what was appended since the last sync to the file (not durable), so dropping a
+    /// writer does not throw records away.
+    fn drop(&mut self) {
+        if !self.batch.is_empty() {
+            let _ = self.file.write_all(&self.batch);
+        }
     }
 }
 
@@ -350,7 +397,7 @@ enum TailError {
 }
 
 /// Finds the last complete record (its head) and the length of a partial line after it.
-fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
+fn read_tail(file: &mut File) -> Result<(Head, Option<serde_json::Value>, usize), TailError> {
     let len = file.seek(SeekFrom::End(0)).map_err(TailError::Io)?;
     if len == 0 {
         return Ok((
@@ -358,6 +405,7 @@ fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
                 seq: 0,
                 hash: Hash::GENESIS,
             },
+            None,
             0,
         ));
     }
@@ -379,29 +427,34 @@ fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
                     seq: 0,
                     hash: Hash::GENESIS,
                 },
+                None,
                 partial,
             ));
         }
         let body = &complete[..complete.len().saturating_sub(1)];
         match body.iter().rposition(|&b| b == b'\n') {
-            Some(nl) => return head_of(&body[nl + 1..]).map(|h| (h, partial)),
-            None if start == 0 => return head_of(body).map(|h| (h, partial)),
+            Some(nl) => return head_of(&body[nl + 1..]).map(|(h, v)| (h, Some(v), partial)),
+            None if start == 0 => return head_of(body).map(|(h, v)| (h, Some(v), partial)),
             None => window *= 4,
         }
     }
 }
 
-fn head_of(line: &[u8]) -> Result<Head, TailError> {
-    let seq = serde_json::from_slice::<serde_json::Value>(line)
-        .ok()
-        .and_then(|v| link_of(&v).map(|(seq, _)| seq))
-        .ok_or_else(|| {
-            TailError::Bad("its last complete line is not a chained record".to_owned())
-        })?;
-    Ok(Head {
-        seq,
-        hash: Hash::of(line),
-    })
+fn head_of(line: &[u8]) -> Result<(Head, serde_json::Value), TailError> {
+    let value = serde_json::from_slice::<serde_json::Value>(line).ok();
+    let seq = value.as_ref().and_then(|v| link_of(v).map(|(seq, _)| seq));
+    match (seq, value) {
+        (Some(seq), Some(value)) => Ok((
+            Head {
+                seq,
+                hash: Hash::of(line),
+            },
+            value,
+        )),
+        _ => Err(TailError::Bad(
+            "its last complete line is not a chained record".to_owned(),
+        )),
+    }
 }
 
 /// One way in which a log fails to verify.
