@@ -22,8 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tank_ebpf_common::chain::{ChainError, ChainWriter};
 use tank_ebpf_common::ocsf::proxy::{
-    Connection, ConnectionRecord, ProxyDetails, RequestKind, RequestRecord, Traffic, TunnelKind,
-    Url,
+    BudgetNote, Connection, ConnectionRecord, ProxyDetails, RequestKind, RequestRecord, Traffic,
+    TunnelKind, Url,
 };
 use tank_ebpf_common::ocsf::Endpoint;
 use tokio::sync::mpsc;
@@ -83,6 +83,8 @@ pub struct Draft {
     pub alpn: Vec<String>,
     /// Requests served inside an inspected tunnel.
     pub requests: Option<u64>,
+    /// The budget the connection ran into.
+    pub budget: Option<BudgetNote>,
 }
 
 impl Draft {
@@ -107,6 +109,7 @@ impl Draft {
             sni: None,
             alpn: Vec::new(),
             requests: None,
+            budget: None,
         }
     }
 
@@ -141,6 +144,7 @@ impl Draft {
                 sni: self.sni,
                 alpn: self.alpn,
                 requests: self.requests,
+                budget: self.budget.map(Box::new),
             },
         };
         ConnectionRecord::new(connection, hostname, env!("CARGO_PKG_VERSION"))

@@ -18,6 +18,7 @@ use toml::Spanned;
 
 use std::sync::Arc;
 
+use crate::budget::{parse_ceiling, Budget, MAX_WINDOW_SECS};
 use crate::ca;
 use crate::credentials::{Credential, Secret};
 use crate::inspect::Inspection;
@@ -186,6 +187,17 @@ struct RawConfig {
     inspection: Option<Spanned<RawInspection>>,
     #[serde(default)]
     credentials: Vec<Spanned<RawCredential>>,
+    default_budget: Option<Spanned<RawBudget>>,
+}
+
+/// A `budget` table as written: `{ bytes_out = "20 MiB/h", requests = "600/min", ... }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    bytes_out: Option<Spanned<String>>,
+    bytes_in: Option<Spanned<String>>,
+    requests: Option<Spanned<String>>,
+    tunnel_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -245,6 +257,7 @@ struct RuleTable {
     inspect: Option<Spanned<bool>>,
     opaque: Option<Spanned<bool>>,
     redact_query: Option<Spanned<bool>>,
+    budget: Option<Spanned<RawBudget>>,
 }
 
 impl<'de> Deserialize<'de> for RuleSpec {
@@ -519,6 +532,7 @@ impl Validator<'_> {
             path,
         );
         let credentials = self.credentials(&raw.credentials, &allowed, path);
+        let default_budget = raw.default_budget.as_ref().map(|b| self.budget(b));
         Config {
             listen,
             admin_listen,
@@ -534,6 +548,7 @@ impl Validator<'_> {
                 tls_ports,
                 inspection,
                 credentials,
+                default_budget,
             },
             warnings: Vec::new(),
         }
@@ -702,6 +717,7 @@ impl Validator<'_> {
                     inspect: false,
                     opaque: false,
                     redact_query: false,
+                    budget: None,
                 })
             }
             RuleSpec::Full(t) => {
@@ -827,6 +843,12 @@ impl Validator<'_> {
                     Some(n) => Some(n.get_ref().clone()),
                     None => None,
                 };
+                let budget = t.budget.as_ref().map(|b| {
+                    if !allow {
+                        self.err(b.span(), "`budget` belongs in allowed_domains rules");
+                    }
+                    self.budget(b)
+                });
                 if self.diags.len() != before {
                     return None;
                 }
@@ -842,8 +864,39 @@ impl Validator<'_> {
                     inspect,
                     opaque,
                     redact_query,
+                    budget,
                 })
             }
+        }
+    }
+
+    /// A `budget` table: each ceiling parsed where it is written.
+    fn budget(&mut self, raw: &Spanned<RawBudget>) -> Budget {
+        let b = raw.get_ref();
+        let mut ceiling = |v: &Option<Spanned<String>>, key: &str, bytes: bool| {
+            let v = v.as_ref()?;
+            parse_ceiling(v.get_ref(), bytes)
+                .map_err(|m| self.err(v.span(), format!("budget `{key}`: {m}")))
+                .ok()
+        };
+        let bytes_out = ceiling(&b.bytes_out, "bytes_out", true);
+        let bytes_in = ceiling(&b.bytes_in, "bytes_in", true);
+        let requests = ceiling(&b.requests, "requests", false);
+        let tunnel_secs = b.tunnel_secs.as_ref().and_then(|t| {
+            let ok = (1..=MAX_WINDOW_SECS as i64).contains(t.get_ref());
+            if !ok {
+                self.err(
+                    t.span(),
+                    "budget `tunnel_secs` must be whole seconds from 1 to 2678400 (31 days)",
+                );
+            }
+            ok.then_some(*t.get_ref() as u64)
+        });
+        Budget {
+            bytes_out,
+            bytes_in,
+            requests,
+            tunnel_secs,
         }
     }
 }
@@ -1234,6 +1287,46 @@ idle_timeout_secs = 2.5
         assert!(!c.policy.system_resolver);
         assert_eq!(c.policy.limits.max_header_bytes, 8192);
         assert_eq!(c.policy.limits.idle_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn budgets_parse_per_rule_with_a_default_and_bad_ones_are_line_precise() {
+        let c = ok(r#"allowed_domains = [
+  { domain = "up.test", budget = { bytes_out = "20 MiB/h", requests = "600/min", tunnel_secs = 3600 } },
+  { domain = "free.test", budget = {} },
+  "plain.test",
+]
+[default_budget]
+bytes_in = "1 GiB/d"
+"#);
+        let b = c.policy.allowed[0].budget.as_ref().unwrap();
+        assert_eq!(b.bytes_out.unwrap().limit, 20 << 20);
+        assert_eq!(b.requests.unwrap().window_secs, 60);
+        assert_eq!(b.tunnel_secs, Some(3600));
+        assert!(c.policy.budget_of(&c.policy.allowed[1]).is_none());
+        let d = c.policy.budget_of(&c.policy.allowed[2]).unwrap();
+        assert_eq!(d.bytes_in.unwrap().limit, 1 << 30);
+        let e = errs(&format!(
+            "{BASE}allowed_domains = [\n  {{ domain = \"a.test\", budget = {{ bytes_out = \"20 MiB/hr2\" }} }},\n  {{ domain = \"b.test\", budget = {{ requests = \"1 KiB/s\" }} }},\n  {{ domain = \"c.test\", budget = {{ tunnel_secs = 0 }} }},\n]\ndenied_domains = [{{ domain = \"d.test\", budget = {{}} }}]\n"
+        ));
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert_eq!((e[0].0, e[0].1), (5, 47), "{e:?}");
+        assert!(
+            e[0].2.contains("budget `bytes_out`") && e[0].2.contains("hr2"),
+            "{e:?}"
+        );
+        assert_eq!(e[1].0, 6, "{e:?}");
+        assert!(e[1].2.contains("without a unit"), "{e:?}");
+        assert_eq!(e[2].0, 7, "{e:?}");
+        assert!(e[2].2.contains("tunnel_secs"), "{e:?}");
+        assert_eq!(e[3].0, 9, "{e:?}");
+        assert!(e[3].2.contains("allowed_domains rules"), "{e:?}");
+        // A misspelt kind is named where it stands, with the ones there are.
+        let e = errs(&format!(
+            "{BASE}allowed_domains = [{{ domain = \"a.test\", budget = {{ bytes = \"1/s\" }} }}]\n"
+        ));
+        assert_eq!((e[0].0, e[0].1), (4, 52), "{e:?}");
+        assert!(e[0].2.contains("`bytes_out`"), "{e:?}");
     }
 
     #[test]

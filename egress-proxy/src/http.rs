@@ -429,7 +429,12 @@ pub fn response(status: u16, reason: &str, headers: &[(&str, &str)], body: &str)
         out.push_str("\r\n");
     }
     if status != 200 || !body.is_empty() {
-        out.push_str("Content-Type: text/plain; charset=utf-8\r\n");
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            out.push_str("Content-Type: text/plain; charset=utf-8\r\n");
+        }
         out.push_str(&format!(
             "Content-Length: {}\r\nConnection: close\r\n",
             body.len()

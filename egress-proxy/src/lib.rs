@@ -13,6 +13,7 @@
 
 pub mod addr;
 pub mod audit;
+pub mod budget;
 pub mod ca;
 pub mod cli;
 pub mod clienthello;

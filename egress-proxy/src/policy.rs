@@ -70,11 +70,14 @@ pub enum Reason {
     HostMismatch,
     /// A request carries its own value in a header a `[[credentials]]` entry sets.
     CredentialMismatch,
+    /// The client reached a ceiling of the rule's budget (the refusal names rule and kind:
+    /// `budget:<rule>:<kind>`).
+    Budget,
 }
 
 impl Reason {
     /// Every reason, for metrics.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::ClientNetwork,
         Reason::DeniedDomain,
         Reason::DefaultDeny,
@@ -94,6 +97,7 @@ impl Reason {
         Reason::NotTls,
         Reason::HostMismatch,
         Reason::CredentialMismatch,
+        Reason::Budget,
     ];
 
     /// The stable name.
@@ -118,6 +122,7 @@ impl Reason {
             Reason::NotTls => "not-tls",
             Reason::HostMismatch => "host-mismatch",
             Reason::CredentialMismatch => "credential-mismatch",
+            Reason::Budget => "budget",
         }
     }
 
@@ -127,7 +132,7 @@ impl Reason {
             Reason::BadRequest => (400, "Bad Request"),
             Reason::HeaderTimeout => (408, "Request Timeout"),
             Reason::HeaderTooLarge => (431, "Request Header Fields Too Large"),
-            Reason::ClientConnectionLimit => (429, "Too Many Requests"),
+            Reason::ClientConnectionLimit | Reason::Budget => (429, "Too Many Requests"),
             Reason::ConnectionLimit | Reason::AuditUnavailable => (503, "Service Unavailable"),
             _ => (403, "Forbidden"),
         }
@@ -143,6 +148,8 @@ pub struct Refusal {
     pub rule: Option<String>,
     /// One sentence for the response body and the log.
     pub detail: String,
+    /// The ceiling reached, for a [`Reason::Budget`] refusal.
+    pub budget: Option<Box<crate::budget::Exhausted>>,
 }
 
 impl Refusal {
@@ -152,12 +159,29 @@ impl Refusal {
             reason,
             rule: None,
             detail: detail.into(),
+            budget: None,
         }
     }
 
     /// What refused: the rule's id, or the reason.
     pub fn by(&self) -> &str {
         self.rule.as_deref().unwrap_or(self.reason.as_str())
+    }
+
+    /// The JSON body agents read: what refused and why; for a budget, the ceiling reached
+    /// and when to retry.
+    pub fn json(&self) -> String {
+        let mut v = serde_json::json!({
+            "error": "refused by egress-proxy",
+            "refused_by": self.by(),
+            "reason": self.reason.as_str(),
+            "detail": self.detail,
+        });
+        if let Some(b) = &self.budget {
+            v["budget"] = serde_json::to_value(&b.note).expect("a note is JSON");
+            v["retry_after_secs"] = b.retry_after_secs.into();
+        }
+        v.to_string() + "\n"
     }
 }
 
@@ -245,6 +269,8 @@ pub struct Rule {
     pub opaque: bool,
     /// Request records of inspected tunnels leave out the query string.
     pub redact_query: bool,
+    /// The rule's own budget (`Some` and empty: none, whatever `[default_budget]` says).
+    pub budget: Option<crate::budget::Budget>,
 }
 
 impl Rule {
@@ -375,9 +401,19 @@ pub struct Policy {
     pub inspection: Option<Arc<crate::inspect::Inspection>>,
     /// `[[credentials]]`, in file order.
     pub credentials: Vec<Arc<crate::credentials::Credential>>,
+    /// `[default_budget]`: the budget of allowing rules that set none.
+    pub default_budget: Option<crate::budget::Budget>,
 }
 
 impl Policy {
+    /// The budget `rule` is held to, if any.
+    pub fn budget_of<'a>(&'a self, rule: &'a Rule) -> Option<&'a crate::budget::Budget> {
+        rule.budget
+            .as_ref()
+            .or(self.default_budget.as_ref())
+            .filter(|b| !b.is_empty())
+    }
+
     /// The rule that makes a tunnel to `target` inspected, if any: an allowed `inspect`
     /// rule for its host and port wins over every opaque one, so nothing a rule says to
     /// inspect passes uninspected.
@@ -411,6 +447,7 @@ impl Policy {
                 reason: Reason::DeniedDomain,
                 rule: Some(rule.id.clone()),
                 detail: format!("{target} is denied by {}", rule.id),
+                budget: None,
             });
         }
         // A tunnel hides its requests: a denial about them cannot be checked inside it.
@@ -430,6 +467,7 @@ impl Policy {
                         "{target} has request-level denials ({}) that a tunnel would hide; only an inspected host can be tunnelled to",
                         denial.id
                     ),
+                    budget: None,
                 });
             }
         }
@@ -562,6 +600,7 @@ mod tests {
             inspect: false,
             opaque: false,
             redact_query: false,
+            budget: None,
         }
     }
 
@@ -605,6 +644,7 @@ mod tests {
             tls_ports: vec![443],
             inspection: None,
             credentials: Vec::new(),
+            default_budget: None,
         }
     }
 

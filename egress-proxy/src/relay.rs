@@ -6,7 +6,9 @@
 //! relay falls back to read/write through a buffer.
 //!
 //! Both directions run in one task; a tunnel ends when both sides have closed (half-close is
-//! passed on), on an error, after `idle_timeout` with no bytes either way, or on shutdown.
+//! passed on), on an error, after `idle_timeout` with no bytes either way, on shutdown, or
+//! when it reaches a ceiling of its rule's budget ([`crate::budget`]): each read asks for no
+//! more than the room left, so a tunnel stops at the ceiling, not one buffer past it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -18,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{Charge, Kind};
 use crate::http::{BodyKind, ChunkedScanner};
 use crate::metrics::Metrics;
 
@@ -37,6 +40,8 @@ pub enum End {
     Idle,
     /// The proxy is shutting down and the grace period ran out.
     Shutdown,
+    /// A ceiling of the rule's budget was reached (the text says which).
+    Budget(String),
     /// A socket error, or a malformed request body.
     Error(io::Error),
 }
@@ -48,6 +53,7 @@ impl End {
             End::Closed => None,
             End::Idle => Some("idle timeout".to_owned()),
             End::Shutdown => Some("cut at shutdown".to_owned()),
+            End::Budget(why) => Some(why.clone()),
             End::Error(e) => Some(e.to_string()),
         }
     }
@@ -142,6 +148,7 @@ struct Side<'a> {
     count: &'a AtomicU64,
     total: &'a crate::metrics::Counter,
     activity: &'a Activity,
+    budget: Option<(&'a Charge, Kind)>,
 }
 
 impl Side<'_> {
@@ -149,6 +156,21 @@ impl Side<'_> {
         self.count.fetch_add(n as u64, Ordering::Relaxed);
         self.total.add(n as u64);
         self.activity.touch();
+        if let Some((charge, kind)) = self.budget {
+            charge.moved(kind, n as u64);
+        }
+    }
+
+    /// How much of `want` the next read may take: all of it without a budget, else no
+    /// more than the room left; none left is the cut.
+    fn room(&self, want: usize) -> io::Result<usize> {
+        match self.budget {
+            None => Ok(want),
+            Some((charge, kind)) => match charge.room(kind) {
+                0 => Err(charge.cut_error(kind)),
+                room => Ok(want.min(usize::try_from(room).unwrap_or(usize::MAX))),
+            },
+        }
     }
 }
 
@@ -162,8 +184,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, side: Side<'_>) -> io::Result<()
         Some(pipe) => loop {
             let n = loop {
                 from.readable().await?;
+                let want = side.room(CHUNK)?;
                 match from.try_io(Interest::READABLE, || {
-                    splice(from.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)
+                    splice(from.as_raw_fd(), pipe.w.as_raw_fd(), want)
                 }) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -192,7 +215,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, side: Side<'_>) -> io::Result<()
         None => {
             let mut buf = vec![0u8; BUF];
             loop {
-                let n = read(from, &mut buf).await?;
+                from.readable().await?;
+                let want = side.room(BUF)?;
+                let n = read(from, &mut buf[..want]).await?;
                 if n == 0 {
                     shutdown_write(to);
                     return Ok(());
@@ -247,7 +272,7 @@ async fn body(
             side.moved(first);
             left -= first as u64;
             while left > 0 {
-                let want = left.min(BUF as u64) as usize;
+                let want = side.room(left.min(BUF as u64) as usize)?;
                 let n = read(from, &mut buf[..want]).await?;
                 if n == 0 {
                     return Err(io::Error::new(
@@ -272,7 +297,8 @@ async fn body(
                 side.moved(n);
             }
             while !scanner.is_done() {
-                let n = read(from, &mut buf).await?;
+                let want = side.room(BUF)?;
+                let n = read(from, &mut buf[..want]).await?;
                 if n == 0 {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -292,7 +318,8 @@ async fn body(
 }
 
 /// Relays between `client` and `origin` until the exchange ends. `early` holds client
-/// bytes already read past the request head.
+/// bytes already read past the request head. `charge` is the rule's budget, if it has one.
+#[allow(clippy::too_many_arguments)] // the one entry point of a relay; each says what it is
 pub async fn relay(
     client: &TcpStream,
     origin: &TcpStream,
@@ -301,6 +328,7 @@ pub async fn relay(
     idle: Duration,
     cancel: &CancellationToken,
     metrics: &Metrics,
+    charge: Option<&Charge>,
 ) -> Outcome {
     let (bytes_in, bytes_out) = (AtomicU64::new(0), AtomicU64::new(0));
     let activity = Activity {
@@ -311,16 +339,22 @@ pub async fn relay(
         count: &bytes_out,
         total: &metrics.bytes_out,
         activity: &activity,
+        budget: charge.map(|c| (c, Kind::BytesOut)),
     };
     let in_side = Side {
         count: &bytes_in,
         total: &metrics.bytes_in,
         activity: &activity,
+        budget: charge.map(|c| (c, Kind::BytesIn)),
     };
     let up = async {
         match upstream {
             Upstream::Tunnel => {
                 if !early.is_empty() {
+                    if out_side().room(early.len())? < early.len() {
+                        let c = charge.expect("only a budget limits the room");
+                        return Err(c.cut_error(Kind::BytesOut));
+                    }
                     write_all(origin, early).await?;
                     out_side().moved(early.len());
                 }
@@ -339,20 +373,35 @@ pub async fn relay(
             tokio::time::sleep_until(deadline).await;
         }
     };
-    tokio::pin!(up, down, watchdog);
+    // `tunnel_secs`: how long one tunnel may stay open.
+    let tunnel_limit = charge
+        .and_then(Charge::tunnel_limit)
+        .filter(|_| matches!(upstream, Upstream::Tunnel));
+    let lifetime = async {
+        match tunnel_limit {
+            Some(limit) => tokio::time::sleep_until(activity.base + limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(up, down, watchdog, lifetime);
     let (mut up_done, mut down_done) = (false, false);
     let end = loop {
         tokio::select! {
             r = &mut up, if !up_done => match r {
                 Ok(()) => up_done = true,
-                Err(e) => break End::Error(e),
+                Err(e) => break ended(e, charge),
             },
             r = &mut down, if !down_done => match r {
                 Ok(()) => down_done = true,
-                Err(e) => break End::Error(e),
+                Err(e) => break ended(e, charge),
             },
             () = &mut watchdog => break End::Idle,
             () = cancel.cancelled() => break End::Shutdown,
+            () = &mut lifetime => {
+                let c = charge.expect("a tunnel limit comes from a charge");
+                let secs = activity.base.elapsed().as_secs();
+                break End::Budget(c.cut(Kind::TunnelSecs, secs));
+            }
         }
         // A tunnel ends when both sides have closed; a forwarded request when the origin
         // has sent its whole response (it was asked to close the connection after it).
@@ -364,6 +413,14 @@ pub async fn relay(
         bytes_in: bytes_in.load(Ordering::Relaxed),
         bytes_out: bytes_out.load(Ordering::Relaxed),
         end,
+    }
+}
+
+/// The end of a relay that failed with `e`: a budget cut if the charge says so.
+fn ended(e: io::Error, charge: Option<&Charge>) -> End {
+    match charge {
+        Some(c) if c.was_cut() => End::Budget(e.to_string()),
+        _ => End::Error(e),
     }
 }
 

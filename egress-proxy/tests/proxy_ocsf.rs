@@ -13,10 +13,22 @@ use egress_proxy::policy::Reason;
 use serde_json::Value;
 use tank_ebpf_common::chain::{self, ChainWriter};
 use tank_ebpf_common::ocsf::proxy::{
-    HttpRequest, Request, RequestDetails, RequestKind, RequestRecord, Traffic, TunnelKind, Url,
+    BudgetNote, BudgetState, HttpRequest, Request, RequestDetails, RequestKind, RequestRecord,
+    Traffic, TunnelKind, Url,
 };
 use tank_ebpf_common::ocsf::validate;
 use tank_ebpf_common::ocsf::Endpoint;
+
+fn note(state: BudgetState, used: u64) -> BudgetNote {
+    BudgetNote {
+        rule: "allowed_domains:web".into(),
+        kind: "bytes_out".into(),
+        state,
+        limit: 20 << 20,
+        window_secs: Some(3600),
+        used,
+    }
+}
 
 fn draft(client: &str, kind: RequestKind) -> Draft {
     let client: SocketAddr = client.parse().unwrap();
@@ -63,7 +75,22 @@ fn drafts() -> Vec<Draft> {
         let mut refused = draft("10.0.0.5:40003", kind);
         refused.rule = reason.as_str().into();
         refused.error = Some(format!("refused: {}", reason.as_str()));
+        if reason == Reason::Budget {
+            refused.rule = "budget:allowed_domains:web:bytes_out".into();
+            refused.budget = Some(note(BudgetState::Exceeded, 20 << 20));
+        }
         all.push(refused);
+    }
+    // A tunnel cut at its budget's ceiling, and one that passed the alert share.
+    for (state, used) in [
+        (BudgetState::Exceeded, 20 << 20),
+        (BudgetState::Warning, 17 << 20),
+    ] {
+        let mut t = draft("10.0.0.5:40007", RequestKind::Connect);
+        (t.allowed, t.rule) = (true, "allowed_domains:web".into());
+        t.traffic.bytes_out = used;
+        t.budget = Some(note(state, used));
+        all.push(t);
     }
     // An inspected tunnel and an opaque one whose ClientHello was read.
     let mut inspected = draft("10.0.0.5:40005", RequestKind::Connect);
@@ -126,6 +153,7 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
                 rule: "allowed_domains:api".into(),
                 credential: credential.map(str::to_owned),
                 error: None,
+                budget: (!allowed).then(|| Box::new(note(BudgetState::Exceeded, 20 << 20))),
             },
         };
         log.append(&RequestRecord::new(r, "proxy-host", "0.1.0"))
@@ -140,7 +168,7 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
 #[test]
 fn every_proxy_record_kind_is_valid_ocsf() {
     let (_dir, records) = written();
-    assert_eq!(records.len(), 4 + Reason::ALL.len() + 2 + 1 + 2);
+    assert_eq!(records.len(), 4 + Reason::ALL.len() + 2 + 2 + 1 + 2);
     if let Err(violations) = validate::check(&records) {
         panic!("proxy records that are not valid OCSF:\n{violations}");
     }

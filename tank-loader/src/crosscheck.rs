@@ -925,6 +925,7 @@ mod tests {
                 sni: None,
                 alpn: Vec::new(),
                 requests: None,
+                budget: None,
             },
         };
         serde_json::to_value(ConnectionRecord::new(c, "proxy", "0")).unwrap()
@@ -958,6 +959,7 @@ mod tests {
                     rule: "allowed_domains:web".into(),
                     credential: None,
                     error: None,
+                    budget: None,
                 },
             };
             serde_json::to_value(RequestRecord::new(r, "proxy", "0")).unwrap()

@@ -1,5 +1,5 @@
-//! Bodies passing through an inspected exchange: counted (for the request record), masked
-//! (a credential's secret never reaches the agent), and the exchange's record written when
+//! Bodies passing through an inspected exchange: counted (for the request record and the
+//! rule's budget), masked (a credential's secret never reaches the agent), and the exchange's record written when
 //! the response body ends or is dropped, whichever comes first.
 
 use std::pin::Pin;
@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
+use crate::budget::{Charge, Kind};
 use crate::credentials::StreamMask;
 
 /// Errors of a body in either direction.
@@ -32,6 +33,7 @@ pub struct Tap {
     mask: Option<StreamMask>,
     held_back: bool,
     on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
+    meter: Option<(Arc<Charge>, Kind)>,
 }
 
 impl Tap {
@@ -43,7 +45,15 @@ impl Tap {
             mask: None,
             held_back: false,
             on_end: None,
+            meter: None,
         }
+    }
+
+    /// Charges the data bytes to a budget; a frame that would pass its ceiling ends the
+    /// body with an error instead (nothing past the ceiling is forwarded).
+    pub fn metered(mut self, meter: Option<(Arc<Charge>, Kind)>) -> Self {
+        self.meter = meter;
+        self
     }
 
     /// Masks every occurrence of a secret (same length, so framing is unchanged).
@@ -99,6 +109,15 @@ impl Body for Tap {
                         Some(m) => Bytes::from(m.feed(&data)),
                         None => data,
                     };
+                    if let Some((charge, kind)) = &this.meter {
+                        let n = data.len() as u64;
+                        if charge.room(*kind) < n {
+                            let e = charge.cut_error(*kind);
+                            this.end();
+                            return Poll::Ready(Some(Err(Box::new(e))));
+                        }
+                        charge.moved(*kind, n);
+                    }
                     this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::body::{full, ProxyBody, Tap};
 use super::record::RequestFacts;
 use super::Tunnel;
+use crate::budget::Kind;
 use crate::credentials::{Applied, StreamMask};
 use crate::policy::{Reason, Refusal};
 use crate::target::{parse_authority, Host};
@@ -72,24 +73,18 @@ enum Answer {
 fn refusal_response(refusal: &Refusal, json: bool) -> Response<ProxyBody> {
     let (status, _) = refusal.reason.status();
     let (body, content_type) = if json {
-        (
-            serde_json::json!({
-                "error": "refused by egress-proxy",
-                "refused_by": refusal.by(),
-                "reason": refusal.reason.as_str(),
-                "detail": refusal.detail,
-            })
-            .to_string()
-                + "\n",
-            "application/json",
-        )
+        (refusal.json(), "application/json")
     } else {
         (
             format!("egress-proxy: refused: {}\n", refusal.detail),
             "text/plain; charset=utf-8",
         )
     };
-    Response::builder()
+    let mut builder = Response::builder();
+    if let Some(b) = &refusal.budget {
+        builder = builder.header(header::RETRY_AFTER, b.retry_after_secs);
+    }
+    builder
         .status(status)
         .header("X-Tank-Refused-By", refusal.by())
         .header(header::CONTENT_TYPE, content_type)
@@ -156,6 +151,13 @@ async fn forward(
         .map_err(Answer::Refused)?;
     let path = normal.to_string();
     facts.decided_by(rule);
+    let charge = tunnel
+        .budgets
+        .charge(&tunnel.policy, rule, tunnel.client.ip());
+    if let Some(c) = &charge {
+        facts.charge = Some(c.clone());
+        c.admit(0).map_err(Answer::Refused)?;
+    }
     let host = match &tunnel.target.host {
         Host::Name(n) => n.as_str(),
         Host::Ip(_) => unreachable!("inspected tunnels are to names (checked at load)"),
@@ -213,7 +215,9 @@ async fn forward(
         );
     }
     let sent = facts.bytes_out.clone();
-    let body = Tap::new(body.map_err(Into::into).boxed(), sent).boxed();
+    let body = Tap::new(body.map_err(Into::into).boxed(), sent)
+        .metered(charge.clone().map(|c| (c, Kind::BytesOut)))
+        .boxed();
     let mut upstream = Request::builder()
         .method(parts.method)
         .uri(uri)
@@ -221,11 +225,13 @@ async fn forward(
         .expect("valid request");
     *upstream.headers_mut() = headers;
 
-    let response = tunnel
-        .origin
-        .send(upstream)
-        .await
-        .map_err(Answer::Upstream)?;
+    let response = tunnel.origin.send(upstream).await.map_err(|e| {
+        // A request body cut at its budget's ceiling is a refusal, not an origin failure.
+        match charge.as_ref().and_then(|c| c.cut_refusal()) {
+            Some(refusal) => Answer::Refused(refusal),
+            None => Answer::Upstream(e),
+        }
+    })?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(c) = &mask {
@@ -241,6 +247,7 @@ async fn forward(
     let t = tunnel.clone();
     let body = Tap::new(body.map_err(Into::into).boxed(), received)
         .masking(mask.as_ref().map(|c| StreamMask::new(&c.secret)))
+        .metered(charge.map(|c| (c, Kind::BytesIn)))
         .on_end(move || {
             if let Some(f) = done.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 f.finish(&t);

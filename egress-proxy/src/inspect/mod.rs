@@ -33,6 +33,7 @@ use tracing::{debug, info};
 use tank_ebpf_common::ocsf::proxy::TunnelKind;
 
 use crate::audit::{Audit, Draft};
+use crate::budget::Budgets;
 use crate::ca::Ca;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, Reason, Refusal, Rule};
@@ -185,6 +186,7 @@ pub struct Tunnel {
     uid: String,
     requests: AtomicU64,
     activity: Activity,
+    budgets: Arc<Budgets>,
 }
 
 /// What [`serve`] needs from the connection pipeline.
@@ -203,6 +205,8 @@ pub struct Setup {
     pub hostname: String,
     /// Cut at shutdown.
     pub cut: CancellationToken,
+    /// Budgets the requests inside are charged to.
+    pub budgets: Arc<Budgets>,
 }
 
 /// A record id unique across this proxy's runs: start time, process and a counter.
@@ -228,6 +232,7 @@ pub async fn serve(setup: Setup, agent: &mut TcpStream, early: Vec<u8>, draft: &
         metrics,
         hostname,
         cut,
+        budgets,
     } = setup;
     let uid = new_uid();
     draft.uid = Some(uid.clone());
@@ -316,6 +321,7 @@ pub async fn serve(setup: Setup, agent: &mut TcpStream, early: Vec<u8>, draft: &
         uid: uid.clone(),
         requests: AtomicU64::new(0),
         activity: Activity::new(),
+        budgets,
     });
     debug!(tunnel = %uid, agent_h2 = h2, origin_h2 = tunnel.origin.h2, "inspected tunnel open");
     metrics.active_tunnels.add(1);

@@ -14,6 +14,7 @@ use tank_ebpf_common::ocsf::proxy::{
 use tank_ebpf_common::ocsf::Endpoint;
 
 use crate::audit::now_ms;
+use crate::budget::Charge;
 use crate::policy::{Refusal, Rule};
 
 /// One request's facts; [`RequestFacts::finish`] queues its record.
@@ -37,6 +38,8 @@ pub struct RequestFacts {
     pub error: Option<String>,
     /// The `[[credentials]]` entry injected, by name.
     pub credential: Option<String>,
+    /// The budget the request is charged to.
+    pub charge: Option<Arc<Charge>>,
 }
 
 impl RequestFacts {
@@ -66,6 +69,7 @@ impl RequestFacts {
             bytes_out: Arc::default(),
             error: None,
             credential: None,
+            charge: None,
         }
     }
 
@@ -85,6 +89,7 @@ impl RequestFacts {
             bytes_out: Arc::default(),
             error: None,
             credential: None,
+            charge: None,
         }
     }
 
@@ -144,6 +149,7 @@ impl RequestFacts {
                 rule: self.rule,
                 credential: self.credential,
                 error: self.error,
+                budget: self.charge.and_then(|c| c.note()).map(Box::new),
             },
         };
         let record = RequestRecord::new(facts, &tunnel.hostname, env!("CARGO_PKG_VERSION"));

@@ -67,7 +67,8 @@ pub(super) async fn accept_loop(
             let path = path.split(|&b| b == b'?').next().unwrap_or_default();
             let reply = match (method, path) {
                 (b"GET", b"/metrics") => {
-                    let body = shared.metrics.render();
+                    let mut body = shared.metrics.render();
+                    shared.budgets.render(&shared.policy(), &mut body);
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()

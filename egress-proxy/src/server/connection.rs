@@ -14,8 +14,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{admission::Verdict, Shared};
+use super::{admission::Verdict, budget, Shared};
 use crate::audit::Draft;
+use crate::budget::Kind;
 use crate::clienthello;
 use crate::http::{response, HeadReader, Request};
 use crate::inspect;
@@ -76,18 +77,37 @@ async fn refuse(
         format!("egress-proxy: refused {what}: {}\n", refusal.detail)
     };
     shared.metrics.refused(refusal.reason);
+    // A budget refusal answers in JSON, with when to retry: agents read it and back off.
+    let retry = refusal
+        .budget
+        .as_ref()
+        .map(|b| b.retry_after_secs.to_string());
+    let mut headers = vec![("X-Tank-Refused-By", by.as_str())];
+    let body = match &retry {
+        Some(secs) => {
+            headers.extend([
+                ("Retry-After", secs.as_str()),
+                ("Content-Type", "application/json"),
+            ]);
+            refusal.json()
+        }
+        None => body,
+    };
     if !matches!(
         refusal.reason,
         Reason::ConnectionLimit | Reason::ClientConnectionLimit
     ) {
         info!(client = %draft.client, request = what, by = %by, "refused: {}", refusal.detail);
     }
-    let bytes = response(status, text, &[("X-Tank-Refused-By", &by)], &body);
+    let bytes = response(status, text, &headers, &body);
     let _ = relay::write_all(stream, &bytes).await;
     relay::linger(stream).await;
     draft.allowed = false;
     draft.rule = by;
     draft.error = Some(refusal.detail);
+    if let Some(b) = refusal.budget {
+        draft.budget = Some(b.note);
+    }
 }
 
 /// Answers `502` for an allowed request the origin side could not serve.
@@ -264,6 +284,11 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
         Err(r) => return refuse(shared, stream, draft, r, &what).await,
     };
     draft.rule = rule.id.clone();
+    let charge = match budget::admit(shared, policy, rule, &req, &target, draft.client.ip()) {
+        Ok(c) => c,
+        Err(r) => return refuse(shared, stream, draft, r, &what).await,
+    };
+    draft.budget = charge.as_ref().and_then(|c| c.note());
 
     // Resolve and connect within connect_timeout; only checked addresses are dialled.
     let deadline = Instant::now() + limits.connect_timeout;
@@ -363,6 +388,9 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
             }
             draft.traffic.bytes_out = head.len() as u64;
             shared.metrics.bytes_out.add(head.len() as u64);
+            if let Some(c) = &charge {
+                c.moved(Kind::BytesOut, head.len() as u64);
+            }
             Upstream::Body(*body)
         }
     };
@@ -375,9 +403,11 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
         limits.idle_timeout,
         &shared.cut,
         &shared.metrics,
+        charge.as_deref(),
     )
     .await;
     shared.metrics.active_tunnels.add(-1);
+    draft.budget = charge.as_ref().and_then(|c| c.note());
     if matches!(outcome.end, relay::End::Idle) {
         shared.metrics.idle_timeouts.inc();
         info!(client = %draft.client, request = %what, "closed after idle_timeout_secs without traffic");
@@ -436,6 +466,7 @@ async fn inspected(
         metrics: shared.metrics.clone(),
         hostname: shared.hostname.clone(),
         cut: shared.cut.clone(),
+        budgets: shared.budgets.clone(),
     };
     inspect::serve(setup, stream, early, draft).await
 }

@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::{admin, admission, resolve::Resolver};
+use super::{admin, admission, budget, resolve::Resolver};
 use crate::addr::LocalAddrs;
 use crate::audit::Audit;
+use crate::budget::Budgets;
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -42,6 +43,8 @@ pub struct Shared {
     pub(super) connection_cap: usize,
     /// Cut every tunnel now (shutdown grace over).
     pub(super) cut: CancellationToken,
+    /// Every client's use of every rule's budget (kept across reloads).
+    pub(super) budgets: Arc<Budgets>,
 }
 
 impl Shared {
@@ -136,6 +139,7 @@ pub async fn run(
     // Listeners first: a proxy that cannot listen fails before touching the audit log.
     let (audit, audit_thread) = Audit::open(&config.audit_log, metrics.clone())
         .with_context(|| format!("cannot open the audit log `{}`", config.audit_log.display()))?;
+    let budgets = Arc::new(Budgets::open(Budgets::state_path(&config.audit_log))?);
     let bound = Bound {
         listen: listeners
             .iter()
@@ -160,7 +164,10 @@ pub async fn run(
         refusing: AtomicUsize::new(0),
         connection_cap,
         cut: CancellationToken::new(),
+        budgets: budgets.clone(),
     });
+    let saver_stop = CancellationToken::new();
+    let saver = tokio::spawn(budget::keep_saved(budgets.clone(), saver_stop.clone()));
 
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -231,6 +238,9 @@ pub async fn run(
     {
         error!("connections still open 10 s after being cut; exiting without their audit records");
     }
+    saver_stop.cancel();
+    let _ = saver.await;
+    budget::save(&budgets).await;
     drop(shared);
     tokio::task::spawn_blocking(move || audit_thread.join()).await?;
     info!("stopped");

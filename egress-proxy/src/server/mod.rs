@@ -9,11 +9,13 @@
 //!
 //! Around them, [`lifecycle`] binds the listeners, owns the state every connection shares,
 //! reloads the policy on SIGHUP and drains on SIGTERM; [`admin`] serves `/metrics` and
-//! `/healthz`. Errors of one connection are logged and recorded, never propagated; the
+//! `/healthz`; [`budget`] charges allowed requests to their rule's budget and keeps its
+//! state file current. Errors of one connection are logged and recorded, never propagated; the
 //! accept loops survive them.
 
 mod admin;
 mod admission;
+mod budget;
 mod connection;
 mod lifecycle;
 mod resolve;

@@ -190,6 +190,38 @@ pub struct ProxyDetails {
     /// Requests served inside an inspected tunnel (each has its own [`RequestRecord`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<u64>,
+    /// A budget this connection passed the alert share of, or crossed (refused or cut).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Box<BudgetNote>>,
+}
+
+/// A budget a connection or request ran into: which ceiling, and the figure that reached it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetNote {
+    /// The rule whose budget it is (`allowed_domains:<name>`).
+    pub rule: String,
+    /// What is counted: `bytes_out`, `bytes_in`, `requests` or `tunnel_secs`.
+    pub kind: String,
+    /// [`BudgetState`].
+    pub state: BudgetState,
+    /// The ceiling.
+    pub limit: u64,
+    /// Its rolling window, seconds; absent for `tunnel_secs` (a ceiling per tunnel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_secs: Option<u64>,
+    /// The client's use in the window when the state was reached (for a refusal, what the
+    /// request would have made it; for a cut, what had moved).
+    pub used: u64,
+}
+
+/// How far a budget was used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetState {
+    /// The client passed the alert share (80%) of the ceiling.
+    Warning,
+    /// The ceiling was reached: a request refused (`429`) or a tunnel cut.
+    Exceeded,
 }
 
 /// How a tunnel was relayed.
@@ -300,6 +332,9 @@ pub struct RequestDetails {
     /// What went wrong, if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A budget this request passed the alert share of, or crossed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Box<BudgetNote>>,
 }
 
 /// What the proxy knows of a request when its response ends: [`RequestRecord::new`] makes
