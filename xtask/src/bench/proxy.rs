@@ -13,7 +13,10 @@
 //! - new tunnels per second (CONNECT, `200`, close) from several client threads, as a ratio
 //!   of squid's;
 //! - p50/p99 latency of a small request: a 64-byte request and answer over a new tunnel
-//!   (connect, CONNECT, request) and over an established one, beside direct TCP.
+//!   (connect, CONNECT, request) and over an established one, beside direct TCP;
+//! - the cost of budgets: the same egress-proxy binary with a budget on every rule (every
+//!   ceiling set, none ever reached: `egress-proxy-budgets`) beside it without
+//!   (`egress-proxy`), throughput and new tunnels/s as ratios within each round.
 //!
 //! `TANK_BENCH_BASELINE_PROXY=/path/to/egress-proxy` adds that binary as one more row
 //! (`egress-proxy-baseline`), for before/after comparisons in one run. The load average is
@@ -67,6 +70,7 @@ pub fn run() -> Result<Value> {
     let mut peers = vec![
         (Peer::SpliceRelay, None),
         (Peer::EgressProxy, Some(bin.clone())),
+        (Peer::EgressProxyBudgets, Some(bin.clone())),
         (Peer::Squid, None),
         (Peer::Tinyproxy, None),
     ];
@@ -146,6 +150,7 @@ pub fn run() -> Result<Value> {
     let ratio =
         |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
     let (direct, bare, squid) = (index("direct"), index("splice-relay"), index("squid"));
+    let (ours, budgets) = (index("egress-proxy"), index("egress-proxy-budgets"));
     for i in 0..targets.len() {
         let mut f = Map::new();
         for (key, values) in &samples[i] {
@@ -173,6 +178,19 @@ pub fn run() -> Result<Value> {
                 )),
             );
         }
+        if i == budgets {
+            f.insert(
+                "throughput_ratio_to_budgets_off".into(),
+                spread(&ratio(&tput, &series(ours, "throughput_mib_s"))),
+            );
+            f.insert(
+                "new_tunnels_ratio_to_budgets_off".into(),
+                spread(&ratio(
+                    &series(i, "new_tunnels_per_s"),
+                    &series(ours, "new_tunnels_per_s"),
+                )),
+            );
+        }
         targets[i].figures = f;
     }
 
@@ -191,6 +209,8 @@ pub fn run() -> Result<Value> {
             && ours("throughput_mib_s") > fig("tinyproxy", "throughput_mib_s"),
         "new_tunnels_ge_2x_squid": ours("new_tunnels_ratio_to_squid") >= 2.0,
         "new_tunnels_ge_1_5x_tinyproxy": ours("new_tunnels_per_s") >= 1.5 * fig("tinyproxy", "new_tunnels_per_s"),
+        "budgets_throughput_within_5pct": fig("egress-proxy-budgets", "throughput_ratio_to_budgets_off") >= 0.95,
+        "budgets_new_tunnels_within_5pct": fig("egress-proxy-budgets", "new_tunnels_ratio_to_budgets_off") >= 0.95,
     });
     let result = json!({
         "machine": {
@@ -286,6 +306,19 @@ fn print_table(r: &Value) {
             cell(f, "new_tunnels_ratio_to_squid"),
             cell(f, "new_tunnel_request_p99_us"),
             cell(f, "tunnel_request_p99_us"),
+        );
+    }
+    if let Some(t) = r["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["target"] == "egress-proxy-budgets")
+    {
+        let f = &t["figures"];
+        println!(
+            "budgets on every rule / off: throughput x {}, new tunnels/s x {}",
+            cell(f, "throughput_ratio_to_budgets_off"),
+            cell(f, "new_tunnels_ratio_to_budgets_off")
         );
     }
     println!("goals: {}", r["goals"]);
@@ -436,6 +469,8 @@ enum Peer {
     /// The limit: a bare splice relay, no policy, no log (`cargo xtask splice-relay`).
     SpliceRelay,
     EgressProxy,
+    /// The same binary with a budget on every rule, no ceiling ever reached.
+    EgressProxyBudgets,
     /// Another egress-proxy binary (`TANK_BENCH_BASELINE_PROXY`), run the same way.
     Baseline,
     Squid,
@@ -447,6 +482,7 @@ impl Peer {
         match self {
             Peer::SpliceRelay => "splice-relay",
             Peer::EgressProxy => "egress-proxy",
+            Peer::EgressProxyBudgets => "egress-proxy-budgets",
             Peer::Baseline => "egress-proxy-baseline",
             Peer::Squid => "squid",
             Peer::Tinyproxy => "tinyproxy",
@@ -510,14 +546,19 @@ fn start_peer(kind: Peer, bin: Option<&Path>, dir: &Path, origins: &Origins) -> 
             c.args(["splice-relay", "--listen", &addr.to_string()]);
             (c, "xtask splice-relay".to_owned())
         }
-        Peer::EgressProxy | Peer::Baseline => {
+        Peer::EgressProxy | Peer::EgressProxyBudgets | Peer::Baseline => {
             let bin = bin.context("no egress-proxy binary")?;
             let ports: Vec<String> = [origins.source, origins.echo, origins.closer]
                 .iter()
                 .map(|a| a.port().to_string())
                 .collect();
+            // Every ceiling counted, none reached in a run (tens of GB, thousands of tunnels).
+            let budget = match kind {
+                Peer::EgressProxyBudgets => ", budget = { bytes_out = \"1 TiB/h\", bytes_in = \"1 TiB/h\", requests = \"100000000/min\", tunnel_secs = 86400 }",
+                _ => "",
+            };
             let config = format!(
-                "listen = [\"{addr}\"]\nadmin_listen = \"off\"\nclient_networks = [\"127.0.0.0/8\"]\naudit_log = \"{}\"\nsystem_resolver = false\nallowed_domains = [{{ domain = \"127.0.0.1\", ports = [{}], allow_private = true }}]\n",
+                "listen = [\"{addr}\"]\nadmin_listen = \"off\"\nclient_networks = [\"127.0.0.0/8\"]\naudit_log = \"{}\"\nsystem_resolver = false\nallowed_domains = [{{ domain = \"127.0.0.1\", ports = [{}], allow_private = true{budget} }}]\n",
                 sub.join("audit.jsonl").display(),
                 ports.join(", ")
             );
