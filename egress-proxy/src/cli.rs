@@ -69,11 +69,47 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Learn a policy from what the audit logs show.
+    Policy {
+        /// The policy subcommand.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Internal: writes man pages and shell completions under OUT_DIR (`cargo xtask man`).
     #[command(hide = true)]
     GenerateManual {
         /// Output directory (`man/`, `completions/` below it).
         out_dir: PathBuf,
+    },
+}
+
+/// The `policy` subcommands.
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Print the smallest config that would have allowed what the logs show, for review.
+    ///
+    /// One rule per name seen allowed, or refused only for want of a rule (never a name a
+    /// `denied_domains` rule refused), with its ports; methods and path prefixes where
+    /// plain-HTTP requests were seen; a `*.parent` wildcard only where many sibling names
+    /// were seen (a comment says so); budgets from the peak per client host times the
+    /// margin; counts and first/last seen as comments. Logs that do not verify are refused.
+    /// The output passes `egress-proxy check`. Exit 0 printed, 2 error.
+    Suggest {
+        /// Proxy audit logs.
+        #[arg(value_name = "AUDIT_LOG", required = true)]
+        logs: Vec<PathBuf>,
+        /// Only records from this time on (2026-12-01T10:00:00Z, or ms since the epoch).
+        #[arg(long, value_name = "TIME", value_parser = crate::suggest::parse_time)]
+        since: Option<i64>,
+        /// Only records up to this time.
+        #[arg(long, value_name = "TIME", value_parser = crate::suggest::parse_time)]
+        until: Option<i64>,
+        /// Budgets are the observed peak per client host times this.
+        #[arg(long, default_value_t = 2.0)]
+        margin: f64,
+        /// Sibling names under one parent domain from which `*.parent` is suggested.
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        wildcard_at: usize,
     },
 }
 

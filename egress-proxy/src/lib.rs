@@ -26,4 +26,5 @@ pub mod path;
 pub mod policy;
 pub mod relay;
 pub mod server;
+pub mod suggest;
 pub mod target;

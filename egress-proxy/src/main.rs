@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use egress_proxy::cli::{AuditCommand, CaCommand, Cli, Command, LogFormat};
+use egress_proxy::cli::{AuditCommand, CaCommand, Cli, Command, LogFormat, PolicyCommand};
 use egress_proxy::config::{self, ConfigError};
 use tank_ebpf_common::chain;
 
@@ -118,6 +118,34 @@ fn main() -> ExitCode {
                 Ok(code) => ExitCode::from(code),
                 // stdout closed (`| head`): the status still says what was found.
                 Err(_) => ExitCode::from(2),
+            }
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Suggest {
+                    logs,
+                    since,
+                    until,
+                    margin,
+                    wildcard_at,
+                },
+        } => {
+            let opts = egress_proxy::suggest::Options {
+                logs,
+                since,
+                until,
+                margin,
+                wildcard_at,
+            };
+            match egress_proxy::suggest::suggest(&opts) {
+                Ok(text) => {
+                    out(&text);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    fail(&e);
+                    ExitCode::from(2)
+                }
             }
         }
         Command::GenerateManual { out_dir } => {

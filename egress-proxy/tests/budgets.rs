@@ -423,7 +423,11 @@ fn requests_inside_an_inspected_tunnel_are_charged_one_by_one() {
         let again = c.send("GET", "/repos/o/r", &[], None).await.unwrap();
         assert_eq!(again.status, 429);
     });
-    assert_eq!(origin.seen().len(), 2, "a refused request reached the origin");
+    assert_eq!(
+        origin.seen().len(),
+        2,
+        "a refused request reached the origin"
+    );
     let records = proxy.wait_records(4);
     let refused: Vec<_> = records
         .iter()
