@@ -99,10 +99,10 @@ pub enum PolicyCommand {
         #[arg(value_name = "AUDIT_LOG", required = true)]
         logs: Vec<PathBuf>,
         /// Only records from this time on (2026-12-01T10:00:00Z, or ms since the epoch).
-        #[arg(long, value_name = "TIME", value_parser = crate::suggest::parse_time)]
+        #[arg(long, value_name = "TIME", value_parser = tank_ebpf_common::ocsf::parse_time)]
         since: Option<i64>,
         /// Only records up to this time.
-        #[arg(long, value_name = "TIME", value_parser = crate::suggest::parse_time)]
+        #[arg(long, value_name = "TIME", value_parser = tank_ebpf_common::ocsf::parse_time)]
         until: Option<i64>,
         /// Budgets are the observed peak per client host times this.
         #[arg(long, default_value_t = 2.0)]

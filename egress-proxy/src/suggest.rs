@@ -309,15 +309,6 @@ fn round_bytes(x: f64) -> u64 {
     x
 }
 
-fn time(ms: i64) -> String {
-    let t = ocsf::rfc3339(ms.saturating_mul(1_000_000));
-    // Seconds are enough in a comment.
-    match t.find('.') {
-        Some(i) => format!("{}Z", &t[..i]),
-        None => t,
-    }
-}
-
 fn render(l: &Learnt, opts: &Options) -> String {
     let mut o = String::new();
     let _ =
@@ -330,8 +321,8 @@ fn render(l: &Learnt, opts: &Options) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         l.records,
-        if l.first > 0 { time(l.first) } else { "-".into() },
-        if l.last > 0 { time(l.last) } else { "-".into() },
+        if l.first > 0 { ocsf::rfc3339_secs(l.first) } else { "-".into() },
+        if l.last > 0 { ocsf::rfc3339_secs(l.last) } else { "-".into() },
     );
     let _ = writeln!(o, "# Review every rule before enforcing it. Budgets: the peak per client host over the window, x {}.", opts.margin);
     let listen: Vec<String> = l.listen.iter().map(|a| format!("\"{a}\"")).collect();
@@ -445,8 +436,8 @@ fn rule(o: &mut String, domain: &str, s: &Seen, opts: &Options) {
         o,
         "  # {domain}: {}; first {}, last {}",
         what.join(", "),
-        time(s.first),
-        time(s.last)
+        ocsf::rfc3339_secs(s.first),
+        ocsf::rfc3339_secs(s.last)
     );
     let prefixes = minimal(&s.prefixes);
     if s.inspected {
@@ -505,60 +496,12 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
 }
 
-/// Parses `--since`/`--until`: RFC 3339 in UTC (`2026-12-01T10:00:00Z`) or ms since the epoch.
-pub fn parse_time(s: &str) -> Result<i64, String> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    let bad = || {
-        format!("`{s}` is not a time: write 2026-12-01T10:00:00Z or milliseconds since the epoch")
-    };
-    let t = s.strip_suffix('Z').ok_or_else(bad)?;
-    let (date, clock) = t.split_once('T').ok_or_else(bad)?;
-    let d: Vec<i64> = date
-        .split('-')
-        .map(|x| x.parse().map_err(|_| bad()))
-        .collect::<Result<_, _>>()?;
-    let (clock, frac) = clock.split_once('.').unwrap_or((clock, ""));
-    let c: Vec<i64> = clock
-        .split(':')
-        .map(|x| x.parse().map_err(|_| bad()))
-        .collect::<Result<_, _>>()?;
-    if d.len() != 3
-        || c.len() != 3
-        || !(1..=12).contains(&d[1])
-        || !(1..=31).contains(&d[2])
-        || c[0] > 23
-        || c[1] > 59
-        || c[2] > 60
-    {
-        return Err(bad());
-    }
-    let ms: i64 = format!("{frac:0<3}")[..3].parse().map_err(|_| bad())?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let (y, m) = if d[1] <= 2 {
-        (d[0] - 1, d[1] + 9)
-    } else {
-        (d[0], d[1] - 3)
-    };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + d[2] - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Ok(((days * 24 + c[0]) * 60 + c[1]) * 60_000 + c[2] * 1000 + ms)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn times_paths_and_peaks() {
-        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1000));
-        assert_eq!(parse_time("2026-12-01T10:00:00.5Z"), Ok(1_796_119_200_500));
-        assert_eq!(time(1_796_119_200_500), "2026-12-01T10:00:00Z");
-        assert!(parse_time("yesterday").is_err());
+    fn paths_and_peaks() {
         assert_eq!(
             path_of("https://a.test/repos/o/r/issues?x=1"),
             "/repos/o/r/issues"

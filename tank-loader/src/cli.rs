@@ -110,11 +110,43 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Learn the loader's policy from what the kernel logs show.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Internal: writes man pages and shell completions under OUT_DIR (`cargo xtask man`).
     #[command(hide = true)]
     GenerateManual {
         /// Output directory (`man/`, `completions/` below it).
         out_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Print a config whose `[[allow]]` entries are the endpoints the agent reached directly
+    /// in audit mode (resolvers, internal services), with counts, for review.
+    ///
+    /// From kernel logs written in audit mode: every connect or send that reached an endpoint
+    /// nothing listed (`audit_not_listed`) or a listed one, by destination and protocol, with
+    /// the processes, counts and first/last seen in its `comment`; the proxies are the
+    /// destinations judged `proxy`. Refused attempts, raw and ping sockets are never
+    /// suggested (they are listed as comments). Logs that do not verify are refused. The
+    /// output (mode `enforce`) passes `tank-loader check`. Exit 0 printed, 1 error.
+    Suggest {
+        /// Kernel audit logs.
+        #[arg(value_name = "KERNEL_LOG", required = true)]
+        logs: Vec<PathBuf>,
+        /// Only records from this time on (2026-12-01T10:00:00Z, or ms since the epoch).
+        #[arg(long, value_name = "TIME", value_parser = tank_ebpf_common::ocsf::parse_time)]
+        since: Option<i64>,
+        /// Only records up to this time.
+        #[arg(long, value_name = "TIME", value_parser = tank_ebpf_common::ocsf::parse_time)]
+        until: Option<i64>,
+        /// The agent cgroup to write in the suggestion.
+        #[arg(long, value_name = "PATH", default_value = "/tank/agent")]
+        cgroup: String,
     },
 }
 

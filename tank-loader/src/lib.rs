@@ -19,4 +19,5 @@ pub mod report;
 pub mod ring;
 pub mod run;
 pub mod status;
+pub mod suggest;
 pub mod trace;

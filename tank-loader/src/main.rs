@@ -13,7 +13,7 @@ use tank_ebpf_common::chain;
 
 use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
 use tank_ebpf_common::ocsf::lifecycle;
-use tank_loader::cli::{AuditCommand, Cli, Command};
+use tank_loader::cli::{AuditCommand, Cli, Command, PolicyCommand};
 use tank_loader::config::Config;
 use tank_loader::{crosscheck, gate, metrics, nft, report, run, status, trace};
 
@@ -129,6 +129,24 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             html.as_deref(),
             &mut out,
         ),
+        Command::Policy {
+            command:
+                PolicyCommand::Suggest {
+                    logs,
+                    since,
+                    until,
+                    cgroup,
+                },
+        } => {
+            let opts = tank_loader::suggest::Options {
+                logs,
+                since,
+                until,
+                cgroup,
+            };
+            write!(out, "{}", tank_loader::suggest::suggest(&opts)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::GenerateManual { out_dir } => {
             tank_ebpf_common::manual::generate(tank_loader::cli::command(), &out_dir)?;
             Ok(ExitCode::SUCCESS)

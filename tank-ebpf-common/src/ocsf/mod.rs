@@ -425,6 +425,60 @@ pub fn unix_ms(unix_ns: i64) -> i64 {
     unix_ns.div_euclid(1_000_000)
 }
 
+/// Parses a time a command line names (`--since`, `--until`): RFC 3339 in UTC
+/// (`2026-12-01T10:00:00Z`) or milliseconds since the epoch; ms since the epoch.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    let bad = || {
+        format!("`{s}` is not a time: write 2026-12-01T10:00:00Z or milliseconds since the epoch")
+    };
+    let t = s.strip_suffix('Z').ok_or_else(bad)?;
+    let (date, clock) = t.split_once('T').ok_or_else(bad)?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(|x| x.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let (clock, frac) = clock.split_once('.').unwrap_or((clock, ""));
+    let c: Vec<i64> = clock
+        .split(':')
+        .map(|x| x.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    if d.len() != 3
+        || c.len() != 3
+        || !(1..=12).contains(&d[1])
+        || !(1..=31).contains(&d[2])
+        || c[0] > 23
+        || c[1] > 59
+        || c[2] > 60
+    {
+        return Err(bad());
+    }
+    let ms: i64 = format!("{frac:0<3}")[..3].parse().map_err(|_| bad())?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if d[1] <= 2 {
+        (d[0] - 1, d[1] + 9)
+    } else {
+        (d[0], d[1] - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(((days * 24 + c[0]) * 60 + c[1]) * 60_000 + c[2] * 1000 + ms)
+}
+
+/// `unix_ms` as RFC 3339 to the second (`2026-12-01T10:00:00Z`), for comments and reports.
+pub fn rfc3339_secs(unix_ms: i64) -> String {
+    let t = rfc3339(unix_ms.saturating_mul(1_000_000));
+    match t.find('.') {
+        Some(i) => format!("{}Z", &t[..i]),
+        None => t,
+    }
+}
+
 /// ns since the Unix epoch as OCSF `time_dt`: RFC 3339 in UTC with nanoseconds.
 pub fn rfc3339(unix_ns: i64) -> String {
     let mut out = Vec::with_capacity(30);
@@ -476,6 +530,16 @@ fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_line_times_parse_and_print() {
+        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(parse_time("2026-12-01T10:00:00.5Z"), Ok(1_796_119_200_500));
+        assert_eq!(parse_time("1796119200500"), Ok(1_796_119_200_500));
+        assert_eq!(rfc3339_secs(1_796_119_200_500), "2026-12-01T10:00:00Z");
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("2026-13-01T00:00:00Z").is_err());
+    }
 
     #[test]
     fn rfc3339_matches_known_instants() {
