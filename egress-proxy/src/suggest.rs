@@ -24,7 +24,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
-use tank_ebpf_common::chain;
 use tank_ebpf_common::ocsf::proxy::{ConnectionRecord, RequestKind, RequestRecord, TunnelKind};
 use tank_ebpf_common::ocsf::{self, Kind};
 
@@ -102,18 +101,11 @@ pub fn suggest(opts: &Options) -> anyhow::Result<String> {
     let mut tunnels: BTreeMap<String, String> = BTreeMap::new();
     let mut requests: Vec<RequestRecord> = Vec::new();
     for log in &opts.logs {
-        let (report, records) = chain::read(log)
-            .with_context(|| format!("cannot read the audit log `{}`", log.display()))?;
-        if !report.is_intact() {
-            bail!(
-                "`{}` does not verify ({} problems; see `egress-proxy audit verify`): no policy is learnt from records that may have been edited",
-                log.display(),
-                report.problems.len()
-            );
-        }
+        let records = ocsf::read_verified(log, "egress-proxy audit verify")
+            .with_context(|| format!("cannot learn from `{}`", log.display()))?;
         for r in records {
-            match ocsf::parse(&r.value) {
-                Ok(Kind::Proxy(c)) if in_range(opts, c.time) => {
+            match r {
+                Kind::Proxy(c) if in_range(opts, c.time) => {
                     if let Some(uid) = &c.metadata.uid {
                         if let Some(h) = &c.dst_endpoint.hostname {
                             tunnels.insert(uid.clone(), h.clone());
@@ -121,7 +113,7 @@ pub fn suggest(opts: &Options) -> anyhow::Result<String> {
                     }
                     learnt.connection(&c);
                 }
-                Ok(Kind::Request(r)) if in_range(opts, r.time) => requests.push(*r),
+                Kind::Request(r) if in_range(opts, r.time) => requests.push(*r),
                 _ => {}
             }
         }

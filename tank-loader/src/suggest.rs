@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
-use tank_ebpf_common::chain;
 use tank_ebpf_common::event::{hook, reason};
 use tank_ebpf_common::ocsf::kernel::NetworkRecord;
 use tank_ebpf_common::ocsf::{self, protocol, Kind};
@@ -52,17 +51,10 @@ pub fn suggest(opts: &Options) -> anyhow::Result<String> {
     let mut never: BTreeMap<String, u64> = BTreeMap::new();
     let mut records = 0u64;
     for log in &opts.logs {
-        let (report, read) = chain::read(log)
-            .with_context(|| format!("cannot read the kernel log `{}`", log.display()))?;
-        if !report.is_intact() {
-            bail!(
-                "`{}` does not verify ({} problems; see `tank-loader audit verify`): no policy is learnt from records that may have been edited",
-                log.display(),
-                report.problems.len()
-            );
-        }
+        let read = ocsf::read_verified(log, "tank-loader audit verify")
+            .with_context(|| format!("cannot learn from `{}`", log.display()))?;
         for r in read {
-            let Ok(Kind::Kernel(k)) = ocsf::parse(&r.value) else {
+            let Kind::Kernel(k) = r else {
                 continue;
             };
             if opts.since.is_some_and(|s| k.time < s) || opts.until.is_some_and(|u| k.time > u) {
@@ -235,24 +227,20 @@ mod tests {
         let log = dir.path().join("kernel.jsonl");
         let (mut w, _) = ChainWriter::open(&log).unwrap();
         let t0 = 1_796_119_200_000;
+        let dns = || {
+            event(
+                "resolvconf",
+                [192, 0, 2, 53],
+                53,
+                17,
+                reason::AUDIT_NOT_LISTED,
+                1,
+            )
+        };
         let events = [
             event("curl", [10, 0, 0, 1], 3128, 6, reason::PROXY, 1),
-            event(
-                "resolvconf",
-                [192, 0, 2, 53],
-                53,
-                17,
-                reason::AUDIT_NOT_LISTED,
-                1,
-            ),
-            event(
-                "resolvconf",
-                [192, 0, 2, 53],
-                53,
-                17,
-                reason::AUDIT_NOT_LISTED,
-                1,
-            ),
+            dns(),
+            dns(),
             event(
                 "python3",
                 [192, 0, 2, 80],

@@ -425,6 +425,25 @@ pub fn unix_ms(unix_ns: i64) -> i64 {
     unix_ns.div_euclid(1_000_000)
 }
 
+/// The records of the chained log at `path`, typed, for tools that learn from a log (`policy
+/// suggest`): a log that does not verify is an error naming `verifier` (the command that
+/// shows the problems), never read, since what it says may have been edited. Lines that are
+/// not one of tank's kinds are left out.
+pub fn read_verified(path: &std::path::Path, verifier: &str) -> std::io::Result<Vec<Kind>> {
+    let (report, records) = crate::chain::read(path)?;
+    if !report.is_intact() {
+        return Err(std::io::Error::other(format!(
+            "`{}` does not verify ({} problems; see `{verifier}`): no policy is learnt from records that may have been edited",
+            path.display(),
+            report.problems.len()
+        )));
+    }
+    Ok(records
+        .iter()
+        .filter_map(|r| parse(&r.value).ok())
+        .collect())
+}
+
 /// Parses a time a command line names (`--since`, `--until`): RFC 3339 in UTC
 /// (`2026-12-01T10:00:00Z`) or milliseconds since the epoch; ms since the epoch.
 pub fn parse_time(s: &str) -> Result<i64, String> {
