@@ -437,3 +437,39 @@ fn requests_inside_an_inspected_tunnel_are_charged_one_by_one() {
     assert_eq!(refused[0]["class_uid"], 4002);
     assert_eq!(refused[0]["unmapped"]["budget"]["used"], 2);
 }
+
+#[test]
+fn tunnels_crossing_at_once_overshoot_by_at_most_one_read_each() {
+    let dir = tempdir();
+    let sink = Sink::start();
+    let limit: u64 = 1 << 20;
+    let proxy = Proxy::start(dir.path(), &rules(sink.port, "{ bytes_out = \"1 MiB/h\" }"));
+    const TUNNELS: usize = 3;
+    // All open before any sends, then all pushing at once.
+    let streams: Vec<TcpStream> = (0..TUNNELS)
+        .map(|_| tunnel(proxy.addr, sink.port))
+        .collect();
+    let pushers: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| std::thread::spawn(move || push_until_cut(&mut s, 16 << 20)))
+        .collect();
+    for p in pushers {
+        p.join().unwrap();
+    }
+    wait_for(Duration::from_secs(10), "every tunnel cut", || {
+        (sink.closed.load(Ordering::SeqCst) == TUNNELS).then_some(())
+    });
+    let arrived = sink.bytes();
+    let overshoot = arrived.saturating_sub(limit);
+    eprintln!("{TUNNELS} tunnels at once: ceiling {limit} B, origin got {arrived} B, overshoot {overshoot} B");
+    assert!(arrived >= limit, "cut before the ceiling: {arrived}");
+    // Each tunnel may have had one read in flight (at most the room it saw, ≤ 1 MiB).
+    assert!(
+        overshoot <= (TUNNELS as u64 - 1) * limit,
+        "overshoot {overshoot} beyond one read per tunnel"
+    );
+    let records = proxy.wait_records(TUNNELS);
+    assert!(records
+        .iter()
+        .all(|r| r["unmapped"]["budget"]["state"] == "exceeded"));
+}
