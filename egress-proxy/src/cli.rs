@@ -88,9 +88,9 @@ pub enum Command {
 pub enum PolicyCommand {
     /// Print the smallest config that would have allowed what the logs show, for review.
     ///
-    /// One rule per name seen allowed, or refused only for want of a rule (never a name a
-    /// `denied_domains` rule refused), with its ports; methods and path prefixes where
-    /// plain-HTTP requests were seen; a `*.parent` wildcard only where many sibling names
+    /// One rule per name that was allowed, with its ports (refused names are never
+    /// suggested: they are listed as comments with reason and count); methods and path
+    /// prefixes where plain-HTTP requests were seen; a `*.parent` wildcard only where many sibling names
     /// were seen (a comment says so); budgets from the peak per client host times the
     /// margin; counts and first/last seen as comments. Logs that do not verify are refused.
     /// The output passes `egress-proxy check`. Exit 0 printed, 2 error.
