@@ -653,6 +653,8 @@ mod tests {
             head,
             anchor: None,
             problems: vec![],
+            segments: vec![],
+            unclosed: vec![],
         };
         Log {
             path: "test.jsonl".into(),

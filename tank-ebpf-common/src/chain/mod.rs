@@ -1,0 +1,168 @@
+//! The tamper-evident audit log: JSON Lines where each record names the hash of the one before.
+//!
+//! Both tank's audit logs use this one format: the kernel log written by `tank-loader` and
+//! the request log written by `egress-proxy`, so one verifier serves an auditor for both.
+//!
+//! # Format
+//! One JSON object per line. The writer puts its own fields first:
+//! - `seq`: 1 for the first record, then +1 per record, no gaps, across every segment;
+//! - `prev`: lowercase hex SHA-256 of the previous record's line (its exact bytes, without the
+//!   newline); 64 zeros ([`GENESIS`]) for the first record;
+//! - `segment` (first record of a segment only): a [`SegmentLink`] naming the segment before;
+//! - `opens: true` on a record that opens a span (a proxy tunnel), `closes: <seq>` on the record
+//!   that closes it: [`verify`] lists spans never closed (the writer died while they were open).
+//!
+//! An edit to a record breaks the next record's `prev`; a deleted or reordered record breaks
+//! `seq` and `prev`; a crash mid-write leaves a partial last line, which is reported and never
+//! accepted. The last record has no successor to vouch for it, so the writer also keeps an
+//! anchor beside the log (`<log>.head`: the `seq` and hash of the last record it made
+//! durable), and [`verify`] reports a log that ends before its anchor, or whose anchored record
+//! changed. An attacker who can rewrite both files can rewrite history; the writers therefore
+//! also log each anchor to their system log (journald), which is shipped off the host.
+//!
+//! # Segments
+//! A writer can rotate its log ([`Rotation`]): the active file is renamed to
+//! `<log>.<first seq, 20 digits>` (then compressed to `….zst`) and a new active file begins
+//! whose first record continues the chain and carries a [`SegmentLink`]. [`series`] finds the
+//! segments of a log and [`read_series`] verifies them as one chain, so a missing, reordered,
+//! truncated or replaced segment is reported (see [`Problem`]).
+//!
+//! # Durability and a full disk
+//! [`ChainWriter::append`] issues one `write(2)` per record on an `O_APPEND` descriptor, so a
+//! crash can only cut the last line. [`ChainWriter::sync`] makes everything appended so far
+//! durable (`fdatasync`) and then moves the anchor; callers decide how often (see
+//! docs/audit-format.md for each log's policy). Space for records is allocated ahead of the
+//! end of the file (`fallocate`, keeping the size), and a writer keeps a reserve allocated for
+//! records that must still fit when the disk is full (a tunnel's closing record, an outage
+//! record). A record that cannot be given space is refused whole ([`ChainError::Full`]); a
+//! write that fails anyway is cut back off the file, so a full disk never leaves a partial line.
+
+mod segment;
+#[cfg(test)]
+mod tests;
+mod verify;
+mod writer;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use segment::{series, SegmentLink};
+pub use verify::{read, read_series, verify, Problem, Record, Report, SegmentSummary};
+pub use writer::{ChainWriter, Options, Recovery, Rotated, Rotation};
+
+/// `prev` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The fields the writer owns; a record given to it must not have them.
+const RESERVED: [&str; 5] = ["seq", "prev", "segment", "opens", "closes"];
+
+/// Failure to open or append to a chained log.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// The log or its anchor could not be opened, read or written.
+    #[error("audit log `{path}`: {action}")]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// No space for the record and the reserve kept after it: nothing was written.
+    #[error("audit log `{path}`: no space for a {bytes}-byte record and the {keep}-byte reserve kept after it (disk full); nothing written")]
+    Full {
+        /// The log.
+        path: PathBuf,
+        /// The record's size.
+        bytes: u64,
+        /// The reserve that had to stay allocated after it.
+        keep: u64,
+    },
+    /// The existing log's last record cannot be continued from.
+    #[error("audit log `{path}` cannot be continued: {problem}")]
+    Unreadable {
+        /// The log.
+        path: PathBuf,
+        /// What is wrong with its tail.
+        problem: String,
+    },
+    /// Another writer holds the log: two writers would fork the chain.
+    #[error("audit log `{path}` is held by another writer (is tank-loader or egress-proxy already running?)")]
+    Locked {
+        /// The log.
+        path: PathBuf,
+    },
+    /// The record to append did not serialize to a JSON object free of the writer's fields.
+    #[error("audit record is not a JSON object free of the reserved fields `seq`, `prev`, `segment`, `opens` and `closes`")]
+    BadRecord,
+}
+
+impl ChainError {
+    /// True when the record was refused for lack of space (it may fit once space returns).
+    pub fn is_full(&self) -> bool {
+        match self {
+            ChainError::Full { .. } => true,
+            ChainError::Io { source, .. } => is_no_space(source),
+            _ => false,
+        }
+    }
+}
+
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// The position of a record in a chain: its `seq` and the hex SHA-256 of its line.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Head {
+    /// Sequence number (0 for an empty log).
+    pub seq: u64,
+    /// Hash of the record's line ([`GENESIS`] for an empty log).
+    pub hash: String,
+}
+
+impl Head {
+    fn genesis() -> Self {
+        Self {
+            seq: 0,
+            hash: GENESIS.to_owned(),
+        }
+    }
+}
+
+fn lock(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; released when the file is closed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// True when a writer currently holds the log at `path`.
+pub fn is_held(path: &Path) -> io::Result<bool> {
+    let file = File::open(path)?;
+    match lock(&file) {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where the anchor of the log at `log` lives: `<log>.head`.
+pub fn anchor_path(log: &Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".head");
+    PathBuf::from(name)
+}
+
+/// Lowercase hex SHA-256 of one record's line (without its newline).
+pub fn hash_line(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}

@@ -1,0 +1,628 @@
+//! [`ChainWriter`]: appends chained records, keeps space in reserve, rotates segments.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use super::segment::{self, SegmentLink};
+use super::{hash_line, is_no_space, lock, ChainError, Head, RESERVED};
+
+/// Bytes allocated at once ahead of the end of the log, so most appends need no `fallocate`.
+const GROW: u64 = 64 * 1024;
+/// The anchor is rewritten in place at this fixed width, so moving it never needs new space.
+const ANCHOR_WIDTH: usize = 127;
+
+/// When and how a writer rotates its log into segments. All off by default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rotation {
+    /// Rotate once the active file holds this many bytes.
+    pub max_bytes: Option<u64>,
+    /// Rotate once the active file is this old.
+    pub max_age: Option<Duration>,
+    /// Keep at most this many rotated segments (at least 1); older ones are deleted.
+    pub keep_segments: Option<usize>,
+    /// Delete rotated segments last written longer ago than this.
+    pub keep_age: Option<Duration>,
+    /// Compress rotated segments with zstd (in a background thread).
+    pub compress: bool,
+}
+
+/// How a writer behaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Bytes kept allocated after the last record that [`ChainWriter::append`] never uses, so
+    /// [`ChainWriter::append_keeping`] with a smaller reserve still finds space on a full disk.
+    pub reserve_bytes: u64,
+    /// Rotation.
+    pub rotation: Rotation,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            reserve_bytes: 16 * 1024,
+            rotation: Rotation::default(),
+        }
+    }
+}
+
+/// What [`ChainWriter::open`] found and repaired at the end of an existing log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// Bytes of the partial last line a crash left; it stays in the log, terminated by a
+    /// newline, and [`super::verify`] keeps reporting it.
+    pub partial_bytes: usize,
+}
+
+/// What a rotation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rotated {
+    /// The segment the active file became (compressed later when configured).
+    pub segment: PathBuf,
+    /// Segments deleted under the retention rule.
+    pub removed: Vec<PathBuf>,
+}
+
+/// The writer's own field on a record, after `seq` and `prev`.
+enum Mark<'a> {
+    None,
+    Segment(&'a SegmentLink),
+    Opens,
+    Closes(u64),
+}
+
+/// Appends records to a chained log.
+#[derive(Debug)]
+pub struct ChainWriter {
+    path: PathBuf,
+    file: File,
+    anchor: File,
+    head: Head,
+    line: Vec<u8>,
+    /// Bytes of complete records in the active file.
+    len: u64,
+    /// End of the space known to be allocated for the active file (`u64::MAX`: the file
+    /// system cannot preallocate, so appends are not checked ahead).
+    allocated: u64,
+    opts: Options,
+    /// `seq` of the first record of the active file (head + 1 while it is empty).
+    segment_first: u64,
+    /// When the active file was started.
+    segment_born: SystemTime,
+    /// Records up to here were deleted by this writer's retention.
+    removed_through: u64,
+}
+
+fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> ChainError {
+    let path = path.to_owned();
+    move |source| ChainError::Io {
+        path,
+        action,
+        source,
+    }
+}
+
+fn open_active(path: &Path) -> Result<File, ChainError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(io_err(path, "open for appending"))?;
+    lock(&file).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock => ChainError::Locked {
+            path: path.to_owned(),
+        },
+        _ => ChainError::Io {
+            path: path.to_owned(),
+            action: "lock",
+            source: e,
+        },
+    })?;
+    Ok(file)
+}
+
+impl ChainWriter {
+    /// [`Self::open_with`] with the default [`Options`] (no rotation).
+    pub fn open(path: &Path) -> Result<(Self, Option<Recovery>), ChainError> {
+        Self::open_with(path, Options::default())
+    }
+
+    /// Opens `path` for appending, creating it (mode 0640) if absent, and continues its chain
+    /// (from its last rotated segment when the active file is empty or gone). The writer holds
+    /// an exclusive `flock` on the log for its lifetime.
+    ///
+    /// A partial last line (a crash mid-write) is terminated and reported in the returned
+    /// [`Recovery`]; the chain continues from the last complete record.
+    pub fn open_with(path: &Path, opts: Options) -> Result<(Self, Option<Recovery>), ChainError> {
+        let mut file = open_active(path)?;
+        let (mut head, partial_bytes) = read_tail(&mut file).map_err(|e| match e {
+            TailError::Io(source) => ChainError::Io {
+                path: path.to_owned(),
+                action: "read its tail",
+                source,
+            },
+            TailError::Bad(problem) => ChainError::Unreadable {
+                path: path.to_owned(),
+                problem,
+            },
+        })?;
+        let recovery = if partial_bytes > 0 {
+            file.write_all(b"\n")
+                .map_err(io_err(path, "terminate a partial last line"))?;
+            Some(Recovery { partial_bytes })
+        } else {
+            None
+        };
+        let (segment_first, removed_through) = match first_record(path) {
+            Some((seq, link)) => (seq, link.map_or(0, |l| l.removed_through_seq)),
+            None => {
+                // Empty active file: continue from the newest rotated segment, if any (a
+                // rotation cut short between renaming the old file and writing the new).
+                if let Some(last) = segment::rotated(path).ok().and_then(|s| s.last().cloned()) {
+                    let mut lines = segment::reader(&last.path)
+                        .map_err(io_err(path, "read its newest segment"))?;
+                    head = tail_of_lines(&mut lines).map_err(|problem| ChainError::Unreadable {
+                        path: last.path.clone(),
+                        problem,
+                    })?;
+                }
+                (head.seq + 1, 0)
+            }
+        };
+        let meta = file.metadata().map_err(io_err(path, "stat"))?;
+        let anchor_path = super::anchor_path(path);
+        let anchor = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .mode(0o640)
+            .open(&anchor_path)
+            .map_err(io_err(&anchor_path, "open the anchor"))?;
+        let mut writer = Self {
+            path: path.to_owned(),
+            file,
+            anchor,
+            head,
+            line: Vec::with_capacity(1024),
+            len: meta.len(),
+            allocated: meta.len(),
+            opts,
+            segment_first,
+            segment_born: meta
+                .created()
+                .or_else(|_| meta.modified())
+                .unwrap_or_else(|_| SystemTime::now()),
+            removed_through,
+        };
+        if writer.len == 0 {
+            writer.segment_born = SystemTime::now();
+        }
+        // Segments whose compression a stop cut short.
+        if writer.opts.rotation.compress {
+            let pending: Vec<PathBuf> = segment::rotated(path)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| s.path)
+                .filter(|p| p.extension().is_none_or(|e| e != "zst"))
+                .collect();
+            spawn_compress(pending);
+        }
+        // Best effort: a full disk at start shows as a refused first append.
+        let _ = writer.ensure(0, writer.opts.reserve_bytes);
+        Ok((writer, recovery))
+    }
+
+    /// Appends one record, keeping the configured reserve free after it; `record` must
+    /// serialize to a JSON object. Returns its `seq`.
+    ///
+    /// The record reaches the file in one `write(2)`, but is durable only after [`Self::sync`].
+    pub fn append<T: Serialize>(&mut self, record: &T) -> Result<u64, ChainError> {
+        self.append_keeping(record, self.opts.reserve_bytes)
+    }
+
+    /// Appends one record if, after it, `keep` bytes are still allocated for later records.
+    /// `keep` below the configured reserve draws on it (a closing or outage record); 0 lets the
+    /// record take whatever is allocated. On [`ChainError::Full`] nothing was written.
+    pub fn append_keeping<T: Serialize>(
+        &mut self,
+        record: &T,
+        keep: u64,
+    ) -> Result<u64, ChainError> {
+        self.append_line(record, Mark::None, keep)
+    }
+
+    /// Appends a record that opens a span (a tunnel): it carries `"opens":true`, and
+    /// [`super::verify`] lists it as open until a record closes it.
+    pub fn append_opening<T: Serialize>(
+        &mut self,
+        record: &T,
+        keep: u64,
+    ) -> Result<u64, ChainError> {
+        self.append_line(record, Mark::Opens, keep)
+    }
+
+    /// Appends a record that closes the span opened by record `opened`: it carries
+    /// `"closes":<seq>`.
+    pub fn append_closing<T: Serialize>(
+        &mut self,
+        record: &T,
+        opened: u64,
+        keep: u64,
+    ) -> Result<u64, ChainError> {
+        self.append_line(record, Mark::Closes(opened), keep)
+    }
+
+    fn append_line<T: Serialize>(
+        &mut self,
+        record: &T,
+        mark: Mark<'_>,
+        keep: u64,
+    ) -> Result<u64, ChainError> {
+        let serde_json::Value::Object(fields) =
+            serde_json::to_value(record).map_err(|_| ChainError::BadRecord)?
+        else {
+            return Err(ChainError::BadRecord);
+        };
+        if RESERVED.iter().any(|f| fields.contains_key(*f)) {
+            return Err(ChainError::BadRecord);
+        }
+        let seq = self.head.seq + 1;
+        self.line.clear();
+        write!(self.line, "{{\"seq\":{seq},\"prev\":\"{}\"", self.head.hash).expect("write to Vec");
+        match mark {
+            Mark::None => {}
+            Mark::Segment(link) => {
+                self.line.extend_from_slice(b",\"segment\":");
+                serde_json::to_writer(&mut self.line, link).map_err(|_| ChainError::BadRecord)?;
+            }
+            Mark::Opens => self.line.extend_from_slice(b",\"opens\":true"),
+            Mark::Closes(seq) => write!(self.line, ",\"closes\":{seq}").expect("write to Vec"),
+        }
+        if !fields.is_empty() {
+            let body = serde_json::to_vec(&fields).map_err(|_| ChainError::BadRecord)?;
+            self.line.push(b',');
+            self.line.extend_from_slice(&body[1..]);
+        } else {
+            self.line.push(b'}');
+        }
+        let hash = hash_line(&self.line);
+        self.line.push(b'\n');
+        let bytes = self.line.len() as u64;
+        self.ensure(bytes, keep)?;
+        if let Err(source) = self.file.write_all(&self.line) {
+            // Cut a partial write back off: a full disk must never leave half a record.
+            let _ = self.file.set_len(self.len);
+            self.allocated = self.len;
+            return Err(if is_no_space(&source) {
+                ChainError::Full {
+                    path: self.path.clone(),
+                    bytes,
+                    keep,
+                }
+            } else {
+                ChainError::Io {
+                    path: self.path.clone(),
+                    action: "append a record",
+                    source,
+                }
+            });
+        }
+        self.len += bytes;
+        self.head = Head { seq, hash };
+        Ok(seq)
+    }
+
+    /// Makes sure `bytes` for a record plus `keep` after it are allocated past the end.
+    fn ensure(&mut self, bytes: u64, keep: u64) -> Result<(), ChainError> {
+        let need = self.len + bytes + keep;
+        if need <= self.allocated {
+            return Ok(());
+        }
+        for want in [need + GROW, need] {
+            // SAFETY: fallocate on a descriptor we own; KEEP_SIZE leaves the file size alone.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_KEEP_SIZE,
+                    self.len as libc::off_t,
+                    (want - self.len) as libc::off_t,
+                )
+            };
+            if rc == 0 {
+                self.allocated = want;
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENOSPC | libc::EDQUOT) => continue,
+                // A file system that cannot preallocate: appends are only cut back on failure.
+                Some(libc::EOPNOTSUPP) => {
+                    self.allocated = u64::MAX;
+                    return Ok(());
+                }
+                _ => return Err(io_err(&self.path, "allocate space")(e)),
+            }
+        }
+        Err(ChainError::Full {
+            path: self.path.clone(),
+            bytes,
+            keep,
+        })
+    }
+
+    /// Makes every appended record durable, then moves the anchor to the last one.
+    pub fn sync(&mut self) -> Result<&Head, ChainError> {
+        self.file
+            .sync_data()
+            .map_err(io_err(&self.path, "fdatasync"))?;
+        // In place at a fixed width: on a full disk the anchor still moves.
+        let mut body = serde_json::to_vec(&self.head).expect("Head serializes");
+        body.resize(ANCHOR_WIDTH.max(body.len()), b' ');
+        body.push(b'\n');
+        self.anchor
+            .write_all_at(&body, 0)
+            .map_err(|source| ChainError::Io {
+                path: super::anchor_path(&self.path),
+                action: "write the anchor",
+                source,
+            })?;
+        Ok(&self.head)
+    }
+
+    /// The last record appended.
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+
+    /// The active file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True when the rotation rule says the active file should become a segment now.
+    pub fn rotation_due(&self) -> bool {
+        let r = &self.opts.rotation;
+        self.head.seq >= self.segment_first
+            && (r.max_bytes.is_some_and(|m| self.len >= m)
+                || r.max_age
+                    .is_some_and(|a| self.segment_born.elapsed().unwrap_or_default() >= a))
+    }
+
+    /// Turns the active file into a segment and starts a new active file whose first record
+    /// is `record`, carrying the [`SegmentLink`]; then applies retention and, when configured,
+    /// compresses the segment in the background. On failure (no space for the new file) the
+    /// active file stays as it was and the rotation can be tried again later.
+    pub fn rotate<T: Serialize>(&mut self, record: &T) -> Result<Rotated, ChainError> {
+        self.sync()?;
+        let segment = segment::segment_path(&self.path, self.segment_first);
+        fs::rename(&self.path, &segment).map_err(io_err(&self.path, "rename to a segment"))?;
+        let undo_rename = |e: ChainError| {
+            let _ = fs::rename(&segment, &self.path);
+            e
+        };
+        let new = open_active(&self.path).map_err(undo_rename)?;
+        let segments = segment::rotated(&self.path).unwrap_or_default();
+        let older_than = self
+            .opts
+            .rotation
+            .keep_age
+            .and_then(|a| SystemTime::now().checked_sub(a));
+        let removed = segment::expired(&segments, self.opts.rotation.keep_segments, older_than);
+        let removed_through = removed
+            .iter()
+            .filter_map(|r| segments.iter().find(|s| s.first_seq > r.first_seq))
+            .map(|next| next.first_seq - 1)
+            .fold(self.removed_through, u64::max);
+        let link = SegmentLink {
+            previous: segment
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_owned),
+            previous_last_seq: self.head.seq,
+            removed: removed
+                .iter()
+                .filter_map(|r| r.path.file_name()?.to_str().map(str::to_owned))
+                .collect(),
+            removed_through_seq: removed_through,
+        };
+        let old = std::mem::replace(&mut self.file, new);
+        let saved = (
+            self.len,
+            self.allocated,
+            self.segment_first,
+            self.segment_born,
+        );
+        (self.len, self.allocated) = (0, 0);
+        (self.segment_first, self.segment_born) = (self.head.seq + 1, SystemTime::now());
+        // The link record may use the reserve: rotating must not be what a full disk stops.
+        if let Err(e) = self.append_line(record, Mark::Segment(&link), 0) {
+            self.file = old;
+            (
+                self.len,
+                self.allocated,
+                self.segment_first,
+                self.segment_born,
+            ) = saved;
+            let _ = fs::remove_file(&self.path);
+            let _ = fs::rename(&segment, &self.path);
+            return Err(e);
+        }
+        self.removed_through = removed_through;
+        let _ = self.ensure(0, self.opts.reserve_bytes);
+        self.sync()?;
+        // Give back the old file's reserve, then retention, then compression.
+        let _ = punch_past_end(&old, saved.0, saved.1);
+        drop(old);
+        let mut gone = Vec::new();
+        for r in removed {
+            if fs::remove_file(&r.path).is_ok() {
+                gone.push(r.path);
+            }
+        }
+        if self.opts.rotation.compress {
+            spawn_compress(vec![segment.clone()]);
+        }
+        Ok(Rotated {
+            segment,
+            removed: gone,
+        })
+    }
+
+    /// For sites whose logrotate moves the log away and signals the writer (SIGHUP): when the
+    /// log's path no longer names the file being written (moved, deleted, or truncated by
+    /// `copytruncate`), starts a new file there whose first record is `record`, linked to the
+    /// last record written. Returns whether it did.
+    pub fn reopen<T: Serialize>(&mut self, record: &T) -> Result<bool, ChainError> {
+        let ours = self.file.metadata().map_err(io_err(&self.path, "stat"))?;
+        let same = fs::metadata(&self.path)
+            .is_ok_and(|m| m.dev() == ours.dev() && m.ino() == ours.ino() && m.len() == self.len);
+        if same {
+            return Ok(false);
+        }
+        let new = open_active(&self.path)?;
+        let found = new.metadata().map_err(io_err(&self.path, "stat"))?;
+        if found.len() > 0 && found.ino() != ours.ino() {
+            return Err(ChainError::Unreadable {
+                path: self.path.clone(),
+                problem: "a file not written by this writer now has its name; move it away".into(),
+            });
+        }
+        let link = SegmentLink {
+            previous: None,
+            previous_last_seq: self.head.seq,
+            removed: Vec::new(),
+            removed_through_seq: self.removed_through,
+        };
+        self.file = new;
+        (self.len, self.allocated) = (found.len(), found.len());
+        (self.segment_first, self.segment_born) = (self.head.seq + 1, SystemTime::now());
+        self.append_line(record, Mark::Segment(&link), 0)?;
+        let _ = self.ensure(0, self.opts.reserve_bytes);
+        self.sync()?;
+        Ok(true)
+    }
+}
+
+/// Frees the space allocated past `len` (the reserve of a file no longer written).
+fn punch_past_end(file: &File, len: u64, allocated: u64) -> io::Result<()> {
+    if allocated <= len || allocated == u64::MAX {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a descriptor we own.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            len as libc::off_t,
+            (allocated - len) as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn spawn_compress(segments: Vec<PathBuf>) {
+    if segments.is_empty() {
+        return;
+    }
+    // Detached: a stop mid-compression leaves the segment uncompressed, redone at next open.
+    let _ = std::thread::Builder::new()
+        .name("chain-compress".into())
+        .spawn(move || {
+            for s in segments {
+                let _ = segment::compress(&s);
+            }
+        });
+}
+
+/// The `seq` and link of the first record of the file at `path`, if it has one.
+fn first_record(path: &Path) -> Option<(u64, Option<SegmentLink>)> {
+    let mut line = Vec::new();
+    io::BufReader::new(File::open(path).ok()?)
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(line.strip_suffix(b"\n")?).ok()?;
+    let link = v
+        .get("segment")
+        .and_then(|l| serde_json::from_value(l.clone()).ok());
+    Some((v.get("seq")?.as_u64()?, link))
+}
+
+enum TailError {
+    Io(io::Error),
+    Bad(String),
+}
+
+/// The head of a whole (decompressed) segment, read front to back.
+fn tail_of_lines(lines: &mut dyn BufRead) -> Result<Head, String> {
+    let (mut last, mut buf) = (Vec::new(), Vec::new());
+    loop {
+        buf.clear();
+        match lines.read_until(b'\n', &mut buf) {
+            Ok(0) => break,
+            Ok(_) if buf.ends_with(b"\n") => std::mem::swap(&mut last, &mut buf),
+            Ok(_) => break,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if last.is_empty() {
+        return Ok(Head::genesis());
+    }
+    head_of(&last[..last.len() - 1]).map_err(|e| match e {
+        TailError::Bad(p) => p,
+        TailError::Io(e) => e.to_string(),
+    })
+}
+
+/// Finds the last complete record (its head) and the length of a partial line after it.
+fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
+    let len = file.seek(SeekFrom::End(0)).map_err(TailError::Io)?;
+    if len == 0 {
+        return Ok((Head::genesis(), 0));
+    }
+    // Read backwards in growing windows until the window holds a whole last record.
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start)).map_err(TailError::Io)?;
+        let mut buf = Vec::with_capacity((len - start) as usize);
+        file.take(len - start)
+            .read_to_end(&mut buf)
+            .map_err(TailError::Io)?;
+        let partial = buf.iter().rev().take_while(|&&b| b != b'\n').count();
+        let complete = &buf[..buf.len() - partial];
+        if complete.is_empty() && start == 0 {
+            // Only a partial line: a crash during the very first record.
+            return Ok((Head::genesis(), partial));
+        }
+        let body = &complete[..complete.len().saturating_sub(1)];
+        match body.iter().rposition(|&b| b == b'\n') {
+            Some(nl) => return head_of(&body[nl + 1..]).map(|h| (h, partial)),
+            None if start == 0 => return head_of(body).map(|h| (h, partial)),
+            None => window *= 4,
+        }
+    }
+}
+
+fn head_of(line: &[u8]) -> Result<Head, TailError> {
+    let seq = serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("seq").and_then(|s| s.as_u64()))
+        .ok_or_else(|| {
+            TailError::Bad("its last complete line is not a chained record".to_owned())
+        })?;
+    Ok(Head {
+        seq,
+        hash: hash_line(line),
+    })
+}
