@@ -1,0 +1,76 @@
+//! The admin listener: `GET /metrics` (Prometheus text) and `GET /healthz` (503 while the
+//! audit log cannot be written). Deliberately tiny: one request per connection, read with a
+//! timeout and a size cap, then closed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::http::response;
+use crate::relay;
+
+/// Serves the admin endpoints until `stop`.
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = stop.cancelled() => return,
+        };
+        let Ok((mut stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                    match stream.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return false,
+                    }
+                }
+                true
+            })
+            .await;
+            if read != Ok(true) {
+                return;
+            }
+            let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+            let mut parts = line.split(|&b| b == b' ');
+            let (method, path) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
+            let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+            let reply = match (method, path) {
+                (b"GET", b"/metrics") => {
+                    let body = shared.metrics.render();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes()
+                }
+                (b"GET", b"/healthz") if shared.audit.is_healthy() => {
+                    response(200, "OK", &[], "ok\n")
+                }
+                (b"GET", b"/healthz") => {
+                    response(503, "Service Unavailable", &[], "audit log not writable\n")
+                }
+                _ => response(404, "Not Found", &[], "try /metrics or /healthz\n"),
+            };
+            let _ = relay::write_all(&stream, &reply).await;
+            relay::linger(&mut stream).await;
+        });
+    }
+}
