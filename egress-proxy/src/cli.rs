@@ -67,15 +67,18 @@ pub enum Command {
 /// The `audit` subcommands.
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Verify an audit log's hash chain and anchor.
+    /// Verify an audit log's hash chain and anchor, across all its segments.
     ///
-    /// Detects edited, deleted, inserted, reordered and cut-off records and a partial last
-    /// line (a crash mid-write, reported and never accepted). Exit 0 intact, 1 problems
-    /// found, 2 usage or I/O error. Works on the kernel audit log of tank-loader too.
+    /// Detects edited, deleted, inserted, reordered and cut-off records, a partial last
+    /// line (a crash mid-write, reported and never accepted), and a missing, reordered,
+    /// truncated or replaced segment. Lists tunnels opened and never closed (the proxy died
+    /// while they were open). Exit 0 intact, 1 problems found, 2 usage or I/O error. Works on
+    /// the kernel audit log of tank-loader too.
     Verify {
-        /// The log (its anchor `FILE.head` is read if present).
-        #[arg(value_name = "FILE")]
-        file: PathBuf,
+        /// The log (its rotated segments beside it and its anchor `FILE.head` are read too), a
+        /// directory holding one log's segments, or several segment files.
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
         /// Print the report as JSON (records, head, anchor, problems) on stdout.
         #[arg(long)]
         json: bool,

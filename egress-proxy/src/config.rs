@@ -15,6 +15,8 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
+use tank_ebpf_common::chain;
+
 use crate::policy::{Limits, Pattern, Policy, Ports, Rule};
 use crate::target::{canonical_host, Host};
 
@@ -32,6 +34,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// The chained audit log.
     pub audit_log: PathBuf,
+    /// How the audit log keeps space in reserve and rotates (`[audit]`).
+    pub audit: chain::Options,
     /// Everything a reload may change.
     pub policy: Policy,
 }
@@ -151,7 +155,27 @@ struct RawConfig {
     hosts: BTreeMap<Spanned<String>, Spanned<Addrs>>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    audit: RawAudit,
 }
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    reserve_bytes: Option<Spanned<i64>>,
+    rotate_bytes: Option<Spanned<i64>>,
+    rotate_age_secs: Option<Spanned<f64>>,
+    keep_segments: Option<Spanned<i64>>,
+    keep_days: Option<Spanned<f64>>,
+    compress: Option<bool>,
+}
+
+/// Default `[audit] rotate_bytes`.
+pub const DEFAULT_ROTATE_BYTES: u64 = 64 << 20;
+/// Default `[audit] rotate_age_secs`: a day.
+pub const DEFAULT_ROTATE_AGE: Duration = Duration::from_secs(86_400);
+/// Default `[audit] reserve_bytes`: room for the outage record and refusal records.
+pub const DEFAULT_RESERVE_BYTES: u64 = 64 << 10;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -389,10 +413,12 @@ impl Validator<'_> {
             }
         }
         let limits = self.limits(&raw.limits);
+        let audit = self.audit(&raw.audit);
         Config {
             listen,
             admin_listen,
             audit_log,
+            audit,
             policy: Policy {
                 allowed,
                 denied,
@@ -400,6 +426,46 @@ impl Validator<'_> {
                 hosts,
                 system_resolver: raw.system_resolver.unwrap_or(true),
                 limits,
+            },
+        }
+    }
+
+    fn audit(&mut self, raw: &RawAudit) -> chain::Options {
+        let mut int = |v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64| match v {
+            Some(s) if (min..=max).contains(s.get_ref()) => Some(*s.get_ref() as u64),
+            Some(s) => {
+                self.err(
+                    s.span(),
+                    format!("`[audit] {key}` must be from {min} to {max}"),
+                );
+                None
+            }
+            None => None,
+        };
+        let reserve = int(&raw.reserve_bytes, "reserve_bytes", 4096, 1 << 30);
+        // 0 turns rotation by size off.
+        let rotate_bytes = int(&raw.rotate_bytes, "rotate_bytes", 0, 1 << 40);
+        let keep_segments = int(&raw.keep_segments, "keep_segments", 1, 1 << 20);
+        let mut secs = |v: &Option<Spanned<f64>>, key: &str, unit: f64| match v {
+            Some(s) if *s.get_ref() >= 0.0 && *s.get_ref() <= 1e9 => {
+                Some(Duration::from_secs_f64(*s.get_ref() * unit))
+            }
+            Some(s) => {
+                self.err(s.span(), format!("`[audit] {key}` must be 0 or more"));
+                None
+            }
+            None => None,
+        };
+        let rotate_age = secs(&raw.rotate_age_secs, "rotate_age_secs", 1.0);
+        let keep_age = secs(&raw.keep_days, "keep_days", 86_400.0);
+        chain::Options {
+            reserve_bytes: reserve.unwrap_or(DEFAULT_RESERVE_BYTES),
+            rotation: chain::Rotation {
+                max_bytes: Some(rotate_bytes.unwrap_or(DEFAULT_ROTATE_BYTES)).filter(|b| *b > 0),
+                max_age: Some(rotate_age.unwrap_or(DEFAULT_ROTATE_AGE)).filter(|a| !a.is_zero()),
+                keep_segments: keep_segments.map(|k| k as usize),
+                keep_age: keep_age.filter(|a| !a.is_zero()),
+                compress: raw.compress.unwrap_or(true),
             },
         }
     }

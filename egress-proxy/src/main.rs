@@ -90,14 +90,18 @@ fn main() -> ExitCode {
             }
         },
         Command::Audit {
-            command: AuditCommand::Verify { file, json },
+            command: AuditCommand::Verify { files, json },
         } => {
-            let report = match chain::verify(&file) {
-                Ok(r) => r,
+            let label = files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let report = match chain::read_series(&files) {
+                Ok((r, _)) => r,
                 Err(e) => {
                     fail(
-                        &anyhow::Error::from(e)
-                            .context(format!("cannot read audit log `{}`", file.display())),
+                        &anyhow::Error::from(e).context(format!("cannot read audit log `{label}`")),
                     );
                     return ExitCode::from(2);
                 }
@@ -107,29 +111,8 @@ fn main() -> ExitCode {
                     "{}\n",
                     serde_json::to_string_pretty(&report).expect("report serializes")
                 ));
-            } else if report.is_intact() {
-                let anchor = match &report.anchor {
-                    Some(a) => format!("anchored at seq {}", a.seq),
-                    None => "no anchor file".to_owned(),
-                };
-                out(&format!(
-                    "{}: intact: {} records, last seq {} ({anchor})\n",
-                    file.display(),
-                    report.records,
-                    report.head.seq
-                ));
             } else {
-                let mut text = String::new();
-                for p in &report.problems {
-                    text.push_str(&format!("{}: {p}\n", file.display()));
-                }
-                text.push_str(&format!(
-                    "{}: NOT intact: {} problem(s) in {} records\n",
-                    file.display(),
-                    report.problems.len(),
-                    report.records
-                ));
-                out(&text);
+                out(&report.render(&label));
             }
             if report.is_intact() {
                 ExitCode::SUCCESS

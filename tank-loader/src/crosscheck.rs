@@ -36,11 +36,17 @@ pub struct Log {
 }
 
 impl Log {
-    /// Reads and verifies the chained log at `path`.
+    /// Reads and verifies the chained log at `path` (with its rotated segments beside it, or
+    /// the one log in a directory).
     pub fn read(path: &Path) -> io::Result<Self> {
-        let (report, records) = chain::read(path)?;
+        Self::read_series(&[path.to_owned()])
+    }
+
+    /// Reads and verifies a series of segments as one log (see `chain::series`).
+    pub fn read_series(paths: &[PathBuf]) -> io::Result<Self> {
+        let (report, records) = chain::read_series(paths)?;
         Ok(Self {
-            path: path.to_owned(),
+            path: paths.first().cloned().unwrap_or_default(),
             report,
             records,
         })
@@ -141,6 +147,10 @@ pub struct LogCheck {
     pub records: u64,
     /// Chain problems.
     pub problems: Vec<Problem>,
+    /// Files read (segments and the active file).
+    pub segments: usize,
+    /// Spans opened and never closed (proxy tunnels: the proxy died, or they were still open).
+    pub unclosed: u64,
     /// Network records lacking a field the check needs, or from the other kind of log.
     pub unreadable: Vec<Unreadable>,
 }
@@ -296,6 +306,10 @@ fn parse<'a, T: serde::de::DeserializeOwned>(
         if r.value.get("class_uid").and_then(|c| c.as_u64()) != Some(NETWORK_ACTIVITY.into()) {
             continue;
         }
+        // A tunnel is matched on its opening record; its closing record repeats the 4-tuple.
+        if r.value.get("closes").is_some() {
+            continue;
+        }
         let found = r
             .value
             .pointer("/metadata/log_name")
@@ -320,6 +334,8 @@ fn parse<'a, T: serde::de::DeserializeOwned>(
         intact: log.report.is_intact(),
         records: log.report.records,
         problems: log.report.problems.clone(),
+        segments: log.report.segments.len(),
+        unclosed: log.report.unclosed.len() as u64,
         unreadable,
     };
     (check, parsed)
@@ -539,6 +555,15 @@ pub fn render(c: &CrossCheck) -> String {
         for p in &log.problems {
             out += &format!("  {p}\n");
         }
+        if log.segments > 1 {
+            out += &format!("{name} log: read from {} segments\n", log.segments);
+        }
+        if log.unclosed > 0 {
+            out += &format!(
+                "{name} log: {} opened and never closed (the writer died, or they were open when the log was copied); matched on their opening records\n",
+                log.unclosed
+            );
+        }
         if !log.unreadable.is_empty() {
             out += &format!("{name} log: {} unreadable records\n", log.unreadable.len());
         }
@@ -747,6 +772,18 @@ mod tests {
         let summary = "\nmatched: 2 of 2 proxy records (100.0%), 2 of 2 kernel connections to";
         assert!(text.contains(summary), "{text}");
         assert!(text.ends_with("\nverdict: CONSISTENT\n"), "{text}");
+    }
+
+    #[test]
+    fn a_tunnel_is_matched_on_its_opening_record_not_twice() {
+        let opening = with(proxied(0, 40001), json!({"opens": true, "end_time": null}));
+        let closing = with(proxied(0, 40001), json!({"closes": 1, "activity_id": 2}));
+        let c = check_logs(connection(1, 0, 40001), vec![opening.clone(), closing]);
+        assert_eq!((c.matched, c.proxy_records), (1, 1));
+        assert_eq!(c.verdict, Verdict::Consistent);
+        // Opened and never closed (the proxy died mid-tunnel): matched all the same.
+        let c = check_logs(connection(1, 0, 40001), vec![opening]);
+        assert_eq!((c.matched, c.verdict), (1, Verdict::Consistent));
     }
 
     #[test]

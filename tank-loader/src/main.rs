@@ -4,7 +4,7 @@
 //! user as one line, `tank-loader: <what failed>: <why>`, and exit codes are documented in `--help`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -95,8 +95,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Detach { config } => detach(&config, &mut out),
         Command::Audit {
-            command: AuditCommand::Verify { file, json },
-        } => verify(&file, json, &mut out),
+            command: AuditCommand::Verify { files, json },
+        } => verify(&files, json, &mut out),
         Command::Audit {
             command:
                 AuditCommand::CrossCheck {
@@ -150,35 +150,18 @@ fn detach(config: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(file: &Path, json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
-    let report = chain::verify(file).with_context(|| format!("cannot read {}", file.display()))?;
+fn verify(files: &[PathBuf], json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
+    let label = files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (report, _) = chain::read_series(files).with_context(|| format!("cannot read {label}"))?;
     if json {
         serde_json::to_writer_pretty(&mut *out, &report)?;
         writeln!(out)?;
-    } else if report.is_intact() {
-        writeln!(
-            out,
-            "{}: intact, {} records, last seq {}{}",
-            file.display(),
-            report.records,
-            report.head.seq,
-            if report.anchor.is_some() {
-                ", matches its anchor"
-            } else {
-                " (no anchor file)"
-            }
-        )?;
     } else {
-        writeln!(
-            out,
-            "{}: {} problem(s) in {} records",
-            file.display(),
-            report.problems.len(),
-            report.records
-        )?;
-        for p in &report.problems {
-            writeln!(out, "  {p}")?;
-        }
+        write!(out, "{}", report.render(&label))?;
     }
     Ok(if report.is_intact() {
         ExitCode::SUCCESS
@@ -188,16 +171,16 @@ fn verify(file: &Path, json: bool, out: &mut impl Write) -> anyhow::Result<ExitC
 }
 
 fn cross_check(
-    kernel: &Path,
-    proxy: &Path,
+    kernel: &[PathBuf],
+    proxy: &[PathBuf],
     opts: &crosscheck::Options,
     json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<ExitCode> {
     // An input that cannot be read is a usage problem (exit 2), not a finding about the logs.
-    let read = |path: &Path| {
-        crosscheck::Log::read(path)
-            .inspect_err(|e| eprintln!("tank-loader: cannot read {}: {e}", path.display()))
+    let read = |paths: &[PathBuf]| {
+        crosscheck::Log::read_series(paths)
+            .inspect_err(|e| eprintln!("tank-loader: cannot read {}: {e}", paths[0].display()))
             .ok()
     };
     let Some(kernel) = read(kernel) else {

@@ -14,10 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{admission, resolve::resolve, Shared};
-use crate::audit::{Draft, HttpRequest, Url};
+use crate::audit::{Draft, HttpRequest};
 use crate::http::{parse_request, response, Request};
 use crate::policy::{Limits, Policy, Reason, Refusal};
 use crate::relay::{self, Upstream};
+
+/// The refusal text while the audit log cannot be written.
+const AUDIT_UNAVAILABLE: &str = "the audit log cannot be written; nothing passes unrecorded";
 
 /// Serves one accepted connection and queues its audit record.
 pub(super) async fn handle(
@@ -47,8 +50,7 @@ pub(super) async fn handle(
             _ => shared.metrics.allowed_connect.inc(),
         }
     }
-    let record = draft.finish(&shared.hostname);
-    shared.audit.record(record).await;
+    shared.audit.finish(&draft, &shared.hostname).await;
     drop(admission);
 }
 
@@ -236,12 +238,7 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
         }
         Request::Http { method, url, .. } => {
             draft.kind = "http";
-            draft.http = Some(HttpRequest {
-                http_method: method.clone(),
-                url: Url {
-                    url_string: url.clone(),
-                },
-            });
+            draft.http = Some(HttpRequest::new(method, url));
             format!("{method} {url}")
         }
     };
@@ -253,10 +250,7 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
         return refuse(shared, stream, draft, r, &what).await;
     }
     if !shared.audit.is_healthy() {
-        let r = Refusal::new(
-            Reason::AuditUnavailable,
-            "the audit log cannot be written; nothing passes unrecorded",
-        );
+        let r = Refusal::new(Reason::AuditUnavailable, AUDIT_UNAVAILABLE);
         return refuse(shared, stream, draft, r, &what).await;
     }
     let path = match &req {
@@ -300,6 +294,15 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
         Err(e) => return upstream_error(shared, stream, draft, "connect", e, &what).await,
     };
     let _ = origin.set_nodelay(true);
+    // Record before relay: the opening record is written before the `200` or the first
+    // forwarded byte, or the connection is refused.
+    match shared.audit.opening(draft.opening(&shared.hostname)).await {
+        Some(opened) => draft.opened = Some(opened),
+        None => {
+            let r = Refusal::new(Reason::AuditUnavailable, AUDIT_UNAVAILABLE);
+            return refuse(shared, stream, draft, r, &what).await;
+        }
+    }
     debug!(client = %draft.client, request = %what, rule = %rule.id, origin = ?draft.ip, "allowed");
 
     let upstream = match &req {

@@ -260,13 +260,50 @@ impl Report {
         text
     }
 
-    /// `file:line` of a series line number.
-    pub fn locate(&self, line: usize) -> Option<(&Path, usize)> {
-        self.segments
-            .iter()
-            .rev()
-            .find(|s| s.line_offset < line)
-            .map(|s| (s.file.as_path(), line - s.line_offset))
+    /// The report in words, as `audit verify` prints it; `label` names what was verified.
+    pub fn render(&self, label: &str) -> String {
+        let mut out = String::new();
+        let segments = match self.segments.len() {
+            0 | 1 => String::new(),
+            n => format!(" in {n} segments"),
+        };
+        if self.is_intact() {
+            let anchor = match &self.anchor {
+                Some(a) => format!("anchored at seq {}", a.seq),
+                None => "no anchor file".to_owned(),
+            };
+            out += &format!(
+                "{label}: intact: {} records{segments}, last seq {} ({anchor})\n",
+                self.records, self.head.seq
+            );
+        } else {
+            for p in &self.problems {
+                out += &format!("{label}: {}\n", self.describe(p));
+            }
+            out += &format!(
+                "{label}: NOT intact: {} problem(s) in {} records{segments}\n",
+                self.problems.len(),
+                self.records
+            );
+        }
+        if !self.unclosed.is_empty() {
+            const SHOWN: usize = 10;
+            let mut seqs: Vec<String> = self
+                .unclosed
+                .iter()
+                .take(SHOWN)
+                .map(|o| o.seq.to_string())
+                .collect();
+            if self.unclosed.len() > SHOWN {
+                seqs.push(format!("and {} more", self.unclosed.len() - SHOWN));
+            }
+            out += &format!(
+                "{label}: {} opened and never closed (still open, or the writer died while they were): seq {}\n",
+                self.unclosed.len(),
+                seqs.join(", ")
+            );
+        }
+        out
     }
 }
 
