@@ -96,6 +96,17 @@ pub struct ChainWriter {
     segment_born: SystemTime,
     /// Records up to here were deleted by this writer's retention.
     removed_through: u64,
+    /// The background compression of rotated segments, joined before the next and on drop.
+    compressor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ChainWriter {
+    fn drop(&mut self) {
+        // A writer that stops cleanly leaves every rotated segment compressed.
+        if let Some(c) = self.compressor.take() {
+            let _ = c.join();
+        }
+    }
 }
 
 fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> ChainError {
@@ -200,6 +211,7 @@ impl ChainWriter {
                 .or_else(|_| meta.modified())
                 .unwrap_or_else(|_| SystemTime::now()),
             removed_through,
+            compressor: None,
         };
         if writer.len == 0 {
             writer.segment_born = SystemTime::now();
@@ -212,7 +224,7 @@ impl ChainWriter {
                 .map(|s| s.path)
                 .filter(|p| p.extension().is_none_or(|e| e != "zst"))
                 .collect();
-            spawn_compress(pending);
+            writer.compress(pending);
         }
         // Best effort: a full disk at start shows as a refused first append.
         let _ = writer.ensure(0, writer.opts.reserve_bytes);
@@ -467,12 +479,32 @@ impl ChainWriter {
             }
         }
         if self.opts.rotation.compress {
-            spawn_compress(vec![segment.clone()]);
+            self.compress(vec![segment.clone()]);
         }
         Ok(Rotated {
             segment,
             removed: gone,
         })
+    }
+
+    /// Compresses `segments` in a background thread, after the previous batch: appends never
+    /// wait for it. A crash mid-compression leaves a segment uncompressed, redone at next open.
+    fn compress(&mut self, segments: Vec<PathBuf>) {
+        if segments.is_empty() {
+            return;
+        }
+        if let Some(c) = self.compressor.take() {
+            let _ = c.join();
+        }
+        self.compressor = std::thread::Builder::new()
+            .name("chain-compress".into())
+            .spawn(move || {
+                for s in segments {
+                    // A full disk leaves it uncompressed: still a valid segment.
+                    let _ = segment::compress(&s);
+                }
+            })
+            .ok();
     }
 
     /// For sites whose logrotate moves the log away and signals the writer (SIGHUP): when the
@@ -529,20 +561,6 @@ fn punch_past_end(file: &File, len: u64, allocated: u64) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
-}
-
-fn spawn_compress(segments: Vec<PathBuf>) {
-    if segments.is_empty() {
-        return;
-    }
-    // Detached: a stop mid-compression leaves the segment uncompressed, redone at next open.
-    let _ = std::thread::Builder::new()
-        .name("chain-compress".into())
-        .spawn(move || {
-            for s in segments {
-                let _ = segment::compress(&s);
-            }
-        });
 }
 
 /// The `seq` and link of the first record of the file at `path`, if it has one.
