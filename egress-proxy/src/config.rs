@@ -156,26 +156,9 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
-    audit: RawAudit,
+    audit: Option<Spanned<chain::Settings>>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawAudit {
-    reserve_bytes: Option<Spanned<i64>>,
-    rotate_bytes: Option<Spanned<i64>>,
-    rotate_age_secs: Option<Spanned<f64>>,
-    keep_segments: Option<Spanned<i64>>,
-    keep_days: Option<Spanned<f64>>,
-    compress: Option<bool>,
-}
-
-/// Default `[audit] rotate_bytes`.
-pub const DEFAULT_ROTATE_BYTES: u64 = 64 << 20;
-/// Default `[audit] rotate_age_secs`: a day.
-pub const DEFAULT_ROTATE_AGE: Duration = Duration::from_secs(86_400);
-/// Default `[audit] reserve_bytes`: room for the outage record and refusal records.
-pub const DEFAULT_RESERVE_BYTES: u64 = 64 << 10;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -430,44 +413,14 @@ impl Validator<'_> {
         }
     }
 
-    fn audit(&mut self, raw: &RawAudit) -> chain::Options {
-        let mut int = |v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64| match v {
-            Some(s) if (min..=max).contains(s.get_ref()) => Some(*s.get_ref() as u64),
-            Some(s) => {
-                self.err(
-                    s.span(),
-                    format!("`[audit] {key}` must be from {min} to {max}"),
-                );
-                None
-            }
-            None => None,
+    fn audit(&mut self, raw: &Option<Spanned<chain::Settings>>) -> chain::Options {
+        let Some(raw) = raw else {
+            return chain::Settings::default().options().expect("defaults are valid");
         };
-        let reserve = int(&raw.reserve_bytes, "reserve_bytes", 4096, 1 << 30);
-        // 0 turns rotation by size off.
-        let rotate_bytes = int(&raw.rotate_bytes, "rotate_bytes", 0, 1 << 40);
-        let keep_segments = int(&raw.keep_segments, "keep_segments", 1, 1 << 20);
-        let mut secs = |v: &Option<Spanned<f64>>, key: &str, unit: f64| match v {
-            Some(s) if *s.get_ref() >= 0.0 && *s.get_ref() <= 1e9 => {
-                Some(Duration::from_secs_f64(*s.get_ref() * unit))
-            }
-            Some(s) => {
-                self.err(s.span(), format!("`[audit] {key}` must be 0 or more"));
-                None
-            }
-            None => None,
-        };
-        let rotate_age = secs(&raw.rotate_age_secs, "rotate_age_secs", 1.0);
-        let keep_age = secs(&raw.keep_days, "keep_days", 86_400.0);
-        chain::Options {
-            reserve_bytes: reserve.unwrap_or(DEFAULT_RESERVE_BYTES),
-            rotation: chain::Rotation {
-                max_bytes: Some(rotate_bytes.unwrap_or(DEFAULT_ROTATE_BYTES)).filter(|b| *b > 0),
-                max_age: Some(rotate_age.unwrap_or(DEFAULT_ROTATE_AGE)).filter(|a| !a.is_zero()),
-                keep_segments: keep_segments.map(|k| k as usize),
-                keep_age: keep_age.filter(|a| !a.is_zero()),
-                compress: raw.compress.unwrap_or(true),
-            },
-        }
+        raw.get_ref().options().unwrap_or_else(|e| {
+            self.err(raw.span(), format!("[audit]: {e}"));
+            chain::Options::default()
+        })
     }
 
     fn limits(&mut self, raw: &RawLimits) -> Limits {

@@ -120,7 +120,7 @@ fn detach(config: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(config)?;
     // The running loader holds the log; detaching under it would leave it draining a gate that
     // is gone, and two writers would fork the chain.
-    let (mut log, _) = chain::ChainWriter::open(&cfg.audit_log)
+    let (mut log, _) = chain::ChainWriter::open_with(&cfg.audit_log, cfg.audit.clone())
         .context("stop tank-loader first (systemctl stop tank-loader), then detach")?;
     let removed = gate::detach(&cfg.pin_dir)?;
     let nft_removed = nft::remove(&cfg.nft.table)?;

@@ -51,7 +51,7 @@ use sha2::{Digest, Sha256};
 
 pub use segment::{series, SegmentLink};
 pub use verify::{read, read_series, verify, Problem, Record, Report, SegmentSummary};
-pub use writer::{ChainWriter, Options, Recovery, Rotated, Rotation};
+pub use writer::{ChainWriter, Options, Recovery, Rotated, Rotation, Settings};
 
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

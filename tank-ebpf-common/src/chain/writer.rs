@@ -51,6 +51,66 @@ impl Default for Options {
     }
 }
 
+/// The `[audit]` table of both tank configs (the loader's and the proxy's): reserve and
+/// rotation, as an operator writes them. [`Settings::options`] validates them.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Bytes kept allocated for records that must fit on a full disk (default 64 KiB).
+    pub reserve_bytes: Option<u64>,
+    /// Rotate at this size; 0 turns rotation by size off (default 64 MiB).
+    pub rotate_bytes: Option<u64>,
+    /// Rotate at this age; 0 turns rotation by age off (default a day).
+    pub rotate_age_secs: Option<f64>,
+    /// Keep at most this many rotated segments (default: all).
+    pub keep_segments: Option<usize>,
+    /// Delete rotated segments older than this (default: never).
+    pub keep_days: Option<f64>,
+    /// zstd-compress rotated segments (default true).
+    pub compress: Option<bool>,
+}
+
+impl Settings {
+    /// Default `reserve_bytes`.
+    pub const RESERVE_BYTES: u64 = 64 << 10;
+    /// Default `rotate_bytes`.
+    pub const ROTATE_BYTES: u64 = 64 << 20;
+    /// Default `rotate_age_secs`.
+    pub const ROTATE_AGE_SECS: f64 = 86_400.0;
+
+    /// The writer options these settings ask for, or what is wrong with them (one line).
+    pub fn options(&self) -> Result<Options, String> {
+        let reserve = self.reserve_bytes.unwrap_or(Self::RESERVE_BYTES);
+        if !(4096..=1 << 30).contains(&reserve) {
+            return Err(format!("`reserve_bytes` must be from 4096 to {}", 1u64 << 30));
+        }
+        if self.keep_segments == Some(0) {
+            return Err("`keep_segments` must be 1 or more (leave it out to keep all)".into());
+        }
+        let secs = |v: Option<f64>, key: &str, unit: f64| match v {
+            Some(s) if s.is_finite() && (0.0..=1e9).contains(&s) => {
+                Ok(Some(Duration::from_secs_f64(s * unit)).filter(|d| !d.is_zero()))
+            }
+            Some(_) => Err(format!("`{key}` must be from 0 to 1e9")),
+            None => Ok(None),
+        };
+        Ok(Options {
+            reserve_bytes: reserve,
+            rotation: Rotation {
+                max_bytes: Some(self.rotate_bytes.unwrap_or(Self::ROTATE_BYTES)).filter(|b| *b > 0),
+                max_age: secs(
+                    Some(self.rotate_age_secs.unwrap_or(Self::ROTATE_AGE_SECS)),
+                    "rotate_age_secs",
+                    1.0,
+                )?,
+                keep_segments: self.keep_segments,
+                keep_age: secs(self.keep_days, "keep_days", 86_400.0)?,
+                compress: self.compress.unwrap_or(true),
+            },
+        })
+    }
+}
+
 /// What [`ChainWriter::open`] found and repaired at the end of an existing log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recovery {
