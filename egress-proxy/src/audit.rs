@@ -1,5 +1,6 @@
-//! The audit log, shaped after OCSF Network Activity (class 4001) and written through
-//! [`tank_ebpf_common::chain`]: a connection that relays gets an opening record before the
+//! The audit log: OCSF Network Activity records
+//! ([`tank_ebpf_common::ocsf::proxy::ConnectionRecord`]) written through
+//! [`tank_ebpf_common::chain`]. A connection that relays gets an opening record before the
 //! `200` or the first forwarded byte and a closing record linked to it; a connection refused
 //! or failed before relaying gets one record.
 //!
@@ -16,7 +17,7 @@
 //! tunnels (`503 audit-unavailable`) while every open one can still be closed. While the log
 //! cannot be written the proxy refuses everything and counts what it could not record; once
 //! space returns the writer appends an outage record (when, why, how many went unrecorded)
-//! and serves again. Records are bounded in size (URLs and error texts are cut), so one
+//! and serves again. Records are bounded in size (URLs and error texts are cut, `ocsf::proxy::MAX_URL`), so one
 //! client cannot fill the disk quickly with long refused requests. The writer also rotates the
 //! log into segments (docs/operations.md).
 
@@ -26,8 +27,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use tank_ebpf_common::chain::{self, ChainError, ChainWriter};
+use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
+use tank_ebpf_common::ocsf::proxy::{
+    Connection, ConnectionRecord, Phase, ProxyDetails, RequestKind, Traffic, Url, MAX_TEXT, PRODUCT,
+};
+use tank_ebpf_common::ocsf::{lifecycle, Endpoint, LogName};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
@@ -39,27 +44,10 @@ const BATCH: usize = 1024;
 /// Least time between two syncs of the audit log.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(10);
 /// Log space each open tunnel holds for its closing record: records are far smaller, since
-/// every variable field is cut to a bound ([`MAX_URL`], [`MAX_TEXT`]).
+/// every variable field is cut to a bound (`ocsf::proxy::MAX_URL`, `MAX_TEXT`).
 pub const CLOSE_RESERVE: u64 = 4096;
-/// Bytes of a URL kept in a record; the rest is cut and its length noted.
-pub const MAX_URL: usize = 1024;
-/// Bytes of an error text kept in a record.
-pub const MAX_TEXT: usize = 512;
 /// How often a writer that cannot write tries again.
 const RETRY: Duration = Duration::from_millis(100);
-
-/// `s` cut to at most `max` bytes on a character boundary, marked when cut.
-fn bounded(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push('…');
-    }
-    s
-}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -68,182 +56,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// OCSF product metadata.
-#[derive(Clone, Debug, Serialize)]
-pub struct Product {
-    /// Always `egress-proxy`.
-    pub name: &'static str,
-    /// Always `tank`.
-    pub vendor_name: &'static str,
-    /// The crate version.
-    pub version: &'static str,
-}
-
-/// OCSF metadata.
-#[derive(Clone, Debug, Serialize)]
-pub struct Metadata {
-    /// The product.
-    pub product: Product,
-    /// OCSF schema version.
-    pub version: &'static str,
-    /// Always `proxy`.
-    pub log_name: &'static str,
-}
-
-/// OCSF device.
-#[derive(Clone, Debug, Serialize)]
-pub struct Device {
-    /// The proxy host's name.
-    pub hostname: String,
-}
-
-/// An address and port.
-#[derive(Clone, Debug, Serialize)]
-pub struct Endpoint {
-    /// Address.
-    pub ip: IpAddr,
-    /// Port.
-    pub port: u16,
-}
-
-impl From<SocketAddr> for Endpoint {
-    fn from(a: SocketAddr) -> Self {
-        Self {
-            ip: crate::policy::canonical_ip(a.ip()),
-            port: a.port(),
-        }
-    }
-}
-
-/// The destination.
-#[derive(Clone, Debug, Serialize)]
-pub struct DstEndpoint {
-    /// The canonical target host (name or address), `null` when no request was parsed.
-    pub hostname: Option<String>,
-    /// The address connected to (or last tried), `null` if none.
-    pub ip: Option<IpAddr>,
-    /// The target port, `null` when no request was parsed.
-    pub port: Option<u16>,
-}
-
-/// OCSF connection info.
-#[derive(Clone, Debug, Serialize)]
-pub struct ConnectionInfo {
-    /// `tcp`.
-    pub protocol_name: &'static str,
-    /// 6.
-    pub protocol_num: u8,
-    /// 2 (outbound).
-    pub direction_id: u8,
-}
-
-/// Bytes relayed.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Traffic {
-    /// Origin to client.
-    pub bytes_in: u64,
-    /// Client to origin.
-    pub bytes_out: u64,
-}
-
-/// The URL of a plain-HTTP request.
-#[derive(Clone, Debug, Serialize)]
-pub struct Url {
-    /// `http://host[:port]/path?query`, cut after [`MAX_URL`] bytes (ending in `…`).
-    pub url_string: String,
-}
-
-impl HttpRequest {
-    /// A request as recorded: its URL cut to [`MAX_URL`] bytes, the full length in
-    /// `url_bytes` when it was cut.
-    pub fn new(method: &str, url: &str) -> Self {
-        Self {
-            http_method: bounded(method.to_owned(), 32),
-            url: Url {
-                url_string: bounded(url.to_owned(), MAX_URL),
-            },
-            url_bytes: (url.len() > MAX_URL).then_some(url.len()),
-        }
-    }
-}
-
-/// A plain-HTTP request.
-#[derive(Clone, Debug, Serialize)]
-pub struct HttpRequest {
-    /// The method.
-    pub http_method: String,
-    /// The URL.
-    pub url: Url,
-    /// The URL's length when it was cut (not OCSF).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub url_bytes: Option<usize>,
-}
-
-/// Fields outside OCSF.
-#[derive(Clone, Debug, Serialize)]
-pub struct Unmapped {
-    /// `connect`, `http`, or `invalid` (no request could be parsed).
-    pub kind: &'static str,
-    /// The rule that decided (`allowed_domains:<name>`, `denied_domains:<name>`), or the
-    /// refusal reason when no rule did (`default-deny`, `private-address`, ...).
-    pub rule: String,
-    /// What went wrong, if anything.
-    pub error: Option<String>,
-}
-
-/// One audit record.
-#[derive(Clone, Debug, Serialize)]
-pub struct Record {
-    /// 4001, Network Activity.
-    pub class_uid: u32,
-    /// 4, Network Activity.
-    pub category_uid: u32,
-    /// 1 Open (an opening record, or a connection recorded whole), 2 Close (a closing
-    /// record), 5 Refuse.
-    pub activity_id: u32,
-    /// 400100 + activity_id.
-    pub type_uid: u32,
-    /// Record time (end_time; start_time in an opening record), ms since the epoch.
-    pub time: u64,
-    /// When the connection was accepted.
-    pub start_time: u64,
-    /// When it ended; `null` in an opening record.
-    pub end_time: Option<u64>,
-    /// end - start, ms; `null` in an opening record.
-    pub duration: Option<u64>,
-    /// 1 informational (allowed), 3 medium (refused).
-    pub severity_id: u32,
-    /// `Allowed` / `Denied`.
-    pub action: &'static str,
-    /// 1 / 2.
-    pub action_id: u32,
-    /// `Allowed` / `Blocked`.
-    pub disposition: &'static str,
-    /// 1 / 2.
-    pub disposition_id: u32,
-    /// Product and schema.
-    pub metadata: Metadata,
-    /// The proxy host.
-    pub device: Device,
-    /// The client (agent host) as the proxy saw it.
-    pub src_endpoint: Endpoint,
-    /// The proxy's end of the client connection.
-    pub proxy_endpoint: Endpoint,
-    /// The target.
-    pub dst_endpoint: DstEndpoint,
-    /// TCP, outbound.
-    pub connection_info: ConnectionInfo,
-    /// Bytes each way; absent from an opening record.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub traffic: Option<Traffic>,
-    /// Plain-HTTP requests only.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub http_request: Option<HttpRequest>,
-    /// Proxy-specific fields.
-    pub unmapped: Unmapped,
-}
-
-/// What is known about a connection while it is handled; turned into a [`Record`] at its end.
+/// What is known about a connection while it is handled; turned into a record at its end.
 #[derive(Debug)]
 pub struct Draft {
     /// Wall-clock start, ms.
@@ -254,16 +67,16 @@ pub struct Draft {
     pub client: SocketAddr,
     /// Proxy side.
     pub local: SocketAddr,
-    /// Kind (`connect`, `http`, `invalid`).
-    pub kind: &'static str,
+    /// What the client asked for.
+    pub kind: RequestKind,
     /// Target host.
     pub host: Option<String>,
     /// Target port.
     pub port: Option<u16>,
     /// Address connected to.
     pub ip: Option<IpAddr>,
-    /// Plain-HTTP request.
-    pub http: Option<HttpRequest>,
+    /// Method and URL of a plain-HTTP request.
+    pub http: Option<(String, String)>,
     /// Allowed (true) or refused.
     pub allowed: bool,
     /// Deciding rule or reason.
@@ -284,7 +97,7 @@ impl Draft {
             started: Instant::now(),
             client,
             local,
-            kind: "invalid",
+            kind: RequestKind::Invalid,
             host: None,
             port: None,
             ip: None,
@@ -298,71 +111,46 @@ impl Draft {
     }
 
     /// The opening record of an allowed connection about to relay: decision, 4-tuple, rule.
-    pub fn opening(&self, hostname: &str) -> Record {
-        self.record(hostname, None)
+    pub fn opening(&self, hostname: &str) -> ConnectionRecord {
+        self.record(hostname, Phase::Opening)
     }
 
     /// The record of the connection's end: its closing record when it was opened, else the
     /// one record of a refused or failed connection.
-    pub fn finish(&self, hostname: &str) -> Record {
-        let duration = self.started.elapsed().as_millis() as u64;
-        self.record(hostname, Some(duration))
+    pub fn finish(&self, hostname: &str) -> ConnectionRecord {
+        let phase = match self.opened {
+            Some(_) => Phase::Closing,
+            None => Phase::Whole,
+        };
+        self.record(hostname, phase)
     }
 
-    fn record(&self, hostname: &str, duration: Option<u64>) -> Record {
-        let end = duration.map(|d| self.start_ms + d);
-        let (activity_id, action, action_id, disposition, disposition_id, severity_id) =
-            match (self.allowed, &self.opened, end) {
-                (true, Some(_), Some(_)) => (2, "Allowed", 1, "Allowed", 1, 1),
-                (true, _, _) => (1, "Allowed", 1, "Allowed", 1, 1),
-                (false, _, _) => (5, "Denied", 2, "Blocked", 2, 3),
-            };
-        Record {
-            class_uid: 4001,
-            category_uid: 4,
-            activity_id,
-            type_uid: 400100 + activity_id,
-            time: end.unwrap_or(self.start_ms),
-            start_time: self.start_ms,
-            end_time: end,
-            duration,
-            severity_id,
-            action,
-            action_id,
-            disposition,
-            disposition_id,
-            metadata: Metadata {
-                product: Product {
-                    name: "egress-proxy",
-                    vendor_name: "tank",
-                    version: env!("CARGO_PKG_VERSION"),
-                },
-                version: "1.1.0",
-                log_name: "proxy",
-            },
-            device: Device {
-                hostname: hostname.to_owned(),
-            },
-            src_endpoint: self.client.into(),
-            proxy_endpoint: self.local.into(),
-            dst_endpoint: DstEndpoint {
+    fn record(&self, hostname: &str, phase: Phase) -> ConnectionRecord {
+        let (http_method, url) = self.http.clone().unzip();
+        let (url, url_bytes) = url.as_deref().map(Url::bounded).unzip();
+        let connection = Connection {
+            allowed: self.allowed,
+            start_ms: self.start_ms as i64,
+            duration_ms: self.started.elapsed().as_millis() as i64,
+            phase,
+            client: self.client,
+            local: self.local,
+            target: Endpoint {
                 hostname: self.host.clone(),
                 ip: self.ip,
                 port: self.port,
             },
-            connection_info: ConnectionInfo {
-                protocol_name: "tcp",
-                protocol_num: 6,
-                direction_id: 2,
-            },
-            traffic: end.map(|_| self.traffic.clone()),
-            http_request: self.http.clone(),
-            unmapped: Unmapped {
+            traffic: self.traffic.clone(),
+            url,
+            details: ProxyDetails {
                 kind: self.kind,
                 rule: self.rule.clone(),
-                error: self.error.clone().map(|e| bounded(e, MAX_TEXT)),
+                http_method,
+                error: self.error.clone(),
+                url_bytes: url_bytes.flatten(),
             },
-        }
+        };
+        ConnectionRecord::new(connection, hostname, env!("CARGO_PKG_VERSION"))
     }
 }
 
@@ -375,11 +163,11 @@ pub struct Opened {
 /// What the writer thread is asked to do.
 enum Entry {
     /// A connection recorded whole (refused, or failed before relaying).
-    Whole(Record),
+    Whole(ConnectionRecord),
     /// An opening record; answered with its `seq` once written, or `None` when refused.
-    Open(Record, oneshot::Sender<Option<Opened>>),
+    Open(ConnectionRecord, oneshot::Sender<Option<Opened>>),
     /// The closing record of an opened connection.
-    Close(Record, Opened),
+    Close(ConnectionRecord, Opened),
     /// SIGHUP: continue in a new file if logrotate moved the log away.
     Reopen,
 }
@@ -461,7 +249,7 @@ impl Audit {
 
     /// Writes the opening record of a connection about to relay; `None` when it could not be
     /// written (the connection must then be refused: nothing passes unrecorded).
-    pub async fn opening(&self, record: Record) -> Option<Opened> {
+    pub async fn opening(&self, record: ConnectionRecord) -> Option<Opened> {
         let (tx, rx) = oneshot::channel();
         self.send(Entry::Open(record, tx)).await;
         rx.await.ok().flatten()
@@ -652,7 +440,7 @@ impl Writer {
             &self.hostname,
             "audit log could not be written; requests were refused",
             serde_json::json!({
-                "since": o.since_ms, "until": now_ms(), "error": bounded(o.error.clone(), MAX_TEXT),
+                "event": "audit_outage", "since": o.since_ms, "until": now_ms(), "error": tank_ebpf_common::ocsf::proxy::bounded(o.error.clone(), MAX_TEXT),
                 "unrecorded_refusals": o.unrecorded,
             }),
         );
@@ -708,17 +496,15 @@ impl Writer {
     }
 }
 
-/// An OCSF Application Lifecycle (6002) record of the proxy itself: an outage of its log, a
-/// new segment, a reopened file.
-fn lifecycle(hostname: &str, message: &str, details: serde_json::Value) -> serde_json::Value {
-    let now = now_ms();
-    serde_json::json!({
-        "class_uid": 6002, "category_uid": 6, "activity_id": 99, "type_uid": 600299,
-        "time": now, "severity_id": 1, "message": message,
-        "metadata": {"product": {"name": "egress-proxy", "vendor_name": "tank", "version": env!("CARGO_PKG_VERSION")},
-                     "version": "1.1.0", "log_name": "proxy"},
-        "device": {"hostname": hostname},
-        "app": {"name": "egress-proxy", "vendor_name": "tank", "version": env!("CARGO_PKG_VERSION")},
-        "unmapped": details,
-    })
+/// The proxy's own lifecycle record about its log (`unmapped.event` says what).
+fn lifecycle(hostname: &str, message: &str, details: serde_json::Value) -> LifecycleRecord {
+    LifecycleRecord::of(
+        PRODUCT,
+        LogName::Proxy,
+        hostname,
+        env!("CARGO_PKG_VERSION"),
+        lifecycle::OTHER,
+        message.to_owned(),
+        details,
+    )
 }

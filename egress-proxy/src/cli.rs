@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use tank_ebpf_common::chain;
 
 /// The clap definition of the whole `egress-proxy` command line, for man pages and completions.
 pub fn command() -> clap::Command {
@@ -67,13 +68,14 @@ pub enum Command {
 /// The `audit` subcommands.
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Verify an audit log's hash chain and anchor, across all its segments.
+    /// Verify a hash-chained audit log (the proxy's or tank-loader's kernel log), across all
+    /// its segments.
     ///
-    /// Detects edited, deleted, inserted, reordered and cut-off records, a partial last
-    /// line (a crash mid-write, reported and never accepted), and a missing, reordered,
-    /// truncated or replaced segment. Lists tunnels opened and never closed (the proxy died
-    /// while they were open). Exit 0 intact, 1 problems found, 2 usage or I/O error. Works on
-    /// the kernel audit log of tank-loader too.
+    /// Detects edited, deleted, inserted, reordered and cut-off records, a partial last line
+    /// (a crash mid-write, reported and never accepted), and a missing, reordered, truncated
+    /// or replaced segment. Lists tunnels opened and never closed (the proxy died while they
+    /// were open). Prints the same report as `tank-loader audit verify`.
+    #[command(after_help = chain::VERIFY_EXIT_CODES)]
     Verify {
         /// The log (its rotated segments beside it and its anchor `FILE.head` are read too), a
         /// directory holding one log's segments, or several segment files.

@@ -159,7 +159,6 @@ struct RawConfig {
     audit: Option<Spanned<chain::Settings>>,
 }
 
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
@@ -415,7 +414,9 @@ impl Validator<'_> {
 
     fn audit(&mut self, raw: &Option<Spanned<chain::Settings>>) -> chain::Options {
         let Some(raw) = raw else {
-            return chain::Settings::default().options().expect("defaults are valid");
+            return chain::Settings::default()
+                .options()
+                .expect("defaults are valid");
         };
         raw.get_ref().options().unwrap_or_else(|e| {
             self.err(raw.span(), format!("[audit]: {e}"));

@@ -129,7 +129,7 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
     // A partial last line (a crash mid-write) is reported, never accepted.
     let partial = tampered(&log, dir.path(), "partial", |_| {});
     let mut bytes = std::fs::read(&partial).unwrap();
-    bytes.extend_from_slice(b"{\"seq\":10,\"prev\":\"0a");
+    bytes.extend_from_slice(b"{\"metadata\":{\"sequence\":10},\"unmapped\":{\"prev\":\"0a");
     std::fs::write(&partial, bytes).unwrap();
     let (code, out, _) = verify(&partial, false);
     assert_eq!(code, 1, "{out}");
@@ -158,7 +158,10 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
     let (code, out, _) = verify(&partial, false);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("line 10: not a chained record"), "{out}");
-    assert_eq!(read_chain(&partial).last().unwrap()["seq"], 11);
+    assert_eq!(
+        read_chain(&partial).last().unwrap()["metadata"]["sequence"],
+        11
+    );
 
     // Unreadable: exit 2 with a one-line error.
     let (code, _, err) = verify(&dir.path().join("missing.jsonl"), false);

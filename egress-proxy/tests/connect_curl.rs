@@ -58,9 +58,9 @@ fn curl_reaches_an_allowed_tls_origin_through_a_tunnel() {
     assert_eq!(r["type_uid"], 400102);
     let opening = read_chain(&proxy.audit)
         .into_iter()
-        .find(|o| o["seq"] == r["closes"])
+        .find(|o| o["metadata"]["sequence"] == r["unmapped"]["closes"])
         .expect("the opening record the closing record names");
-    assert_eq!(opening["opens"], true);
+    assert_eq!(opening["unmapped"]["opens"], true);
     assert_eq!(opening["activity_id"], 1);
     assert_eq!(opening["start_time"], r["start_time"]);
     assert_eq!(opening["src_endpoint"], r["src_endpoint"]);
@@ -77,8 +77,8 @@ fn curl_reaches_an_allowed_tls_origin_through_a_tunnel() {
     assert!(r["device"]["hostname"].is_string());
     assert_eq!(r["src_endpoint"]["ip"], "127.0.0.1");
     assert!(r["src_endpoint"]["port"].as_u64().unwrap() > 0);
-    assert_eq!(r["proxy_endpoint"]["ip"], "127.0.0.1");
-    assert_eq!(r["proxy_endpoint"]["port"], proxy.addr.port());
+    assert_eq!(r["proxy"]["ip"], "127.0.0.1");
+    assert_eq!(r["proxy"]["port"], proxy.addr.port());
     assert_eq!(r["dst_endpoint"]["hostname"], "origin.test");
     assert_eq!(r["dst_endpoint"]["ip"], "127.0.0.1");
     assert_eq!(r["dst_endpoint"]["port"], origin.port);
@@ -100,11 +100,11 @@ fn curl_reaches_an_allowed_tls_origin_through_a_tunnel() {
         r["time"].as_u64().unwrap(),
     );
     assert!(start <= end && time == end && r["duration"].as_u64().unwrap() == end - start);
-    assert!(r.get("http_request").is_none());
+    assert!(r.get("url").is_none());
     // The IPv6 one: the client and proxy ends are IPv6, the canonical host is recorded.
     let v6 = record_where(&records, &[("/dst_endpoint/hostname", "api.origin.test")]);
     assert_eq!(v6["src_endpoint"]["ip"], "::1");
-    assert_eq!(v6["proxy_endpoint"]["port"], proxy.addr6.port());
+    assert_eq!(v6["proxy"]["port"], proxy.addr6.port());
     assert_eq!(
         v6["unmapped"]["rule"],
         format!("allowed_domains:*.origin.test:{}", origin.port)

@@ -67,7 +67,7 @@ fn a_proxy_killed_mid_tunnel_leaves_the_opening_record_and_verify_lists_it_open(
     let chain = read_chain(&proxy.audit);
     let opening = chain
         .iter()
-        .find(|r| r["opens"] == true)
+        .find(|r| r["unmapped"]["opens"] == true)
         .unwrap_or_else(|| panic!("no opening record when the 200 arrived: {chain:#?}"));
     assert_eq!(opening["unmapped"]["kind"], "connect");
     assert_eq!(opening["action"], "Allowed");
@@ -88,7 +88,7 @@ fn a_proxy_killed_mid_tunnel_leaves_the_opening_record_and_verify_lists_it_open(
 
     let chain = read_chain(&proxy.audit);
     assert_eq!(chain.len(), 1, "{chain:#?}");
-    assert!(chain.iter().all(|r| r.get("closes").is_none()));
+    assert!(chain.iter().all(|r| r["unmapped"].get("closes").is_none()));
     let (code, out) = verify(&[&proxy.audit]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("intact: 1 records"), "{out}");
@@ -288,9 +288,9 @@ fn a_full_disk_serves_nothing_unrecorded_keeps_the_chain_and_recovers() {
         Duration::from_secs(10),
         "the tunnel's closing record",
         || {
-            read_chain(&log)
-                .into_iter()
-                .find(|r| r["unmapped"]["kind"] == "connect" && r.get("closes").is_some())
+            read_chain(&log).into_iter().find(|r| {
+                r["unmapped"]["kind"] == "connect" && r["unmapped"].get("closes").is_some()
+            })
         },
     );
     assert_eq!(closed["traffic"]["bytes_out"], 2650);
@@ -306,7 +306,7 @@ fn a_full_disk_serves_nothing_unrecorded_keeps_the_chain_and_recovers() {
     assert_eq!(code, 0, "{out}");
     let served_records = read_records(&log)
         .iter()
-        .filter(|r| r["unmapped"]["kind"] == "http" && r.get("closes").is_some())
+        .filter(|r| r["unmapped"]["kind"] == "http" && r["unmapped"].get("closes").is_some())
         .count();
     assert_eq!(
         served_records, served_ok,
@@ -371,7 +371,7 @@ fn the_log_rotates_into_compressed_segments_that_verify_as_one_chain() {
             let closing = records
                 .iter()
                 .rev()
-                .find(|r| r.value.get("closes").is_some())?;
+                .find(|r| r.value["unmapped"].get("closes").is_some())?;
             (closing.seq > last).then_some(closing.seq)
         });
     }
@@ -426,7 +426,10 @@ fn sighup_after_logrotate_moved_the_log_continues_in_a_new_linked_file() {
     assert!(proxy.admin_get("/healthz").contains("200"));
     assert!(proxy.stop().success());
     let first = &read_chain(&proxy.audit)[0];
-    assert_eq!(first["segment"]["previous_last_seq"], 2, "{first}");
+    assert_eq!(
+        first["unmapped"]["segment"]["previous_last_seq"], 2,
+        "{first}"
+    );
     let (code, out) = verify(&[&moved, &proxy.audit]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("intact: 5 records in 2 segments"), "{out}");

@@ -69,14 +69,14 @@ fn curl_plain_http_is_allowed_and_refused_by_method_and_path() {
     let get = record_where(
         &records,
         &[
-            ("/http_request/url/url_string", &url("/pub/a.txt")),
-            ("/http_request/http_method", "GET"),
+            ("/url/url_string", &url("/pub/a.txt")),
+            ("/unmapped/http_method", "GET"),
         ],
     );
     assert_eq!(get["unmapped"]["kind"], "http");
     assert!(get["traffic"]["bytes_out"].as_u64().unwrap() > 0);
     assert!(get["traffic"]["bytes_in"].as_u64().unwrap() > 0);
-    let delete = record_where(&records, &[("/http_request/http_method", "DELETE")]);
+    let delete = record_where(&records, &[("/unmapped/http_method", "DELETE")]);
     assert_eq!(delete["action"], "Denied");
     assert_eq!(
         proxy.metric("egress_proxy_requests_total{decision=\"allowed\",kind=\"http\"}"),
@@ -138,10 +138,7 @@ fn the_origin_gets_a_clean_head_and_exactly_one_request() {
     let head = format!("POST /u HTTP/1.1\r\nHost: upload.test:{p}\r\nContent-Length: 11\r\nConnection: close\r\n\r\n");
     let post = record_where(
         &records,
-        &[(
-            "/http_request/url/url_string",
-            &format!("http://upload.test:{p}/u"),
-        )],
+        &[("/url/url_string", &format!("http://upload.test:{p}/u"))],
     );
     assert_eq!(
         post["traffic"]["bytes_out"].as_u64().unwrap() as usize,

@@ -77,18 +77,26 @@ pub mod hook {
     /// the attempt with the same cookie.
     pub const ESTABLISHED: u8 = 7;
 
-    /// Stable name of a hook code, for logs.
+    /// Every hook with its stable name (in audit records, pin names and `status`). A new hook
+    /// needs a line here, and nowhere else.
+    pub const NAMES: &[(u8, &str)] = &[
+        (CONNECT4, "connect4"),
+        (CONNECT6, "connect6"),
+        (SENDMSG4, "sendmsg4"),
+        (SENDMSG6, "sendmsg6"),
+        (SOCK_CREATE, "sock_create"),
+        (LSM_SOCKET_CREATE, "lsm_socket_create"),
+        (ESTABLISHED, "established"),
+    ];
+
+    /// Stable name of a hook code, `unknown` for a code this build does not know.
     pub fn name(code: u8) -> &'static str {
-        match code {
-            CONNECT4 => "connect4",
-            CONNECT6 => "connect6",
-            SENDMSG4 => "sendmsg4",
-            SENDMSG6 => "sendmsg6",
-            SOCK_CREATE => "sock_create",
-            LSM_SOCKET_CREATE => "lsm_socket_create",
-            ESTABLISHED => "established",
-            _ => "unknown",
-        }
+        super::name_in(NAMES, code)
+    }
+
+    /// The code of a stable name.
+    pub fn code(name: &str) -> Option<u8> {
+        super::code_in(NAMES, name)
     }
 }
 
@@ -98,15 +106,6 @@ pub mod verdict {
     pub const ALLOW: u8 = 1;
     /// The attempt failed with EPERM.
     pub const DENY: u8 = 2;
-
-    /// Stable name of a verdict code, for logs.
-    pub fn name(code: u8) -> &'static str {
-        match code {
-            ALLOW => "allow",
-            DENY => "deny",
-            _ => "unknown",
-        }
-    }
 }
 
 /// Why the kernel decided as it did. Stable: never renumber, keep retired codes reserved.
@@ -133,21 +132,39 @@ pub mod reason {
     /// changed between the connect that was allowed and the end of the handshake.
     pub const NO_LONGER_LISTED: u8 = 9;
 
-    /// Stable name of a reason code, for logs.
+    /// Every reason with its stable name (in audit records). A new reason needs a line here.
+    pub const NAMES: &[(u8, &str)] = &[
+        (PROXY, "proxy"),
+        (LISTED_ENDPOINT, "listed_endpoint"),
+        (NOT_LISTED, "not_listed"),
+        (AUDIT_NOT_LISTED, "audit_not_listed"),
+        (RAW_SOCKET, "raw_socket"),
+        (PING_SOCKET, "ping_socket"),
+        (PROTOCOL_NOT_ALLOWED, "protocol_not_allowed"),
+        (FAMILY_NOT_ALLOWED, "family_not_allowed"),
+        (NO_LONGER_LISTED, "no_longer_listed"),
+    ];
+
+    /// Stable name of a reason code, `unknown` for a code this build does not know.
     pub fn name(code: u8) -> &'static str {
-        match code {
-            PROXY => "proxy",
-            LISTED_ENDPOINT => "listed_endpoint",
-            NOT_LISTED => "not_listed",
-            AUDIT_NOT_LISTED => "audit_not_listed",
-            RAW_SOCKET => "raw_socket",
-            PING_SOCKET => "ping_socket",
-            PROTOCOL_NOT_ALLOWED => "protocol_not_allowed",
-            FAMILY_NOT_ALLOWED => "family_not_allowed",
-            NO_LONGER_LISTED => "no_longer_listed",
-            _ => "unknown",
-        }
+        super::name_in(NAMES, code)
     }
+
+    /// The code of a stable name.
+    pub fn code(name: &str) -> Option<u8> {
+        super::code_in(NAMES, name)
+    }
+}
+
+fn name_in(names: &[(u8, &'static str)], code: u8) -> &'static str {
+    names
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or("unknown", |(_, n)| n)
+}
+
+fn code_in(names: &[(u8, &str)], name: &str) -> Option<u8> {
+    names.iter().find(|(_, n)| *n == name).map(|(c, _)| *c)
 }
 
 #[cfg(feature = "user")]

@@ -8,9 +8,9 @@
 //! Codes (hooks, verdicts, reasons, modes) are named constants. They are stable: a code is
 //! never renumbered, and a retired one stays reserved, because audit logs outlive releases.
 //!
-//! With the `chain` feature (std) this crate also holds the tamper-evident audit-log chain that
-//! the kernel audit log and the egress proxy's log both use: the workspace layout is fixed, and
-//! this is the one crate both userspace sides already share.
+//! With the `chain` feature (std) this crate also holds what the kernel audit log and the egress
+//! proxy's log share: the tamper-evident chain ([`chain`]) and the OCSF record ([`ocsf`]). The
+//! workspace layout is fixed, and this is the one crate both userspace sides already share.
 #![cfg_attr(not(any(feature = "chain", test)), no_std)]
 
 pub mod allow;
@@ -20,3 +20,5 @@ pub mod settings;
 
 #[cfg(feature = "chain")]
 pub mod chain;
+#[cfg(feature = "chain")]
+pub mod ocsf;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use tank_ebpf_common::chain;
 
 use crate::{config, crosscheck};
 
@@ -19,10 +20,10 @@ pub fn command() -> clap::Command {
 /// attempt, allowed or denied, is written to a hash-chained audit log. Enforcement is pinned in
 /// bpffs: it stays in force when the loader exits or crashes, until `tank-loader detach`.
 ///
-/// Exit codes: 0 success; 1 failure, an invalid config, a log that does not verify, (status)
-/// enforcement not fully in place, or (audit cross-check) discrepancies between the logs; 2 usage
-/// error or (audit cross-check) an unreadable input; 3 (audit cross-check) a log that does not
-/// verify.
+/// Exit codes: 0 success; 1 failure, an invalid config, (audit verify) a log that does not
+/// verify, (status) enforcement not fully in place, (trace --no-follow) unreadable records, or
+/// (audit cross-check) discrepancies between the logs; 2 usage error or (audit verify, audit
+/// cross-check) an input that cannot be read; 3 (audit cross-check) a log that does not verify.
 #[derive(Parser)]
 #[command(name = "tank-loader", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
@@ -60,7 +61,9 @@ pub enum Command {
     /// Live view of connection attempts, as they reach the audit log.
     ///
     /// Follows the audit log (never the ring buffer, which has one reader: the loader), so it
-    /// shows exactly what was recorded. Ctrl-C stops it.
+    /// shows exactly what was recorded: every attempt, established connection and lifecycle
+    /// record. A line that is not a record of the kernel log is reported on stderr, never
+    /// skipped. Ctrl-C stops it.
     Trace {
         /// Configuration file (for the audit log path).
         #[arg(long, short, default_value = config::DEFAULT_PATH)]
@@ -80,7 +83,8 @@ pub enum Command {
         /// Start from the beginning of the log instead of its end.
         #[arg(long)]
         history: bool,
-        /// Exit at the end of the log instead of waiting for new records.
+        /// Exit at the end of the log instead of waiting for new records; exit 1 if a line
+        /// could not be read.
         #[arg(long)]
         no_follow: bool,
     },
@@ -102,9 +106,14 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Verify a hash-chained audit log (kernel or proxy): edits, deletions, reordering,
-    /// truncation, partial records and missing, reordered, truncated or replaced segments are
-    /// reported; exit 1 if any is found. Spans opened and never closed are listed.
+    /// Verify a hash-chained audit log (the kernel log or egress-proxy's), across all its
+    /// segments.
+    ///
+    /// Detects edited, deleted, inserted, reordered and cut-off records, a partial last line
+    /// (a crash mid-write, reported and never accepted), and a missing, reordered, truncated
+    /// or replaced segment; lists spans opened and never closed (proxy tunnels whose proxy
+    /// died). Prints the same report as `egress-proxy audit verify`.
+    #[command(after_help = chain::VERIFY_EXIT_CODES)]
     Verify {
         /// The log file (its rotated segments beside it are read too), a directory holding one
         /// log's segments, or several segment files.

@@ -16,10 +16,12 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tank_ebpf_common::chain::{self, Problem, Record, Report};
-
-use crate::record::NETWORK_ACTIVITY;
+use tank_ebpf_common::event::{hook, reason};
+use tank_ebpf_common::ocsf::kernel::NetworkRecord;
+use tank_ebpf_common::ocsf::proxy::ConnectionRecord;
+use tank_ebpf_common::ocsf::{self, protocol, Action, Kind, LogName};
 
 /// Default greatest distance in time between a kernel record and its proxy record, ms.
 pub const DEFAULT_WINDOW_MS: u64 = 5000;
@@ -151,7 +153,8 @@ pub struct LogCheck {
     pub segments: usize,
     /// Spans opened and never closed (proxy tunnels: the proxy died, or they were still open).
     pub unclosed: u64,
-    /// Network records lacking a field the check needs, or from the other kind of log.
+    /// Records that are not one of this log's kinds, lack a field the check needs, or belong
+    /// to the other log.
     pub unreadable: Vec<Unreadable>,
 }
 
@@ -180,7 +183,7 @@ pub struct ProxyConnection {
     /// `hostname:port` requested, `-` when no request was parsed.
     pub destination: String,
     /// `Allowed` or `Denied`.
-    pub action: String,
+    pub action: Action,
     /// The rule that decided.
     pub rule: String,
 }
@@ -225,103 +228,26 @@ pub struct DeniedGroup {
     pub last_time: i64,
 }
 
-// Only the fields the check needs, so logs of other versions still read.
-#[derive(Deserialize)]
-struct Endpoint {
-    ip: IpAddr,
-    port: u16,
-}
-
-impl Endpoint {
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::new(self.ip.to_canonical(), self.port)
-    }
-}
-
-#[derive(Deserialize)]
-struct KernelRecord {
-    time: i64,
-    action: String,
-    actor: Actor,
-    src_endpoint: Option<Endpoint>,
-    dst_endpoint: Endpoint,
-    connection_info: ConnectionInfo,
-    unmapped: KernelUnmapped,
-}
-
-#[derive(Deserialize)]
-struct Actor {
-    process: Process,
-}
-
-#[derive(Deserialize)]
-struct Process {
-    pid: u32,
-    name: String,
-}
-
-#[derive(Deserialize)]
-struct ConnectionInfo {
-    protocol_name: String,
-}
-
-#[derive(Deserialize)]
-struct KernelUnmapped {
-    hook: String,
-    reason: String,
-    cookie: u64,
-}
-
-#[derive(Deserialize)]
-struct ProxyRecord {
-    start_time: i64,
-    action: String,
-    src_endpoint: Endpoint,
-    proxy_endpoint: Endpoint,
-    dst_endpoint: ProxyDst,
-    unmapped: ProxyUnmapped,
-}
-
-#[derive(Deserialize)]
-struct ProxyDst {
-    hostname: Option<String>,
-    port: Option<u16>,
-}
-
-#[derive(Deserialize)]
-struct ProxyUnmapped {
-    rule: String,
-}
-
-/// The chain check of `log` and its network records that parse as `T`. The others are listed
-/// as unreadable, not skipped: a check that skipped what it cannot read would pass a log it does
-/// not understand.
-fn parse<'a, T: serde::de::DeserializeOwned>(
-    log: &'a Log,
-    log_name: &str,
-) -> (LogCheck, Vec<(&'a Record, T)>) {
+/// The chain check of `log` and the records `pick` takes from it. A record `pick` refuses (or
+/// that is no record tank writes) is listed as unreadable, not skipped: a check that skipped
+/// what it cannot read would pass a log it does not understand.
+fn read<T>(
+    log: &Log,
+    pick: impl Fn(Kind) -> Result<Option<T>, String>,
+) -> (LogCheck, Vec<(&Record, T)>) {
     let mut unreadable = Vec::new();
     let mut parsed = Vec::new();
     for r in &log.records {
-        if r.value.get("class_uid").and_then(|c| c.as_u64()) != Some(NETWORK_ACTIVITY.into()) {
-            continue;
-        }
         // A tunnel is matched on its opening record; its closing record repeats the 4-tuple.
-        if r.value.get("closes").is_some() {
+        if r.value.pointer("/unmapped/closes").is_some() {
             continue;
         }
-        let found = r
-            .value
-            .pointer("/metadata/log_name")
-            .and_then(|n| n.as_str());
-        let t = if found == Some(log_name) {
-            T::deserialize(&r.value).map_err(|e| e.to_string())
-        } else {
-            let found = found.unwrap_or("missing");
-            Err(format!("metadata.log_name is `{found}`, not `{log_name}`"))
-        };
-        match t {
-            Ok(t) => parsed.push((r, t)),
+        match ocsf::parse(&r.value)
+            .map_err(|e| e.to_string())
+            .and_then(&pick)
+        {
+            Ok(Some(t)) => parsed.push((r, t)),
+            Ok(None) => {}
             Err(why) => unreadable.push(Unreadable {
                 line: r.line,
                 seq: r.seq,
@@ -341,14 +267,37 @@ fn parse<'a, T: serde::de::DeserializeOwned>(
     (check, parsed)
 }
 
-fn kernel_connection(r: &Record, k: &KernelRecord) -> KernelConnection {
+/// The kernel log's network records; lifecycle records take no part.
+fn kernel_record(kind: Kind) -> Result<Option<NetworkRecord>, String> {
+    match kind {
+        Kind::Kernel(k) if k.dst_endpoint.addr().is_some() => Ok(Some(k)),
+        Kind::Kernel(_) => Err("dst_endpoint has no ip and port".to_owned()),
+        Kind::Lifecycle(l) if l.metadata.log_name == LogName::Kernel => Ok(None),
+        Kind::Lifecycle(_) | Kind::Proxy(_) => Err("a proxy record in the kernel log".to_owned()),
+    }
+}
+
+/// The proxy log's connection records.
+fn proxy_record(kind: Kind) -> Result<Option<ConnectionRecord>, String> {
+    match kind {
+        Kind::Proxy(p) if p.src_endpoint.addr().is_some() && p.proxy.addr().is_some() => {
+            Ok(Some(p))
+        }
+        Kind::Proxy(_) => Err("src_endpoint or proxy has no ip and port".to_owned()),
+        // The proxy's own records about its log (an outage, a new segment).
+        Kind::Lifecycle(l) if l.metadata.log_name == LogName::Proxy => Ok(None),
+        Kind::Kernel(_) | Kind::Lifecycle(_) => Err("a kernel record in the proxy log".to_owned()),
+    }
+}
+
+fn kernel_connection(r: &Record, k: &NetworkRecord) -> KernelConnection {
     KernelConnection {
         line: r.line,
         seq: r.seq,
         time: k.time,
         cookie: k.unmapped.cookie,
-        src: k.src_endpoint.as_ref().map(Endpoint::addr),
-        dst: k.dst_endpoint.addr(),
+        src: k.src_endpoint.addr(),
+        dst: k.dst_endpoint.addr().expect("checked by kernel_record"),
         pid: k.actor.process.pid,
         process: k.actor.process.name.clone(),
     }
@@ -356,32 +305,32 @@ fn kernel_connection(r: &Record, k: &KernelRecord) -> KernelConnection {
 
 /// Matches the proxy log against the kernel log.
 pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
-    let (kernel_log, krecs) = parse::<KernelRecord>(kernel, "kernel");
-    let (proxy_log, precs) = parse::<ProxyRecord>(proxy, "proxy");
+    let (kernel_log, krecs) = read(kernel, kernel_record);
+    let (proxy_log, precs) = read(proxy, proxy_record);
 
     let (mut attempted, mut to_proxy, mut connected) =
         (HashSet::new(), HashSet::new(), HashSet::new());
     let (mut established, mut conns, mut direct_listed_connections) = (vec![], vec![], 0);
     let mut denied = BTreeMap::new();
     for (r, k) in &krecs {
-        let (cookie, reason) = (k.unmapped.cookie, k.unmapped.reason.as_str());
-        let tcp = k.connection_info.protocol_name == "tcp";
-        match (k.unmapped.hook.as_str(), k.action.as_str()) {
-            ("established", _) => {
+        let (cookie, why) = (k.unmapped.cookie, k.unmapped.reason.0);
+        let tcp = k.connection_info.protocol_num == protocol::TCP;
+        match (k.unmapped.hook.0, k.action) {
+            (hook::ESTABLISHED, _) => {
                 connected.insert(cookie);
                 established.push(kernel_connection(r, k));
-                direct_listed_connections += u64::from(reason == "listed_endpoint");
-                if reason == "proxy" && tcp {
+                direct_listed_connections += u64::from(why == reason::LISTED_ENDPOINT);
+                if why == reason::PROXY && tcp {
                     conns.push(kernel_connection(r, k));
                 }
             }
-            ("connect4" | "connect6", "Allowed") if tcp => {
+            (hook::CONNECT4 | hook::CONNECT6, Action::Allowed) if tcp => {
                 attempted.insert(cookie);
-                if reason == "proxy" {
+                if why == reason::PROXY {
                     to_proxy.insert(cookie);
                 }
             }
-            (_, "Denied") => count_denied(&mut denied, k),
+            (_, Action::Denied) => count_denied(&mut denied, k),
             _ => {}
         }
     }
@@ -402,13 +351,13 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
             line: r.line,
             seq: r.seq,
             start_time: p.start_time,
-            client: p.src_endpoint.addr(),
+            client: p.src_endpoint.addr().expect("checked by proxy_record"),
             destination: match (&p.dst_endpoint.hostname, p.dst_endpoint.port) {
                 (Some(host), Some(port)) => format!("{host}:{port}"),
                 (Some(host), None) => host.clone(),
                 _ => "-".to_owned(),
             },
-            action: p.action.clone(),
+            action: p.action,
             rule: p.unmapped.rule.clone(),
         })
         .collect();
@@ -451,7 +400,7 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
 /// Pairs proxy records with kernel connections one to one; returns which of each were used.
 fn pair(
     conns: &[KernelConnection],
-    precs: &[(&Record, ProxyRecord)],
+    precs: &[(&Record, ConnectionRecord)],
     opts: &Options,
 ) -> (Vec<bool>, Vec<bool>) {
     // The kernel side translated into what the proxy saw.
@@ -471,7 +420,11 @@ fn pair(
     }
     let mut pairs = Vec::new();
     for (p, (_, rec)) in precs.iter().enumerate() {
-        let tuple = (rec.src_endpoint.addr(), rec.proxy_endpoint.addr());
+        let checked = "checked by proxy_record";
+        let tuple = (
+            rec.src_endpoint.addr().expect(checked),
+            rec.proxy.addr().expect(checked),
+        );
         for &k in by_tuple.get(&tuple).into_iter().flatten() {
             let dt = conns[k].time.abs_diff(rec.start_time);
             if dt <= opts.window_ms {
@@ -493,22 +446,23 @@ fn pair(
 
 type DeniedKey = (Option<SocketAddr>, String, String, String);
 
-fn count_denied(groups: &mut BTreeMap<DeniedKey, DeniedGroup>, k: &KernelRecord) {
-    let dst = k.dst_endpoint.addr();
+fn count_denied(groups: &mut BTreeMap<DeniedKey, DeniedGroup>, k: &NetworkRecord) {
+    let dst = k.dst_endpoint.addr().expect("checked by kernel_record");
     // Socket creation has no destination: the kernel records 0.0.0.0 or :: port 0.
     let destination = (!(dst.ip().is_unspecified() && dst.port() == 0)).then_some(dst);
     let (protocol, process) = (&k.connection_info.protocol_name, &k.actor.process.name);
+    let why = k.unmapped.reason.as_str();
     let key = (
         destination,
         protocol.clone(),
         process.clone(),
-        k.unmapped.reason.clone(),
+        why.to_owned(),
     );
     let g = groups.entry(key).or_insert_with(|| DeniedGroup {
         destination,
         protocol: protocol.clone(),
         process: process.clone(),
-        reason: k.unmapped.reason.clone(),
+        reason: why.to_owned(),
         count: 0,
         first_time: k.time,
         last_time: k.time,
@@ -587,7 +541,10 @@ pub fn render(c: &CrossCheck) -> String {
         let (at, line) = (when(p.start_time), format!("line {} seq {}", p.line, p.seq));
         let what = format!(
             "{} -> {}  {}  {}",
-            p.client, p.destination, p.action, p.rule
+            p.client,
+            p.destination,
+            p.action.as_str(),
+            p.rule
         );
         out += &format!("  {line}  {at}  {what}\n");
     }
@@ -653,9 +610,14 @@ pub fn render(c: &CrossCheck) -> String {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
-    use tank_ebpf_common::chain::{ChainWriter, Head};
+    use tank_ebpf_common::allow::ipv4_mapped;
+    use tank_ebpf_common::chain::{ChainWriter, Hash, Head, Link};
+    use tank_ebpf_common::event::{verdict, Event};
+    use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
+    use tank_ebpf_common::ocsf::proxy::{Connection, Phase, ProxyDetails, RequestKind, Traffic};
+    use tank_ebpf_common::ocsf::{lifecycle, Endpoint};
 
-    const AGENT: &str = "10.0.0.5";
+    const AGENT: [u8; 4] = [10, 0, 0, 5];
     const T0: i64 = 1_800_000_000_000;
 
     /// A read log of `values` with an intact chain.
@@ -671,7 +633,7 @@ mod tests {
         let seq = records.len() as u64;
         let head = Head {
             seq,
-            hash: chain::GENESIS.to_owned(),
+            hash: Hash::GENESIS,
         };
         let report = Report {
             records: seq,
@@ -702,21 +664,59 @@ mod tests {
         v
     }
 
+    /// The kernel log's record of `e` at `dt` ms after T0, as the drain writes it (without the
+    /// chain's fields, which a test log adds).
+    fn kernel(e: &Event, dt: i64) -> Value {
+        let mut line = Vec::new();
+        let link = Link {
+            seq: 1,
+            prev: &Hash::GENESIS,
+        };
+        Formatter::new("agent", "0").write(&mut line, link, e, (T0 + dt) * 1_000_000);
+        let mut v: Value = serde_json::from_slice(&line).unwrap();
+        v["metadata"].as_object_mut().unwrap().remove("sequence");
+        v["unmapped"].as_object_mut().unwrap().remove("prev");
+        v
+    }
+
+    /// `curl`'s allowed TCP connect (at `hook`) to the proxy.
+    fn event(hook: u8, cookie: u64) -> Event {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        Event {
+            ktime_ns: 1,
+            cookie,
+            cgroup_id: 9,
+            pid: 42,
+            tgid: 42,
+            uid: 1000,
+            gid: 1000,
+            comm,
+            dst_addr: ipv4_mapped([10, 0, 0, 1]),
+            src_addr: [0; 16],
+            dst_port: 3128,
+            src_port: 0,
+            family: 2,
+            sock_type: 1,
+            protocol: protocol::TCP,
+            hook,
+            verdict: verdict::ALLOW,
+            reason: reason::PROXY,
+            mode: 0,
+            _pad: [0; 2],
+        }
+    }
+
     /// `curl`'s allowed TCP connect to the proxy, `dt` ms after T0.
     fn attempt(cookie: u64, dt: i64) -> Value {
-        json!({
-            "class_uid": 4001, "time": T0 + dt, "action": "Allowed", "metadata": {"log_name": "kernel"},
-            "actor": {"process": {"pid": 42, "name": "curl", "user": {"uid": "1000"}}},
-            "dst_endpoint": {"ip": "10.0.0.1", "port": 3128},
-            "connection_info": {"protocol_name": "tcp", "protocol_num": 6},
-            "unmapped": {"hook": "connect4", "reason": "proxy", "cookie": cookie, "mode": "enforce"},
-        })
+        kernel(&event(hook::CONNECT4, cookie), dt)
     }
 
     /// Its `established` record, from AGENT:`port`.
     fn established(cookie: u64, dt: i64, port: u16) -> Value {
-        let patch = json!({"unmapped": {"hook": "established"}, "src_endpoint": {"ip": AGENT, "port": port}});
-        with(attempt(cookie, dt), patch)
+        let mut e = event(hook::ESTABLISHED, cookie);
+        (e.src_addr, e.src_port) = (ipv4_mapped(AGENT), port);
+        kernel(&e, dt)
     }
 
     /// Both kernel records of one connection to the proxy from AGENT:`port`.
@@ -724,22 +724,52 @@ mod tests {
         vec![attempt(cookie, dt), established(cookie, dt + 1, port)]
     }
 
-    fn denied(dt: i64, comm: &str, hook: &str, dst: (&str, u16), proto: &str) -> Value {
-        let patch = json!({"action": "Denied", "actor": {"process": {"name": comm}},
-            "dst_endpoint": {"ip": dst.0, "port": dst.1}, "connection_info": {"protocol_name": proto},
-            "unmapped": {"hook": hook, "reason": if dst.1 == 0 { "raw_socket" } else { "not_listed" }}});
-        with(attempt(0, dt), patch)
+    fn denied(dt: i64, comm: &str, hook: u8, dst: (&str, u16), proto: u16) -> Value {
+        let mut e = event(hook, 0);
+        e.comm = [0; 16];
+        e.comm[..comm.len()].copy_from_slice(comm.as_bytes());
+        e.dst_addr = match dst.0.parse::<IpAddr>().unwrap() {
+            IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        (e.dst_port, e.protocol, e.verdict) = (dst.1, proto, verdict::DENY);
+        e.reason = if dst.1 == 0 {
+            reason::RAW_SOCKET
+        } else {
+            reason::NOT_LISTED
+        };
+        kernel(&e, dt)
     }
 
     /// The proxy's record of a connection from AGENT:`port` accepted `dt` ms after T0.
     fn proxied(dt: i64, port: u16) -> Value {
-        json!({
-            "class_uid": 4001, "time": T0 + dt + 50, "start_time": T0 + dt, "end_time": T0 + dt + 50,
-            "action": "Allowed", "metadata": {"log_name": "proxy"},
-            "src_endpoint": {"ip": AGENT, "port": port}, "proxy_endpoint": {"ip": "10.0.0.1", "port": 3128},
-            "dst_endpoint": {"hostname": "example.com", "ip": null, "port": 443},
-            "unmapped": {"kind": "connect", "rule": "allowed_domains:web", "error": null},
-        })
+        proxied_as(dt, port, Phase::Whole)
+    }
+
+    fn proxied_as(dt: i64, port: u16, phase: Phase) -> Value {
+        let c = Connection {
+            allowed: true,
+            start_ms: T0 + dt,
+            duration_ms: 50,
+            phase,
+            client: SocketAddr::from((AGENT, port)),
+            local: "10.0.0.1:3128".parse().unwrap(),
+            target: Endpoint {
+                hostname: Some("example.com".into()),
+                ip: None,
+                port: Some(443),
+            },
+            traffic: Traffic::default(),
+            url: None,
+            details: ProxyDetails {
+                kind: RequestKind::Connect,
+                rule: "allowed_domains:web".into(),
+                http_method: None,
+                error: None,
+                url_bytes: None,
+            },
+        };
+        serde_json::to_value(ConnectionRecord::new(c, "proxy", "0")).unwrap()
     }
 
     fn opts() -> Options {
@@ -755,7 +785,8 @@ mod tests {
 
     #[test]
     fn every_connection_in_both_logs_is_consistent() {
-        let lifecycle = json!({"class_uid": 6002, "metadata": {"log_name": "kernel"}});
+        let start = LifecycleRecord::new("agent", "0", lifecycle::START, "up".into(), json!({}));
+        let lifecycle = serde_json::to_value(start).unwrap();
         let kernel = [
             vec![lifecycle],
             connection(1, 0, 40001),
@@ -776,8 +807,10 @@ mod tests {
 
     #[test]
     fn a_tunnel_is_matched_on_its_opening_record_not_twice() {
-        let opening = with(proxied(0, 40001), json!({"opens": true, "end_time": null}));
-        let closing = with(proxied(0, 40001), json!({"closes": 1, "activity_id": 2}));
+        let opening = proxied_as(0, 40001, Phase::Opening);
+        let opening = with(opening, json!({"unmapped": {"opens": true}}));
+        let closing = proxied_as(0, 40001, Phase::Closing);
+        let closing = with(closing, json!({"unmapped": {"closes": 1}}));
         let c = check_logs(connection(1, 0, 40001), vec![opening.clone(), closing]);
         assert_eq!((c.matched, c.proxy_records), (1, 1));
         assert_eq!(c.verdict, Verdict::Consistent);
@@ -848,7 +881,7 @@ mod tests {
 
     #[test]
     fn nat_maps_kernel_addresses_to_what_the_proxy_saw() {
-        let patch = json!({"src_endpoint": {"ip": "203.0.113.5"}, "proxy_endpoint": {"ip": "198.51.100.1"}});
+        let patch = json!({"src_endpoint": {"ip": "203.0.113.5"}, "proxy": {"ip": "198.51.100.1"}});
         let kernel = log(connection(1, 0, 40001));
         let proxy = log(vec![with(proxied(0, 40001), patch)]);
         assert_eq!(check(&kernel, &proxy, &opts()).matched, 0);
@@ -886,12 +919,12 @@ mod tests {
     fn denied_attempts_group_by_destination_and_process() {
         let dns = ("8.8.8.8", 53);
         let kernel = vec![
-            denied(5, "node", "sendmsg4", dns, "udp"),
-            denied(0, "ping", "sock_create", ("0.0.0.0", 0), "255"),
-            denied(0, "node", "sendmsg4", dns, "udp"),
-            denied(1, "curl", "connect4", ("1.1.1.1", 443), "tcp"),
-            denied(9, "python3", "sendmsg4", dns, "udp"),
-            denied(3, "ping", "lsm_socket_create", ("::", 0), "255"),
+            denied(5, "node", hook::SENDMSG4, dns, protocol::UDP),
+            denied(0, "ping", hook::SOCK_CREATE, ("0.0.0.0", 0), 255),
+            denied(0, "node", hook::SENDMSG4, dns, protocol::UDP),
+            denied(1, "curl", hook::CONNECT4, ("1.1.1.1", 443), protocol::TCP),
+            denied(9, "python3", hook::SENDMSG4, dns, protocol::UDP),
+            denied(3, "ping", hook::LSM_SOCKET_CREATE, ("::", 0), 255),
         ];
         let c = check_logs(kernel, vec![]);
         assert_eq!(c.verdict, Verdict::Consistent, "denials are no discrepancy");

@@ -15,9 +15,8 @@ use anyhow::Context;
 use aya::maps::{MapData, RingBuf};
 use tank_ebpf_common::chain::ChainWriter;
 use tank_ebpf_common::event::{hook, verdict, Event};
+use tank_ebpf_common::ocsf::kernel::Formatter;
 use tokio::io::unix::AsyncFd;
-
-use crate::record::{Clock, Origin};
 
 /// How often the log is made durable and its anchor moved even when the ring buffer is quiet
 /// and how often the ring buffer is polled in case a wakeup was missed.
@@ -27,7 +26,7 @@ const TICK: Duration = Duration::from_millis(250);
 pub async fn run(
     ring: RingBuf<MapData>,
     log: &mut ChainWriter,
-    origin: &Origin,
+    records: &Formatter,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<u64> {
     // SAFETY: the AsyncFd owns the ring buffer, so its descriptor outlives the registration.
@@ -41,14 +40,14 @@ pub async fn run(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer wait failed")?;
-                written += drain(guard.get_inner_mut(), &mut attempts, log, origin)?;
+                written += drain(guard.get_inner_mut(), &mut attempts, log, records)?;
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                written += drain(ring.get_mut(), &mut attempts, log, origin)?;
+                written += drain(ring.get_mut(), &mut attempts, log, records)?;
             }
             () = &mut shutdown => {
-                written += drain(ring.get_mut(), &mut attempts, log, origin)?;
+                written += drain(ring.get_mut(), &mut attempts, log, records)?;
                 log.sync()?;
                 return Ok(written);
             }
@@ -61,7 +60,7 @@ fn drain(
     ring: &mut RingBuf<MapData>,
     attempts: &mut Attempts,
     log: &mut ChainWriter,
-    origin: &Origin,
+    records: &Formatter,
 ) -> anyhow::Result<u64> {
     let clock = Clock::now();
     let mut n = 0;
@@ -71,7 +70,8 @@ fn drain(
             continue;
         };
         attempts.join(&mut event);
-        log.append(&origin.network_record(&event, &clock))?;
+        let unix_ns = clock.unix_ns(event.ktime_ns);
+        log.append_with(|link, line| records.write(line, link, &event, unix_ns))?;
         n += 1;
     }
     if n > 0 {
@@ -79,6 +79,31 @@ fn drain(
         tracing::debug!(events = n, seq = head.seq, hash = %head.hash, "audit log synced");
     }
     Ok(n)
+}
+
+/// Converts kernel monotonic nanoseconds into wall-clock time.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    offset_ns: i64,
+}
+
+impl Clock {
+    /// Samples the offset between CLOCK_REALTIME and CLOCK_MONOTONIC now.
+    fn now() -> Self {
+        use nix::time::{clock_gettime, ClockId};
+        let ns = |id| {
+            let t = clock_gettime(id).expect("CLOCK_REALTIME and CLOCK_MONOTONIC exist");
+            t.tv_sec() * 1_000_000_000 + t.tv_nsec()
+        };
+        Self {
+            offset_ns: ns(ClockId::CLOCK_REALTIME) - ns(ClockId::CLOCK_MONOTONIC),
+        }
+    }
+
+    /// ns since the Unix epoch of a `bpf_ktime_get_ns()` value.
+    fn unix_ns(&self, ktime_ns: u64) -> i64 {
+        (ktime_ns as i64).saturating_add(self.offset_ns)
+    }
 }
 
 /// The process of recent allowed TCP connect attempts, by socket cookie, until their

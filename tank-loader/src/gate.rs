@@ -17,6 +17,7 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, ProgramInfo, SockOps};
 use aya::{Btf, Ebpf, EbpfLoader};
+use tank_ebpf_common::event::hook;
 use tank_ebpf_common::{allow, counters, event, settings};
 
 use crate::cgroup::AgentCgroup;
@@ -29,8 +30,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ta
 /// One hook tank attaches a program to.
 #[derive(Clone, Copy, Debug)]
 pub struct Hook {
-    /// Name used for the link pin, in logs and in `status`.
-    pub name: &'static str,
+    /// Its code in events (one of [`hook`]); its name (for the link pin, in logs and in
+    /// `status`) comes from there.
+    pub code: u8,
     /// Program name in the object.
     program: &'static str,
     /// Where the program goes.
@@ -54,6 +56,11 @@ pub enum HookKind {
 }
 
 impl Hook {
+    /// The stable name: the one the audit records use.
+    pub fn name(&self) -> &'static str {
+        hook::name(self.code)
+    }
+
     /// The `bpf_attach_type` on the agent cgroup, for cgroup hooks.
     pub fn cgroup_attach_type(&self) -> Option<u32> {
         match self.kind {
@@ -68,32 +75,32 @@ impl Hook {
 /// cgroup enforced.
 pub const HOOKS: [Hook; 6] = [
     Hook {
-        name: "connect4",
+        code: hook::CONNECT4,
         program: "tank_connect4",
         kind: HookKind::SockAddr(10),
     },
     Hook {
-        name: "connect6",
+        code: hook::CONNECT6,
         program: "tank_connect6",
         kind: HookKind::SockAddr(11),
     },
     Hook {
-        name: "sendmsg4",
+        code: hook::SENDMSG4,
         program: "tank_sendmsg4",
         kind: HookKind::SockAddr(14),
     },
     Hook {
-        name: "sendmsg6",
+        code: hook::SENDMSG6,
         program: "tank_sendmsg6",
         kind: HookKind::SockAddr(15),
     },
     Hook {
-        name: "sock_create",
+        code: hook::SOCK_CREATE,
         program: "tank_sock_create",
         kind: HookKind::Sock(2),
     },
     Hook {
-        name: "established",
+        code: hook::ESTABLISHED,
         program: "tank_sock_ops",
         kind: HookKind::SockOps,
     },
@@ -101,7 +108,7 @@ pub const HOOKS: [Hook; 6] = [
 
 /// The BPF LSM hook, used as `lsm` in the config says.
 pub const LSM_HOOK: Hook = Hook {
-    name: "lsm_socket_create",
+    code: hook::LSM_SOCKET_CREATE,
     program: "tank_socket_create",
     kind: HookKind::Lsm("socket_create"),
 };
@@ -142,7 +149,7 @@ pub enum LsmState {
 
 /// Path of the pin of `hook`'s link under `pin_dir`.
 pub fn link_pin(pin_dir: &Path, hook: &Hook) -> PathBuf {
-    pin_dir.join("links").join(hook.name)
+    pin_dir.join("links").join(hook.name())
 }
 
 /// Loads the gate, writes the policy into its maps and makes sure each hook is attached exactly
@@ -220,9 +227,9 @@ fn place(
     }
 
     let link = attach(ebpf, &hook, cgroup_fd)
-        .with_context(|| format!("cannot attach {} ({})", hook.program, hook.name))?;
+        .with_context(|| format!("cannot attach {} ({})", hook.program, hook.name()))?;
     // bpffs refuses names with a dot.
-    let staged = pin.with_file_name(format!("{}_staged", hook.name));
+    let staged = pin.with_file_name(format!("{}_staged", hook.name()));
     let _ = std::fs::remove_file(&staged);
     let link = link
         .pin(&staged)

@@ -13,7 +13,6 @@ pub mod gate;
 pub mod nft;
 pub mod privileges;
 pub mod query;
-pub mod record;
 pub mod run;
 pub mod status;
 pub mod trace;

@@ -11,9 +11,11 @@ use anyhow::Context;
 use clap::Parser;
 use tank_ebpf_common::chain;
 
+use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
+use tank_ebpf_common::ocsf::lifecycle;
 use tank_loader::cli::{AuditCommand, Cli, Command};
 use tank_loader::config::Config;
-use tank_loader::{crosscheck, gate, nft, record, run, status, trace};
+use tank_loader::{crosscheck, gate, nft, run, status, trace};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -81,7 +83,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = Config::load(&config)?;
             let filter = trace::Filter { denied, pid, comm };
-            trace::follow(
+            let summary = trace::follow(
                 &cfg.audit_log,
                 &filter,
                 trace::Options {
@@ -90,8 +92,13 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     no_follow,
                 },
                 &mut out,
+                &mut std::io::stderr(),
             )?;
-            Ok(ExitCode::SUCCESS)
+            Ok(if summary.unreadable == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Detach { config } => detach(&config, &mut out),
         Command::Audit {
@@ -124,11 +131,11 @@ fn detach(config: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
         .context("stop tank-loader first (systemctl stop tank-loader), then detach")?;
     let removed = gate::detach(&cfg.pin_dir)?;
     let nft_removed = nft::remove(&cfg.nft.table)?;
-    let origin = record::Origin {
-        hostname: nix::unistd::gethostname()?.to_string_lossy().into_owned(),
-    };
-    log.append(&origin.lifecycle_record(
-        record::ACTIVITY_REMOVE,
+    let hostname = nix::unistd::gethostname()?;
+    log.append(&LifecycleRecord::new(
+        &hostname.to_string_lossy(),
+        env!("CARGO_PKG_VERSION"),
+        lifecycle::REMOVE,
         format!("enforcement removed from cgroup {}", cfg.cgroup.display()),
         serde_json::json!({ "cgroup": cfg.cgroup, "pins_removed": removed, "nft_table_removed": nft_removed.then_some(&cfg.nft.table), "by_uid": nix::unistd::getuid().as_raw() }),
     ))?;
@@ -151,23 +158,8 @@ fn detach(config: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
 }
 
 fn verify(files: &[PathBuf], json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
-    let label = files
-        .iter()
-        .map(|f| f.display().to_string())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let (report, _) = chain::read_series(files).with_context(|| format!("cannot read {label}"))?;
-    if json {
-        serde_json::to_writer_pretty(&mut *out, &report)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{}", report.render(&label))?;
-    }
-    Ok(if report.is_intact() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    let code = chain::verify_command("tank-loader", files, json, out, &mut std::io::stderr())?;
+    Ok(ExitCode::from(code))
 }
 
 fn cross_check(

@@ -13,11 +13,12 @@ use anyhow::Context;
 use aya::maps::RingBuf;
 use tank_ebpf_common::chain::ChainWriter;
 use tank_ebpf_common::event;
+use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
+use tank_ebpf_common::ocsf::lifecycle;
 
 use crate::cgroup::AgentCgroup;
 use crate::config::Config;
 use crate::gate::LsmState;
-use crate::record::{self, Origin};
 use crate::{drain, gate, nft, privileges};
 
 /// Runs the loader until SIGTERM or SIGINT. Enforcement stays pinned when it returns.
@@ -39,14 +40,17 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     }
 
     let installed = gate::install(&cfg, &cgroup)?;
-    let origin = Origin {
-        hostname: nix::unistd::gethostname()?.to_string_lossy().into_owned(),
-    };
+    let hostname = nix::unistd::gethostname()?.to_string_lossy().into_owned();
     let hooks: Vec<_> = installed.hooks.iter()
-        .map(|(h, outcome, id)| serde_json::json!({"hook": h.name, "outcome": outcome, "program_id": id}))
+        .map(|(h, outcome, id)| serde_json::json!({"hook": h.name(), "outcome": outcome, "program_id": id}))
         .collect();
     for (hook, outcome, id) in &installed.hooks {
-        tracing::info!(hook = hook.name, ?outcome, program_id = id, "hook in place");
+        tracing::info!(
+            hook = hook.name(),
+            ?outcome,
+            program_id = id,
+            "hook in place"
+        );
     }
     match &installed.lsm {
         LsmState::InForce => {}
@@ -70,8 +74,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let endpoints: Vec<_> = cfg.endpoints.iter()
         .map(|e| serde_json::json!({"endpoint": e.addr.to_string(), "protocol": e.protocol, "proxy": e.is_proxy}))
         .collect();
-    log.append(&origin.lifecycle_record(
-        record::ACTIVITY_START,
+    log.append(&LifecycleRecord::new(
+        &hostname,
+        env!("CARGO_PKG_VERSION"),
+        lifecycle::START,
         format!("enforcement in place on cgroup {}", cgroup.path.display()),
         serde_json::json!({
             "cgroup": cgroup.path, "cgroup_id": cgroup.id, "mode": cfg.mode,
@@ -97,7 +103,12 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let written = runtime.block_on(drain::run(ring, &mut log, &origin, shutdown_signal()))?;
+    let written = runtime.block_on(drain::run(
+        ring,
+        &mut log,
+        &Formatter::new(&hostname, env!("CARGO_PKG_VERSION")),
+        shutdown_signal(),
+    ))?;
     tracing::info!(
         events = written,
         seq = log.head().seq,

@@ -9,6 +9,8 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use serde::Serialize;
+use tank_ebpf_common::event::hook;
+use tank_ebpf_common::ocsf::kernel::Hook;
 use tank_ebpf_common::{chain, counters};
 
 use crate::cgroup::AgentCgroup;
@@ -90,8 +92,8 @@ pub struct CgroupStatus {
 /// One hook.
 #[derive(Debug, Serialize)]
 pub struct HookStatus {
-    /// connect4, connect6, sendmsg4, sendmsg6.
-    pub hook: &'static str,
+    /// The hook, by the stable name the audit records use (one of `event::hook`).
+    pub hook: Hook,
     /// A link pin exists.
     pub pinned: bool,
     /// Program behind the pinned link.
@@ -133,7 +135,7 @@ pub fn collect(cfg: &Config) -> Status {
                 })
                 .unwrap_or_default();
             HookStatus {
-                hook: hook.name,
+                hook: Hook(hook.code),
                 pinned: pin.exists(),
                 program_id,
                 attached: program_id.is_some_and(|id| attached_ids.contains(&id)),
@@ -255,7 +257,7 @@ pub fn render(s: &Status) -> String {
     for h in &s.hooks {
         out += &format!(
             "  {:<11} pinned {:<3}  attached {:<3}  program {:<6}  programs on cgroup {}\n",
-            h.hook,
+            h.hook.as_str(),
             yes(h.pinned),
             yes(h.attached),
             h.program_id.map_or("-".to_owned(), |i| i.to_string()),
@@ -267,7 +269,7 @@ pub fn render(s: &Status) -> String {
         "  gate        {}\n",
         if s.hooks
             .iter()
-            .filter(|h| h.hook != "sock_create")
+            .filter(|h| h.hook.0 != hook::SOCK_CREATE)
             .all(|h| h.attached)
         {
             "in force (connect4/6, sendmsg4/6)"
@@ -279,7 +281,7 @@ pub fn render(s: &Status) -> String {
         "  sock_create {}\n",
         if s.hooks
             .iter()
-            .any(|h| h.hook == "sock_create" && h.attached)
+            .any(|h| h.hook.0 == hook::SOCK_CREATE && h.attached)
         {
             "in force (raw, ping, non-TCP/UDP inet sockets refused)"
         } else {

@@ -2,7 +2,8 @@
 //!
 //! It follows the audit log instead of reading the ring buffer: a second reader of a ring buffer
 //! takes events away from the first, and the audit log must have them all. What trace shows is
-//! therefore exactly what was recorded.
+//! therefore exactly what was recorded. A line it cannot read as one of the kernel log's
+//! records is reported (on stderr, and in the exit code with `--no-follow`), never skipped.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
@@ -10,8 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-
-use crate::record::{NetworkRecord, NETWORK_ACTIVITY};
+use tank_ebpf_common::event::hook;
+use tank_ebpf_common::ocsf::kernel::{LifecycleRecord, NetworkRecord};
+use tank_ebpf_common::ocsf::{self, Action, Kind};
 
 /// Which records to show, and how.
 #[derive(Clone, Debug, Default)]
@@ -26,7 +28,7 @@ pub struct Filter {
 
 impl Filter {
     fn accepts(&self, r: &NetworkRecord) -> bool {
-        (!self.denied || r.action_id == 2)
+        (!self.denied || r.action == Action::Denied)
             && self.pid.is_none_or(|p| p == r.actor.process.pid)
             && self
                 .comm
@@ -46,16 +48,30 @@ pub struct Options {
     pub no_follow: bool,
 }
 
+/// What `follow` found, when it stops at the end of the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Complete lines that are not a kernel-log record this build can read.
+    pub unreadable: u64,
+}
+
+impl Filter {
+    fn is_empty(&self) -> bool {
+        !self.denied && self.pid.is_none() && self.comm.is_none()
+    }
+}
+
 const POLL: Duration = Duration::from_millis(100);
 
 /// Follows the log at `path`, writing matching records to `out` until interrupted (or, with
-/// `no_follow`, until the end of the log).
+/// `no_follow`, until the end of the log). Unreadable lines are reported on `err`.
 pub fn follow(
     path: &Path,
     filter: &Filter,
     opts: Options,
     out: &mut impl Write,
-) -> anyhow::Result<()> {
+    err: &mut impl Write,
+) -> anyhow::Result<Summary> {
     let open = || {
         File::open(path).with_context(|| {
             format!(
@@ -76,12 +92,14 @@ pub fn follow(
         )?;
     }
     let mut pending = String::new();
+    let mut summary = Summary::default();
     loop {
+        let offset = reader.stream_position()? - pending.len() as u64;
         let n = reader.read_line(&mut pending)?;
         if n == 0 || !pending.ends_with('\n') {
             // End of the log, possibly mid-record: wait for the rest.
             if opts.no_follow {
-                return Ok(());
+                return Ok(summary);
             }
             let pos = reader.stream_position()?;
             if std::fs::metadata(path)
@@ -96,38 +114,58 @@ pub fn follow(
             continue;
         }
         let line = std::mem::take(&mut pending);
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
+        let shown = match serde_json::from_str::<serde_json::Value>(&line)
+            .map_err(|e| e.to_string())
+            .and_then(|v| ocsf::parse(&v).map_err(|e| e.to_string()))
+        {
+            Ok(Kind::Kernel(r)) if filter.accepts(&r) => Some(row(&r)),
+            Ok(Kind::Lifecycle(r)) if filter.is_empty() => Some(lifecycle_row(&r)),
+            Ok(Kind::Kernel(_) | Kind::Lifecycle(_)) => None,
+            Ok(Kind::Proxy(_)) => {
+                unreadable(err, path, offset, "a proxy record, not a kernel one")?;
+                summary.unreadable += 1;
+                None
+            }
+            Err(why) => {
+                unreadable(err, path, offset, &why)?;
+                summary.unreadable += 1;
+                None
+            }
         };
-        if value.get("class_uid").and_then(|c| c.as_u64()) != Some(u64::from(NETWORK_ACTIVITY)) {
-            continue;
-        }
-        let Ok(record) = serde_json::from_value::<NetworkRecord>(value) else {
-            continue;
-        };
-        if !filter.accepts(&record) {
-            continue;
-        }
+        let Some(shown) = shown else { continue };
         if opts.json {
             out.write_all(line.as_bytes())?;
         } else {
-            writeln!(out, "{}", row(&record))?;
+            writeln!(out, "{shown}")?;
         }
         out.flush()?;
     }
+}
+
+fn unreadable(err: &mut impl Write, path: &Path, offset: u64, why: &str) -> std::io::Result<()> {
+    writeln!(
+        err,
+        "tank-loader: trace: {} at byte {offset}: unreadable record: {why}",
+        path.display()
+    )
+}
+
+fn lifecycle_row(r: &LifecycleRecord) -> String {
+    let time = r.time_dt.get(11..23).unwrap_or(&r.time_dt);
+    format!("{time:<12} {:>7}  {}", "-", r.message)
 }
 
 fn row(r: &NetworkRecord) -> String {
     let time = r.time_dt.get(11..23).unwrap_or(&r.time_dt);
     // An established connection is the second record of an allowed connect: say so, and
     // name the local end the kernel chose (what the proxy's log calls the client).
-    let (verdict, reason) = match &r.src_endpoint {
-        Some(src) if r.unmapped.hook == "established" => (
-            "open",
-            format!("{} from {}", r.unmapped.reason, endpoint(&src.ip, src.port)),
-        ),
-        _ if r.action_id == 1 => ("allow", r.unmapped.reason.clone()),
-        _ => ("DENY", r.unmapped.reason.clone()),
+    let reason = r.unmapped.reason.as_str();
+    let (verdict, reason) = match r.src_endpoint.addr() {
+        Some(src) if r.unmapped.hook.0 == hook::ESTABLISHED => {
+            ("open", format!("{reason} from {src}"))
+        }
+        _ if r.allowed() => ("allow", reason.to_owned()),
+        _ => ("DENY", reason.to_owned()),
     };
     format!(
         "{:<12} {:>7}  {:<15} {:<4} {:<40} {:<7} {}",
@@ -135,17 +173,10 @@ fn row(r: &NetworkRecord) -> String {
         r.actor.process.pid,
         r.actor.process.name,
         r.connection_info.protocol_name,
-        endpoint(&r.dst_endpoint.ip, r.dst_endpoint.port),
+        r.dst_endpoint
+            .addr()
+            .map_or_else(|| "-".to_owned(), |a| a.to_string()),
         verdict,
         reason
     )
-}
-
-/// `ip:port`, with IPv6 addresses in brackets.
-fn endpoint(ip: &str, port: u16) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    }
 }

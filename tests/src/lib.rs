@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tank_ebpf_common::chain;
-use tank_loader::record::{NetworkRecord, NETWORK_ACTIVITY};
+pub use tank_ebpf_common::ocsf::kernel::NetworkRecord;
+use tank_ebpf_common::ocsf::{self, Kind};
 
 /// Panics unless the tests run as root.
 pub fn require_root() {
@@ -408,10 +409,11 @@ pub fn network_records(log: &Path) -> Vec<NetworkRecord> {
     );
     records
         .into_iter()
-        .filter(|r| {
-            r.value.get("class_uid").and_then(|c| c.as_u64()) == Some(u64::from(NETWORK_ACTIVITY))
+        .filter_map(|r| match ocsf::parse(&r.value) {
+            Ok(Kind::Kernel(k)) => Some(k),
+            Ok(_) => None,
+            Err(e) => panic!("line {} of {}: {e}", r.line, log.display()),
         })
-        .map(|r| serde_json::from_value(r.value).expect("connection record parses"))
         .collect()
 }
 

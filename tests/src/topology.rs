@@ -22,6 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{ip, nft_section, require_root, unique, workspace_bin, Loader, TestCgroups};
+use tank_ebpf_common::event::hook;
 
 /// The agent host's address, as the proxy sees it.
 pub const AGENT_IP: &str = "10.200.1.2";
@@ -300,7 +301,7 @@ impl TwoHosts {
         let deadline = Instant::now() + Duration::from_secs(10);
         while crate::network_records(&self.loader.audit_log)
             .iter()
-            .filter(|r| r.unmapped.hook == "established")
+            .filter(|r| r.unmapped.hook.0 == hook::ESTABLISHED)
             .count()
             < n
         {

@@ -59,9 +59,11 @@ fn rechain_without(from: &Path, to: &Path, skip: usize) {
             continue;
         }
         let mut value = r.value;
-        let obj = value.as_object_mut().unwrap();
-        obj.remove("seq");
-        obj.remove("prev");
+        value["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("sequence");
+        value["unmapped"].as_object_mut().unwrap().remove("prev");
         writer.append(&value).unwrap();
     }
     writer.sync().unwrap();

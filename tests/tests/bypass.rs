@@ -156,7 +156,8 @@ fn ipv4_mapped_ipv6_destination() {
     let recorded = s.refusal_recorded(pid, "connect6", "not_listed");
     let r = s.loader.record_of(pid);
     assert_eq!(
-        r.dst_endpoint.ip, "192.0.2.1",
+        r.dst_endpoint.ip,
+        Some([192, 0, 2, 1].into()),
         "mapped destinations are judged and recorded as IPv4"
     );
     row(
@@ -278,7 +279,7 @@ fn connect_through_io_uring() {
     let records = s.loader.records(1);
     let r = records
         .iter()
-        .find(|r| r.dst_endpoint.port == port)
+        .find(|r| r.dst_endpoint.port == Some(port))
         .unwrap_or_else(|| panic!("no record for port {port}: {records:?}"));
     assert_eq!(
         (r.action.as_str(), r.unmapped.hook.as_str()),

@@ -7,6 +7,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use tank_ebpf_common::ocsf::proxy::RequestKind;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{admission, resolve::resolve, Shared};
-use crate::audit::{Draft, HttpRequest};
+use crate::audit::Draft;
 use crate::http::{parse_request, response, Request};
 use crate::policy::{Limits, Policy, Reason, Refusal};
 use crate::relay::{self, Upstream};
@@ -46,7 +47,7 @@ pub(super) async fn handle(
     };
     if draft.allowed {
         match draft.kind {
-            "http" => shared.metrics.allowed_http.inc(),
+            RequestKind::Http => shared.metrics.allowed_http.inc(),
             _ => shared.metrics.allowed_connect.inc(),
         }
     }
@@ -233,12 +234,12 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
     draft.port = Some(target.port);
     let what = match &req {
         Request::Connect { .. } => {
-            draft.kind = "connect";
+            draft.kind = RequestKind::Connect;
             format!("CONNECT {target}")
         }
         Request::Http { method, url, .. } => {
-            draft.kind = "http";
-            draft.http = Some(HttpRequest::new(method, url));
+            draft.kind = RequestKind::Http;
+            draft.http = Some((method.clone(), url.clone()));
             format!("{method} {url}")
         }
     };

@@ -248,7 +248,7 @@ pub fn record_where(records: &[serde_json::Value], want: &[(&str, &str)]) -> ser
 pub fn read_records(path: &Path) -> Vec<serde_json::Value> {
     read_chain(path)
         .into_iter()
-        .filter(|r| r["class_uid"] == 4001 && r.get("opens").is_none())
+        .filter(|r| r["class_uid"] == 4001 && r["unmapped"].get("opens").is_none())
         .collect()
 }
 

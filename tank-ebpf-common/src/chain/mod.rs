@@ -4,13 +4,17 @@
 //! the request log written by `egress-proxy`, so one verifier serves an auditor for both.
 //!
 //! # Format
-//! One JSON object per line. The writer puts its own fields first:
-//! - `seq`: 1 for the first record, then +1 per record, no gaps, across every segment;
-//! - `prev`: lowercase hex SHA-256 of the previous record's line (its exact bytes, without the
-//!   newline); 64 zeros ([`GENESIS`]) for the first record;
-//! - `segment` (first record of a segment only): a [`SegmentLink`] naming the segment before;
-//! - `opens: true` on a record that opens a span (a proxy tunnel), `closes: <seq>` on the record
-//!   that closes it: [`verify`] lists spans never closed (the writer died while they were open).
+//! One JSON object per line, each an OCSF event (`crate::ocsf`). The chain's fields live
+//! where OCSF has room for them:
+//! - `metadata.sequence` (the record's `seq`): 1 for the first record, then +1 per record, no
+//!   gaps, across every segment;
+//! - `unmapped.prev`: lowercase hex SHA-256 of the previous record's line (its exact bytes,
+//!   without the newline); 64 zeros ([`Hash::GENESIS`]) for the first record;
+//! - `unmapped.segment` (first record of a segment only): a [`SegmentLink`] naming the segment
+//!   before;
+//! - `unmapped.opens: true` on a record that opens a span (a proxy tunnel), `unmapped.closes:
+//!   <seq>` on the record that closes it: [`verify`] lists spans never closed (the writer died
+//!   while they were open).
 //!
 //! An edit to a record breaks the next record's `prev`; a deleted or reordered record breaks
 //! `seq` and `prev`; a crash mid-write leaves a partial last line, which is reported and never
@@ -44,20 +48,105 @@ mod verify;
 mod writer;
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 pub use segment::{series, SegmentLink};
 pub use verify::{read, read_series, verify, Problem, Record, Report, SegmentSummary};
 pub use writer::{ChainWriter, Options, Recovery, Rotated, Rotation, Settings};
 
-/// `prev` of the first record.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// A SHA-256 of one record's line; written as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Hash(pub [u8; 32]);
 
-/// The fields the writer owns; a record given to it must not have them.
-const RESERVED: [&str; 5] = ["seq", "prev", "segment", "opens", "closes"];
+impl Hash {
+    /// `prev` of the first record: all zeros.
+    pub const GENESIS: Hash = Hash([0; 32]);
+
+    /// The hash of `line` (its bytes without the newline).
+    pub fn of(line: &[u8]) -> Self {
+        Self(Sha256::digest(line).into())
+    }
+
+    /// Lowercase hex, without allocating.
+    pub fn hex(&self) -> [u8; 64] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+        }
+        out
+    }
+}
+
+impl std::fmt::Display for Hash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(&self.hex()).expect("hex is ASCII"))
+    }
+}
+
+impl std::fmt::Debug for Hash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hash({self})")
+    }
+}
+
+impl std::str::FromStr for Hash {
+    type Err = hex::FromHexError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out)?;
+        Ok(Self(out))
+    }
+}
+
+impl Serialize for Hash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a record needs from the chain to be written: its `seq` and the `prev` it must name.
+#[derive(Clone, Copy, Debug)]
+pub struct Link<'a> {
+    /// `metadata.sequence` of the record.
+    pub seq: u64,
+    /// `unmapped.prev` of the record.
+    pub prev: &'a Hash,
+}
+
+/// Where a record holds its `seq`: `metadata.sequence`.
+const SEQ: (&str, &str) = ("metadata", "sequence");
+/// Where a record holds its `prev`: `unmapped.prev`.
+const PREV: (&str, &str) = ("unmapped", "prev");
+/// The writer's other fields, all in `unmapped`: a segment's link, a span's opening and close.
+const SEGMENT: &str = "segment";
+const OPENS: &str = "opens";
+const CLOSES: &str = "closes";
+
+/// The `seq` and `prev` of a parsed record, if it has both.
+fn link_of(record: &serde_json::Value) -> Option<(u64, &str)> {
+    let seq = record.get(SEQ.0)?.get(SEQ.1)?.as_u64()?;
+    let prev = record.get(PREV.0)?.get(PREV.1)?.as_str()?;
+    Some((seq, prev))
+}
+
+/// The writer's field `key` of a parsed record (in `unmapped`).
+fn chain_field<'a>(record: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    record.get("unmapped")?.get(key)
+}
 
 /// Failure to open or append to a chained log.
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +186,8 @@ pub enum ChainError {
         /// The log.
         path: PathBuf,
     },
-    /// The record to append did not serialize to a JSON object free of the writer's fields.
-    #[error("audit record is not a JSON object free of the reserved fields `seq`, `prev`, `segment`, `opens` and `closes`")]
+    /// The record to append did not serialize to a JSON object free of the chain's fields.
+    #[error("audit record is not a JSON object free of the chain's fields `metadata.sequence` and `unmapped.prev`, `unmapped.segment`, `unmapped.opens`, `unmapped.closes`")]
     BadRecord,
 }
 
@@ -122,15 +211,15 @@ fn is_no_space(e: &io::Error) -> bool {
 pub struct Head {
     /// Sequence number (0 for an empty log).
     pub seq: u64,
-    /// Hash of the record's line ([`GENESIS`] for an empty log).
-    pub hash: String,
+    /// Hash of the record's line ([`Hash::GENESIS`] for an empty log).
+    pub hash: Hash,
 }
 
 impl Head {
     fn genesis() -> Self {
         Self {
             seq: 0,
-            hash: GENESIS.to_owned(),
+            hash: Hash::GENESIS,
         }
     }
 }
@@ -162,7 +251,38 @@ pub fn anchor_path(log: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Lowercase hex SHA-256 of one record's line (without its newline).
-pub fn hash_line(line: &[u8]) -> String {
-    hex::encode(Sha256::digest(line))
+/// What `audit verify` says about its exit status, in both binaries' `--help` and man pages.
+pub const VERIFY_EXIT_CODES: &str = "Exit codes: 0 intact; 1 problems found (each listed); 2 the \
+     file cannot be read, or a usage error.";
+
+/// `audit verify`, as both binaries run it: verifies the series `files` names (a log, a
+/// directory, or several segments), writes the report to `out` (as JSON with `json`) or one
+/// line naming what could not be read to `err`, and returns the exit status
+/// [`VERIFY_EXIT_CODES`] describes.
+pub fn verify_command(
+    program: &str,
+    files: &[PathBuf],
+    json: bool,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> io::Result<u8> {
+    let label = files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let report = match read_series(files) {
+        Ok((r, _)) => r,
+        Err(e) => {
+            writeln!(err, "{program}: cannot read audit log `{label}`: {e}")?;
+            return Ok(2);
+        }
+    };
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(report.render(&label).as_bytes())?;
+    }
+    Ok(if report.is_intact() { 0 } else { 1 })
 }

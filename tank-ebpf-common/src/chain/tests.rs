@@ -38,13 +38,16 @@ fn write_lines(path: &Path, lines: &[String]) {
 }
 
 #[test]
-fn intact_log_verifies_and_fields_come_first() {
+fn intact_log_verifies_with_the_chain_fields_in_place() {
     let (_d, path) = log_with(5);
     let report = verify(&path).unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
     assert_eq!(report.records, 5);
     assert_eq!(report.anchor.unwrap().seq, 5);
-    assert!(lines(&path)[0].starts_with(&format!("{{\"seq\":1,\"prev\":\"{GENESIS}\",")));
+    let first: serde_json::Value = serde_json::from_str(&lines(&path)[0]).unwrap();
+    assert_eq!(first["metadata"]["sequence"], 1);
+    assert_eq!(first["unmapped"]["prev"], Hash::GENESIS.to_string());
+    assert_eq!(first["note"], "x");
 }
 
 #[test]
@@ -164,6 +167,47 @@ fn a_partial_last_line_is_reported_and_never_accepted() {
 }
 
 #[test]
+fn verify_command_reports_and_exits_by_the_one_rule() {
+    let (dir, path) = log_with(3);
+    let run = |path: &Path, json| {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = verify_command("prog", &[path.to_owned()], json, &mut out, &mut err).unwrap();
+        let text = |b| String::from_utf8(b).unwrap();
+        (code, text(out), text(err))
+    };
+    let (code, out, err) = run(&path, false);
+    let intact = format!(
+        "{}: intact: 3 records, last seq 3 (anchored at seq 3)\n",
+        path.display()
+    );
+    assert_eq!((code, out, err), (0, intact, String::new()));
+    let (code, out, _) = run(&path, true);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((code, report["records"].as_u64()), (0, Some(3)));
+
+    let mut l = lines(&path);
+    l.remove(1);
+    write_lines(&path, &l);
+    let (code, out, _) = run(&path, false);
+    assert_eq!(code, 1);
+    assert!(
+        out.ends_with(&format!(
+            "{}: NOT intact: 2 problem(s) in 2 records\n",
+            path.display()
+        )),
+        "{out}"
+    );
+
+    let missing = dir.path().join("missing.jsonl");
+    let (code, out, err) = run(&missing, false);
+    assert_eq!((code, out.as_str()), (2, ""));
+    assert!(
+        err.starts_with("prog: cannot read audit log `") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
 fn a_second_writer_is_refused() {
     let (_d, path) = log_with(1);
     let (_w, _) = ChainWriter::open(&path).unwrap();
@@ -178,11 +222,18 @@ fn a_second_writer_is_refused() {
 fn reserved_fields_and_non_objects_are_refused() {
     let (_d, path) = log_with(0);
     let (mut w, _) = ChainWriter::open(&path).unwrap();
-    for field in RESERVED {
-        assert!(matches!(
-            w.append(&json!({ field: 9 })),
-            Err(ChainError::BadRecord)
-        ));
+    for bad in [
+        json!({"metadata": {"sequence": 9}}),
+        json!({"unmapped": {"prev": "x"}}),
+        json!({"unmapped": 1}),
+        json!({"unmapped": {"segment": {}}}),
+        json!({"unmapped": {"opens": true}}),
+        json!({"unmapped": {"closes": 1}}),
+    ] {
+        assert!(
+            matches!(w.append(&bad), Err(ChainError::BadRecord)),
+            "{bad}"
+        );
     }
     assert!(matches!(
         w.append(&json!([1, 2])),
@@ -253,15 +304,12 @@ fn a_rotated_log_verifies_whole_by_its_name_its_directory_or_its_files() {
     }
     // Each segment after the first begins with its link to the one before.
     let (_, records) = read(&path).unwrap();
-    let link: SegmentLink = serde_json::from_value(
-        records[records
-            .iter()
-            .position(|r| r.value.get("segment").is_some())
-            .unwrap()]
-        .value["segment"]
-            .clone(),
-    )
-    .unwrap();
+    let first_link = records
+        .iter()
+        .find(|r| r.value["unmapped"].get("segment").is_some())
+        .unwrap();
+    let link: SegmentLink =
+        serde_json::from_value(first_link.value["unmapped"]["segment"].clone()).unwrap();
     assert_eq!(
         link.previous.as_deref(),
         Some("audit.jsonl.00000000000000000001")
@@ -462,10 +510,11 @@ fn reopen_after_logrotate_moved_the_log_starts_a_linked_file() {
     assert!(w.reopen(&json!({"reopened": true})).unwrap());
     w.append(&json!({"into": "new file"})).unwrap();
     w.sync().unwrap();
-    let first = lines(&path)[0].clone();
-    assert!(first.starts_with("{\"seq\":5,"), "{first}");
+    let first: serde_json::Value = serde_json::from_str(&lines(&path)[0]).unwrap();
+    assert_eq!(first["metadata"]["sequence"], 5);
+    let link = &first["unmapped"]["segment"];
     assert!(
-        first.contains("\"segment\":{\"previous\":null,\"previous_last_seq\":4"),
+        link["previous"].is_null() && link["previous_last_seq"] == 4,
         "{first}"
     );
     let (report, _) = read_series(&[moved.clone(), path.clone()]).unwrap();
@@ -495,8 +544,10 @@ fn spans_opened_and_never_closed_are_listed() {
         report.unclosed.iter().map(|o| o.seq).collect::<Vec<_>>(),
         vec![b]
     );
-    assert!(lines(&path)[2].starts_with("{\"seq\":3,\"prev\":"));
-    assert!(lines(&path)[2].contains(&format!("\"closes\":{a}")));
+    let closing: serde_json::Value = serde_json::from_str(&lines(&path)[2]).unwrap();
+    assert_eq!(closing["unmapped"]["closes"], a);
+    let opening: serde_json::Value = serde_json::from_str(&lines(&path)[0]).unwrap();
+    assert_eq!(opening["unmapped"]["opens"], true);
     // Closing twice, or closing what never opened, is a problem.
     w.append_closing(&json!({}), a, 0).unwrap();
     w.sync().unwrap();

@@ -5,14 +5,15 @@ use std::io::{self, BufRead};
 use std::path::{Path, PathBuf};
 
 use super::segment::{self, SegmentLink};
-use super::{hash_line, Head, GENESIS};
+use super::{chain_field, link_of, Hash, Head, CLOSES, OPENS, SEGMENT};
 
 /// One way in which a log fails to verify. Line numbers count across the whole series, as
 /// if its segments were one file; [`Report::describe`] names the file and its own line.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "problem", rename_all = "snake_case")]
 pub enum Problem {
-    /// A line is not a JSON object with a numeric `seq` and a string `prev`.
+    /// A line is not a JSON object with a numeric `metadata.sequence` and a hex
+    /// `unmapped.prev`.
     Malformed {
         /// 1-based line number.
         line: usize,
@@ -341,7 +342,7 @@ struct Verifier {
     segments: Vec<SegmentSummary>,
     head: Option<Head>,
     line: usize,
-    hashes: Vec<(u64, String)>,
+    hashes: Vec<(u64, Hash)>,
     removed_through: u64,
     first: Option<(String, u64)>,
     open: BTreeMap<u64, usize>,
@@ -381,16 +382,15 @@ impl Verifier {
             let parsed = serde_json::from_slice::<serde_json::Value>(&buf)
                 .ok()
                 .and_then(|v| {
-                    let seq = v.get("seq")?.as_u64()?;
-                    let prev = v.get("prev")?.as_str()?.to_owned();
+                    let (seq, prev) = link_of(&v)?;
+                    let prev = prev.parse::<Hash>().ok()?;
                     Some((seq, prev, v))
                 });
             let Some((seq, prev, value)) = parsed else {
                 self.problems.push(Problem::Malformed { line: self.line });
                 continue;
             };
-            let link = value
-                .get("segment")
+            let link = chain_field(&value, SEGMENT)
                 .and_then(|l| serde_json::from_value::<SegmentLink>(l.clone()).ok());
             if let Some(l) = &link {
                 self.removed_through = self.removed_through.max(l.removed_through_seq);
@@ -400,12 +400,12 @@ impl Verifier {
                 None => {
                     // A later start is judged at the end, once every retention record is read.
                     self.first = Some((file.clone(), seq));
-                    if seq == 1 && prev != GENESIS {
+                    if seq == 1 && prev != Hash::GENESIS {
                         self.problems
                             .push(Problem::HashMismatch { line: self.line });
                     }
                 }
-                Some(head) if first_in_file => self.boundary(&file, &head, seq, &prev, link),
+                Some(head) if first_in_file => self.boundary(&file, &head, seq, prev, link),
                 Some(head) => {
                     if seq != head.seq + 1 {
                         self.problems.push(Problem::SeqGap {
@@ -420,10 +420,10 @@ impl Verifier {
                     }
                 }
             }
-            if value.get("opens") == Some(&serde_json::Value::Bool(true)) {
+            if chain_field(&value, OPENS) == Some(&serde_json::Value::Bool(true)) {
                 self.open.insert(seq, self.line);
             }
-            if let Some(closes) = value.get("closes").and_then(|c| c.as_u64()) {
+            if let Some(closes) = chain_field(&value, CLOSES).and_then(|c| c.as_u64()) {
                 let before_series = self.first.as_ref().is_some_and(|(_, f)| closes < *f);
                 if self.open.remove(&closes).is_none() && !before_series {
                     self.problems.push(Problem::UnknownClose {
@@ -434,14 +434,14 @@ impl Verifier {
             }
             let head = Head {
                 seq,
-                hash: hash_line(&buf),
+                hash: Hash::of(&buf),
             };
             if first_in_file {
                 summary.first_seq = seq;
             }
             summary.last_seq = seq;
             summary.records += 1;
-            self.hashes.push((seq, head.hash.clone()));
+            self.hashes.push((seq, head.hash));
             self.head = Some(head);
             self.records.push(Record {
                 line: self.line,
@@ -459,7 +459,7 @@ impl Verifier {
         file: &str,
         head: &Head,
         seq: u64,
-        prev: &str,
+        prev: Hash,
         link: Option<SegmentLink>,
     ) {
         let expected = head.seq + 1;

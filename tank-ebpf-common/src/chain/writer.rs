@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use super::segment::{self, SegmentLink};
-use super::{hash_line, is_no_space, lock, ChainError, Head, RESERVED};
+use super::{
+    is_no_space, link_of, lock, ChainError, Hash, Head, Link, CLOSES, OPENS, PREV, SEGMENT, SEQ,
+};
 
 /// Bytes allocated at once ahead of the end of the log, so most appends need no `fallocate`.
 const GROW: u64 = 64 * 1024;
@@ -82,7 +84,10 @@ impl Settings {
     pub fn options(&self) -> Result<Options, String> {
         let reserve = self.reserve_bytes.unwrap_or(Self::RESERVE_BYTES);
         if !(4096..=1 << 30).contains(&reserve) {
-            return Err(format!("`reserve_bytes` must be from 4096 to {}", 1u64 << 30));
+            return Err(format!(
+                "`reserve_bytes` must be from 4096 to {}",
+                1u64 << 30
+            ));
         }
         if self.keep_segments == Some(0) {
             return Err("`keep_segments` must be 1 or more (leave it out to keep all)".into());
@@ -128,12 +133,21 @@ pub struct Rotated {
     pub removed: Vec<PathBuf>,
 }
 
-/// The writer's own field on a record, after `seq` and `prev`.
+/// The writer's own field on a record, besides `seq` and `prev`.
 enum Mark<'a> {
     None,
     Segment(&'a SegmentLink),
     Opens,
     Closes(u64),
+}
+
+fn mark_key(mark: &Mark<'_>) -> Option<&'static str> {
+    match mark {
+        Mark::None => None,
+        Mark::Segment(_) => Some(SEGMENT),
+        Mark::Opens => Some(OPENS),
+        Mark::Closes(_) => Some(CLOSES),
+    }
 }
 
 /// Appends records to a chained log.
@@ -331,40 +345,79 @@ impl ChainWriter {
         self.append_line(record, Mark::Closes(opened), keep)
     }
 
+    /// Appends one record that `write` formats straight into the line buffer, given the
+    /// record's [`Link`] (its `seq` and `prev`, which it must write where [`Self::append`] puts
+    /// them): the path of writers that cannot afford an intermediate value. Keeps the
+    /// configured reserve like [`Self::append`]. Returns its `seq`.
+    pub fn append_with(
+        &mut self,
+        write: impl FnOnce(Link<'_>, &mut Vec<u8>),
+    ) -> Result<u64, ChainError> {
+        self.write_line(write, self.opts.reserve_bytes)
+    }
+
     fn append_line<T: Serialize>(
         &mut self,
         record: &T,
         mark: Mark<'_>,
         keep: u64,
     ) -> Result<u64, ChainError> {
-        let serde_json::Value::Object(fields) =
+        let serde_json::Value::Object(mut fields) =
             serde_json::to_value(record).map_err(|_| ChainError::BadRecord)?
         else {
             return Err(ChainError::BadRecord);
         };
-        if RESERVED.iter().any(|f| fields.contains_key(*f)) {
-            return Err(ChainError::BadRecord);
-        }
         let seq = self.head.seq + 1;
-        self.line.clear();
-        write!(self.line, "{{\"seq\":{seq},\"prev\":\"{}\"", self.head.hash).expect("write to Vec");
+        let mut chain = vec![(SEQ, seq.into()), (PREV, self.head.hash.to_string().into())];
         match mark {
             Mark::None => {}
-            Mark::Segment(link) => {
-                self.line.extend_from_slice(b",\"segment\":");
-                serde_json::to_writer(&mut self.line, link).map_err(|_| ChainError::BadRecord)?;
+            Mark::Segment(link) => chain.push((
+                ("unmapped", SEGMENT),
+                serde_json::to_value(link).map_err(|_| ChainError::BadRecord)?,
+            )),
+            Mark::Opens => chain.push((("unmapped", OPENS), true.into())),
+            Mark::Closes(opened) => chain.push((("unmapped", CLOSES), opened.into())),
+        }
+        for ((object, key), value) in chain {
+            let slot = fields
+                .entry(object)
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+            match slot {
+                serde_json::Value::Object(o) if !o.contains_key(key) => {
+                    o.insert(key.to_owned(), value);
+                }
+                _ => return Err(ChainError::BadRecord),
             }
-            Mark::Opens => self.line.extend_from_slice(b",\"opens\":true"),
-            Mark::Closes(seq) => write!(self.line, ",\"closes\":{seq}").expect("write to Vec"),
         }
-        if !fields.is_empty() {
-            let body = serde_json::to_vec(&fields).map_err(|_| ChainError::BadRecord)?;
-            self.line.push(b',');
-            self.line.extend_from_slice(&body[1..]);
-        } else {
-            self.line.push(b'}');
+        // The writer's own fields are refused in a record even where they are not written.
+        if let Some(serde_json::Value::Object(u)) = fields.get("unmapped") {
+            let mine = |k: &str| !matches!(mark_key(&mark), Some(m) if m == k);
+            if [SEGMENT, OPENS, CLOSES]
+                .iter()
+                .any(|k| mine(k) && u.contains_key(*k))
+            {
+                return Err(ChainError::BadRecord);
+            }
         }
-        let hash = hash_line(&self.line);
+        let body = serde_json::to_vec(&fields).map_err(|_| ChainError::BadRecord)?;
+        self.write_line(|_, line| line.extend_from_slice(&body), keep)
+    }
+
+    fn write_line(
+        &mut self,
+        write: impl FnOnce(Link<'_>, &mut Vec<u8>),
+        keep: u64,
+    ) -> Result<u64, ChainError> {
+        let seq = self.head.seq + 1;
+        self.line.clear();
+        write(
+            Link {
+                seq,
+                prev: &self.head.hash,
+            },
+            &mut self.line,
+        );
+        let hash = Hash::of(&self.line);
         self.line.push(b'\n');
         let bytes = self.line.len() as u64;
         self.ensure(bytes, keep)?;
@@ -630,10 +683,8 @@ fn first_record(path: &Path) -> Option<(u64, Option<SegmentLink>)> {
         .read_until(b'\n', &mut line)
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(line.strip_suffix(b"\n")?).ok()?;
-    let link = v
-        .get("segment")
-        .and_then(|l| serde_json::from_value(l.clone()).ok());
-    Some((v.get("seq")?.as_u64()?, link))
+    let link = super::chain_field(&v, SEGMENT).and_then(|l| serde_json::from_value(l.clone()).ok());
+    Some((link_of(&v)?.0, link))
 }
 
 enum TailError {
@@ -695,12 +746,12 @@ fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
 fn head_of(line: &[u8]) -> Result<Head, TailError> {
     let seq = serde_json::from_slice::<serde_json::Value>(line)
         .ok()
-        .and_then(|v| v.get("seq").and_then(|s| s.as_u64()))
+        .and_then(|v| link_of(&v).map(|(seq, _)| seq))
         .ok_or_else(|| {
             TailError::Bad("its last complete line is not a chained record".to_owned())
         })?;
     Ok(Head {
         seq,
-        hash: hash_line(line),
+        hash: Hash::of(line),
     })
 }

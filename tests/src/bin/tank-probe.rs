@@ -343,7 +343,7 @@ fn detach(pin_dir: &str, cgroup_dir: &str) -> String {
                 let attach_type = hook.cgroup_attach_type().expect("cgroup hook");
                 results.push(format!(
                     "prog_detach {}={}",
-                    hook.name,
+                    hook.name(),
                     show(&bpf_prog_detach(&cgroup, attach_type))
                 ));
             }
