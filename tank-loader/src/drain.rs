@@ -6,6 +6,11 @@
 //! An `established` event comes from a kernel callback that runs outside the connecting task,
 //! so it names no process; the drain copies the process from the connect attempt with the same
 //! socket cookie ([`Attempts`]), so every record of a connection says who made it.
+//!
+//! A full disk fails closed ([`Stall`]): the event the log has no space for is kept, and the
+//! drain stops reading the ring buffer, so the ring fills and the kernel refuses further
+//! attempts and counts them (`unrecorded_denied`). When space returns the kept event is written,
+//! then an outage record, and draining goes on: nothing allowed goes unrecorded.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -15,7 +20,8 @@ use anyhow::Context;
 use aya::maps::{MapData, RingBuf};
 use tank_ebpf_common::chain::ChainWriter;
 use tank_ebpf_common::event::{hook, verdict, Event};
-use tank_ebpf_common::ocsf::kernel::Formatter;
+use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
+use tank_ebpf_common::ocsf::lifecycle;
 use tokio::io::unix::AsyncFd;
 
 /// How often the log is made durable and its anchor moved even when the ring buffer is quiet
@@ -27,6 +33,7 @@ pub async fn run(
     ring: RingBuf<MapData>,
     log: &mut ChainWriter,
     records: &Formatter,
+    hostname: &str,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<u64> {
     // SAFETY: the AsyncFd owns the ring buffer, so its descriptor outlives the registration.
@@ -34,24 +41,84 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("cannot watch the ring buffer: {}", e.into_parts().1))?;
     let mut tick = tokio::time::interval(TICK);
     let mut attempts = Attempts::default();
+    let mut stall = Stall::new(hostname);
     let mut written = 0;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer wait failed")?;
-                written += drain(guard.get_inner_mut(), &mut attempts, log, records)?;
+                written += drain(guard.get_inner_mut(), &mut attempts, log, records, &mut stall)?;
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                written += drain(ring.get_mut(), &mut attempts, log, records)?;
+                written += drain(ring.get_mut(), &mut attempts, log, records, &mut stall)?;
             }
             () = &mut shutdown => {
-                written += drain(ring.get_mut(), &mut attempts, log, records)?;
+                written += drain(ring.get_mut(), &mut attempts, log, records, &mut stall)?;
+                if stall.event.is_some() {
+                    tracing::error!("stopping while the audit log has no space: the event it could not take is lost with this loader; the ring buffer keeps the rest for the next one");
+                }
                 log.sync()?;
                 return Ok(written);
             }
         }
+    }
+}
+
+/// The drain's state while the log has no space: the one event it took from the ring and could
+/// not write, and since when.
+struct Stall {
+    hostname: String,
+    event: Option<(Event, i64)>,
+    since_ms: i64,
+    error: String,
+}
+
+impl Stall {
+    fn new(hostname: &str) -> Self {
+        Self {
+            hostname: hostname.to_owned(),
+            event: None,
+            since_ms: 0,
+            error: String::new(),
+        }
+    }
+
+    /// Writes the kept event and then the outage record; false while there is still no space.
+    fn resume(&mut self, log: &mut ChainWriter, records: &Formatter) -> anyhow::Result<bool> {
+        let Some((event, unix_ns)) = self.event else {
+            return Ok(true);
+        };
+        match log.append_with(|link, line| records.write(line, link, &event, unix_ns)) {
+            Err(e) if e.is_full() => return Ok(false),
+            r => r?,
+        };
+        let until = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let outage = LifecycleRecord::new(
+            &self.hostname,
+            env!("CARGO_PKG_VERSION"),
+            lifecycle::OTHER,
+            "the audit log had no space: the ring buffer filled and the kernel refused attempts (counter unrecorded_denied)".into(),
+            serde_json::json!({"event": "audit_outage", "since": self.since_ms, "until": until, "error": self.error}),
+        );
+        // Drawn from the reserve the writer keeps for it.
+        log.append_keeping(&outage, 0)?;
+        tracing::info!(
+            since = self.since_ms,
+            "audit log writable again; draining the ring buffer"
+        );
+        self.event = None;
+        Ok(true)
+    }
+
+    fn begin(&mut self, event: Event, unix_ns: i64, error: &tank_ebpf_common::chain::ChainError) {
+        self.event = Some((event, unix_ns));
+        self.since_ms = tank_ebpf_common::ocsf::unix_ms(unix_ns);
+        self.error = error.to_string();
+        tracing::error!(%error, "audit log has no space: no longer draining the ring buffer, so the kernel refuses new attempts until space returns");
     }
 }
 
@@ -61,9 +128,16 @@ fn drain(
     attempts: &mut Attempts,
     log: &mut ChainWriter,
     records: &Formatter,
+    stall: &mut Stall,
 ) -> anyhow::Result<u64> {
     let clock = Clock::now();
     let mut n = 0;
+    if stall.event.is_some() {
+        if !stall.resume(log, records)? {
+            return Ok(0);
+        }
+        n += 1;
+    }
     while let Some(item) = ring.next() {
         let Some(mut event) = parse(&item) else {
             tracing::error!(len = item.len(), "ring buffer item of unexpected size; kernel and loader disagree on the event layout");
@@ -71,8 +145,14 @@ fn drain(
         };
         attempts.join(&mut event);
         let unix_ns = clock.unix_ns(event.ktime_ns);
-        log.append_with(|link, line| records.write(line, link, &event, unix_ns))?;
-        n += 1;
+        match log.append_with(|link, line| records.write(line, link, &event, unix_ns)) {
+            Ok(_) => n += 1,
+            Err(e) if e.is_full() => {
+                stall.begin(event, unix_ns, &e);
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     if n > 0 {
         let head = log.sync()?;

@@ -107,6 +107,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         ring,
         &mut log,
         &Formatter::new(&hostname, env!("CARGO_PKG_VERSION")),
+        &hostname,
         shutdown_signal(),
     ))?;
     tracing::info!(
