@@ -7,7 +7,7 @@
 //! so it names no process; the drain copies the process from the connect attempt with the same
 //! socket cookie ([`Attempts`]), so every record of a connection says who made it.
 //!
-//! A full disk fails closed ([`Stall`]): the event the log has no space for is kept, and the
+//! A full disk fails closed ([`LogState`]): the event the log has no space for is kept, and the
 //! drain stops reading the ring buffer, so the ring fills and the kernel refuses further
 //! attempts and counts them (`unrecorded_denied`). When space returns the kept event is written,
 //! then an outage record, and draining goes on: nothing allowed goes unrecorded.
@@ -41,11 +41,20 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("cannot watch the ring buffer: {}", e.into_parts().1))?;
     let mut tick = tokio::time::interval(TICK);
     let mut attempts = Attempts::default();
-    let mut stall = Stall::new(hostname);
+    let mut stall = LogState::new(hostname);
     let mut written = 0;
+    // SIGHUP: logrotate moved the log away; continue in a new file at its path.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot watch SIGHUP")?;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
+            _ = hup.recv() => {
+                let record = stall.lifecycle("log reopened after being moved away (SIGHUP)", "reopened");
+                if log.reopen(&record)? {
+                    tracing::info!(log = %log.path().display(), "audit log had been moved away; continuing in a new file, linked to the last record");
+                }
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer wait failed")?;
                 written += drain(guard.get_inner_mut(), &mut attempts, log, records, &mut stall)?;
@@ -66,16 +75,16 @@ pub async fn run(
     }
 }
 
-/// The drain's state while the log has no space: the one event it took from the ring and could
-/// not write, and since when.
-struct Stall {
+/// The drain's view of its log: while it has no space, the one event taken from the ring and
+/// not written, and since when; the lifecycle records it writes about the log.
+struct LogState {
     hostname: String,
     event: Option<(Event, i64)>,
     since_ms: i64,
     error: String,
 }
 
-impl Stall {
+impl LogState {
     fn new(hostname: &str) -> Self {
         Self {
             hostname: hostname.to_owned(),
@@ -97,13 +106,11 @@ impl Stall {
         let until = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let outage = LifecycleRecord::new(
-            &self.hostname,
-            env!("CARGO_PKG_VERSION"),
-            lifecycle::OTHER,
-            "the audit log had no space: the ring buffer filled and the kernel refused attempts (counter unrecorded_denied)".into(),
-            serde_json::json!({"event": "audit_outage", "since": self.since_ms, "until": until, "error": self.error}),
+        let mut outage = self.lifecycle(
+            "the audit log had no space: the ring buffer filled and the kernel refused attempts (counter unrecorded_denied)",
+            "audit_outage",
         );
+        outage.unmapped = serde_json::json!({"event": "audit_outage", "since": self.since_ms, "until": until, "error": self.error});
         // Drawn from the reserve the writer keeps for it.
         log.append_keeping(&outage, 0)?;
         tracing::info!(
@@ -112,6 +119,17 @@ impl Stall {
         );
         self.event = None;
         Ok(true)
+    }
+
+    /// A lifecycle record of the loader about its log (`unmapped.event`).
+    fn lifecycle(&self, message: &str, event: &str) -> LifecycleRecord {
+        LifecycleRecord::new(
+            &self.hostname,
+            env!("CARGO_PKG_VERSION"),
+            lifecycle::OTHER,
+            message.to_owned(),
+            serde_json::json!({ "event": event }),
+        )
     }
 
     fn begin(&mut self, event: Event, unix_ns: i64, error: &tank_ebpf_common::chain::ChainError) {
@@ -128,7 +146,7 @@ fn drain(
     attempts: &mut Attempts,
     log: &mut ChainWriter,
     records: &Formatter,
-    stall: &mut Stall,
+    stall: &mut LogState,
 ) -> anyhow::Result<u64> {
     let clock = Clock::now();
     let mut n = 0;
@@ -157,6 +175,18 @@ fn drain(
     if n > 0 {
         let head = log.sync()?;
         tracing::debug!(events = n, seq = head.seq, hash = %head.hash, "audit log synced");
+        if stall.event.is_none() && log.rotation_due() {
+            let record = stall.lifecycle("new audit log segment", "segment");
+            match log.rotate(&record) {
+                Ok(r) => {
+                    tracing::info!(segment = %r.segment.display(), removed = r.removed.len(), "audit log rotated")
+                }
+                // The active file stays as it was; tried again after the next batch.
+                Err(e) => {
+                    tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "audit log rotation failed; continuing in the current file")
+                }
+            }
+        }
     }
     Ok(n)
 }

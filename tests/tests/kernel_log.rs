@@ -1,4 +1,4 @@
-//! The kernel audit log on a full disk (root only): the loader stops draining, the ring buffer
+//! The kernel audit log on a full disk and rotated (root only): the loader stops draining, the ring buffer
 //! fills and the kernel refuses further attempts and counts them; `status` says why; nothing
 //! that reached the listener goes unrecorded, no line is partial, and once space returns the
 //! loader drains again by itself, with an outage record, the chain intact (also after a
@@ -184,4 +184,42 @@ fn a_full_kernel_log_fails_closed_and_recovers_with_the_chain_intact() {
     loader.stop();
     let report = chain::verify(&log).unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
+}
+
+#[test]
+fn the_kernel_log_rotates_into_segments_that_verify_as_one_chain() {
+    tank_integration_tests::require_root();
+    let cg = TestCgroups::new();
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = target.local_addr().unwrap();
+    let mut loader = Loader::start(
+        &cg,
+        &format!("proxies = [\"{addr}\"]\n[audit]\nrotate_bytes = 4096\nkeep_segments = 3\n"),
+    );
+    for _ in 0..30 {
+        assert_eq!(probe(&cg.agent, None, &["tcp", &addr.to_string()]).1, "ok");
+    }
+    loader.stop();
+    let (report, records) = chain::read(&loader.audit_log).unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert_eq!(
+        report.segments.len(),
+        4,
+        "3 kept segments and the active file"
+    );
+    assert!(
+        report.segments[0].first_seq > 1,
+        "retention removed the oldest"
+    );
+    assert!(records
+        .iter()
+        .any(|r| r.value["unmapped"]["event"] == "segment"));
+    // A missing segment is caught.
+    std::fs::remove_file(&report.segments[1].file).unwrap();
+    let report = chain::verify(&loader.audit_log).unwrap();
+    assert!(
+        matches!(report.problems[..], [chain::Problem::MissingSegment { .. }]),
+        "{:?}",
+        report.problems
+    );
 }
