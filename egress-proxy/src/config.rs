@@ -835,6 +835,28 @@ idle_timeout_secs = 2.5
     }
 
     #[test]
+    fn audit_table_sets_reserve_and_rotation_and_rejects_nonsense() {
+        let d = ok("").audit;
+        assert_eq!(d.reserve_bytes, 64 << 10);
+        assert_eq!(d.rotation.max_bytes, Some(64 << 20));
+        assert_eq!(d.rotation.max_age, Some(Duration::from_secs(86_400)));
+        assert!(d.rotation.compress && d.rotation.keep_segments.is_none());
+        let c = ok("[audit]\nrotate_bytes = 0\nrotate_age_secs = 0\nkeep_segments = 3\nkeep_days = 1.5\ncompress = false\n").audit;
+        assert_eq!(c.rotation.max_bytes, None);
+        assert_eq!(c.rotation.max_age, None);
+        assert_eq!(c.rotation.keep_segments, Some(3));
+        assert_eq!(c.rotation.keep_age, Some(Duration::from_secs(129_600)));
+        assert!(!c.rotation.compress);
+        let e = errs(&format!("{BASE}[audit]\nkeep_segments = 0\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].2.contains("keep_segments"), "{e:?}");
+        let e = errs(&format!("{BASE}[audit]\nreserve_bytes = 10\n"));
+        assert!(e[0].2.contains("reserve_bytes"), "{e:?}");
+        let e = errs(&format!("{BASE}[audit]\nrotate_size = 1\n"));
+        assert!(e[0].2.contains("rotate_size"), "{e:?}");
+    }
+
+    #[test]
     fn relative_audit_log_is_beside_the_config() {
         let c = parse(
             "listen = [\"127.0.0.1:0\"]\nclient_networks = [\"127.0.0.1\"]\naudit_log = \"audit.jsonl\"\nadmin_listen = \"off\"\n",
