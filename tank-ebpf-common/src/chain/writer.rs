@@ -324,7 +324,7 @@ impl ChainWriter {
         self.append_line(record, Mark::None, keep)
     }
 
-    /// Appends a record that opens a span (a tunnel): it carries `"opens":true`, and
+    /// Appends a record that opens a span (a tunnel): it carries `unmapped.opens: true`, and
     /// [`super::verify`] lists it as open until a record closes it.
     pub fn append_opening<T: Serialize>(
         &mut self,
@@ -335,7 +335,7 @@ impl ChainWriter {
     }
 
     /// Appends a record that closes the span opened by record `opened`: it carries
-    /// `"closes":<seq>`.
+    /// `unmapped.closes: <seq>`.
     pub fn append_closing<T: Serialize>(
         &mut self,
         record: &T,
