@@ -48,6 +48,8 @@ pub const SYNC_INTERVAL: Duration = Duration::from_millis(10);
 pub const CLOSE_RESERVE: u64 = 4096;
 /// How often a writer that cannot write tries again.
 const RETRY: Duration = Duration::from_millis(100);
+/// How often the writer checks that the log's path still names the file it writes.
+const PATH_CHECK: Duration = Duration::from_secs(1);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -237,6 +239,18 @@ impl Audit {
             .name("audit-writer".into())
             .spawn(move || state.run())
             .expect("spawn audit writer");
+        // A log deleted or moved without SIGHUP: the writer checks its path every second, also
+        // when idle, and continues there rather than in a lost inode. A weak sender, so the
+        // writer still ends when the last connection's sender is gone.
+        let weak = tx.downgrade();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PATH_CHECK);
+            loop {
+                tick.tick().await;
+                let Some(tx) = weak.upgrade() else { return };
+                let _ = tx.try_send(Entry::Reopen);
+            }
+        });
         Ok((Audit { tx, healthy }, AuditThread(thread)))
     }
 
@@ -382,12 +396,12 @@ impl Writer {
             Entry::Reopen => {
                 let record = lifecycle(
                     &self.hostname,
-                    "log reopened after being moved away (SIGHUP)",
-                    serde_json::json!({}),
+                    "log continued in a new file: the old one was moved or deleted",
+                    serde_json::json!({"event": "reopened"}),
                 );
                 match self.writer.reopen(&record) {
                     Ok(true) => {
-                        tracing::info!(log = %self.writer.path().display(), "audit log had been moved away; continuing in a new file, linked to the last record");
+                        tracing::warn!(log = %self.writer.path().display(), "audit log had been moved or deleted; continuing in a new file at its path, linked to the last record");
                         Ok(0)
                     }
                     Ok(false) => Ok(0),
@@ -482,7 +496,7 @@ impl Writer {
         let record = lifecycle(
             &self.hostname,
             "new audit log segment",
-            serde_json::json!({}),
+            serde_json::json!({"event": "segment"}),
         );
         match self.writer.rotate(&record) {
             Ok(r) => {

@@ -431,3 +431,32 @@ fn sighup_after_logrotate_moved_the_log_continues_in_a_new_linked_file() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("intact: 5 records in 2 segments"), "{out}");
 }
+
+#[test]
+fn a_deleted_log_is_noticed_and_writing_goes_on_at_its_path() {
+    let dir = tempdir();
+    let origin = Origin::echo();
+    let mut proxy = Proxy::start(dir.path(), &echo_body(origin.port));
+    let (s, _) = connect_tunnel(proxy.addr, &format!("echo.test:{}", origin.port));
+    drop(s);
+    proxy.wait_records(1);
+    std::fs::remove_file(&proxy.audit).unwrap();
+    // No signal: the writer notices within its path check, even with no traffic.
+    let first = wait_for(Duration::from_secs(10), "a new log at the path", || {
+        read_chain(&proxy.audit).into_iter().next()
+    });
+    assert_eq!(first["unmapped"]["event"], "reopened", "{first}");
+    assert_eq!(
+        first["unmapped"]["segment"]["previous_last_seq"], 2,
+        "{first}"
+    );
+    let (s, _) = connect_tunnel(proxy.addr, &format!("echo.test:{}", origin.port));
+    drop(s);
+    proxy.wait_records(1);
+    assert!(proxy.stop().success());
+    assert_eq!(read_chain(&proxy.audit).len(), 3);
+    // What came before is gone, and verify says so rather than passing the new file alone.
+    let (code, out) = verify(&[&proxy.audit]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the series starts at seq 3"), "{out}");
+}
