@@ -120,11 +120,15 @@ impl Draft {
     /// The record of the connection's end: its closing record when it was opened, else the
     /// one record of a refused or failed connection.
     pub fn finish(&self, hostname: &str) -> ConnectionRecord {
-        let phase = match self.opened {
-            Some(_) => Phase::Closing,
-            None => Phase::Whole,
-        };
-        self.record(hostname, phase)
+        match self.opened {
+            Some(_) => self.closing(hostname),
+            None => self.record(hostname, Phase::Whole),
+        }
+    }
+
+    /// The closing record of a connection that had an opening record.
+    pub fn closing(&self, hostname: &str) -> ConnectionRecord {
+        self.record(hostname, Phase::Closing)
     }
 
     fn record(&self, hostname: &str, phase: Phase) -> ConnectionRecord {
@@ -137,10 +141,14 @@ impl Draft {
             phase,
             client: self.client,
             local: self.local,
-            target: Endpoint {
-                hostname: self.host.clone(),
-                ip: self.ip,
-                port: self.port,
+            // With no request parsed, the only destination there was is the proxy itself.
+            target: match (self.host.clone(), self.ip) {
+                (None, None) => self.local.into(),
+                (hostname, ip) => Endpoint {
+                    hostname,
+                    ip,
+                    port: self.port,
+                },
             },
             traffic: self.traffic.clone(),
             url,
@@ -510,8 +518,9 @@ impl Writer {
     }
 }
 
-/// The proxy's own lifecycle record about its log (`unmapped.event` says what).
-fn lifecycle(hostname: &str, message: &str, details: serde_json::Value) -> LifecycleRecord {
+/// The proxy's own lifecycle record about its log (`unmapped.event` says what: `audit_outage`,
+/// `segment`, `reopened`).
+pub fn lifecycle(hostname: &str, message: &str, details: serde_json::Value) -> LifecycleRecord {
     LifecycleRecord::of(
         PRODUCT,
         LogName::Proxy,

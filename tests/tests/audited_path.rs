@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use tank_ebpf_common::chain::{self, ChainWriter};
+use tank_ebpf_common::ocsf::validate;
 use tank_integration_tests::topology::{
     TwoHosts, AGENT_IP, FORBIDDEN_NAME, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PORT,
 };
@@ -138,6 +139,18 @@ fn curl_and_git_through_the_proxy_match_the_kernel_records_one_to_one() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("verdict: CONSISTENT"), "{text}");
     assert!(text.contains(&format!("{proxied} of {proxied}")), "{text}");
+
+    // What both real programs wrote in a real run is valid OCSF, record by record.
+    for log in [&hosts.loader.audit_log, &hosts.proxy_log] {
+        let (_, records) = chain::read(log).unwrap();
+        let values: Vec<_> = records.iter().map(|r| &r.value).collect();
+        if let Err(violations) = validate::check(values) {
+            panic!(
+                "{}: records that are not valid OCSF:\n{violations}",
+                log.display()
+            );
+        }
+    }
 }
 
 #[test]

@@ -40,6 +40,19 @@ const PACKAGES: &[(&str, &str)] = &[
         "kill and sysctl, used by the image checks and the test namespaces",
     ),
     ("bpftool", "inspecting programs in the bypass tests"),
+    ("python3-pip", "installs the OCSF validator's PyPI packages"),
+];
+
+/// PyPI packages at exact versions, installed with `pip install --target` into
+/// `target/ocsf-python` (where `tank_ebpf_common::ocsf::validate` looks): the OCSF validation
+/// tests check every record kind against the official OCSF schema with them.
+const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "ocsf-json-schema",
+        "1.2.0",
+        "JSON Schema of each OCSF class, generated from OCSF's own schema",
+    ),
+    ("jsonschema", "4.26.0", "the JSON Schema validator"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -84,6 +97,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         eprintln!("setup: all {} Debian packages present", PACKAGES.len());
     }
 
+    python_packages(opts)?;
+
     let linker = cargo_home().join("bin/bpf-linker");
     let version = Command::new(&linker)
         .arg("--version")
@@ -119,6 +134,54 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .env("RUSTFLAGS", format!("-L {llvm}/lib")),
     )
     .context("cannot build bpf-linker (needs crates.io and llvm-22-dev)")
+}
+
+/// Installs [`PYTHON_PACKAGES`] unless every one is there at its version.
+fn python_packages(opts: &Options) -> anyhow::Result<()> {
+    let dir = cmd::root().join("target/ocsf-python");
+    let check = PYTHON_PACKAGES
+        .iter()
+        .map(|(name, version, _)| format!("m.version({name:?}) == {version:?}"))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let present = Command::new("python3")
+        .args([
+            "-c",
+            &format!("import importlib.metadata as m, sys; sys.exit(0 if {check} else 1)"),
+        ])
+        .env("PYTHONPATH", &dir)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        if opts.verbose {
+            eprintln!("setup: Python packages present in {}", dir.display());
+        }
+        return Ok(());
+    }
+    let pins: Vec<String> = PYTHON_PACKAGES
+        .iter()
+        .map(|(name, version, _)| format!("{name}=={version}"))
+        .collect();
+    eprintln!(
+        "setup: installing {} into {}",
+        pins.join(" "),
+        dir.display()
+    );
+    cmd::run(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg("--root-user-action=ignore")
+            .args(["--upgrade", "--target"])
+            .arg(&dir)
+            .args(&pins),
+    )
+    .with_context(|| format!("cannot install {} (needs PyPI)", pins.join(" ")))
 }
 
 fn installed(package: &str) -> bool {

@@ -29,6 +29,8 @@
 
 pub mod kernel;
 pub mod proxy;
+#[cfg(feature = "ocsf-validate")]
+pub mod validate;
 
 use std::net::{IpAddr, SocketAddr};
 
