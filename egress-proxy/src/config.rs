@@ -1,7 +1,8 @@
 //! The TOML configuration, validated into a [`Config`] with line-precise errors.
 //!
-//! Every error names `FILE:LINE:COL`; validation collects all problems of a file rather
-//! than stopping at the first. See docs/proxy.md for every key.
+//! Every error names `FILE:LINE:COL` on one line; validation collects all problems of a
+//! file rather than stopping at the first. Rules that can never apply load, with a warning
+//! in the same form ([`Config::warnings`]). See docs/proxy.md for every key.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -17,7 +18,8 @@ use toml::Spanned;
 
 use tank_ebpf_common::chain;
 
-use crate::policy::{Limits, Pattern, Policy, Ports, Rule};
+use crate::path::normalise_prefix;
+use crate::policy::{Limits, Pattern, Policy, Ports, ResolverSettings, Rule};
 use crate::target::{canonical_host, Host};
 
 /// Default port of an `allowed_domains` entry that names none.
@@ -38,6 +40,9 @@ pub struct Config {
     pub audit: chain::Options,
     /// Everything a reload may change.
     pub policy: Policy,
+    /// Rules that can never apply, or apply otherwise than written, one
+    /// `FILE:LINE:COL: warning: ...` line each; `check`, `run` and reload print them.
+    pub warnings: Vec<String>,
 }
 
 /// One problem in a configuration file, at a position.
@@ -97,18 +102,37 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Diagnostic>> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let (line, col) = line_col(text, e.span().map_or(0, |s| s.start));
-        vec![Diagnostic {
-            line,
-            col,
-            message: e.message().trim().to_owned(),
-        }]
+        // toml's message spans lines ("invalid array\nexpected `]`"): one line, joined.
+        let message = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(": ");
+        vec![Diagnostic { line, col, message }]
     })?;
     let mut v = Validator {
         text,
         diags: Vec::new(),
+        warnings: Vec::new(),
     };
-    let config = v.config(raw, path);
+    let mut config = v.config(raw, path);
     if v.diags.is_empty() {
+        v.warnings.sort_by_key(|d| (d.line, d.col));
+        config.warnings = v
+            .warnings
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}:{}:{}: warning: {}",
+                    path.display(),
+                    d.line,
+                    d.col,
+                    d.message
+                )
+            })
+            .collect();
         Ok(config)
     } else {
         v.diags.sort_by_key(|d| (d.line, d.col));
@@ -156,7 +180,17 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    resolver: RawResolver,
+    #[serde(default)]
     audit: Option<Spanned<chain::Settings>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawResolver {
+    nameservers: Option<Spanned<Vec<Spanned<String>>>>,
+    lookup_timeout_secs: Option<Spanned<f64>>,
+    max_concurrent_lookups: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -273,16 +307,66 @@ impl<'de> Deserialize<'de> for Addrs {
 struct Validator<'a> {
     text: &'a str,
     diags: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Validator<'_> {
-    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
+    fn at(&self, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
         let (line, col) = line_col(self.text, span.start);
-        self.diags.push(Diagnostic {
+        Diagnostic {
             line,
             col,
             message: message.into(),
-        });
+        }
+    }
+
+    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let d = self.at(span, message);
+        self.diags.push(d);
+    }
+
+    fn warn(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let d = self.at(span, message);
+        self.warnings.push(d);
+    }
+
+    /// Warns about rules that can never apply as written, or refuse more than they say.
+    fn warn_rules(&mut self, allowed: &[(Rule, Range<usize>)], denied: &[(Rule, Range<usize>)]) {
+        for (d, span) in denied {
+            if d.is_request_level() {
+                self.warn(
+                    span.clone(),
+                    format!("{} judges requests (paths or methods): tunnels (HTTPS) to the hosts it names are refused, since their requests cannot be seen", d.id),
+                );
+            }
+        }
+        for (rule, span) in allowed {
+            if let Some((d, _)) = denied.iter().find(|(d, _)| {
+                d.methods.is_none()
+                    && d.path_prefixes.is_none()
+                    && rule.pattern.covered_by(&d.pattern)
+                    && match (&d.ports, &rule.ports) {
+                        (Ports::Any, _) => true,
+                        (Ports::List(dp), Ports::List(rp)) => rp.iter().all(|p| dp.contains(p)),
+                        (Ports::List(_), Ports::Any) => false,
+                    }
+            }) {
+                self.warn(
+                    span.clone(),
+                    format!(
+                        "{} never applies: {} denies every host and port it names",
+                        rule.id, d.id
+                    ),
+                );
+            } else if rule.path_prefixes.is_some()
+                && matches!(&rule.ports, Ports::List(l) if l.iter().all(|&p| p == 443))
+            {
+                self.warn(
+                    span.clone(),
+                    format!("{} allows only plain-HTTP paths, yet names only port 443: HTTPS tunnels to it are refused (a tunnel's paths cannot be seen)", rule.id),
+                );
+            }
+        }
     }
 
     fn config(&mut self, raw: RawConfig, path: &Path) -> Config {
@@ -353,16 +437,19 @@ impl Validator<'_> {
                 path.parent().unwrap_or(Path::new(".")).join(p)
             }
         };
-        let allowed = raw
+        let allowed: Vec<(Rule, Range<usize>)> = raw
             .allowed_domains
             .iter()
-            .filter_map(|r| self.rule(r, true))
+            .filter_map(|r| Some((self.rule(r, true)?, r.span())))
             .collect();
-        let denied = raw
+        let denied: Vec<(Rule, Range<usize>)> = raw
             .denied_domains
             .iter()
-            .filter_map(|r| self.rule(r, false))
+            .filter_map(|r| Some((self.rule(r, false)?, r.span())))
             .collect();
+        self.warn_rules(&allowed, &denied);
+        let allowed = allowed.into_iter().map(|(r, _)| r).collect();
+        let denied = denied.into_iter().map(|(r, _)| r).collect();
         let mut hosts = HashMap::new();
         for (name, addrs) in &raw.hosts {
             match canonical_host(name.get_ref()) {
@@ -396,6 +483,7 @@ impl Validator<'_> {
         }
         let limits = self.limits(&raw.limits);
         let audit = self.audit(&raw.audit);
+        let resolver = self.resolver(&raw.resolver);
         Config {
             listen,
             admin_listen,
@@ -407,8 +495,60 @@ impl Validator<'_> {
                 client_networks,
                 hosts,
                 system_resolver: raw.system_resolver.unwrap_or(true),
+                resolver,
                 limits,
             },
+            warnings: Vec::new(),
+        }
+    }
+
+    fn resolver(&mut self, raw: &RawResolver) -> ResolverSettings {
+        let d = ResolverSettings::default();
+        let nameservers = raw.nameservers.as_ref().map(|list| {
+            if list.get_ref().is_empty() {
+                self.err(
+                    list.span(),
+                    "`nameservers` is empty; leave it out to use /etc/resolv.conf",
+                );
+            }
+            list.get_ref()
+                .iter()
+                .filter_map(|a| {
+                    let s = a.get_ref();
+                    let parsed = s
+                        .parse::<SocketAddr>()
+                        .ok()
+                        .or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+                    if parsed.is_none() {
+                        self.err(a.span(), format!("`{s}` is not an address or address:port"));
+                    }
+                    parsed
+                })
+                .collect()
+        });
+        let lookup_timeout = match &raw.lookup_timeout_secs {
+            None => d.lookup_timeout,
+            Some(s) if (0.1..=60.0).contains(s.get_ref()) => Duration::from_secs_f64(*s.get_ref()),
+            Some(s) => {
+                self.err(
+                    s.span(),
+                    "`lookup_timeout_secs` must be from 0.1 to 60 seconds",
+                );
+                d.lookup_timeout
+            }
+        };
+        let max_lookups = match &raw.max_concurrent_lookups {
+            None => d.max_lookups,
+            Some(s) if (1..=65536).contains(s.get_ref()) => *s.get_ref() as usize,
+            Some(s) => {
+                self.err(s.span(), "`max_concurrent_lookups` must be from 1 to 65536");
+                d.max_lookups
+            }
+        };
+        ResolverSettings {
+            nameservers,
+            lookup_timeout,
+            max_lookups,
         }
     }
 
@@ -590,11 +730,19 @@ impl Validator<'_> {
                         .iter()
                         .filter_map(|x| {
                             let p = x.get_ref();
-                            if p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()) {
-                                Some(p.clone())
-                            } else {
-                                self.err(x.span(), format!("path prefix `{p}` must start with `/` and hold no spaces or control characters"));
-                                None
+                            let normal = (p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()))
+                                .then(|| normalise_prefix(p).ok())
+                                .flatten();
+                            match normal {
+                                Some(n) if &n != p => {
+                                    self.warn(x.span(), format!("path prefix `{p}` is compared in normal form, as `{n}` (see docs/proxy.md)"));
+                                    Some(n)
+                                }
+                                Some(n) => Some(n),
+                                None => {
+                                    self.err(x.span(), format!("path prefix `{p}` must start with `/` and hold no spaces, control characters, `?`, backslashes or malformed escapes"));
+                                    None
+                                }
                             }
                         })
                         .collect::<Vec<_>>()
@@ -907,6 +1055,45 @@ idle_timeout_secs = 2.5
         );
         assert_eq!(e.len(), 3, "{e:?}");
         assert!(e[1].2.contains("10.0.0.0/8"), "{e:?}");
+    }
+
+    #[test]
+    fn rules_that_never_apply_as_written_are_warned_about() {
+        let c = ok(r#"allowed_domains = [
+  "gist.github.com",
+  { domain = "api.test", path_prefixes = ["/v1/"] },
+  { domain = "files.test", ports = [80], path_prefixes = ["//pub/./x/"] },
+  "fine.test",
+]
+denied_domains = ["*.github.com", { domain = "files.test", path_prefixes = ["/private/"] }]
+"#);
+        let w = c.warnings;
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(w[0].starts_with("/etc/p.toml:5:3: warning: allowed_domains:gist.github.com never applies: denied_domains:*.github.com"), "{w:?}");
+        assert!(w[1].starts_with("/etc/p.toml:6:3: warning: allowed_domains:api.test allows only plain-HTTP paths, yet names only port 443"), "{w:?}");
+        assert!(
+            w[2].contains("`//pub/./x/` is compared in normal form, as `/pub/x/`"),
+            "{w:?}"
+        );
+        assert!(
+            w[3].starts_with(
+                "/etc/p.toml:10:35: warning: denied_domains:files.test judges requests"
+            ),
+            "{w:?}"
+        );
+        assert_eq!(
+            c.policy.allowed[2].path_prefixes,
+            Some(vec!["/pub/x/".to_owned()])
+        );
+        assert!(ok("allowed_domains = [\"a.test\"]\n").warnings.is_empty());
+    }
+
+    #[test]
+    fn a_syntax_error_is_one_line() {
+        let e = errs(&format!("{BASE}allowed_domains = [\"x.test\"\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(!e[0].2.contains('\n'), "{e:?}");
+        assert!(e[0].2.contains("expected"), "{e:?}");
     }
 
     #[test]

@@ -70,13 +70,17 @@ fn main() -> ExitCode {
         }
         Command::Check { file } => match config::load(&file) {
             Ok(c) => {
+                for w in &c.warnings {
+                    let _ = writeln!(std::io::stderr(), "{w}");
+                }
                 out(&format!(
-                    "{}: ok ({} allowed, {} denied rules, {} hosts entries, {} listeners)\n",
+                    "{}: ok ({} allowed, {} denied rules, {} hosts entries, {} listeners, {} warnings)\n",
                     file.display(),
                     c.policy.allowed.len(),
                     c.policy.denied.len(),
                     c.policy.hosts.len(),
-                    c.listen.len()
+                    c.listen.len(),
+                    c.warnings.len()
                 ));
                 ExitCode::SUCCESS
             }

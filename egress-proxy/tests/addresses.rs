@@ -225,20 +225,74 @@ fn clients_outside_client_networks_are_refused_and_recorded() {
     assert_eq!(last["src_endpoint"]["ip"], "127.0.0.2");
 }
 
-/// A TCP connection from a chosen loopback source address.
-fn bind_connect(src: &str, dst: std::net::SocketAddr) -> std::net::TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-        let s = sock.connect(dst).await.unwrap();
-        let s = s.into_std().unwrap();
-        s.set_nonblocking(false).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
-        s
+/// Runs `ip ARGS` (in the calling thread's network namespace), panicking on failure.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (package iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_address_the_proxy_host_gains_after_start_is_its_own() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root: it gives the proxy a network namespace of its own and adds an address there (cargo xtask test runs it as root)"
+    );
+    // A thread in a new, anonymous network namespace: the proxy, the origin and every
+    // address live there and vanish with it.
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        ip(&["link", "set", "lo", "up"]);
+        ip(&["link", "add", "tp0", "type", "veth", "peer", "name", "tp1"]);
+        ip(&["link", "set", "tp0", "up"]);
+        ip(&["link", "set", "tp1", "up"]);
+        // Listens on every address of the namespace, so whatever the proxy dials arrives.
+        let origin = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        origin.set_nonblocking(true).unwrap();
+        let p = origin.local_addr().unwrap().port();
+        let dir = tempdir();
+        // 100.200.0.1 is a public-class address: only being the proxy host's own makes it
+        // private.
+        let proxy = Proxy::start(
+            dir.path(),
+            &format!(
+                "allowed_domains = [\"late.test:{p}\"]\n[hosts]\n\"late.test\" = \"100.200.0.1\"\n"
+            ),
+        );
+        let (_, head) = connect_tunnel(proxy.addr, &format!("late.test:{p}"));
+        assert!(
+            head.starts_with("HTTP/1.1 502"),
+            "not yet an address of the host, and unroutable: {head}"
+        );
+
+        ip(&["addr", "add", "100.200.0.1/32", "dev", "tp0"]);
+        // The change reaches the proxy as a netlink event; allow it a moment to arrive.
+        wait_for(
+            std::time::Duration::from_secs(10),
+            "the proxy to see its new address",
+            || {
+                let (_, head) = connect_tunnel(proxy.addr, &format!("late.test:{p}"));
+                (!head.starts_with("HTTP/1.1 200")).then_some(())
+            },
+        );
+        while origin.accept().is_ok() {} // anything that arrived before the event
+        let (_, head) = connect_tunnel(proxy.addr, &format!("late.test:{p}"));
+        assert_eq!(refused_by(&head), "private-address", "{head}");
+        assert!(head.contains("100.200.0.1 is local-interface"), "{head}");
+        match origin.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => {
+                panic!("the origin was reached through the proxy host's own address: {other:?}")
+            }
+        }
     })
+    .join()
+    .expect("the test thread");
 }

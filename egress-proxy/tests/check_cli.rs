@@ -127,3 +127,45 @@ fn help_teaches_the_commands_and_exit_codes() {
     assert_eq!(code, 2);
     assert!(err.contains("unrecognized subcommand"), "{err}");
 }
+
+#[test]
+fn check_prints_a_syntax_error_as_one_line_and_warnings_without_failing() {
+    let dir = tempdir();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        config_text(dir.path(), "allowed_domains = [\"x.test\"\n"),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!("{}:7:1: ", bad.display())),
+        "{err}"
+    );
+
+    let (code, _, err) = run(&["run", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let warned = dir.path().join("warned.toml");
+    std::fs::write(
+        &warned,
+        config_text(
+            dir.path(),
+            "allowed_domains = [\"gist.github.com\"]\ndenied_domains = [\"*.github.com\"]\n",
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&["check", warned.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 warnings"), "{out}");
+    assert!(
+        err.starts_with(&format!(
+            "{}:6:20: warning: allowed_domains:gist.github.com never applies",
+            warned.display()
+        )),
+        "{err}"
+    );
+}

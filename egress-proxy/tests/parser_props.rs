@@ -73,6 +73,18 @@ proptest! {
     }
 
     #[test]
+    fn normal_form_is_stable_and_never_climbs(raw in "(/(\\.|\\.\\.|%2[eEfF]|%7[0-9]|[a-z]{0,3})){1,8}") {
+        let once = egress_proxy::path::normalise(&raw).unwrap();
+        let twice = egress_proxy::path::normalise(&once.to_string()).unwrap();
+        prop_assert_eq!(&once, &twice);
+        for view in once.denial_views() {
+            prop_assert!(view.starts_with('/'));
+            prop_assert!(!view.split('/').any(|s| s == "." || s == ".." || s.eq_ignore_ascii_case("%2e")));
+            prop_assert!(!view.contains("//"));
+        }
+    }
+
+    #[test]
     fn forwarded_heads_are_clean(
         host in domain(),
         path in "(/[a-zA-Z0-9._~-]{0,12}){1,4}",
@@ -89,13 +101,14 @@ proptest! {
         req.push_str("\r\n");
         let (r, _) = parse_request(req.as_bytes()).unwrap().unwrap();
         let Request::Http { head, body, path: p, .. } = r else { panic!("not http") };
-        prop_assert_eq!(&p, &path);
+        let normal = egress_proxy::path::normalise(&path).unwrap().to_string();
+        prop_assert_eq!(p.to_string(), normal.clone());
         prop_assert_eq!(body, match length { None | Some(0) => BodyKind::None, Some(n) => BodyKind::Length(n) });
         // The forwarded head re-parses as an origin-form request with one Host (the URL's).
         let mut hs = [httparse::EMPTY_HEADER; 64];
         let mut parsed = httparse::Request::new(&mut hs);
         prop_assert!(parsed.parse(&head).unwrap().is_complete());
-        prop_assert_eq!(parsed.path, Some(path.as_str()));
+        prop_assert_eq!(parsed.path, Some(normal.as_str()));
         let hosts: Vec<_> = parsed.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).collect();
         prop_assert_eq!(hosts.len(), 1);
         prop_assert_eq!(hosts[0].value, host.as_bytes());

@@ -146,3 +146,24 @@ fn the_origin_gets_a_clean_head_and_exactly_one_request() {
     );
     record_where(&records, &[("/unmapped/rule", "bad-request")]);
 }
+
+#[test]
+fn a_malformed_chunked_body_gets_a_400_and_a_record_that_says_so() {
+    let dir = tempdir();
+    let origin = Origin::http();
+    let proxy = start(dir.path(), origin.port);
+    let p = origin.port;
+    let req = format!("POST http://upload.test:{p}/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n");
+    let out = raw_request(proxy.addr, req.as_bytes());
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(header(&out, "X-Tank-Refused-By"), Some("bad-request"));
+    assert!(out.contains("malformed chunked request body"), "{out}");
+    let r = &proxy.wait_records(1)[0];
+    assert!(
+        r["unmapped"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("malformed chunked request body; answered 400"),
+        "{r}"
+    );
+}

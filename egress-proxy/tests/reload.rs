@@ -64,9 +64,23 @@ fn a_valid_reload_switches_policy_and_an_invalid_one_keeps_the_old() {
         1.0
     );
 
-    // A file that is not even TOML is rejected the same way.
+    // A file that is not even TOML is rejected the same way, in one line.
     proxy.reload_with("listen = [\n");
     assert!(status("b.test").contains("200"));
+    let log = proxy.log_text();
+    let at = log.rfind("reload rejected").expect("the second rejection");
+    let rest = &log[at..];
+    let line = rest.lines().next().unwrap();
+    assert!(
+        line.contains(&format!("{}:2:1:", proxy.config.display())),
+        "{line}"
+    );
+    assert!(
+        rest.lines()
+            .nth(1)
+            .is_none_or(|next| next.starts_with("20")),
+        "the rejection spans more than one line:\n{rest}"
+    );
     assert_eq!(
         proxy.metric("egress_proxy_reloads_total{result=\"rejected\"}"),
         2.0

@@ -40,6 +40,9 @@ enum Command {
     Demo,
     /// Run benchmarks and print a table (JSON in target/bench/).
     Bench(bench::Options),
+    /// The proxy benchmark's bare splice relay (run by `bench proxy`, in its own process).
+    #[command(hide = true)]
+    SpliceRelay(bench::splice_relay::Options),
     /// Write man pages and shell completions (from the clap definitions) under OUT_DIR.
     Man {
         /// Output directory.
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Test(opts) => test::run(&opts),
         Command::Demo => demo::run(),
         Command::Bench(opts) => bench::run(&opts),
+        Command::SpliceRelay(opts) => bench::splice_relay::run(&opts),
         Command::Man { out_dir } => man::man(&out_dir),
     };
     match result {

@@ -1,17 +1,24 @@
 //! The admin listener: `GET /metrics` (Prometheus text) and `GET /healthz` (503 while the
 //! audit log cannot be written). Deliberately tiny: one request per connection, read with a
-//! timeout and a size cap, then closed.
+//! timeout and a size cap, then closed; at most [`MAX_ADMIN_CONNECTIONS`] at once, so
+//! connections held open there cannot take the proxy's descriptors.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use crate::http::response;
 use crate::relay;
+
+/// Admin connections served at once; more are closed as they arrive. A scraper needs one.
+const MAX_ADMIN_CONNECTIONS: usize = 32;
+/// Time an admin client has to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves the admin endpoints until `stop`.
 pub(super) async fn accept_loop(
@@ -19,6 +26,7 @@ pub(super) async fn accept_loop(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -28,11 +36,16 @@ pub(super) async fn accept_loop(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut buf = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
+            let read = tokio::time::timeout(READ_TIMEOUT, async {
                 while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
                     match stream.read(&mut chunk).await {
                         Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),

@@ -1,19 +1,82 @@
-//! Admission: the accept loop of each proxy listener, and the connection caps
-//! (`max_connections`, `max_connections_per_client`) a connection holds its place under
-//! until its audit record is queued.
+//! Admission: the accept loop of each proxy listener, and what a connection is judged on
+//! the moment it is accepted, before it may send a byte: its client network, then the
+//! connection caps (`max_connections`, `max_connections_per_client`) it holds its place
+//! under until its audit record is queued. A client outside `client_networks` is answered
+//! and closed at once and never counts under the caps, so outsiders holding connections
+//! open cannot crowd out the agent hosts.
+//!
+//! Descriptors: a tunnel holds six (two sockets, two pipes) and a refused connection one
+//! while it lingers, so `max_connections` is checked against `RLIMIT_NOFILE` at start and
+//! lowered, with one line, to what it leaves room for; refused connections lingering at
+//! once are capped at the same number, and past it answered and closed at once. A spare descriptor is kept so that, should `accept` still meet `EMFILE`, the
+//! connection is taken, answered `503` and closed rather than left unanswered; accepting
+//! then backs off (10 ms doubling to 1 s) instead of spinning, with one warning per episode.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{connection, Shared};
-use crate::policy::{Limits, Reason, Refusal};
+use crate::audit::Draft;
+use crate::http::response;
+use crate::policy::{Limits, Policy, Reason, Refusal};
+
+/// Descriptors one connection may hold: client and origin sockets, a pipe each way, plus
+/// one for a refused connection lingering in its place.
+const FDS_PER_CONNECTION: usize = 7;
+/// Descriptors kept for everything else: listeners, the audit log, the runtime, the admin
+/// listener's connections, the spare.
+const FDS_RESERVED: usize = 96;
+/// Longest pause between accepts while descriptors are exhausted.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Raises the soft open-files limit to the hard limit and returns how many connections it
+/// leaves room for.
+pub(super) fn descriptor_cap() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return usize::MAX;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                debug!(from = old, to = lim.rlim_max, "raised the open-files limit");
+            } else {
+                lim.rlim_cur = old;
+            }
+        }
+    }
+    let nofile = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    (nofile.saturating_sub(FDS_RESERVED) / FDS_PER_CONNECTION).max(1)
+}
+
+/// Says, in one line, when `max_connections` is lowered to the descriptor cap.
+pub(super) fn check_cap(limits: &Limits, cap: usize) {
+    if limits.max_connections > cap {
+        warn!(
+            "max_connections = {} needs {} open files, more than RLIMIT_NOFILE allows: lowered to {cap} (raise LimitNOFILE= to serve more)",
+            limits.max_connections,
+            limits.max_connections * FDS_PER_CONNECTION + FDS_RESERVED
+        );
+    }
+}
+
+/// A descriptor held in reserve for answering at `EMFILE`.
+fn spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
 
 /// Accepts proxy clients until `stop`, one tracked task per connection.
 pub(super) async fn accept_loop(
@@ -22,6 +85,8 @@ pub(super) async fn accept_loop(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
+    let mut reserve = spare();
+    let mut backoff: Option<Duration> = None;
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -29,6 +94,7 @@ pub(super) async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                backoff = None;
                 let local = match stream.local_addr() {
                     Ok(l) => l,
                     Err(e) => {
@@ -36,14 +102,145 @@ pub(super) async fn accept_loop(
                         continue;
                     }
                 };
-                tracker.spawn(connection::handle(shared.clone(), stream, peer, local));
+                let policy = shared.policy();
+                let verdict = match judge(&shared, peer.ip(), &policy) {
+                    Ok(admission) => Verdict {
+                        refusal: None,
+                        place: Place::Admitted(admission),
+                    },
+                    Err(refusal) => match RefusalSlot::take(&shared) {
+                        Some(slot) => Verdict {
+                            refusal: Some(refusal),
+                            place: Place::Refusing(slot),
+                        },
+                        None => {
+                            let draft = answer_now(&shared, stream, peer, refusal);
+                            record_later(&tracker, &shared, draft);
+                            continue;
+                        }
+                    },
+                };
+                tracker.spawn(connection::handle(
+                    shared.clone(),
+                    policy,
+                    stream,
+                    peer,
+                    local,
+                    verdict,
+                ));
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning; the loop survives.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                let mut answered = false;
+                if exhausted && reserve.is_some() {
+                    // Free the spare, take the waiting connection, answer and close it.
+                    drop(reserve.take());
+                    if let Ok(Ok((stream, peer))) =
+                        tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
+                    {
+                        // Answered and closed here, so the descriptor is back for the spare.
+                        let refusal = Refusal::new(
+                            Reason::ConnectionLimit,
+                            "the proxy is out of file descriptors (RLIMIT_NOFILE)",
+                        );
+                        let draft = answer_now(&shared, stream, peer, refusal);
+                        record_later(&tracker, &shared, draft);
+                        answered = true;
+                    }
+                }
+                if reserve.is_none() {
+                    reserve = spare();
+                }
+                // Back off instead of spinning; the loop survives. One warning per episode.
+                // A connection the spare answered was progress, not a spin: no pause then.
+                let pause = match backoff {
+                    None => {
+                        warn!("accept failed: {e}; backing off");
+                        Duration::from_millis(10)
+                    }
+                    Some(p) if answered => p,
+                    Some(p) => {
+                        debug!("accept failed: {e}");
+                        (p * 2).min(MAX_BACKOFF)
+                    }
+                };
+                backoff = Some(pause);
+                if answered {
+                    continue;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = stop.cancelled() => return,
+                }
             }
         }
+    }
+}
+
+/// Answers a refused connection at once, without a task or a linger, closes it, and
+/// returns its record: for refusals past [`MAX_REFUSING`] and on the spare descriptor.
+fn answer_now(shared: &Shared, stream: TcpStream, peer: SocketAddr, refusal: Refusal) -> Draft {
+    let local = stream.local_addr().unwrap_or(peer);
+    shared.metrics.refused(refusal.reason);
+    let (status, text) = refusal.reason.status();
+    let body = format!("egress-proxy: refused: {}\n", refusal.detail);
+    let bytes = response(status, text, &[("X-Tank-Refused-By", refusal.by())], &body);
+    let _ = stream.try_write(&bytes);
+    drop(stream);
+    let mut draft = Draft::new(peer, local);
+    draft.rule = refusal.by().to_owned();
+    draft.error = Some(refusal.detail);
+    draft
+}
+
+/// Queues the record of a connection answered by [`answer_now`].
+fn record_later(tracker: &TaskTracker, shared: &Arc<Shared>, draft: Draft) {
+    let shared = shared.clone();
+    tracker.spawn(async move {
+        shared.audit.finish(&draft, &shared.hostname).await;
+    });
+}
+
+/// What accept decided about a connection: served, or answered with a refusal. Either way
+/// it holds a place until its record is queued.
+pub(super) struct Verdict {
+    /// `None`: served.
+    pub refusal: Option<Refusal>,
+    /// Dropped once the record is queued.
+    pub place: Place,
+}
+
+/// The place a connection holds.
+pub(super) enum Place {
+    /// Under the connection caps.
+    Admitted(#[allow(dead_code, reason = "held for its Drop")] Admission),
+    /// Among the refused connections lingering.
+    Refusing(#[allow(dead_code, reason = "held for its Drop")] RefusalSlot),
+}
+
+/// Refused connections answered and lingering at once, at most (and never more than the
+/// descriptor budget's connection cap): each holds a descriptor, and a client chooses how
+/// many it opens. Past it, a refusal is answered and closed in the accept loop itself.
+const MAX_REFUSING: usize = 256;
+
+/// A refused connection's place among those lingering.
+pub(super) struct RefusalSlot(Arc<Shared>);
+
+impl RefusalSlot {
+    fn take(shared: &Arc<Shared>) -> Option<RefusalSlot> {
+        let cap = MAX_REFUSING.min(shared.connection_cap);
+        if shared.refusing.fetch_add(1, Ordering::Relaxed) < cap {
+            Some(RefusalSlot(shared.clone()))
+        } else {
+            shared.refusing.fetch_sub(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+impl Drop for RefusalSlot {
+    fn drop(&mut self) {
+        self.0.refusing.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -71,12 +268,19 @@ impl Drop for Admission {
     }
 }
 
-/// Counts the connection under the caps, or refuses it (and then does not count it).
-pub(super) fn admit(
-    shared: &Arc<Shared>,
-    client: IpAddr,
-    limits: &Limits,
-) -> Result<Admission, Refusal> {
+/// Judges a connection at accept: its client network, then the caps. An admitted
+/// connection is counted until its [`Admission`] drops; a refused one is not counted.
+fn judge(shared: &Arc<Shared>, client: IpAddr, policy: &Policy) -> Result<Admission, Refusal> {
+    if !policy.client_allowed(client) {
+        return Err(Refusal::new(
+            Reason::ClientNetwork,
+            format!("{client} is not in client_networks"),
+        ));
+    }
+    admit(shared, client, &policy.limits)
+}
+
+fn admit(shared: &Arc<Shared>, client: IpAddr, limits: &Limits) -> Result<Admission, Refusal> {
     let total = shared.total.fetch_add(1, Ordering::Relaxed) + 1;
     shared.metrics.active_connections.add(1);
     {
@@ -87,13 +291,11 @@ pub(super) fn admit(
         shared: shared.clone(),
         client,
     };
-    if total > limits.max_connections {
+    let max = limits.max_connections.min(shared.connection_cap);
+    if total > max {
         return Err(Refusal::new(
             Reason::ConnectionLimit,
-            format!(
-                "the proxy has {} connections open (max_connections)",
-                limits.max_connections
-            ),
+            format!("the proxy has {max} connections open (max_connections)"),
         ));
     }
     let mine = shared

@@ -1,6 +1,6 @@
-//! One proxy connection, from its admission to its audit record: request head (size cap,
-//! read timeout) → client network → audit health → policy → resolution → address check →
-//! dial exactly a checked address → relay → one record. Every refusal answers the client
+//! One proxy connection, from its verdict at accept to its audit record: request head
+//! (size cap, read timeout) → audit health → policy → resolution → address check → dial
+//! exactly a checked address → relay → one record. Every refusal answers the client
 //! with the structured reason (`X-Tank-Refused-By`) and lands in the record.
 
 use std::io;
@@ -14,37 +14,39 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{admission, resolve::resolve, Shared};
+use super::{admission::Verdict, Shared};
 use crate::audit::Draft;
-use crate::http::{parse_request, response, Request};
+use crate::http::{response, HeadReader, Request};
 use crate::policy::{Limits, Policy, Reason, Refusal};
 use crate::relay::{self, Upstream};
 
 /// The refusal text while the audit log cannot be written.
 const AUDIT_UNAVAILABLE: &str = "the audit log cannot be written; nothing passes unrecorded";
 
-/// Serves one accepted connection and queues its audit record.
+/// Serves one accepted connection, judged at accept ([`admission`]), and queues its audit
+/// record.
 pub(super) async fn handle(
     shared: Arc<Shared>,
+    policy: Arc<Policy>,
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    verdict: Verdict,
 ) {
-    let policy = shared.policy();
     let mut draft = Draft::new(peer, local);
-    // The admission holds the connection's place under the caps until its record is queued.
-    let admission = match admission::admit(&shared, peer.ip(), &policy.limits) {
-        Ok(admission) => {
+    let Verdict { refusal, place } = verdict;
+    match refusal {
+        None => {
             let _ = stream.set_nodelay(true);
             serve(&shared, &policy, &mut stream, &mut draft).await;
-            Some(admission)
         }
-        Err(refusal) => {
-            warn!(client = %peer, limit = refusal.reason.as_str(), "{}; refusing the connection", refusal.detail);
+        Some(refusal) => {
+            if refusal.reason != Reason::ClientNetwork {
+                warn!(client = %peer, limit = refusal.reason.as_str(), "{}; refusing the connection", refusal.detail);
+            }
             refuse(&shared, &mut stream, &mut draft, refusal, "").await;
-            None
         }
-    };
+    }
     if draft.allowed {
         match draft.kind {
             RequestKind::Http => shared.metrics.allowed_http.inc(),
@@ -52,7 +54,9 @@ pub(super) async fn handle(
         }
     }
     shared.audit.finish(&draft, &shared.hostname).await;
-    drop(admission);
+    // The connection's place (under the caps, or among the refusals lingering) is held
+    // until its record is queued.
+    drop(place);
 }
 
 /// Answers a refusal, records it in the draft and the metrics.
@@ -119,10 +123,10 @@ async fn read_head(
     cut: &CancellationToken,
 ) -> Result<(Request, Vec<u8>), HeadFail> {
     let deadline = Instant::now() + limits.header_read_timeout;
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut head = HeadReader::default();
     let mut chunk = [0u8; 4096];
     loop {
-        let room = limits.max_header_bytes - buf.len();
+        let room = limits.max_header_bytes - head.len();
         if room == 0 {
             return Err(HeadFail::TooLarge);
         }
@@ -136,15 +140,14 @@ async fn read_head(
             () = cut.cancelled() => return Err(HeadFail::Cut),
         };
         if n == 0 {
-            return Err(if buf.is_empty() {
+            return Err(if head.is_empty() {
                 HeadFail::Closed
             } else {
                 HeadFail::Bad("client closed mid-head".into())
             });
         }
-        buf.extend_from_slice(&chunk[..n]);
-        match parse_request(&buf) {
-            Ok(Some((req, len))) => return Ok((req, buf.split_off(len))),
+        match head.push(&chunk[..n]) {
+            Ok(Some(done)) => return Ok(done),
             Ok(None) => {}
             Err(crate::http::HeadError::TooManyHeaders) => return Err(HeadFail::TooLarge),
             Err(e) => return Err(HeadFail::Bad(e.to_string())),
@@ -243,19 +246,12 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
             format!("{method} {url}")
         }
     };
-    if !policy.client_allowed(draft.client.ip()) {
-        let r = Refusal::new(
-            Reason::ClientNetwork,
-            format!("{} is not in client_networks", draft.client.ip()),
-        );
-        return refuse(shared, stream, draft, r, &what).await;
-    }
     if !shared.audit.is_healthy() {
         let r = Refusal::new(Reason::AuditUnavailable, AUDIT_UNAVAILABLE);
         return refuse(shared, stream, draft, r, &what).await;
     }
     let path = match &req {
-        Request::Http { path, .. } => Some(path.as_str()),
+        Request::Http { path, .. } => Some(path),
         Request::Connect { .. } => None,
     };
     let method_upper = req.method().to_ascii_uppercase();
@@ -267,8 +263,9 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
 
     // Resolve and connect within connect_timeout; only checked addresses are dialled.
     let deadline = Instant::now() + limits.connect_timeout;
+    let resolver = shared.resolver();
     let resolved = tokio::select! {
-        r = tokio::time::timeout_at(deadline, resolve(policy, &target)) => r.unwrap_or_else(|_| Err("resolution timed out (connect_timeout_secs)".into())),
+        r = tokio::time::timeout_at(deadline, resolver.resolve(policy, &target, deadline)) => r.unwrap_or_else(|_| Err("resolution timed out (connect_timeout_secs)".into())),
         () = shared.cut.cancelled() => Err("cut at shutdown".into()),
     };
     let addrs = match resolved {
@@ -352,4 +349,21 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
     draft.traffic.bytes_in = outcome.bytes_in;
     draft.traffic.bytes_out += outcome.bytes_out;
     draft.error = outcome.end.error();
+    // A malformed request body (the relay's only InvalidData) before the origin answered:
+    // the client gets a 400 saying so rather than a bare close.
+    if let relay::End::Error(e) = &outcome.end {
+        if e.kind() == io::ErrorKind::InvalidData && outcome.bytes_in == 0 {
+            shared.metrics.refused(Reason::BadRequest);
+            let body = format!("egress-proxy: {what}: {e}\n");
+            let bytes = response(
+                400,
+                "Bad Request",
+                &[("X-Tank-Refused-By", Reason::BadRequest.as_str())],
+                &body,
+            );
+            let _ = relay::write_all(stream, &bytes).await;
+            relay::linger(stream).await;
+            draft.error = Some(format!("{e}; answered 400 after forwarding the head"));
+        }
+    }
 }

@@ -14,9 +14,10 @@ use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-use super::{admin, admission};
+use super::{admin, admission, resolve::Resolver};
+use crate::addr::LocalAddrs;
 use crate::audit::Audit;
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
@@ -25,7 +26,8 @@ use crate::policy::Policy;
 /// State shared by every connection.
 pub struct Shared {
     policy: RwLock<Arc<Policy>>,
-    local_addrs: RwLock<Arc<Vec<IpAddr>>>,
+    local_addrs: Arc<LocalAddrs>,
+    resolver: RwLock<Arc<Resolver>>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     pub(super) audit: Audit,
@@ -34,6 +36,10 @@ pub struct Shared {
     pub(super) per_client: Mutex<HashMap<IpAddr, usize>>,
     /// Open connections in all (the proxy-wide cap).
     pub(super) total: AtomicUsize,
+    /// Refused connections answered and lingering.
+    pub(super) refusing: AtomicUsize,
+    /// Connections the open-files limit leaves room for (`max_connections` is lowered to it).
+    pub(super) connection_cap: usize,
     /// Cut every tunnel now (shutdown grace over).
     pub(super) cut: CancellationToken,
 }
@@ -47,12 +53,17 @@ impl Shared {
             .clone()
     }
 
-    /// The proxy host's own addresses, never dialled.
-    pub(super) fn local_addrs(&self) -> Arc<Vec<IpAddr>> {
-        self.local_addrs
+    /// The resolver in force.
+    pub(super) fn resolver(&self) -> Arc<Resolver> {
+        self.resolver
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The proxy host's own addresses, never dialled.
+    pub(super) fn local_addrs(&self) -> Arc<Vec<IpAddr>> {
+        self.local_addrs.get()
     }
 }
 
@@ -95,32 +106,18 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Raises the soft open-files limit to the hard limit: every tunnel holds two sockets and
-/// two pipes.
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let old = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                debug!(from = old, to = lim.rlim_max, "raised the open-files limit");
-            }
-        }
-    }
-}
-
 /// Runs the proxy until SIGTERM/SIGINT, then drains. `config_path` is re-read on SIGHUP.
 pub async fn run(
     config_path: PathBuf,
     config: Config,
     ready_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    raise_nofile();
+    let connection_cap = admission::descriptor_cap();
+    let resolver = Resolver::new(&config.policy)?;
+    admission::check_cap(&config.policy.limits, connection_cap);
+    for w in &config.warnings {
+        warn!("{w}");
+    }
     let metrics = Arc::new(Metrics::default());
     metrics.audit_healthy.set(1);
     let mut listeners = Vec::new();
@@ -158,12 +155,15 @@ pub async fn run(
     };
     let shared = Arc::new(Shared {
         policy: RwLock::new(Arc::new(config.policy.clone())),
-        local_addrs: RwLock::new(Arc::new(crate::addr::local_addresses())),
+        resolver: RwLock::new(Arc::new(resolver)),
+        local_addrs: LocalAddrs::follow(),
         metrics: metrics.clone(),
         audit,
         hostname,
         per_client: Mutex::new(HashMap::new()),
         total: AtomicUsize::new(0),
+        refusing: AtomicUsize::new(0),
+        connection_cap,
         cut: CancellationToken::new(),
     });
 
@@ -248,29 +248,17 @@ pub async fn run(
 
 fn reload(path: &Path, running: &Config, shared: &Shared) {
     match config::load(path) {
-        Ok(new) => {
-            if new.listen != running.listen
-                || new.admin_listen != running.admin_listen
-                || new.audit_log != running.audit_log
-                || new.audit != running.audit
-            {
-                warn!(
-                    "`listen`, `admin_listen`, `audit_log` and `[audit]` changes take effect only on restart"
-                );
+        Ok(new) if !shared.resolver().fits(&new.policy) => match Resolver::new(&new.policy) {
+            Ok(resolver) => {
+                *shared.resolver.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(resolver);
+                apply(path, running, shared, new);
             }
-            info!(
-                allowed = new.policy.allowed.len(),
-                denied = new.policy.denied.len(),
-                "policy reloaded from {}",
-                path.display()
-            );
-            *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.policy);
-            *shared
-                .local_addrs
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = Arc::new(crate::addr::local_addresses());
-            shared.metrics.reloads_ok.inc();
-        }
+            Err(e) => {
+                shared.metrics.reloads_rejected.inc();
+                error!("reload rejected, keeping the previous policy: {e:#}");
+            }
+        },
+        Ok(new) => apply(path, running, shared, new),
         Err(e) => {
             shared.metrics.reloads_rejected.inc();
             error!(
@@ -279,4 +267,28 @@ fn reload(path: &Path, running: &Config, shared: &Shared) {
             );
         }
     }
+}
+
+/// Puts a reloaded configuration in force.
+fn apply(path: &Path, running: &Config, shared: &Shared, new: Config) {
+    for w in &new.warnings {
+        warn!("{w}");
+    }
+    admission::check_cap(&new.policy.limits, shared.connection_cap);
+    if new.listen != running.listen
+        || new.admin_listen != running.admin_listen
+        || new.audit_log != running.audit_log
+        || new.audit != running.audit
+    {
+        warn!("`listen`, `admin_listen`, `audit_log` and `[audit]` changes take effect only on restart");
+    }
+    info!(
+        allowed = new.policy.allowed.len(),
+        denied = new.policy.denied.len(),
+        "policy reloaded from {}",
+        path.display()
+    );
+    *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.policy);
+    shared.local_addrs.refresh();
+    shared.metrics.reloads_ok.inc();
 }

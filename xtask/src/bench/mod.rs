@@ -2,6 +2,7 @@
 //! one run. Results go to `target/bench/<suite>.json` and a table on stdout.
 
 mod proxy;
+pub mod splice_relay;
 
 use anyhow::bail;
 
@@ -12,7 +13,7 @@ use crate::{cmd, setup};
 pub enum Suite {
     /// The kernel gate (root): connect latency, throughput, denied-attempt rate, cold start.
     Kernel,
-    /// egress-proxy against squid and tinyproxy.
+    /// egress-proxy against squid, tinyproxy and a bare splice relay.
     Proxy,
     /// Both.
     All,

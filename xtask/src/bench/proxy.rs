@@ -1,17 +1,25 @@
-//! `cargo xtask bench proxy`: egress-proxy side by side with squid and tinyproxy.
+//! `cargo xtask bench proxy`: egress-proxy side by side with squid, tinyproxy and a bare
+//! splice relay.
 //!
 //! Everything runs on loopback on this machine, in one run: local origins (a byte source,
-//! an echo server, an accept-and-close server) in this process, each proxy started from a
-//! config in a temp dir on a port of its own, measured, then killed. Figures:
-//! - CONNECT tunnel throughput (origin → client, one stream) as a ratio of direct loopback TCP;
-//! - new tunnels per second (CONNECT, `200`, close) from several client threads;
-//! - p99 latency a proxy adds to a small request: a 64-byte request and answer over a new
-//!   tunnel (connect, CONNECT, request) and over an established one, against the same over
-//!   direct TCP.
+//! an echo server, an accept-and-close server) in this process; each relay started from a
+//! config in a temp dir on a port of its own, all running at once. Every figure is measured
+//! in rounds that visit the targets in turn (rotated each round, so the machine's drifting
+//! load falls on all of them alike), and is reported as the median over rounds with its
+//! spread (min–max); each ratio is taken within a round, then summarised the same way:
+//! - CONNECT tunnel throughput (origin → client, one stream), as a ratio of direct loopback
+//!   TCP and of the bare splice relay (the limit of one extra hop on this machine, see
+//!   [`super::splice_relay`]);
+//! - new tunnels per second (CONNECT, `200`, close) from several client threads, as a ratio
+//!   of squid's;
+//! - p50/p99 latency of a small request: a 64-byte request and answer over a new tunnel
+//!   (connect, CONNECT, request) and over an established one, beside direct TCP.
 //!
-//! squid and tinyproxy are installed with `apt-get install -y` when absent. Peers log every
-//! request as egress-proxy does (egress-proxy's log is chained and fsynced; theirs are not).
-//! Release build; bounded durations (the whole bench takes well under two minutes).
+//! `TANK_BENCH_BASELINE_PROXY=/path/to/egress-proxy` adds that binary as one more row
+//! (`egress-proxy-baseline`), for before/after comparisons in one run. The load average is
+//! recorded at start and end. squid and tinyproxy are installed with `apt-get install -y`
+//! when absent. Peers log every request as egress-proxy does (egress-proxy's log is chained
+//! and fsynced; theirs are not). Release build; bounded durations (about two minutes).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -23,100 +31,185 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
-/// Throughput: measured window per run, runs per target (median taken), warm-up per run.
-const THROUGHPUT_WINDOW: Duration = Duration::from_millis(1200);
-const THROUGHPUT_RUNS: usize = 3;
+/// Rounds per figure; each round visits every target once.
+const ROUNDS: usize = 5;
+/// Throughput: measured window per sample, after a warm-up.
+const THROUGHPUT_WINDOW: Duration = Duration::from_millis(1000);
 const THROUGHPUT_WARMUP: Duration = Duration::from_millis(200);
-/// New tunnels per second: window and client threads.
-const RATE_WINDOW: Duration = Duration::from_secs(2);
+/// New tunnels per second: window per sample and client threads.
+const RATE_WINDOW: Duration = Duration::from_millis(1000);
 const RATE_CLIENTS: usize = 4;
-/// Latency samples per mode (after a tenth as many warm-up rounds), and a time cap per mode.
-const LATENCY_SAMPLES: usize = 2000;
-const LATENCY_CAP: Duration = Duration::from_secs(4);
+/// Latency samples per mode and round (after a tenth as many warm-up rounds), and a time cap.
+const LATENCY_SAMPLES: usize = 400;
+const LATENCY_CAP: Duration = Duration::from_secs(2);
 const CHUNK: usize = 256 * 1024;
+
+/// One thing measured: direct TCP or a relay.
+struct Target {
+    name: &'static str,
+    proxy: Option<SocketAddr>,
+    version: String,
+    figures: Map<String, Value>,
+}
 
 /// Runs the benchmark, prints a table and returns the figures.
 pub fn run() -> Result<Value> {
     let started = Instant::now();
+    let load_start = loadavg();
     let root = workspace_root()?;
     let bin = build_proxy(&root)?;
     ensure_installed(&[("squid", "squid"), ("tinyproxy", "tinyproxy")])?;
     let dir = TempDir::new("tank-bench-proxy")?;
     let origins = Origins::start()?;
 
-    eprintln!("bench: direct loopback TCP baseline");
-    let direct_tput = median(
-        (0..THROUGHPUT_RUNS)
-            .map(|_| throughput(None, origins.source))
-            .collect::<Result<_>>()?,
-    );
-    let direct_new = latency(None, origins.echo, true)?;
-    let direct_est = latency(None, origins.echo, false)?;
-
-    let mut rows = Vec::new();
-    for kind in [Peer::EgressProxy, Peer::Squid, Peer::Tinyproxy] {
-        eprintln!("bench: {}", kind.name());
-        let proxy = start_peer(kind, &bin, dir.path(), &origins)?;
-        let addr = proxy.addr;
-        let tput = median(
-            (0..THROUGHPUT_RUNS)
-                .map(|_| throughput(Some(addr), origins.source))
-                .collect::<Result<_>>()?,
-        );
-        let rate = tunnel_rate(addr, origins.closer)?;
-        let new = latency(Some(addr), origins.echo, true)?;
-        let est = latency(Some(addr), origins.echo, false)?;
-        let version = proxy.version.clone();
-        drop(proxy);
-        rows.push(json!({
-            "proxy": kind.name(),
-            "version": version,
-            "throughput_mib_s": round(tput / MIB, 1),
-            "throughput_ratio_to_direct": round(tput / direct_tput, 3),
-            "new_tunnels_per_s": round(rate.per_s, 0),
-            "new_tunnel_errors": rate.errors,
-            "new_tunnel_request_p50_us": new.p50,
-            "new_tunnel_request_p99_us": new.p99,
-            "p99_added_latency_new_tunnel_us": new.p99.saturating_sub(direct_new.p99),
-            "tunnel_request_p50_us": est.p50,
-            "tunnel_request_p99_us": est.p99,
-            "p99_added_latency_established_us": est.p99.saturating_sub(direct_est.p99),
-        }));
+    let mut peers = vec![
+        (Peer::SpliceRelay, None),
+        (Peer::EgressProxy, Some(bin.clone())),
+        (Peer::Squid, None),
+        (Peer::Tinyproxy, None),
+    ];
+    if let Some(baseline) = std::env::var_os("TANK_BENCH_BASELINE_PROXY") {
+        peers.push((Peer::Baseline, Some(PathBuf::from(baseline))));
+    }
+    let mut running = Vec::new();
+    let mut targets = vec![Target {
+        name: "direct",
+        proxy: None,
+        version: String::new(),
+        figures: Map::new(),
+    }];
+    for (kind, bin) in peers {
+        eprintln!("bench: starting {}", kind.name());
+        let r = start_peer(kind, bin.as_deref(), dir.path(), &origins)?;
+        targets.push(Target {
+            name: kind.name(),
+            proxy: Some(r.addr),
+            version: r.version.clone(),
+            figures: Map::new(),
+        });
+        running.push(r);
     }
 
-    let get = |name: &str, key: &str| {
-        rows.iter()
-            .find(|r| r["proxy"] == name)
-            .and_then(|r| r[key].as_f64())
+    // Each figure: ROUNDS rounds, every target once per round, the order rotated.
+    let mut samples: Vec<Map<String, Value>> = vec![Map::new(); targets.len()];
+    let mut push = |i: usize, key: &str, v: f64| {
+        samples[i]
+            .entry(key)
+            .or_insert_with(|| json!([]))
+            .as_array_mut()
+            .expect("array")
+            .push(json!(v));
+    };
+    for round in 0..ROUNDS {
+        eprintln!("bench: round {}/{ROUNDS}", round + 1);
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let t = &targets[i];
+            push(
+                i,
+                "throughput_mib_s",
+                throughput(t.proxy, origins.source)? / MIB,
+            );
+        }
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            if let Some(p) = targets[i].proxy {
+                let rate = tunnel_rate(p, origins.closer)?;
+                push(i, "new_tunnels_per_s", rate.per_s);
+                push(i, "new_tunnel_errors", rate.errors as f64);
+            }
+        }
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let p = targets[i].proxy;
+            let new = latency(p, origins.echo, true)?;
+            let open = latency(p, origins.echo, false)?;
+            push(i, "new_tunnel_request_p50_us", new.p50 as f64);
+            push(i, "new_tunnel_request_p99_us", new.p99 as f64);
+            push(i, "tunnel_request_p50_us", open.p50 as f64);
+            push(i, "tunnel_request_p99_us", open.p99 as f64);
+        }
+    }
+    drop(running);
+
+    // Ratios within each round, against direct, the bare relay and squid.
+    let series = |i: usize, key: &str| -> Vec<f64> {
+        samples[i]
+            .get(key)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let index = |name: &str| targets.iter().position(|t| t.name == name).expect("target");
+    let ratio =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    let (direct, bare, squid) = (index("direct"), index("splice-relay"), index("squid"));
+    for i in 0..targets.len() {
+        let mut f = Map::new();
+        for (key, values) in &samples[i] {
+            let v: Vec<f64> = values
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default();
+            f.insert(key.clone(), spread(&v));
+        }
+        let tput = series(i, "throughput_mib_s");
+        f.insert(
+            "throughput_ratio_to_direct".into(),
+            spread(&ratio(&tput, &series(direct, "throughput_mib_s"))),
+        );
+        f.insert(
+            "throughput_ratio_to_splice_relay".into(),
+            spread(&ratio(&tput, &series(bare, "throughput_mib_s"))),
+        );
+        if targets[i].proxy.is_some() {
+            f.insert(
+                "new_tunnels_ratio_to_squid".into(),
+                spread(&ratio(
+                    &series(i, "new_tunnels_per_s"),
+                    &series(squid, "new_tunnels_per_s"),
+                )),
+            );
+        }
+        targets[i].figures = f;
+    }
+
+    let fig = |name: &str, key: &str| {
+        targets
+            .iter()
+            .find(|t| t.name == name)
+            .and_then(|t| t.figures.get(key))
+            .and_then(|v| v["median"].as_f64())
             .unwrap_or(f64::NAN)
     };
-    let ours = |k: &str| get("egress-proxy", k);
+    let ours = |k: &str| fig("egress-proxy", k);
     let goals = json!({
-        "throughput_ratio_ge_0_90": ours("throughput_ratio_to_direct") >= 0.90,
-        "throughput_above_squid_and_tinyproxy": ours("throughput_mib_s") > get("squid", "throughput_mib_s")
-            && ours("throughput_mib_s") > get("tinyproxy", "throughput_mib_s"),
-        "new_tunnels_ge_2x_squid": ours("new_tunnels_per_s") >= 2.0 * get("squid", "new_tunnels_per_s"),
-        "new_tunnels_ge_1_5x_tinyproxy": ours("new_tunnels_per_s") >= 1.5 * get("tinyproxy", "new_tunnels_per_s"),
+        "throughput_ratio_to_splice_relay_ge_0_90": ours("throughput_ratio_to_splice_relay") >= 0.90,
+        "throughput_above_squid_and_tinyproxy": ours("throughput_mib_s") > fig("squid", "throughput_mib_s")
+            && ours("throughput_mib_s") > fig("tinyproxy", "throughput_mib_s"),
+        "new_tunnels_ge_2x_squid": ours("new_tunnels_ratio_to_squid") >= 2.0,
+        "new_tunnels_ge_1_5x_tinyproxy": ours("new_tunnels_per_s") >= 1.5 * fig("tinyproxy", "new_tunnels_per_s"),
     });
     let result = json!({
-        "machine": { "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(0) },
-        "direct": {
-            "throughput_mib_s": round(direct_tput / MIB, 1),
-            "new_connection_request_p50_us": direct_new.p50,
-            "new_connection_request_p99_us": direct_new.p99,
-            "request_p50_us": direct_est.p50,
-            "request_p99_us": direct_est.p99,
+        "machine": {
+            "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "loadavg_start": load_start,
+            "loadavg_end": loadavg(),
         },
-        "proxies": rows,
+        "targets": targets.iter().map(|t| json!({
+            "target": t.name,
+            "version": t.version,
+            "figures": t.figures,
+        })).collect::<Vec<_>>(),
         "goals": goals,
         "settings": {
+            "rounds": ROUNDS,
             "throughput_window_ms": THROUGHPUT_WINDOW.as_millis() as u64,
-            "throughput_runs": THROUGHPUT_RUNS,
             "rate_window_ms": RATE_WINDOW.as_millis() as u64,
             "rate_clients": RATE_CLIENTS,
-            "latency_samples": LATENCY_SAMPLES,
+            "latency_samples_per_round": LATENCY_SAMPLES,
             "request_bytes": 64,
         },
         "elapsed_s": round(started.elapsed().as_secs_f64(), 1),
@@ -132,40 +225,69 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+/// Median, min and max of a series of per-round values.
+fn spread(v: &[f64]) -> Value {
+    if v.is_empty() {
+        return Value::Null;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let digits = if s[s.len() / 2].abs() >= 100.0 { 0 } else { 3 };
+    json!({
+        "median": round(s[s.len() / 2], digits),
+        "min": round(s[0], digits),
+        "max": round(s[s.len() - 1], digits),
+    })
+}
+
+/// The 1-, 5- and 15-minute load averages.
+fn loadavg() -> Value {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .take(3)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    json!(v)
 }
 
 fn print_table(r: &Value) {
-    let d = &r["direct"];
+    let m = &r["machine"];
     println!();
     println!(
-        "egress-proxy benchmark (loopback, {} CPUs, release build)",
-        r["machine"]["cpus"]
+        "egress-proxy benchmark (loopback, {} CPUs, release build, {} rounds; load {} at start, {} at end)",
+        m["cpus"], r["settings"]["rounds"], m["loadavg_start"], m["loadavg_end"]
     );
+    println!("each cell: median [min–max] over rounds; ratios are taken within each round");
+    let cell = |f: &Value, k: &str| match &f[k] {
+        Value::Null => String::new(),
+        v => format!("{} [{}–{}]", v["median"], v["min"], v["max"]),
+    };
     println!(
-        "direct TCP: {} MiB/s; 64 B request p50/p99 {}/{} us on a new connection, {}/{} us on an open one",
-        d["throughput_mib_s"], d["new_connection_request_p50_us"], d["new_connection_request_p99_us"], d["request_p50_us"], d["request_p99_us"]
+        "{:<22} {:>24} {:>22} {:>22} {:>24} {:>22} {:>22} {:>22}",
+        "target",
+        "tput MiB/s",
+        "x direct",
+        "x splice relay",
+        "tunnels/s",
+        "x squid",
+        "new req p99 us",
+        "open req p99 us"
     );
-    println!(
-        "{:<13} {:>11} {:>8} {:>11} {:>22} {:>22}",
-        "proxy", "tput MiB/s", "ratio", "tunnels/s", "p99 added, new (us)", "p99 added, open (us)"
-    );
-    for p in r["proxies"].as_array().into_iter().flatten() {
-        // serde_json's Display ignores widths: render each cell first.
-        let cell = |k: &str| p[k].to_string();
+    for t in r["targets"].as_array().into_iter().flatten() {
+        let f = &t["figures"];
         println!(
-            "{:<13} {:>11} {:>8} {:>11} {:>22} {:>22}",
-            p["proxy"].as_str().unwrap_or("?"),
-            cell("throughput_mib_s"),
-            cell("throughput_ratio_to_direct"),
-            cell("new_tunnels_per_s"),
-            cell("p99_added_latency_new_tunnel_us"),
-            cell("p99_added_latency_established_us"),
+            "{:<22} {:>24} {:>22} {:>22} {:>24} {:>22} {:>22} {:>22}",
+            t["target"].as_str().unwrap_or("?"),
+            cell(f, "throughput_mib_s"),
+            cell(f, "throughput_ratio_to_direct"),
+            cell(f, "throughput_ratio_to_splice_relay"),
+            cell(f, "new_tunnels_per_s"),
+            cell(f, "new_tunnels_ratio_to_squid"),
+            cell(f, "new_tunnel_request_p99_us"),
+            cell(f, "tunnel_request_p99_us"),
         );
     }
-    println!("(p99 added = proxy p99 minus direct p99, floored at 0; the machine's other load shows in it)");
     println!("goals: {}", r["goals"]);
 }
 
@@ -357,7 +479,11 @@ impl Drop for Origins {
 
 #[derive(Clone, Copy)]
 enum Peer {
+    /// The limit: a bare splice relay, no policy, no log (`cargo xtask splice-relay`).
+    SpliceRelay,
     EgressProxy,
+    /// Another egress-proxy binary (`TANK_BENCH_BASELINE_PROXY`), run the same way.
+    Baseline,
     Squid,
     Tinyproxy,
 }
@@ -365,7 +491,9 @@ enum Peer {
 impl Peer {
     fn name(self) -> &'static str {
         match self {
+            Peer::SpliceRelay => "splice-relay",
             Peer::EgressProxy => "egress-proxy",
+            Peer::Baseline => "egress-proxy-baseline",
             Peer::Squid => "squid",
             Peer::Tinyproxy => "tinyproxy",
         }
@@ -414,7 +542,7 @@ fn version_of(cmd: &str, arg: &str) -> String {
         .unwrap_or_default()
 }
 
-fn start_peer(kind: Peer, bin: &Path, dir: &Path, origins: &Origins) -> Result<Running> {
+fn start_peer(kind: Peer, bin: Option<&Path>, dir: &Path, origins: &Origins) -> Result<Running> {
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let sub = dir.join(kind.name());
@@ -423,7 +551,13 @@ fn start_peer(kind: Peer, bin: &Path, dir: &Path, origins: &Origins) -> Result<R
     std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777))?;
     let log = std::fs::File::create(sub.join("stderr.log"))?;
     let (mut cmd, version) = match kind {
-        Peer::EgressProxy => {
+        Peer::SpliceRelay => {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.args(["splice-relay", "--listen", &addr.to_string()]);
+            (c, "xtask splice-relay".to_owned())
+        }
+        Peer::EgressProxy | Peer::Baseline => {
+            let bin = bin.context("no egress-proxy binary")?;
             let ports: Vec<String> = [origins.source, origins.echo, origins.closer]
                 .iter()
                 .map(|a| a.port().to_string())
