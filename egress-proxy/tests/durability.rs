@@ -402,14 +402,19 @@ fn the_log_rotates_into_compressed_segments_that_verify_as_one_chain() {
     assert!(out.contains("a segment is missing"), "{out}");
 }
 
+/// One tunnel through `proxy` to `origin`, waited for until its log (as it is now) holds it.
+fn one_tunnel(proxy: &Proxy, origin: &Origin) {
+    let (s, _) = connect_tunnel(proxy.addr, &format!("echo.test:{}", origin.port));
+    drop(s);
+    proxy.wait_records(1);
+}
+
 #[test]
 fn sighup_after_logrotate_moved_the_log_continues_in_a_new_linked_file() {
     let dir = tempdir();
     let origin = Origin::echo();
     let mut proxy = Proxy::start(dir.path(), &echo_body(origin.port));
-    let (s, _) = connect_tunnel(proxy.addr, &format!("echo.test:{}", origin.port));
-    drop(s);
-    proxy.wait_records(1);
+    one_tunnel(&proxy, &origin);
     // logrotate's `create` mode: rename, then signal.
     let moved = dir.path().join("audit.jsonl.1");
     std::fs::rename(&proxy.audit, &moved).unwrap();
@@ -417,9 +422,7 @@ fn sighup_after_logrotate_moved_the_log_continues_in_a_new_linked_file() {
     wait_for(Duration::from_secs(10), "the new log file", || {
         proxy.audit.exists().then_some(())
     });
-    let (s, _) = connect_tunnel(proxy.addr, &format!("echo.test:{}", origin.port));
-    drop(s);
-    proxy.wait_records(1);
+    one_tunnel(&proxy, &origin);
     assert!(proxy.admin_get("/healthz").contains("200"));
     assert!(proxy.stop().success());
     let first = &read_chain(&proxy.audit)[0];
@@ -437,9 +440,7 @@ fn a_deleted_log_is_noticed_and_writing_goes_on_at_its_path() {
     let dir = tempdir();
     let origin = Origin::echo();
     let mut proxy = Proxy::start(dir.path(), &echo_body(origin.port));
-    let (s, _) = connect_tunnel(proxy.addr, &format!("echo.test:{}", origin.port));
-    drop(s);
-    proxy.wait_records(1);
+    one_tunnel(&proxy, &origin);
     std::fs::remove_file(&proxy.audit).unwrap();
     // No signal: the writer notices within its path check, even with no traffic.
     let first = wait_for(Duration::from_secs(10), "a new log at the path", || {
@@ -450,9 +451,7 @@ fn a_deleted_log_is_noticed_and_writing_goes_on_at_its_path() {
         first["unmapped"]["segment"]["previous_last_seq"], 2,
         "{first}"
     );
-    let (s, _) = connect_tunnel(proxy.addr, &format!("echo.test:{}", origin.port));
-    drop(s);
-    proxy.wait_records(1);
+    one_tunnel(&proxy, &origin);
     assert!(proxy.stop().success());
     assert_eq!(read_chain(&proxy.audit).len(), 3);
     // What came before is gone, and verify says so rather than passing the new file alone.
