@@ -1,5 +1,6 @@
 //! The audit log: OCSF Network Activity records
-//! ([`tank_ebpf_common::ocsf::proxy::ConnectionRecord`]) written through
+//! ([`tank_ebpf_common::ocsf::proxy::ConnectionRecord`]) and, for each request inside an
+//! inspected tunnel, an HTTP Activity record ([`RequestRecord`]), written through
 //! [`tank_ebpf_common::chain`]. A connection that relays gets an opening record before the
 //! `200` or the first forwarded byte and a closing record linked to it; a connection refused
 //! or failed before relaying gets one record.
@@ -23,14 +24,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tank_ebpf_common::chain::{self, ChainError, ChainWriter};
 use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
 use tank_ebpf_common::ocsf::proxy::{
-    Connection, ConnectionRecord, Phase, ProxyDetails, RequestKind, Traffic, Url, MAX_TEXT, PRODUCT,
+    Connection, ConnectionRecord, Phase, ProxyDetails, RequestKind, RequestRecord, Traffic,
+    TunnelKind, Url, MAX_TEXT, PRODUCT,
 };
 use tank_ebpf_common::ocsf::{lifecycle, Endpoint, LogName};
 use tokio::sync::{mpsc, oneshot};
@@ -89,6 +91,16 @@ pub struct Draft {
     pub traffic: Traffic,
     /// Its opening record, once written.
     pub opened: Option<Opened>,
+    /// Record id, set for inspected tunnels (their requests' `correlation_uid`).
+    pub uid: Option<String>,
+    /// Inspected or opaque, for tunnels.
+    pub tunnel: Option<TunnelKind>,
+    /// The ClientHello's server name, when one was read.
+    pub sni: Option<String>,
+    /// The ClientHello's ALPN protocols.
+    pub alpn: Vec<String>,
+    /// Requests served inside an inspected tunnel.
+    pub requests: Option<u64>,
 }
 
 impl Draft {
@@ -109,6 +121,11 @@ impl Draft {
             error: None,
             traffic: Traffic::default(),
             opened: None,
+            uid: None,
+            tunnel: None,
+            sni: None,
+            alpn: Vec::new(),
+            requests: None,
         }
     }
 
@@ -152,12 +169,17 @@ impl Draft {
             },
             traffic: self.traffic.clone(),
             url,
+            uid: self.uid.clone(),
             details: ProxyDetails {
                 kind: self.kind,
                 rule: self.rule.clone(),
                 http_method,
                 error: self.error.clone(),
                 url_bytes: url_bytes.flatten(),
+                tunnel: self.tunnel,
+                sni: self.sni.clone(),
+                alpn: self.alpn.clone(),
+                requests: self.requests,
             },
         };
         ConnectionRecord::new(connection, hostname, env!("CARGO_PKG_VERSION"))
@@ -170,6 +192,18 @@ pub struct Opened {
     seq: u64,
 }
 
+/// Log space held for the record of one request being served in an inspected tunnel, given
+/// back when the record is written or, should the request be dropped unrecorded, when the
+/// hold is dropped.
+#[derive(Debug)]
+pub struct Held(Arc<AtomicU64>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(CLOSE_RESERVE, Ordering::Relaxed);
+    }
+}
+
 /// What the writer thread is asked to do.
 enum Entry {
     /// A connection recorded whole (refused, or failed before relaying).
@@ -178,6 +212,11 @@ enum Entry {
     Open(ConnectionRecord, oneshot::Sender<Option<Opened>>),
     /// The closing record of an opened connection.
     Close(ConnectionRecord, Opened),
+    /// Hold space for the record of a request about to be served in an inspected tunnel;
+    /// answered with the hold, or `None` when refused.
+    Hold(oneshot::Sender<Option<Held>>),
+    /// A request record of an inspected tunnel, with the space held for it if any.
+    Request(Box<RequestRecord>, Option<Held>),
     /// SIGHUP: continue in a new file if logrotate moved the log away.
     Reopen,
 }
@@ -195,6 +234,8 @@ impl std::fmt::Debug for Entry {
             Entry::Whole(_) => "Whole",
             Entry::Open(..) => "Open",
             Entry::Close(..) => "Close",
+            Entry::Hold(_) => "Hold",
+            Entry::Request(..) => "Request",
             Entry::Reopen => "Reopen",
         })
     }
@@ -240,7 +281,7 @@ impl Audit {
             metrics,
             hostname,
             reserve,
-            held: 0,
+            held: Arc::default(),
             outage: None,
         };
         let thread = std::thread::Builder::new()
@@ -288,6 +329,21 @@ impl Audit {
         .await;
     }
 
+    /// Holds log space for the record of a request about to be served inside an inspected
+    /// tunnel, so a full disk cannot leave it served unrecorded; `None` when there is none
+    /// (the request must then be refused).
+    pub async fn hold(&self) -> Option<Held> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Entry::Hold(tx)).await;
+        rx.await.ok().flatten()
+    }
+
+    /// Queues the record of a request of an inspected tunnel, written in the space `held` for
+    /// it if any; waits if the writer is behind (backpressure, never dropping).
+    pub async fn record_request(&self, record: RequestRecord, held: Option<Held>) {
+        self.send(Entry::Request(Box::new(record), held)).await;
+    }
+
     /// Asks the writer to continue in a new file if the log was moved away (SIGHUP).
     pub async fn reopen(&self) {
         self.send(Entry::Reopen).await;
@@ -316,8 +372,9 @@ struct Writer {
     hostname: String,
     /// Bytes every record but a closing or outage record leaves allocated.
     reserve: u64,
-    /// Bytes held for the closing records of open tunnels.
-    held: u64,
+    /// Bytes held for the closing records of open tunnels and the records of requests being
+    /// served in inspected tunnels ([`Held`]).
+    held: Arc<AtomicU64>,
     outage: Option<Outage>,
 }
 
@@ -373,33 +430,60 @@ impl Writer {
     }
 
     fn write(&mut self, entry: Entry) {
-        // The outage record comes before anything written after the outage.
-        if self.outage.is_some() && !matches!(entry, Entry::Close(..)) && !self.end_outage() {
+        // Closing records and records of held requests have their space; everything else
+        // waits for the outage record, which comes before anything written after the outage.
+        let has_room = matches!(entry, Entry::Close(..) | Entry::Request(_, Some(_)));
+        if self.outage.is_some() && !has_room && !self.end_outage() {
             match entry {
                 Entry::Open(_, reply) => {
                     let _ = reply.send(None);
                 }
-                Entry::Whole(_) => self.lost(),
+                Entry::Hold(reply) => {
+                    let _ = reply.send(None);
+                }
+                Entry::Whole(_) | Entry::Request(..) => self.lost(),
                 Entry::Close(..) | Entry::Reopen => {}
             }
             return;
         }
         let result = match entry {
-            Entry::Whole(r) => self.writer.append_keeping(&r, self.reserve + self.held),
+            Entry::Whole(r) => self.writer.append_keeping(&r, self.reserve + self.held()),
+            Entry::Request(r, None) => self.writer.append_keeping(&r, self.reserve + self.held()),
+            Entry::Request(r, Some(own)) => {
+                drop(own);
+                // Only the other holds stay untouched.
+                self.writer.append_keeping(&r, self.held())
+            }
             Entry::Open(r, reply) => {
-                let keep = self.reserve + self.held + CLOSE_RESERVE;
+                let keep = self.reserve + self.held() + CLOSE_RESERVE;
                 let written = self.writer.append_opening(&r, keep);
                 let opened = written.as_ref().ok().map(|&seq| Opened { seq });
                 if opened.is_some() {
-                    self.held += CLOSE_RESERVE;
+                    self.held.fetch_add(CLOSE_RESERVE, Ordering::Relaxed);
                 }
                 let _ = reply.send(opened);
                 written
             }
             Entry::Close(r, opened) => {
-                self.held = self.held.saturating_sub(CLOSE_RESERVE);
+                self.held.fetch_sub(CLOSE_RESERVE, Ordering::Relaxed);
                 // Only its own share and the other tunnels' stay untouched.
-                self.writer.append_closing(&r, opened.seq, self.held)
+                self.writer.append_closing(&r, opened.seq, self.held())
+            }
+            Entry::Hold(reply) => {
+                let keep = self.reserve + self.held() + CLOSE_RESERVE;
+                match self.writer.make_room(keep) {
+                    Ok(()) => {
+                        self.held.fetch_add(CLOSE_RESERVE, Ordering::Relaxed);
+                        // A request cancelled meanwhile drops the hold it was sent.
+                        let _ = reply.send(Some(Held(self.held.clone())));
+                        Ok(0)
+                    }
+                    Err(e) => {
+                        let _ = reply.send(None);
+                        self.fail(&e);
+                        return;
+                    }
+                }
             }
             Entry::Reopen => {
                 let record = lifecycle(
@@ -425,6 +509,10 @@ impl Writer {
                 self.lost();
             }
         }
+    }
+
+    fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Counts a record that could not be written (refused requests are never served).
@@ -469,7 +557,7 @@ impl Writer {
         // It needs the same room as any refusal record after it.
         if self
             .writer
-            .append_keeping(&record, self.reserve + self.held)
+            .append_keeping(&record, self.reserve + self.held())
             .is_err()
         {
             return false;

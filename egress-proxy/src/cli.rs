@@ -57,6 +57,12 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Make and manage the CA of inspected tunnels (`inspect = true` rules).
+    Ca {
+        /// The CA subcommand.
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Work with the chained audit log.
     Audit {
         /// The audit subcommand.
@@ -84,6 +90,28 @@ pub enum AuditCommand {
         /// Print the report as JSON (records, head, anchor, problems) on stdout.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// The `ca` subcommands.
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Make a new inspection CA in DIR: `ca.pem` (give it to agent hosts) and `ca.key`
+    /// (mode 0600, for the user running this: run it as the proxy's user).
+    ///
+    /// The CA is name-constrained to the domains given (each with its subdomains) and can
+    /// never vouch for an IP address: clients that honour name constraints (rustls, OpenSSL,
+    /// Go, GnuTLS, NSS) reject anything else it signs, so a stolen key cannot impersonate
+    /// other hosts. `check` reports an `inspect` rule the CA does not cover. Existing files
+    /// are never overwritten. Exit 0 made, 2 error.
+    Init {
+        /// The directory to create the CA in.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// A domain the CA may mint certificates for (with its subdomains); repeatable.
+        /// List the domains of your `inspect = true` rules.
+        #[arg(long = "domain", value_name = "NAME", required = true)]
+        domains: Vec<String>,
     },
 }
 

@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -18,6 +19,9 @@ use toml::Spanned;
 
 use tank_ebpf_common::chain;
 
+use crate::ca;
+use crate::credentials::{Credential, Secret};
+use crate::inspect::Inspection;
 use crate::path::normalise_prefix;
 use crate::policy::{Limits, Pattern, Policy, Ports, ResolverSettings, Rule};
 use crate::target::{canonical_host, Host};
@@ -183,6 +187,28 @@ struct RawConfig {
     resolver: RawResolver,
     #[serde(default)]
     audit: Option<Spanned<chain::Settings>>,
+    tls_ports: Option<Spanned<Vec<Spanned<i64>>>>,
+    inspection: Option<Spanned<RawInspection>>,
+    #[serde(default)]
+    credentials: Vec<Spanned<RawCredential>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInspection {
+    ca_dir: Spanned<String>,
+    upstream_ca: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    name: Spanned<String>,
+    host: Spanned<String>,
+    path_prefix: Option<Spanned<String>>,
+    header: Spanned<String>,
+    value: Spanned<String>,
+    secret_file: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -208,7 +234,7 @@ struct RawLimits {
 /// An `allowed_domains`/`denied_domains` entry: a string, or a table.
 enum RuleSpec {
     Short(String),
-    Full(RuleTable),
+    Full(Box<RuleTable>),
 }
 
 #[derive(Deserialize)]
@@ -221,6 +247,9 @@ struct RuleTable {
     #[serde(default)]
     allow_private: Option<Spanned<bool>>,
     name: Option<Spanned<String>>,
+    inspect: Option<Spanned<bool>>,
+    opaque: Option<Spanned<bool>>,
+    redact_query: Option<Spanned<bool>>,
 }
 
 impl<'de> Deserialize<'de> for RuleSpec {
@@ -236,7 +265,7 @@ impl<'de> Deserialize<'de> for RuleSpec {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RuleSpec, A::Error> {
                 RuleTable::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RuleSpec::Full)
+                    .map(|t| RuleSpec::Full(Box::new(t)))
             }
         }
         d.deserialize_any(V)
@@ -333,7 +362,10 @@ impl Validator<'_> {
     /// Warns about rules that can never apply as written, or refuse more than they say.
     fn warn_rules(&mut self, allowed: &[(Rule, Range<usize>)], denied: &[(Rule, Range<usize>)]) {
         for (d, span) in denied {
-            if d.is_request_level() {
+            let inspected = allowed
+                .iter()
+                .any(|(a, _)| a.inspect && d.pattern.covered_by(&a.pattern));
+            if d.is_request_level() && !inspected {
                 self.warn(
                     span.clone(),
                     format!("{} judges requests (paths or methods): tunnels (HTTPS) to the hosts it names are refused, since their requests cannot be seen", d.id),
@@ -359,6 +391,7 @@ impl Validator<'_> {
                     ),
                 );
             } else if rule.path_prefixes.is_some()
+                && !rule.inspect
                 && matches!(&rule.ports, Ports::List(l) if l.iter().all(|&p| p == 443))
             {
                 self.warn(
@@ -448,7 +481,7 @@ impl Validator<'_> {
             .filter_map(|r| Some((self.rule(r, false)?, r.span())))
             .collect();
         self.warn_rules(&allowed, &denied);
-        let allowed = allowed.into_iter().map(|(r, _)| r).collect();
+        let allowed: Vec<Rule> = allowed.into_iter().map(|(r, _)| r).collect();
         let denied = denied.into_iter().map(|(r, _)| r).collect();
         let mut hosts = HashMap::new();
         for (name, addrs) in &raw.hosts {
@@ -484,6 +517,14 @@ impl Validator<'_> {
         let limits = self.limits(&raw.limits);
         let audit = self.audit(&raw.audit);
         let resolver = self.resolver(&raw.resolver);
+        let tls_ports = self.tls_ports(raw.tls_ports.as_ref());
+        let inspection = self.inspection(
+            raw.inspection.as_ref(),
+            &raw.allowed_domains,
+            &allowed,
+            path,
+        );
+        let credentials = self.credentials(&raw.credentials, &allowed, path);
         Config {
             listen,
             admin_listen,
@@ -497,6 +538,9 @@ impl Validator<'_> {
                 system_resolver: raw.system_resolver.unwrap_or(true),
                 resolver,
                 limits,
+                tls_ports,
+                inspection,
+                credentials,
             },
             warnings: Vec::new(),
         }
@@ -674,6 +718,9 @@ impl Validator<'_> {
                     methods: None,
                     path_prefixes: None,
                     allow_private: false,
+                    inspect: false,
+                    opaque: false,
+                    redact_query: false,
                 })
             }
             RuleSpec::Full(t) => {
@@ -747,8 +794,29 @@ impl Validator<'_> {
                         })
                         .collect::<Vec<_>>()
                 });
+                let flag = |f: &Option<Spanned<bool>>| f.as_ref().is_some_and(|f| *f.get_ref());
+                let (inspect, opaque, redact_query) =
+                    (flag(&t.inspect), flag(&t.opaque), flag(&t.redact_query));
+                if let Some(f) = t
+                    .inspect
+                    .as_ref()
+                    .or(t.opaque.as_ref())
+                    .or(t.redact_query.as_ref())
+                {
+                    if !allow && (inspect || opaque || redact_query) {
+                        self.err(f.span(), "`inspect`, `opaque` and `redact_query` belong in allowed_domains rules");
+                    }
+                }
+                if let (true, true, Some(o)) = (inspect, opaque, &t.opaque) {
+                    self.err(o.span(), "a rule cannot be both `inspect` and `opaque`");
+                }
+                if let (true, Some(i)) = (inspect, &t.inspect) {
+                    if matches!(pattern, Some(Pattern::Net(_))) {
+                        self.err(i.span(), "`inspect` needs a domain: the CA mints certificates for names, never for addresses");
+                    }
+                }
                 if let (Some(m), Some(p)) = (&methods, &t.path_prefixes) {
-                    if m.iter().all(|x| x == "CONNECT") {
+                    if m.iter().all(|x| x == "CONNECT") && !inspect {
                         self.err(p.span(), "`path_prefixes` never match CONNECT tunnels (the proxy cannot see their paths)");
                     }
                 }
@@ -790,9 +858,214 @@ impl Validator<'_> {
                     methods,
                     path_prefixes,
                     allow_private,
+                    inspect,
+                    opaque,
+                    redact_query,
                 })
             }
         }
+    }
+}
+
+// ---- inspection, credentials, TLS ports ----------------------------------------------------
+
+/// A path in the config, relative to the config file's directory.
+fn beside(config: &Path, p: &str) -> PathBuf {
+    let p = PathBuf::from(p);
+    if p.is_absolute() {
+        p
+    } else {
+        config.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+impl Validator<'_> {
+    fn tls_ports(&mut self, raw: Option<&Spanned<Vec<Spanned<i64>>>>) -> Vec<u16> {
+        let Some(raw) = raw else {
+            return vec![DEFAULT_PORT];
+        };
+        let mut out = Vec::new();
+        for p in raw.get_ref() {
+            match u16::try_from(*p.get_ref()) {
+                Ok(n) if n != 0 => out.push(n),
+                _ => self.err(
+                    p.span(),
+                    format!("port {} is not from 1 to 65535", p.get_ref()),
+                ),
+            }
+        }
+        out
+    }
+
+    /// Loads the CA and origin trust, and checks every `inspect` rule can be served: a CA
+    /// is configured and its name constraints cover the rule's domain.
+    fn inspection(
+        &mut self,
+        raw: Option<&Spanned<RawInspection>>,
+        specs: &[Spanned<RuleSpec>],
+        allowed: &[Rule],
+        config: &Path,
+    ) -> Option<Arc<Inspection>> {
+        let inspect_spans: Vec<Range<usize>> = specs
+            .iter()
+            .filter_map(|s| match s.get_ref() {
+                RuleSpec::Full(t) => t
+                    .inspect
+                    .as_ref()
+                    .filter(|i| *i.get_ref())
+                    .map(|i| i.span()),
+                RuleSpec::Short(_) => None,
+            })
+            .collect();
+        let Some(raw) = raw else {
+            for span in inspect_spans {
+                self.err(span, "`inspect = true` needs a CA: add [inspection] ca_dir = \"...\" (make one with `egress-proxy ca init DIR --domain ...`)");
+            }
+            return None;
+        };
+        let raw = raw.get_ref();
+        let dir = beside(config, raw.ca_dir.get_ref());
+        let upstream = raw
+            .upstream_ca
+            .as_ref()
+            .map(|u| beside(config, u.get_ref()));
+        let loaded = Inspection::load(
+            &dir.join(ca::CERT_FILE),
+            &dir.join(ca::KEY_FILE),
+            upstream.as_deref(),
+        );
+        let inspection = match loaded {
+            Ok(i) => i,
+            Err(e) => {
+                let span = match (&raw.upstream_ca, e.starts_with("upstream_ca")) {
+                    (Some(u), true) => u.span(),
+                    _ => raw.ca_dir.span(),
+                };
+                self.err(span, format!("[inspection]: {e}"));
+                return None;
+            }
+        };
+        let inspecting: Vec<&Rule> = allowed.iter().filter(|r| r.inspect).collect();
+        if inspecting.len() != inspect_spans.len() {
+            return Some(Arc::new(inspection)); // a rule already failed; its own line says why
+        }
+        for (rule, span) in inspecting.into_iter().zip(inspect_spans) {
+            let name = match &rule.pattern {
+                Pattern::Exact(n) | Pattern::Subdomains(n) => n,
+                Pattern::Net(_) => continue,
+            };
+            if !inspection.ca.permits(name) {
+                self.err(
+                    span,
+                    format!(
+                        "the CA in `{}` may not mint for `{name}` (its name constraints permit {}): make a CA that covers it",
+                        dir.display(),
+                        inspection.ca.permitted().join(", ")
+                    ),
+                );
+            }
+        }
+        Some(Arc::new(inspection))
+    }
+
+    fn credentials(
+        &mut self,
+        raw: &[Spanned<RawCredential>],
+        allowed: &[Rule],
+        config: &Path,
+    ) -> Vec<Arc<Credential>> {
+        let mut out: Vec<Arc<Credential>> = Vec::new();
+        for c in raw {
+            let c = c.get_ref();
+            let before = self.diags.len();
+            let name = c.name.get_ref();
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                self.err(
+                    c.name.span(),
+                    "credential `name` must be 1 to 64 letters, digits, `-` or `_`",
+                );
+            } else if out.iter().any(|o| o.name == *name) {
+                self.err(
+                    c.name.span(),
+                    format!("credential `{name}` is defined twice"),
+                );
+            }
+            let host = match canonical_host(c.host.get_ref()) {
+                Ok(Host::Name(h)) => {
+                    let inspected = allowed
+                        .iter()
+                        .any(|r| r.inspect && r.pattern.matches(&Host::Name(h.clone())));
+                    if !inspected {
+                        self.err(c.host.span(), format!("credential for `{h}`, which no `inspect = true` rule covers: it could never be injected"));
+                    }
+                    h
+                }
+                _ => {
+                    self.err(c.host.span(), "credential `host` must be a domain name");
+                    String::new()
+                }
+            };
+            if let Some(p) = &c.path_prefix {
+                if !p.get_ref().starts_with('/') {
+                    self.err(p.span(), "`path_prefix` must start with `/`");
+                }
+            }
+            let header = match http::HeaderName::from_bytes(c.header.get_ref().as_bytes()) {
+                Ok(h)
+                    if !matches!(
+                        h.as_str(),
+                        "host" | "connection" | "content-length" | "transfer-encoding"
+                    ) =>
+                {
+                    Some(h)
+                }
+                _ => {
+                    self.err(
+                        c.header.span(),
+                        format!(
+                            "`{}` is not a header a credential can set",
+                            c.header.get_ref()
+                        ),
+                    );
+                    None
+                }
+            };
+            let template = c.value.get_ref();
+            if template.matches("{secret}").count() != 1
+                || http::HeaderValue::from_str(&template.replace("{secret}", "x")).is_err()
+            {
+                self.err(c.value.span(), "`value` must hold `{secret}` exactly once, in a valid header value (e.g. \"Bearer {secret}\")");
+            }
+            let secret_file = beside(config, c.secret_file.get_ref());
+            let secret = match Secret::read(&secret_file) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.err(c.secret_file.span(), format!("credential `{name}`: {e}"));
+                    None
+                }
+            };
+            if self.diags.len() != before {
+                continue;
+            }
+            let (Some(header), Some(secret)) = (header, secret) else {
+                continue;
+            };
+            out.push(Arc::new(Credential {
+                name: name.clone(),
+                host,
+                path_prefix: c.path_prefix.as_ref().map(|p| p.get_ref().clone()),
+                header,
+                template: template.clone(),
+                secret_file,
+                secret,
+            }));
+        }
+        out
     }
 }
 

@@ -13,9 +13,13 @@
 
 pub mod addr;
 pub mod audit;
+pub mod ca;
 pub mod cli;
+pub mod clienthello;
 pub mod config;
+pub mod credentials;
 pub mod http;
+pub mod inspect;
 pub mod metrics;
 pub mod path;
 pub mod policy;

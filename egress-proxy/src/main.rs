@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use egress_proxy::cli::{AuditCommand, Cli, Command, LogFormat};
+use egress_proxy::cli::{AuditCommand, CaCommand, Cli, Command, LogFormat};
 use egress_proxy::config::{self, ConfigError};
 use tank_ebpf_common::chain;
 
@@ -87,6 +87,23 @@ fn main() -> ExitCode {
             Err(e @ ConfigError::Invalid { .. }) => {
                 let _ = writeln!(std::io::stderr(), "{e}");
                 ExitCode::from(1)
+            }
+            Err(e) => {
+                fail(&e.into());
+                ExitCode::from(2)
+            }
+        },
+        Command::Ca {
+            command: CaCommand::Init { dir, domains },
+        } => match egress_proxy::ca::init(&dir, &domains) {
+            Ok((cert, key)) => {
+                out(&format!(
+                    "made a CA for {}:\n  certificate (for agent hosts): {}\n  key (stays here, mode 0600): {}\n",
+                    domains.join(", "),
+                    cert.display(),
+                    key.display()
+                ));
+                ExitCode::SUCCESS
             }
             Err(e) => {
                 fail(&e.into());

@@ -5,8 +5,8 @@
 //! 2. a matching `denied_domains` rule refuses (denials win over allowances). Paths are
 //!    judged in normal form ([`crate::path`]). A tunnel cannot be judged by what it
 //!    carries, so a CONNECT to a host with request-level denials (`path_prefixes`, or
-//!    `methods` other than `CONNECT`) is refused unless its allowing rule is inspected
-//!    ([`Policy::inspected`]);
+//!    `methods` other than `CONNECT`) is refused unless the host is inspected
+//!    ([`Policy::inspecting`]);
 //! 3. some `allowed_domains` rule must match the host, then the port, then the method, then
 //!    the path: the first step that leaves no rule names the refusal (`default-deny`,
 //!    `port-not-allowed`, ...). Of the rules left, the most specific host pattern decides
@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -59,11 +60,21 @@ pub enum Reason {
     ConnectionLimit,
     /// The audit log cannot be written; nothing is let through unrecorded.
     AuditUnavailable,
+    /// A tunnel's ClientHello names no server, another server than the CONNECT host, or
+    /// hides it (ECH).
+    SniMismatch,
+    /// A tunnel to a TLS port did not start with a TLS ClientHello (and its rule is not
+    /// `opaque`).
+    NotTls,
+    /// A request inside an inspected tunnel names another host than the tunnel's.
+    HostMismatch,
+    /// A request carries its own value in a header a `[[credentials]]` entry sets.
+    CredentialMismatch,
 }
 
 impl Reason {
     /// Every reason, for metrics.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 19] = [
         Reason::ClientNetwork,
         Reason::DeniedDomain,
         Reason::DefaultDeny,
@@ -79,6 +90,10 @@ impl Reason {
         Reason::ClientConnectionLimit,
         Reason::ConnectionLimit,
         Reason::AuditUnavailable,
+        Reason::SniMismatch,
+        Reason::NotTls,
+        Reason::HostMismatch,
+        Reason::CredentialMismatch,
     ];
 
     /// The stable name.
@@ -99,6 +114,10 @@ impl Reason {
             Reason::ClientConnectionLimit => "client-connection-limit",
             Reason::ConnectionLimit => "connection-limit",
             Reason::AuditUnavailable => "audit-unavailable",
+            Reason::SniMismatch => "sni-mismatch",
+            Reason::NotTls => "not-tls",
+            Reason::HostMismatch => "host-mismatch",
+            Reason::CredentialMismatch => "credential-mismatch",
         }
     }
 
@@ -155,7 +174,8 @@ pub enum Pattern {
 }
 
 impl Pattern {
-    fn matches(&self, host: &Host) -> bool {
+    /// Whether `host` matches the pattern.
+    pub fn matches(&self, host: &Host) -> bool {
         match (self, host) {
             (Pattern::Exact(n), Host::Name(h)) => n == h,
             (Pattern::Subdomains(s), Host::Name(h)) => {
@@ -217,6 +237,14 @@ pub struct Rule {
     pub path_prefixes: Option<Vec<String>>,
     /// May connect to private addresses (see [`crate::addr`]).
     pub allow_private: bool,
+    /// Tunnels under this rule are inspected: TLS is terminated with a leaf from the CA and
+    /// each request inside is judged on its own (see [`crate::inspect`]). The tunnel itself
+    /// is admitted on host and port; methods and paths apply to the requests inside.
+    pub inspect: bool,
+    /// Tunnels under this rule may carry anything (SSH over 443...): no ClientHello check.
+    pub opaque: bool,
+    /// Request records of inspected tunnels leave out the query string.
+    pub redact_query: bool,
 }
 
 impl Rule {
@@ -242,8 +270,12 @@ impl Rule {
     fn matches(&self, t: &Target, method: &str, path: Option<&Normal>, deny: bool) -> bool {
         self.pattern.matches(&t.host)
             && self.port_ok(t.port)
-            && self.method_ok(method)
-            && self.path_ok(path, deny)
+            && (self.admits_tunnel(method) || self.method_ok(method) && self.path_ok(path, deny))
+    }
+    /// An inspected rule admits the CONNECT itself; its methods and paths judge the
+    /// requests inside.
+    fn admits_tunnel(&self, method: &str) -> bool {
+        self.inspect && method == "CONNECT"
     }
 
     /// Whether the rule judges what travels inside a connection (paths, or methods other
@@ -336,22 +368,29 @@ pub struct Policy {
     pub resolver: ResolverSettings,
     /// Limits.
     pub limits: Limits,
+    /// Ports whose tunnels must open with a TLS ClientHello naming the CONNECT host
+    /// (unless the rule is `opaque`).
+    pub tls_ports: Vec<u16>,
+    /// The CA and origin trust of inspected tunnels; `None` when no rule inspects.
+    pub inspection: Option<Arc<crate::inspect::Inspection>>,
+    /// `[[credentials]]`, in file order.
+    pub credentials: Vec<Arc<crate::credentials::Credential>>,
 }
 
 impl Policy {
+    /// The rule that makes a tunnel to `target` inspected, if any: an allowed `inspect`
+    /// rule for its host and port wins over every opaque one, so nothing a rule says to
+    /// inspect passes uninspected.
+    pub fn inspecting(&self, target: &Target) -> Option<&Rule> {
+        self.allowed
+            .iter()
+            .find(|r| r.inspect && r.pattern.matches(&target.host) && r.port_ok(target.port))
+    }
+
     /// Whether `client` may use the proxy.
     pub fn client_allowed(&self, client: IpAddr) -> bool {
         let client = canonical_ip(client);
         self.client_networks.iter().any(|n| n.contains(&client))
-    }
-
-    /// Whether requests inside tunnels allowed by `rule` are seen one by one, so that
-    /// request-level denials can be judged there. The inspection hook: until TLS inspection
-    /// exists no tunnel is inspected; `inspect = true` on a rule (issue 12) makes this return
-    /// it, and the inner requests are then decided with [`Policy::decide`] and their paths.
-    pub fn inspected(&self, rule: &Rule) -> bool {
-        let _ = rule;
-        false
     }
 
     /// Decides a request for `target` with `method` (`CONNECT` for tunnels) and, for plain
@@ -383,7 +422,7 @@ impl Policy {
         };
         let rule = self.allowing(target, method, path)?;
         if let Some(denial) = unjudgeable {
-            if !self.inspected(rule) {
+            if self.inspecting(target).is_none() {
                 return Err(Refusal {
                     reason: Reason::DeniedDomain,
                     rule: Some(denial.id.clone()),
@@ -434,7 +473,10 @@ impl Policy {
                 ),
             ));
         }
-        let methods: Vec<&Rule> = ports.into_iter().filter(|r| r.method_ok(method)).collect();
+        let methods: Vec<&Rule> = ports
+            .into_iter()
+            .filter(|r| r.admits_tunnel(method) || r.method_ok(method))
+            .collect();
         if methods.is_empty() {
             return Err(Refusal::new(
                 Reason::MethodNotAllowed,
@@ -445,7 +487,7 @@ impl Policy {
         // the list is reversed to let file order break ties.
         methods
             .into_iter()
-            .filter(|r| r.path_ok(path, false))
+            .filter(|r| r.admits_tunnel(method) || r.path_ok(path, false))
             .rev()
             .max_by_key(|r| r.pattern.specificity())
             .ok_or_else(|| {
@@ -517,6 +559,9 @@ mod tests {
             methods: None,
             path_prefixes: None,
             allow_private: false,
+            inspect: false,
+            opaque: false,
+            redact_query: false,
         }
     }
 
@@ -557,6 +602,9 @@ mod tests {
             system_resolver: false,
             resolver: ResolverSettings::default(),
             limits: Limits::default(),
+            tls_ports: vec![443],
+            inspection: None,
+            credentials: Vec::new(),
         }
     }
 

@@ -12,8 +12,11 @@ use egress_proxy::audit::Draft;
 use egress_proxy::policy::Reason;
 use serde_json::Value;
 use tank_ebpf_common::chain::{self, ChainWriter};
-use tank_ebpf_common::ocsf::proxy::RequestKind;
+use tank_ebpf_common::ocsf::proxy::{
+    HttpRequest, Request, RequestDetails, RequestKind, RequestRecord, Traffic, TunnelKind, Url,
+};
 use tank_ebpf_common::ocsf::validate;
+use tank_ebpf_common::ocsf::Endpoint;
 
 fn draft(client: &str, kind: RequestKind) -> Draft {
     let client: SocketAddr = client.parse().unwrap();
@@ -62,6 +65,20 @@ fn drafts() -> Vec<Draft> {
         refused.error = Some(format!("refused: {}", reason.as_str()));
         all.push(refused);
     }
+    // An inspected tunnel and an opaque one whose ClientHello was read.
+    let mut inspected = draft("10.0.0.5:40005", RequestKind::Connect);
+    (inspected.allowed, inspected.rule) = (true, "allowed_domains:api".into());
+    inspected.uid = Some("18c-1f-0".into());
+    inspected.tunnel = Some(TunnelKind::Inspected);
+    (inspected.sni, inspected.alpn) = (
+        Some("example.com".into()),
+        vec!["h2".into(), "http/1.1".into()],
+    );
+    inspected.requests = Some(2);
+    let mut opaque = draft("10.0.0.5:40006", RequestKind::Connect);
+    (opaque.allowed, opaque.rule) = (true, "allowed_domains:web".into());
+    (opaque.tunnel, opaque.sni) = (Some(TunnelKind::Opaque), Some("example.com".into()));
+    all.extend([inspected, opaque]);
     // A client that closed before sending anything.
     let mut closed = draft("10.0.0.5:40004", RequestKind::Invalid);
     closed.rule = Reason::BadRequest.as_str().into();
@@ -80,6 +97,7 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
     let mut tunnel = draft("10.0.0.5:40005", RequestKind::Connect);
     (tunnel.allowed, tunnel.rule) = (true, "allowed_domains:web".into());
     tunnel.ip = Some("203.0.113.7".parse().unwrap());
+    (tunnel.uid, tunnel.tunnel) = (Some("18c-1f-1".into()), Some(TunnelKind::Inspected));
     let opened = log
         .append_opening(&tunnel.opening("proxy-host"), 0)
         .unwrap();
@@ -97,6 +115,44 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
         ))
         .unwrap();
     }
+    // The requests inside the inspected tunnel: one forwarded with a credential, one refused.
+    for (allowed, status, method, credential) in [
+        (true, 200, "GET", Some("forge")),
+        (false, 403, "DELETE", None),
+    ] {
+        let r = Request {
+            allowed,
+            start_ms: 1_796_000_000_000,
+            duration_ms: 3,
+            client: "10.0.0.5:40005".parse().unwrap(),
+            target: Endpoint {
+                hostname: Some("example.com".into()),
+                ip: Some("203.0.113.7".parse().unwrap()),
+                port: Some(443),
+            },
+            http: HttpRequest {
+                http_method: method.into(),
+                url: Url {
+                    url_string: "https://example.com/repos/o/r/issues".into(),
+                },
+                version: "HTTP/2".into(),
+            },
+            status: Some(status),
+            traffic: Traffic {
+                bytes_in: 120,
+                bytes_out: 0,
+            },
+            tunnel_uid: "18c-1f-0".into(),
+            details: RequestDetails {
+                rule: "allowed_domains:api".into(),
+                credential: credential.map(str::to_owned),
+                error: None,
+                url_bytes: None,
+            },
+        };
+        log.append(&RequestRecord::new(r, "proxy-host", "0.1.0"))
+            .unwrap();
+    }
     log.sync().unwrap();
     let (report, read) = chain::read(&path).unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
@@ -106,7 +162,7 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
 #[test]
 fn every_proxy_record_kind_is_valid_ocsf() {
     let (_dir, records) = written();
-    assert_eq!(records.len(), 4 + Reason::ALL.len() + 1 + 2 + 3);
+    assert_eq!(records.len(), 4 + Reason::ALL.len() + 2 + 1 + 2 + 3 + 2);
     if let Err(violations) = validate::check(&records) {
         panic!("proxy records that are not valid OCSF:\n{violations}");
     }

@@ -76,6 +76,24 @@ pub mod hook {
     /// outside the connecting task, so the task fields are zero; userspace copies them from
     /// the attempt with the same cookie.
     pub const ESTABLISHED: u8 = 7;
+    /// `cgroup/setsockopt`: a socket option that would send the agent's packets somewhere
+    /// other than the destination the gate judged (IPv4 source routes, IPv6 routing and other
+    /// extension headers). No destination: the event carries the socket's family, type and
+    /// protocol.
+    pub const SETSOCKOPT: u8 = 8;
+    /// `cgroup_skb/egress`: a packet of the agent's sockets carrying IPv4 options or an IPv6
+    /// routing header, set per message as ancillary data (which no sock_addr hook sees). The
+    /// event carries the packet's real destination address and the socket's remote port.
+    pub const EGRESS: u8 = 9;
+    /// `sock_ops` passive-established callback: a TCP connection *into* one of the agent's
+    /// listening sockets completed its handshake. `dst_*` is the remote end (who connected),
+    /// `src_*` the agent's local address and port. Task fields are zero (it runs in softirq);
+    /// the socket's owner is not known here.
+    pub const ACCEPTED: u8 = 10;
+    /// `cgroup_skb/ingress`: a TCP connection attempt (SYN) to one of the agent's sockets from
+    /// another host. `dst_*` is the remote end that tried, `src_*` the agent's address and port;
+    /// the task fields carry the socket owner's uid and cgroup.
+    pub const INBOUND: u8 = 11;
 
     /// Every hook with its stable name (in audit records, pin names and `status`). A new hook
     /// needs a line here, and nowhere else.
@@ -87,6 +105,10 @@ pub mod hook {
         (SOCK_CREATE, "sock_create"),
         (LSM_SOCKET_CREATE, "lsm_socket_create"),
         (ESTABLISHED, "established"),
+        (SETSOCKOPT, "setsockopt"),
+        (EGRESS, "egress"),
+        (ACCEPTED, "accepted"),
+        (INBOUND, "inbound"),
     ];
 
     /// Stable name of a hook code, `unknown` for a code this build does not know.
@@ -131,6 +153,20 @@ pub mod reason {
     /// An established connection whose destination is no longer in the allow map: the policy
     /// changed between the connect that was allowed and the end of the handshake.
     pub const NO_LONGER_LISTED: u8 = 9;
+    /// IPv4 options (`IP_OPTIONS`, or `IP_RETOPTS` ancillary data): loose and strict source
+    /// routes send the packet to their first hop, not to the destination the gate judged.
+    pub const IP_OPTIONS: u8 = 10;
+    /// IPv6 extension headers set by socket option (`IPV6_RTHDR`, `IPV6_HOPOPTS`,
+    /// `IPV6_DSTOPTS`, `IPV6_RTHDRDSTOPTS`, the RFC 2292 forms and `IPV6_2292PKTOPTIONS`): a
+    /// routing header sends the packet to its first segment, not to the destination judged.
+    pub const IPV6_EXTENSION_HEADERS: u8 = 11;
+    /// A packet carrying an IPv6 routing header (set as ancillary data on one message).
+    pub const IPV6_ROUTING_HEADER: u8 = 12;
+    /// A connection attempt into the agent from another host: whoever connects in receives
+    /// what the agent writes, past every outbound check. Only the host itself may connect in.
+    pub const NOT_FROM_HOST: u8 = 13;
+    /// A connection into the agent was accepted (from the host itself, or in audit mode).
+    pub const INBOUND_ACCEPTED: u8 = 14;
 
     /// Every reason with its stable name (in audit records). A new reason needs a line here.
     pub const NAMES: &[(u8, &str)] = &[
@@ -143,6 +179,11 @@ pub mod reason {
         (PROTOCOL_NOT_ALLOWED, "protocol_not_allowed"),
         (FAMILY_NOT_ALLOWED, "family_not_allowed"),
         (NO_LONGER_LISTED, "no_longer_listed"),
+        (IP_OPTIONS, "ip_options"),
+        (IPV6_EXTENSION_HEADERS, "ipv6_extension_headers"),
+        (IPV6_ROUTING_HEADER, "ipv6_routing_header"),
+        (NOT_FROM_HOST, "not_from_host"),
+        (INBOUND_ACCEPTED, "inbound_accepted"),
     ];
 
     /// Stable name of a reason code, `unknown` for a code this build does not know.

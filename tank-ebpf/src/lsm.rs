@@ -18,11 +18,11 @@ use aya_ebpf::{
     helpers::generated::bpf_get_current_ancestor_cgroup_id, macros::lsm, programs::LsmContext,
 };
 use tank_ebpf_common::{
-    event::{hook, reason, verdict},
-    settings::{self, mode},
+    event::{hook, reason},
+    settings,
 };
 
-use crate::record::{current_mode, record, Attempt};
+use crate::record::{current_mode, record, refusal_verdict, Attempt};
 use crate::setting;
 
 const AF_UNIX: i32 = 1;
@@ -44,7 +44,10 @@ pub fn tank_socket_create(ctx: LsmContext) -> i32 {
         // Another LSM program refused already: keep its answer.
         return previous;
     }
-    if kern != 0 || matches!(family, AF_UNIX | AF_INET | AF_INET6 | AF_NETLINK) || !in_agent_cgroup() {
+    if kern != 0
+        || matches!(family, AF_UNIX | AF_INET | AF_INET6 | AF_NETLINK)
+        || !in_agent_cgroup()
+    {
         return 0;
     }
     let mode = current_mode();
@@ -57,7 +60,7 @@ pub fn tank_socket_create(ctx: LsmContext) -> i32 {
         protocol: protocol as u16,
         hook: hook::LSM_SOCKET_CREATE,
         reason: reason::FAMILY_NOT_ALLOWED,
-        verdict: if mode == mode::AUDIT { verdict::ALLOW } else { verdict::DENY },
+        verdict: refusal_verdict(mode),
         mode,
     });
     if allowed {
@@ -70,11 +73,13 @@ pub fn tank_socket_create(ctx: LsmContext) -> i32 {
 /// Whether the current task is in the agent cgroup or below it.
 #[inline(always)]
 fn in_agent_cgroup() -> bool {
-    let id = u64::from(setting(settings::AGENT_ID_LO)) | (u64::from(setting(settings::AGENT_ID_HI)) << 32);
+    let id = u64::from(setting(settings::AGENT_ID_LO))
+        | (u64::from(setting(settings::AGENT_ID_HI)) << 32);
     if id == 0 {
         return false;
     }
     // SAFETY: a helper available to LSM programs; an out-of-range level returns 0.
-    let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(setting(settings::AGENT_LEVEL) as i32) };
+    let ancestor =
+        unsafe { bpf_get_current_ancestor_cgroup_id(setting(settings::AGENT_LEVEL) as i32) };
     ancestor == id
 }

@@ -8,8 +8,15 @@
 //! - [`lsm`]: BPF LSM `socket_create`, refusing families other than AF_UNIX, AF_INET, AF_INET6
 //!   and AF_NETLINK (AF_VSOCK, AF_PACKET, ...) to the agent cgroup's tasks, where the kernel
 //!   lets BPF LSM programs load.
+//! - [`sockopt`]: refuses the socket options that route packets past the destination the gate
+//!   judged (IPv4 source routes, IPv6 routing and extension headers).
+//! - [`egress`]: refuses packets that carry such headers anyway, set per message as ancillary
+//!   data; the one per-packet program, reading one or two header bytes.
 //! - [`sock_ops`]: once a TCP connection the gate allowed is established, records its local
-//!   address and port, so the kernel's record names the whole 4-tuple the proxy sees.
+//!   address and port, so the kernel's record names the whole 4-tuple the proxy sees; and
+//!   records every connection accepted into the agent.
+//! - [`inbound`]: drops and records TCP connection attempts into the agent from other hosts
+//!   (ingress only).
 //!
 //! Every refusal, and every attempt the gate judges, is one event in the ring buffer
 //! ([`record`]). When the ring buffer has no room an attempt is refused (even an allowlisted
@@ -18,15 +25,20 @@
 //!
 //! Kernel requirements: cgroup sock_addr programs (4.17; sendmsg hooks 4.18), cgroup
 //! sock_create (4.10), BPF ring buffer (5.8), BPF links for cgroups (5.7; the loader pins them),
-//! BPF LSM (5.7, `lsm=...,bpf` on the kernel command line), sock_ops with socket cookies (4.20).
+//! BPF LSM (5.7, `lsm=...,bpf` on the kernel command line), sock_ops with socket cookies (4.20),
+//! cgroup sockopt (5.3), cgroup skb (4.10).
 #![no_std]
 #![no_main]
 
+mod egress;
+mod inbound;
 mod lsm;
 mod record;
+mod skb;
 mod sock_addr;
 mod sock_create;
 mod sock_ops;
+mod sockopt;
 
 use aya_ebpf::{
     macros::map,

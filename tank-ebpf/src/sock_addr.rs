@@ -1,5 +1,12 @@
 //! The gate: cgroup `sock_addr` programs judging every connect and every unconnected send of
 //! the guarded cgroup against the allow map.
+//!
+//! A send on a *connected* UDP socket that carries ancillary data (IP_TOS, IP_PKTINFO,
+//! UDP_SEGMENT: QUIC stacks and resolvers do this) also runs the sendmsg hook, because the
+//! cmsg makes `udp_sendmsg` treat it as unconnected; the hook then sees no address at all
+//! (`0.0.0.0:0`, `[::]:0`). The datagram goes to the socket's connected peer, which is what is
+//! judged and recorded there. An unconnected send with port 0 fails with EINVAL before the hook,
+//! so port 0 here always means "the connected peer".
 
 use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
@@ -31,12 +38,28 @@ pub fn tank_connect6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn tank_sendmsg4(ctx: SockAddrContext) -> i32 {
-    gate(&ctx, hook::SENDMSG4, destination4(&ctx))
+    let (dst_addr, dst_port) = match user_port(&ctx) {
+        0 => peer4(&ctx),
+        port => (destination4(&ctx), port),
+    };
+    judge(&ctx, hook::SENDMSG4, dst_addr, dst_port)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn tank_sendmsg6(ctx: SockAddrContext) -> i32 {
-    gate(&ctx, hook::SENDMSG6, destination6(&ctx))
+    let (dst_addr, dst_port) = match user_port(&ctx) {
+        0 => peer6(&ctx),
+        port => (destination6(&ctx), port),
+    };
+    judge(&ctx, hook::SENDMSG6, dst_addr, dst_port)
+}
+
+/// The port passed to the call, in host byte order.
+#[inline(always)]
+fn user_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: as in destination4. user_port holds the port in network byte order in its first
+    // two bytes.
+    u16::from_be(unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).user_port) } as u16)
 }
 
 fn destination4(ctx: &SockAddrContext) -> [u8; 16] {
@@ -57,13 +80,40 @@ fn destination6(ctx: &SockAddrContext) -> [u8; 16] {
     addr
 }
 
-/// Judges one attempt, records it, and returns the sock_addr verdict.
+/// The connected peer of an IPv4 (or IPv4-mapped) UDP socket: address and port.
+fn peer4(ctx: &SockAddrContext) -> ([u8; 16], u16) {
+    // SAFETY: `sk` is always set for sock_addr programs; bpf_sock fields are read-only loads.
+    let sk = unsafe { &*(*ctx.sock_addr).__bindgen_anon_1.sk };
+    let ip = unsafe { core::ptr::read_volatile(&sk.dst_ip4) };
+    let port = unsafe { core::ptr::read_volatile(&sk.dst_port) };
+    (ipv4_mapped(ip.to_ne_bytes()), u16::from_be(port))
+}
+
+/// The connected peer of an IPv6 UDP socket: address and port.
+fn peer6(ctx: &SockAddrContext) -> ([u8; 16], u16) {
+    // SAFETY: as in peer4.
+    let sk = unsafe { &*(*ctx.sock_addr).__bindgen_anon_1.sk };
+    let mut addr = [0u8; 16];
+    for i in 0..4 {
+        // SAFETY: as in peer4; 4-byte loads, as for user_ip6.
+        let word = unsafe { core::ptr::read_volatile(&sk.dst_ip6[i]) };
+        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let port = unsafe { core::ptr::read_volatile(&sk.dst_port) };
+    (addr, u16::from_be(port))
+}
+
+/// Judges one attempt to the address passed to the call.
 #[inline(always)]
 fn gate(ctx: &SockAddrContext, hook: u8, dst_addr: [u8; 16]) -> i32 {
+    judge(ctx, hook, dst_addr, user_port(ctx))
+}
+
+/// Judges one attempt, records it, and returns the sock_addr verdict.
+#[inline(always)]
+fn judge(ctx: &SockAddrContext, hook: u8, dst_addr: [u8; 16], dst_port: u16) -> i32 {
     // SAFETY: as in destination4.
     let sa = unsafe { &*ctx.sock_addr };
-    // user_port holds the port in network byte order in its first two bytes.
-    let dst_port = u16::from_be(unsafe { core::ptr::read_volatile(&sa.user_port) } as u16);
     let protocol = sa.protocol;
     let key = AllowKey::new(dst_addr, dst_port, protocol as u8);
     // SAFETY: the value is a plain byte read at once.

@@ -13,11 +13,11 @@ use aya_ebpf::{
     EbpfContext,
 };
 use tank_ebpf_common::{
-    event::{hook, reason, verdict},
-    settings::{self, mode},
+    event::{hook, reason},
+    settings,
 };
 
-use crate::record::{current_mode, record, Attempt};
+use crate::record::{current_mode, record, refusal_verdict, Attempt};
 use crate::setting;
 
 /// What a cgroup sock program returns to let the socket be created.
@@ -64,7 +64,7 @@ pub fn tank_sock_create(ctx: SockContext) -> i32 {
         hook: hook::SOCK_CREATE,
         reason,
         // Audit mode refuses nothing, here as in the gate; the reason says what enforce would do.
-        verdict: if mode == mode::AUDIT { verdict::ALLOW } else { verdict::DENY },
+        verdict: refusal_verdict(mode),
         mode,
     });
     if allowed {

@@ -3,11 +3,19 @@
 //! the connect attempt's record by socket cookie. An auditor matches it to the proxy's record
 //! of the same connection (`tank-loader audit cross-check`).
 //!
+//! The passive-established callback records every connection *into* the agent that completed
+//! its handshake (from the host itself; from elsewhere only in audit mode, see
+//! [`crate::inbound`]): what the agent writes on it passes no outbound hook, so the log must
+//! say it exists.
+//!
 //! Kernel requirements: cgroup sock_ops (4.13), `bpf_get_socket_cookie` for sock_ops (4.20).
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::generated::bpf_get_socket_cookie,
-    macros::sock_ops, programs::SockOpsContext, EbpfContext,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    helpers::generated::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+    EbpfContext,
 };
 use tank_ebpf_common::{
     allow::{self, ipv4_mapped, AllowKey},
@@ -26,14 +34,16 @@ const SOCK_STREAM: u16 = 1;
 /// socket's options.
 #[sock_ops]
 pub fn tank_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        established(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, false),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, true),
+        _ => {}
     }
     1
 }
 
 #[inline(always)]
-fn established(ctx: &SockOpsContext) {
+fn established(ctx: &SockOpsContext, passive: bool) {
     let family = ctx.family();
     // SAFETY: the kernel hands a valid bpf_sock_ops. Every field is read whatever the family,
     // each with its own constant offset: reading only one family's fields lets LLVM merge the
@@ -57,10 +67,11 @@ fn established(ctx: &SockOpsContext) {
     let remote_port = u32::from_be(unsafe { core::ptr::read_volatile(&ops.remote_port) }) as u16;
     // The same lookup the connect made, so the record says which kind of endpoint this is.
     // SAFETY: the value is a plain byte read at once.
-    let listed = unsafe { TANK_ALLOW.get(&AllowKey::new(remote, remote_port, IPPROTO_TCP as u8)) }
-        .copied();
+    let listed =
+        unsafe { TANK_ALLOW.get(&AllowKey::new(remote, remote_port, IPPROTO_TCP as u8)) }.copied();
     let mode = current_mode();
     let reason = match listed {
+        _ if passive => reason::INBOUND_ACCEPTED,
         Some(allow::kind::PROXY) => reason::PROXY,
         Some(_) => reason::LISTED_ENDPOINT,
         None if mode == mode::AUDIT => reason::AUDIT_NOT_LISTED,
@@ -75,7 +86,11 @@ fn established(ctx: &SockOpsContext) {
             family: family as u16,
             sock_type: SOCK_STREAM,
             protocol: IPPROTO_TCP,
-            hook: hook::ESTABLISHED,
+            hook: if passive {
+                hook::ACCEPTED
+            } else {
+                hook::ESTABLISHED
+            },
             reason,
             verdict: verdict::ALLOW,
             mode,

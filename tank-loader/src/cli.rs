@@ -97,6 +97,14 @@ pub enum Command {
         #[arg(long, short, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Internal: the layer helper `run` starts when metrics are on (keeps only CAP_NET_ADMIN,
+    /// writes one JSON reading of the layers per line until its stdout closes).
+    #[command(hide = true)]
+    WatchLayers {
+        /// Configuration file.
+        #[arg(long, short, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Audit-log tools.
     Audit {
         #[command(subcommand)]
@@ -165,5 +173,13 @@ pub enum AuditCommand {
         /// Machine-readable output: the whole report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also write the report as one self-contained HTML page to FILE, for an auditor.
+        ///
+        /// Verdict first, then the findings, then pictures: attempts and connections over time
+        /// per host, refusals by process and destination, proxy records by rule, and each log's
+        /// chain with its head. No script and nothing fetched from the network; lists are cut
+        /// at 100 rows (`--json` has them all), so a week of records opens quickly.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
     },
 }

@@ -40,6 +40,8 @@ pub struct Config {
     pub lsm: LsmMode,
     /// The nftables baseline.
     pub nft: NftConfig,
+    /// Where `run` serves Prometheus metrics (`metrics_listen`); `None` when off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `lsm`: the BPF LSM `socket_create` layer (families other than AF_UNIX, AF_INET, AF_INET6,
@@ -73,9 +75,11 @@ pub struct NftConfig {
     pub enabled: bool,
     /// Name of tank's table in the `inet` family (`table`, default `tank`).
     pub table: String,
-    /// Host UID range of the agent's users (`uid_range = "100000-165535"`): rootless Podman maps
-    /// the container's users there. Packets of sockets owned by these users are the agent's too.
-    pub uid_range: Option<(u32, u32)>,
+    /// Host UIDs of the agent's users, as inclusive ranges (`uid_range = "100000-165535"`, or a
+    /// list such as `["2000", "524288-589823"]`): the agent user itself and the subordinate UIDs
+    /// rootless Podman maps the container's users to. Packets of sockets owned by these users
+    /// are the agent's too, wherever the socket was created.
+    pub uid_ranges: Vec<(u32, u32)>,
 }
 
 /// Enforcement mode.
@@ -162,6 +166,7 @@ struct RawConfig {
     nft: Option<RawNft>,
     #[serde(default)]
     audit: Option<Spanned<tank_ebpf_common::chain::Settings>>,
+    metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -171,7 +176,7 @@ struct RawNft {
     enabled: bool,
     #[serde(default = "default_table")]
     table: Spanned<String>,
-    uid_range: Option<Spanned<String>>,
+    uid_range: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -344,11 +349,22 @@ impl Config {
         if !valid_name {
             return Err(at(raw_nft.table.span(), format!("nft table name `{table}` must start with a letter and hold only letters, digits, `_` and `-` (at most 64)")));
         }
-        let uid_range = match &raw_nft.uid_range {
+        let uid_ranges = match &raw_nft.uid_range {
+            None => Vec::new(),
+            Some(value) => parse_uid_ranges(value.get_ref()).ok_or_else(|| {
+                at(value.span(), format!("uid_range {} must be \"FIRST-LAST\" with FIRST <= LAST, a single UID, or a list of those (e.g. [\"2000\", \"524288-589823\"])", value.get_ref()))
+            })?,
+        };
+
+        let metrics_listen = match &raw.metrics_listen {
             None => None,
-            Some(value) => Some(parse_uid_range(value.get_ref()).ok_or_else(|| {
-                at(value.span(), format!("uid_range `{}` must be \"FIRST-LAST\" with FIRST <= LAST (e.g. \"100000-165535\")", value.get_ref()))
-            })?),
+            Some(value) if value.get_ref() == "off" => None,
+            Some(value) => match value.get_ref().parse::<SocketAddr>() {
+                // The metrics describe what the agent attempts; they stay on the host unless an
+                // operator puts an authenticating proxy in front.
+                Ok(addr) if addr.ip().is_loopback() => Some(addr),
+                _ => return Err(at(value.span(), format!("metrics_listen `{}` must be a loopback address:port (e.g. \"127.0.0.1:9465\") or \"off\"", value.get_ref()))),
+            },
         };
 
         let audit = match &raw.audit {
@@ -373,16 +389,27 @@ impl Config {
             nft: NftConfig {
                 enabled: raw_nft.enabled,
                 table: raw_nft.table.into_inner(),
-                uid_range,
+                uid_ranges,
             },
+            metrics_listen,
         })
     }
 }
 
-fn parse_uid_range(text: &str) -> Option<(u32, u32)> {
-    let (first, last) = text.split_once('-')?;
-    let (first, last) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
-    (first <= last).then_some((first, last))
+/// `"FIRST-LAST"`, `"UID"`, or a non-empty list of those.
+fn parse_uid_ranges(value: &toml::Value) -> Option<Vec<(u32, u32)>> {
+    let one = |text: &str| -> Option<(u32, u32)> {
+        let (first, last) = text.split_once('-').unwrap_or((text, text));
+        let (first, last) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+        (first <= last).then_some((first, last))
+    };
+    match value {
+        toml::Value::String(text) => Some(vec![one(text)?]),
+        toml::Value::Array(items) if !items.is_empty() => {
+            items.iter().map(|item| one(item.as_str()?)).collect()
+        }
+        _ => None,
+    }
 }
 
 /// IPv4 and its IPv4-mapped IPv6 form are the same destination to the kernel gate.
@@ -471,7 +498,7 @@ comment = "resolver"
             NftConfig {
                 enabled: true,
                 table: "tank".into(),
-                uid_range: None
+                uid_ranges: Vec::new()
             }
         );
         let c = Config::parse(
@@ -485,7 +512,7 @@ comment = "resolver"
             NftConfig {
                 enabled: true,
                 table: "tank-x_1".into(),
-                uid_range: Some((100_000, 165_535))
+                uid_ranges: vec![(100_000, 165_535)]
             }
         );
         assert!(
@@ -505,10 +532,42 @@ comment = "resolver"
         assert!(err("cgroup = \"/a\"\n[nft]\ntable = \"t;flush\"\n")
             .starts_with("t.toml:3:9: nft table name"));
         assert!(err("cgroup = \"/a\"\n[nft]\nuid_range = \"5-1\"\n")
-            .starts_with("t.toml:3:13: uid_range `5-1`"));
+            .starts_with("t.toml:3:13: uid_range \"5-1\""));
+        assert!(
+            err("cgroup = \"/a\"\n[nft]\nuid_range = [\"2000\", \"x\"]\n")
+                .starts_with("t.toml:3:13: uid_range [\"2000\", \"x\"]")
+        );
+        assert!(err("cgroup = \"/a\"\n[nft]\nuid_range = []\n")
+            .starts_with("t.toml:3:13: uid_range []"));
+        let c = Config::parse(
+            "cgroup = \"/a\"\n[nft]\nuid_range = [\"2000\", \"524288-589823\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.nft.uid_ranges, vec![(2000, 2000), (524_288, 589_823)]);
         assert!(err("cgroup = \"/a\"\n[nft]\ntabel = \"x\"\n")
             .starts_with("t.toml:3:1: unknown field `tabel`"));
         assert!(err("cgroup = \"/a/\\\"x\"\n").starts_with("t.toml:1:10: cgroup path contains"));
+    }
+
+    #[test]
+    fn metrics_are_off_unless_set_and_only_on_loopback() {
+        let parse = |extra: &str| Config::parse(&format!("cgroup = \"/a\"\n{extra}"), "t.toml");
+        assert_eq!(parse("").unwrap().metrics_listen, None);
+        assert_eq!(
+            parse("metrics_listen = \"off\"\n").unwrap().metrics_listen,
+            None
+        );
+        assert_eq!(
+            parse("metrics_listen = \"[::1]:9465\"\n")
+                .unwrap()
+                .metrics_listen,
+            Some("[::1]:9465".parse().unwrap())
+        );
+        for bad in ["0.0.0.0:9465", "192.0.2.1:9465", "localhost:9465", "9465"] {
+            let e = err(&format!("cgroup = \"/a\"\nmetrics_listen = \"{bad}\"\n"));
+            assert!(e.starts_with("t.toml:2:18: metrics_listen"), "{bad}: {e}");
+        }
     }
 
     #[test]

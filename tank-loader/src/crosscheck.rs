@@ -11,7 +11,7 @@
 //! report; reading files and exit codes stay in the binary. docs/audit-format.md ("Cross-check")
 //! documents the matching rules and every field of the report.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -20,8 +20,10 @@ use serde::Serialize;
 use tank_ebpf_common::chain::{self, Problem, Record, Report};
 use tank_ebpf_common::event::{hook, reason};
 use tank_ebpf_common::ocsf::kernel::NetworkRecord;
-use tank_ebpf_common::ocsf::proxy::ConnectionRecord;
+use tank_ebpf_common::ocsf::proxy::{ConnectionRecord, TunnelKind};
 use tank_ebpf_common::ocsf::{self, protocol, Action, Kind, LogName};
+
+use crate::activity::{self, Activity};
 
 /// Default greatest distance in time between a kernel record and its proxy record, ms.
 pub const DEFAULT_WINDOW_MS: u64 = 5000;
@@ -124,6 +126,86 @@ pub struct CrossCheck {
     pub direct_listed_connections: u64,
     /// Denied attempts by destination and process, most frequent first.
     pub denied: Vec<DeniedGroup>,
+    /// Both logs over time per host, and proxy records by rule (bounded, for the pictures).
+    pub activity: Activity,
+    /// Requests inside inspected tunnels, counted per tunnel.
+    pub inspected: Inspected,
+}
+
+/// The requests of inspected tunnels: each tunnel record says how many it served, and that
+/// many request records must name it (`metadata.correlation_uid`).
+#[derive(Debug, Default, Serialize)]
+pub struct Inspected {
+    /// Inspected tunnel records.
+    pub tunnels: u64,
+    /// Request records.
+    pub requests: u64,
+    /// Tunnels whose request records do not number what the tunnel record says.
+    pub miscounted: Vec<TunnelRequests>,
+    /// Request records naming no tunnel record (its records lost, or cut from the log).
+    pub orphaned: BTreeMap<String, u64>,
+}
+
+/// One inspected tunnel's requests, as listed when they do not add up.
+#[derive(Debug, Serialize)]
+pub struct TunnelRequests {
+    /// The tunnel record's line.
+    pub line: usize,
+    /// Its `metadata.uid`.
+    pub uid: String,
+    /// `unmapped.requests` of the tunnel record.
+    pub says: u64,
+    /// Request records naming it.
+    pub found: u64,
+}
+
+/// Counts the request records of each inspected tunnel in the proxy log. The count a tunnel
+/// served is in its closing record; a tunnel opened and never closed (the proxy died) has
+/// none, so its requests are neither miscounted nor orphaned.
+fn inspected(proxy: &Log) -> Inspected {
+    let mut per_tunnel: BTreeMap<String, u64> = BTreeMap::new();
+    let mut closed = Vec::new();
+    let mut open = BTreeSet::new();
+    let mut out = Inspected::default();
+    for r in &proxy.records {
+        match ocsf::parse(&r.value) {
+            Ok(Kind::Request(q)) => {
+                out.requests += 1;
+                let uid = q.metadata.correlation_uid.clone().unwrap_or_default();
+                *per_tunnel.entry(uid).or_default() += 1;
+            }
+            Ok(Kind::Proxy(p)) => {
+                let (Some(uid), Some(TunnelKind::Inspected)) = (p.metadata.uid, p.unmapped.tunnel)
+                else {
+                    continue;
+                };
+                if r.value.pointer("/unmapped/opens").is_some() {
+                    open.insert(uid);
+                } else {
+                    open.remove(&uid);
+                    closed.push((r.line, uid, p.unmapped.requests.unwrap_or(0)));
+                }
+            }
+            _ => {}
+        }
+    }
+    out.tunnels = (closed.len() + open.len()) as u64;
+    for uid in open {
+        per_tunnel.remove(&uid);
+    }
+    for (line, uid, says) in closed {
+        let found = per_tunnel.remove(&uid).unwrap_or(0);
+        if found != says {
+            out.miscounted.push(TunnelRequests {
+                line,
+                uid,
+                says,
+                found,
+            });
+        }
+    }
+    out.orphaned = per_tunnel;
+    out
 }
 
 /// `consistent`, `discrepancies` or `tampered` (which takes precedence).
@@ -147,6 +229,10 @@ pub struct LogCheck {
     pub intact: bool,
     /// Complete records read.
     pub records: u64,
+    /// The last complete record: the chain's head.
+    pub head: chain::Head,
+    /// The anchor found beside the log, if any.
+    pub anchor: Option<chain::Head>,
     /// Chain problems.
     pub problems: Vec<Problem>,
     /// Files read (segments and the active file).
@@ -259,6 +345,8 @@ fn read<T>(
         file: log.path.clone(),
         intact: log.report.is_intact(),
         records: log.report.records,
+        head: log.report.head.clone(),
+        anchor: log.report.anchor.clone(),
         problems: log.report.problems.clone(),
         segments: log.report.segments.len(),
         unclosed: log.report.unclosed.len() as u64,
@@ -273,7 +361,9 @@ fn kernel_record(kind: Kind) -> Result<Option<NetworkRecord>, String> {
         Kind::Kernel(k) if k.dst_endpoint.addr().is_some() => Ok(Some(k)),
         Kind::Kernel(_) => Err("dst_endpoint has no ip and port".to_owned()),
         Kind::Lifecycle(l) if l.metadata.log_name == LogName::Kernel => Ok(None),
-        Kind::Lifecycle(_) | Kind::Proxy(_) => Err("a proxy record in the kernel log".to_owned()),
+        Kind::Lifecycle(_) | Kind::Proxy(_) | Kind::Request(_) => {
+            Err("a proxy record in the kernel log".to_owned())
+        }
     }
 }
 
@@ -286,6 +376,8 @@ fn proxy_record(kind: Kind) -> Result<Option<ConnectionRecord>, String> {
         Kind::Proxy(_) => Err("src_endpoint or proxy has no ip and port".to_owned()),
         // The proxy's own records about its log (an outage, a new segment).
         Kind::Lifecycle(l) if l.metadata.log_name == LogName::Proxy => Ok(None),
+        // Requests inside inspected tunnels are counted per tunnel (see `requests`), not paired.
+        Kind::Request(_) => Ok(None),
         Kind::Kernel(_) | Kind::Lifecycle(_) => Err("a kernel record in the proxy log".to_owned()),
     }
 }
@@ -312,9 +404,16 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         (HashSet::new(), HashSet::new(), HashSet::new());
     let (mut established, mut conns, mut direct_listed_connections) = (vec![], vec![], 0);
     let mut denied = BTreeMap::new();
+    let mut activity = activity::Builder::default();
     for (r, k) in &krecs {
         let (cookie, why) = (k.unmapped.cookie, k.unmapped.reason.0);
         let tcp = k.connection_info.protocol_num == protocol::TCP;
+        let counted = match (k.unmapped.hook.0, k.action) {
+            (hook::ESTABLISHED, _) => activity::Kind::Connection,
+            (_, Action::Allowed) => activity::Kind::AttemptAllowed,
+            (_, Action::Denied) => activity::Kind::AttemptDenied,
+        };
+        activity.add("kernel", &k.device.hostname, counted, k.time);
         match (k.unmapped.hook.0, k.action) {
             (hook::ESTABLISHED, _) => {
                 connected.insert(cookie);
@@ -342,6 +441,16 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
     // Stable: equal counts keep the key order of the map.
     denied.sort_by_key(|g| std::cmp::Reverse(g.count));
 
+    for (_, p) in &precs {
+        let allowed = p.action == Action::Allowed;
+        let counted = if allowed {
+            activity::Kind::ProxyAllowed
+        } else {
+            activity::Kind::ProxyDenied
+        };
+        activity.add("proxy", &p.device.hostname, counted, p.start_time);
+        activity.rule(&p.unmapped.rule, allowed);
+    }
     let (p_used, k_used) = pair(&conns, &precs, opts);
     let proxy_unmatched: Vec<ProxyConnection> = precs
         .iter()
@@ -368,7 +477,10 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         .filter_map(|(c, used)| (!used).then_some(c))
         .collect();
 
+    let inspected = inspected(proxy);
     let discrepancy = !(proxy_unmatched.is_empty()
+        && inspected.miscounted.is_empty()
+        && inspected.orphaned.is_empty()
         && kernel_unmatched.is_empty()
         && established_without_attempt.is_empty()
         && kernel_log.unreadable.is_empty()
@@ -394,6 +506,8 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         allowed_never_connected: to_proxy.difference(&connected).count() as u64,
         direct_listed_connections,
         denied,
+        activity: activity.finish(),
+        inspected,
     }
 }
 
@@ -444,6 +558,22 @@ fn pair(
     (p_used, k_used)
 }
 
+impl DeniedGroup {
+    /// Its columns as the reports show them: count, destination, protocol, process, reason,
+    /// first, last.
+    pub fn cells(&self) -> Vec<String> {
+        vec![
+            self.count.to_string(),
+            self.destination.map_or("-".to_owned(), |d| d.to_string()),
+            self.protocol.clone(),
+            self.process.clone(),
+            self.reason.clone(),
+            when(self.first_time),
+            when(self.last_time),
+        ]
+    }
+}
+
 type DeniedKey = (Option<SocketAddr>, String, String, String);
 
 fn count_denied(groups: &mut BTreeMap<DeniedKey, DeniedGroup>, k: &NetworkRecord) {
@@ -473,7 +603,7 @@ fn count_denied(groups: &mut BTreeMap<DeniedKey, DeniedGroup>, k: &NetworkRecord
 }
 
 /// ms since the epoch as RFC 3339 in UTC with milliseconds, a fixed width for the columns.
-fn when(ms: i64) -> String {
+pub(crate) fn when(ms: i64) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
@@ -533,6 +663,25 @@ pub fn render(c: &CrossCheck) -> String {
         "matched: {} of {} proxy records ({pct}), {} of {} kernel connections to the proxy\n",
         c.matched, c.proxy_records, c.matched, c.kernel_proxy_connections
     );
+    let i = &c.inspected;
+    if i.tunnels > 0 || i.requests > 0 {
+        out += &format!(
+            "inspected: {} requests in {} tunnels ({} miscounted, {} requests naming no tunnel)\n",
+            i.requests,
+            i.tunnels,
+            i.miscounted.len(),
+            i.orphaned.values().sum::<u64>()
+        );
+        for t in &i.miscounted {
+            out += &format!(
+                "  line {}: tunnel {} says {} requests, {} request records name it\n",
+                t.line, t.uid, t.says, t.found
+            );
+        }
+        for (uid, n) in &i.orphaned {
+            out += &format!("  {n} request records name tunnel {uid}, which has no record\n");
+        }
+    }
     out += &format!(
         "proxy records with no kernel record (not from the agent's cgroup, or lost): {}\n",
         c.proxy_unmatched.len()
@@ -578,17 +727,7 @@ pub fn render(c: &CrossCheck) -> String {
     if !c.denied.is_empty() {
         let header = "COUNT DESTINATION PROTO PROCESS REASON FIRST LAST";
         let mut rows = vec![header.split(' ').map(str::to_owned).collect::<Vec<_>>()];
-        rows.extend(c.denied.iter().map(|g| {
-            vec![
-                g.count.to_string(),
-                g.destination.map_or("-".to_owned(), |d| d.to_string()),
-                g.protocol.clone(),
-                g.process.clone(),
-                g.reason.clone(),
-                when(g.first_time),
-                when(g.last_time),
-            ]
-        }));
+        rows.extend(c.denied.iter().map(DeniedGroup::cells));
         let width = |i: usize| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0);
         let widths: Vec<usize> = (0..rows[0].len()).map(width).collect();
         for row in &rows {
@@ -614,7 +753,10 @@ mod tests {
     use tank_ebpf_common::chain::{ChainWriter, Hash, Head, Link};
     use tank_ebpf_common::event::{verdict, Event};
     use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
-    use tank_ebpf_common::ocsf::proxy::{Connection, Phase, ProxyDetails, RequestKind, Traffic};
+    use tank_ebpf_common::ocsf::proxy::{
+        Connection, HttpRequest, Phase, ProxyDetails, Request, RequestDetails, RequestKind,
+        RequestRecord, Traffic, Url,
+    };
     use tank_ebpf_common::ocsf::{lifecycle, Endpoint};
 
     const AGENT: [u8; 4] = [10, 0, 0, 5];
@@ -761,15 +903,119 @@ mod tests {
             },
             traffic: Traffic::default(),
             url: None,
+            uid: None,
             details: ProxyDetails {
                 kind: RequestKind::Connect,
                 rule: "allowed_domains:web".into(),
                 http_method: None,
                 error: None,
                 url_bytes: None,
+                tunnel: None,
+                sni: None,
+                alpn: Vec::new(),
+                requests: None,
             },
         };
         serde_json::to_value(ConnectionRecord::new(c, "proxy", "0")).unwrap()
+    }
+
+    /// An inspected tunnel's records as the proxy writes them: its opening record, request
+    /// records for `recorded` of its requests, and its closing record saying it served
+    /// `requests`.
+    fn inspected_tunnel(dt: i64, port: u16, uid: &str, requests: u64, recorded: u64) -> Vec<Value> {
+        let tunnel = |phase, unmapped| {
+            let mut t = with(proxied_as(dt, port, phase), json!({ "unmapped": unmapped }));
+            t["metadata"]["uid"] = json!(uid);
+            t["unmapped"]["tunnel"] = json!("inspected");
+            t
+        };
+        let opening = tunnel(Phase::Opening, json!({"opens": true}));
+        let closing = tunnel(Phase::Closing, json!({"closes": 1, "requests": requests}));
+        let request = |n: u64| {
+            let r = Request {
+                allowed: true,
+                start_ms: T0 + dt + n as i64,
+                duration_ms: 1,
+                client: SocketAddr::from((AGENT, port)),
+                target: Endpoint::default(),
+                http: HttpRequest {
+                    http_method: "GET".into(),
+                    url: Url {
+                        url_string: format!("https://example.com/{n}"),
+                    },
+                    version: "HTTP/2".into(),
+                },
+                status: Some(200),
+                traffic: Traffic::default(),
+                tunnel_uid: uid.into(),
+                details: RequestDetails {
+                    rule: "allowed_domains:web".into(),
+                    credential: None,
+                    error: None,
+                    url_bytes: None,
+                },
+            };
+            serde_json::to_value(RequestRecord::new(r, "proxy", "0")).unwrap()
+        };
+        let mut out = vec![opening];
+        out.extend((0..recorded).map(request));
+        out.push(closing);
+        out
+    }
+
+    #[test]
+    fn requests_of_inspected_tunnels_are_counted_per_tunnel() {
+        let kernel = [connection(1, 0, 40001), connection(2, 9, 40002)].concat();
+        let proxy = [
+            inspected_tunnel(20, 40001, "t1", 3, 3),
+            inspected_tunnel(20, 40002, "t2", 2, 2),
+        ]
+        .concat();
+        let c = check_logs(kernel.clone(), proxy);
+        assert_eq!(c.verdict, Verdict::Consistent, "{}", render(&c));
+        assert_eq!(
+            [c.inspected.tunnels, c.inspected.requests, c.matched],
+            [2, 5, 2]
+        );
+        assert!(render(&c).contains(
+            "\ninspected: 5 requests in 2 tunnels (0 miscounted, 0 requests naming no tunnel)\n"
+        ));
+        // A request record lost, and requests naming a tunnel with no record.
+        let mut proxy = [
+            inspected_tunnel(20, 40001, "t1", 3, 2),
+            inspected_tunnel(20, 40002, "t2", 2, 2),
+        ]
+        .concat();
+        proxy.extend(
+            inspected_tunnel(30, 40003, "gone", 1, 1)
+                .into_iter()
+                .skip(1)
+                .take(1),
+        );
+        let c = check_logs(kernel, proxy);
+        assert_eq!(c.verdict, Verdict::Discrepancies);
+        assert_eq!(c.inspected.miscounted.len(), 1);
+        assert_eq!(
+            (
+                c.inspected.miscounted[0].says,
+                c.inspected.miscounted[0].found
+            ),
+            (3, 2)
+        );
+        assert_eq!(c.inspected.orphaned.get("gone"), Some(&1));
+        let text = render(&c);
+        assert!(
+            text.contains("tunnel t1 says 3 requests, 2 request records name it"),
+            "{text}"
+        );
+        // A tunnel still open when the proxy died: it never wrote its count, and its request
+        // records are its own, not orphans.
+        let mut proxy = inspected_tunnel(20, 40001, "t1", 3, 2);
+        proxy.pop();
+        let c = check_logs(connection(1, 0, 40001), proxy);
+        assert_eq!(c.verdict, Verdict::Consistent, "{}", render(&c));
+        assert_eq!([c.inspected.tunnels, c.inspected.requests], [1, 2]);
+        assert!(c.inspected.orphaned.is_empty() && c.inspected.miscounted.is_empty());
     }
 
     fn opts() -> Options {

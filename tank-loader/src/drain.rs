@@ -14,19 +14,24 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aya::maps::{MapData, RingBuf};
-use tank_ebpf_common::chain::ChainWriter;
+use tank_ebpf_common::chain::{ChainWriter, Head};
 use tank_ebpf_common::event::{hook, verdict, Event};
 use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
 use tank_ebpf_common::ocsf::lifecycle;
 use tokio::io::unix::AsyncFd;
 
+use crate::metrics::DrainStats;
+
 /// How often the log is made durable and its anchor moved even when the ring buffer is quiet
 /// and how often the ring buffer is polled in case a wakeup was missed.
 const TICK: Duration = Duration::from_millis(250);
+
+/// How often, at most, a moved anchor also goes to the system log (besides start and shutdown).
+const ANCHOR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Drains `ring` into `log` until `shutdown` resolves, then drains what is left and syncs.
 pub async fn run(
@@ -34,6 +39,7 @@ pub async fn run(
     log: &mut ChainWriter,
     records: &Formatter,
     hostname: &str,
+    stats: &DrainStats,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<u64> {
     // SAFETY: the AsyncFd owns the ring buffer, so its descriptor outlives the registration.
@@ -42,6 +48,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(TICK);
     let mut attempts = Attempts::default();
     let mut stall = LogState::new(hostname);
+    let mut anchor = AnchorLog::start(log.head());
     let mut written = 0;
     // SIGHUP: logrotate moved the log away; continue in a new file at its path.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -57,21 +64,22 @@ pub async fn run(
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer wait failed")?;
-                written += drain(guard.get_inner_mut(), &mut attempts, log, records, &mut stall)?;
+                written += drain(guard.get_inner_mut(), &mut attempts, log, records, &mut stall, stats)?;
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                written += drain(ring.get_mut(), &mut attempts, log, records, &mut stall)?;
+                written += drain(ring.get_mut(), &mut attempts, log, records, &mut stall, stats)?;
             }
             () = &mut shutdown => {
-                written += drain(ring.get_mut(), &mut attempts, log, records, &mut stall)?;
+                written += drain(ring.get_mut(), &mut attempts, log, records, &mut stall, stats)?;
                 if stall.event.is_some() {
                     tracing::error!("stopping while the audit log has no space: the event it could not take is lost with this loader; the ring buffer keeps the rest for the next one");
                 }
-                log.sync()?;
+                log_anchor(log.sync()?);
                 return Ok(written);
             }
         }
+        anchor.moved(log.head());
     }
 }
 
@@ -140,6 +148,36 @@ impl LogState {
     }
 }
 
+/// Puts the log's anchor (the last durable record's `seq` and hash) into the system log too:
+/// journald ships it off the host, so a log and anchor rewritten together on the host still
+/// disagree with it. At start, when it moved (at most every [`ANCHOR_LOG_INTERVAL`]) and at
+/// shutdown; `drain` syncs every batch it writes, so the head is durable whenever it is logged.
+struct AnchorLog {
+    logged_at: Instant,
+    seq: u64,
+}
+
+impl AnchorLog {
+    fn start(head: &Head) -> Self {
+        log_anchor(head);
+        Self {
+            logged_at: Instant::now(),
+            seq: head.seq,
+        }
+    }
+
+    fn moved(&mut self, head: &Head) {
+        if head.seq != self.seq && self.logged_at.elapsed() >= ANCHOR_LOG_INTERVAL {
+            log_anchor(head);
+            (self.logged_at, self.seq) = (Instant::now(), head.seq);
+        }
+    }
+}
+
+fn log_anchor(head: &Head) {
+    tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
+}
+
 /// Moves every pending event into the log and makes the batch durable. Returns the count.
 fn drain(
     ring: &mut RingBuf<MapData>,
@@ -147,13 +185,17 @@ fn drain(
     log: &mut ChainWriter,
     records: &Formatter,
     stall: &mut LogState,
+    stats: &DrainStats,
 ) -> anyhow::Result<u64> {
     let clock = Clock::now();
     let mut n = 0;
-    if stall.event.is_some() {
+    let mut oldest_ktime_ns = 0;
+    if let Some((event, _)) = stall.event {
         if !stall.resume(log, records)? {
             return Ok(0);
         }
+        stats.event(&event);
+        oldest_ktime_ns = event.ktime_ns;
         n += 1;
     }
     while let Some(item) = ring.next() {
@@ -164,7 +206,13 @@ fn drain(
         attempts.join(&mut event);
         let unix_ns = clock.unix_ns(event.ktime_ns);
         match log.append_with(|link, line| records.write(line, link, &event, unix_ns)) {
-            Ok(_) => n += 1,
+            Ok(_) => {
+                stats.event(&event);
+                if n == 0 {
+                    oldest_ktime_ns = event.ktime_ns;
+                }
+                n += 1;
+            }
             Err(e) if e.is_full() => {
                 stall.begin(event, unix_ns, &e);
                 break;
@@ -174,6 +222,7 @@ fn drain(
     }
     if n > 0 {
         let head = log.sync()?;
+        stats.batch(n, head.seq, oldest_ktime_ns);
         tracing::debug!(events = n, seq = head.seq, hash = %head.hash, "audit log synced");
         if stall.event.is_none() && log.rotation_due() {
             let record = stall.lifecycle("new audit log segment", "segment");

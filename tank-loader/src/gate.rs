@@ -1,5 +1,5 @@
 //! The kernel programs: loading `tank-ebpf`, filling its maps, attaching each program (the
-//! sock_addr gate and sock_create on the agent's cgroup, BPF LSM `socket_create` where the
+//! sock_addr gate, sock_create, sock_ops, setsockopt and skb egress on the agent's cgroup, BPF LSM `socket_create` where the
 //! kernel allows it) and pinning everything so enforcement outlives the loader.
 //!
 //! Restarts re-adopt: a pinned link whose program is byte-identical (same kernel tag) and still
@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, ProgramInfo, SockOps};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, CgroupSockopt,
+    Lsm, ProgramInfo, SockOps,
+};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tank_ebpf_common::event::hook;
 use tank_ebpf_common::{allow, counters, event, settings};
@@ -50,6 +53,11 @@ pub enum HookKind {
     Sock(u32),
     /// The cgroup `sock_ops` program on the agent cgroup (BPF_CGROUP_SOCK_OPS = 3).
     SockOps,
+    /// The cgroup `setsockopt` program on the agent cgroup (BPF_CGROUP_SETSOCKOPT = 22).
+    Sockopt,
+    /// A cgroup `skb` program on the agent cgroup, at this `bpf_attach_type`
+    /// (BPF_CGROUP_INET_INGRESS = 0, BPF_CGROUP_INET_EGRESS = 1).
+    Skb(u32),
     /// A BPF LSM program on this LSM hook; it is host-wide and scopes itself to the agent
     /// cgroup through the settings map.
     Lsm(&'static str),
@@ -64,8 +72,9 @@ impl Hook {
     /// The `bpf_attach_type` on the agent cgroup, for cgroup hooks.
     pub fn cgroup_attach_type(&self) -> Option<u32> {
         match self.kind {
-            HookKind::SockAddr(t) | HookKind::Sock(t) => Some(t),
+            HookKind::SockAddr(t) | HookKind::Sock(t) | HookKind::Skb(t) => Some(t),
             HookKind::SockOps => Some(3),
+            HookKind::Sockopt => Some(22),
             HookKind::Lsm(_) => None,
         }
     }
@@ -73,7 +82,7 @@ impl Hook {
 
 /// Every hook tank attaches to the agent cgroup; each must be in place for `status` to call the
 /// cgroup enforced.
-pub const HOOKS: [Hook; 6] = [
+pub const HOOKS: [Hook; 9] = [
     Hook {
         code: hook::CONNECT4,
         program: "tank_connect4",
@@ -103,6 +112,21 @@ pub const HOOKS: [Hook; 6] = [
         code: hook::ESTABLISHED,
         program: "tank_sock_ops",
         kind: HookKind::SockOps,
+    },
+    Hook {
+        code: hook::SETSOCKOPT,
+        program: "tank_setsockopt",
+        kind: HookKind::Sockopt,
+    },
+    Hook {
+        code: hook::EGRESS,
+        program: "tank_egress",
+        kind: HookKind::Skb(1),
+    },
+    Hook {
+        code: hook::INBOUND,
+        program: "tank_inbound",
+        kind: HookKind::Skb(0),
     },
 ];
 
@@ -156,6 +180,7 @@ pub fn link_pin(pin_dir: &Path, hook: &Hook) -> PathBuf {
 /// once to `cgroup`, pinned under `cfg.pin_dir`.
 pub fn install(cfg: &Config, cgroup: &AgentCgroup) -> anyhow::Result<Installed> {
     bpffs::prepare(&cfg.pin_dir)?;
+    refuse_stale_pins(&cfg.pin_dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&cfg.pin_dir)
         .map_max_entries(event::MAP_NAME, cfg.ring_buffer_bytes)
@@ -226,11 +251,11 @@ fn place(
         }
     }
 
-    let link = attach(ebpf, &hook, cgroup_fd)
-        .with_context(|| format!("cannot attach {} ({})", hook.program, hook.name()))?;
     // bpffs refuses names with a dot.
     let staged = pin.with_file_name(format!("{}_staged", hook.name()));
     let _ = std::fs::remove_file(&staged);
+    let link = attach(ebpf, &hook, cgroup_fd, &staged)
+        .with_context(|| format!("cannot attach {} ({})", hook.program, hook.name()))?;
     let link = link
         .pin(&staged)
         .with_context(|| format!("cannot pin link at {}", staged.display()))?;
@@ -273,6 +298,16 @@ fn load(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<ProgramInfo> {
             p.load().with_context(refused)?;
             Ok(p.info()?)
         }
+        HookKind::Sockopt => {
+            let p: &mut CgroupSockopt = program.try_into()?;
+            p.load().with_context(refused)?;
+            Ok(p.info()?)
+        }
+        HookKind::Skb(_) => {
+            let p: &mut CgroupSkb = program.try_into()?;
+            p.load().with_context(refused)?;
+            Ok(p.info()?)
+        }
         HookKind::Lsm(lsm_hook) => {
             let btf = Btf::from_sys_fs()
                 .context("BPF LSM needs the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
@@ -283,8 +318,14 @@ fn load(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<ProgramInfo> {
     }
 }
 
-/// Attaches a loaded program and hands back its link, not yet pinned.
-fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup_fd: &std::fs::File) -> anyhow::Result<FdLink> {
+/// Attaches a loaded program and hands back its link, not yet pinned (`scratch` is a free pin
+/// path it may use on the way).
+fn attach(
+    ebpf: &mut Ebpf,
+    hook: &Hook,
+    cgroup_fd: &std::fs::File,
+    scratch: &Path,
+) -> anyhow::Result<FdLink> {
     let program = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
@@ -304,6 +345,27 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup_fd: &std::fs::File) -> anyhow::Re
         HookKind::SockOps => {
             let p: &mut SockOps = program.try_into()?;
             let id = p.attach(cgroup_fd, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into()?
+        }
+        HookKind::Sockopt => {
+            // aya 0.14 has no FdLink for sockopt links: create the link ourselves, pin it and
+            // take it back through the pin, then free the scratch path.
+            let p: &mut CgroupSockopt = program.try_into()?;
+            let attach_type = hook.cgroup_attach_type().expect("a cgroup hook");
+            let link = query::cgroup_link_create(p.fd()?.as_fd(), cgroup_fd.as_fd(), attach_type)?;
+            query::obj_pin(link.as_fd(), scratch)?;
+            let pinned = PinnedLink::from_pin(scratch);
+            std::fs::remove_file(scratch)?;
+            FdLink::from(pinned?)
+        }
+        HookKind::Skb(attach_type) => {
+            let p: &mut CgroupSkb = program.try_into()?;
+            let kind = match attach_type {
+                0 => CgroupSkbAttachType::Ingress,
+                1 => CgroupSkbAttachType::Egress,
+                t => return Err(anyhow!("no cgroup skb attach type {t}")),
+            };
+            let id = p.attach(cgroup_fd, kind, CgroupAttachMode::Single)?;
             p.take_link(id)?.try_into()?
         }
         HookKind::Lsm(_) => {
@@ -365,6 +427,51 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Map> {
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
+/// Refuses to start on maps pinned with another layout than this loader's programs use.
+///
+/// aya reuses a map pinned under the same name whatever its shape, and the kernel lets the
+/// programs load against it: a counter map pinned by an older tank with fewer slots would drop
+/// the new slots' counts, a settings map would read its missing slots as 0. Replacing the maps
+/// in place would orphan what the old ring buffer still holds and reset the counters, so the
+/// loader stops here instead, before touching anything: the programs already attached keep
+/// enforcing with the maps they have, and the error says how to upgrade. The ring buffer's size
+/// alone may differ (it is configurable; [`warn_on_ring_size`] reports it).
+fn refuse_stale_pins(pin_dir: &Path) -> anyhow::Result<()> {
+    let object = aya_obj::Object::parse(OBJECT).context("cannot parse tank's eBPF object")?;
+    for (name, wanted) in &object.maps {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("cannot inspect pinned map {}", path.display()))?;
+        let shape = |key: u32, value: u32, entries: u32, flags: u32| {
+            format!("key {key} B, value {value} B, {entries} entries, flags {flags:#x}")
+        };
+        let is_ring = name == event::MAP_NAME;
+        let entries = |n: u32| if is_ring { 0 } else { n };
+        let found = shape(
+            pinned.key_size(),
+            pinned.value_size(),
+            entries(pinned.max_entries()),
+            pinned.map_flags(),
+        );
+        let needed = shape(
+            wanted.key_size(),
+            wanted.value_size(),
+            entries(wanted.max_entries()),
+            wanted.map_flags(),
+        );
+        if found != needed {
+            anyhow::bail!(
+                "pinned map {} has another layout ({found}) than this tank-loader needs ({needed}): it was pinned by another tank version. Nothing was changed and the programs attached now keep enforcing with it; to upgrade, stop the agent, run `tank-loader detach`, then start tank-loader again",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A pinned ring buffer keeps the size it was created with; say so instead of pretending.
 fn warn_on_ring_size(ebpf: &Ebpf, cfg: &Config) {
     let Some(Map::RingBuf(data)) = ebpf.map(event::MAP_NAME) else {
@@ -406,6 +513,13 @@ pub fn pinned_map(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
 /// Sums the per-CPU counters, indexed as in [`counters`].
 pub fn read_counters(pin_dir: &Path) -> anyhow::Result<[u64; counters::COUNT as usize]> {
     let map: PerCpuArray<_, u64> = PerCpuArray::try_from(pinned_map(pin_dir, counters::MAP_NAME)?)?;
+    sum_counters(&map)
+}
+
+/// Sums the per-CPU counters of an open counter map, indexed as in [`counters`].
+pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, u64>,
+) -> anyhow::Result<[u64; counters::COUNT as usize]> {
     let mut sums = [0u64; counters::COUNT as usize];
     for (slot, sum) in sums.iter_mut().enumerate() {
         *sum = map.get(&(slot as u32), 0)?.iter().sum();

@@ -3,6 +3,7 @@
 //! The binary (`main.rs`) only parses the command line. The root integration tests use this
 //! library too, so they read audit records and find cgroups with the same code as the loader.
 
+pub mod activity;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cli;
@@ -10,9 +11,11 @@ pub mod config;
 pub mod crosscheck;
 pub mod drain;
 pub mod gate;
+pub mod metrics;
 pub mod nft;
 pub mod privileges;
 pub mod query;
+pub mod report;
 pub mod run;
 pub mod status;
 pub mod trace;

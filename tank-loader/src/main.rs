@@ -15,7 +15,7 @@ use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
 use tank_ebpf_common::ocsf::lifecycle;
 use tank_loader::cli::{AuditCommand, Cli, Command};
 use tank_loader::config::Config;
-use tank_loader::{crosscheck, gate, nft, run, status, trace};
+use tank_loader::{crosscheck, gate, metrics, nft, report, run, status, trace};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -25,6 +25,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a terminal: under systemd stderr is the journal, where escape codes
+        // would garble every line (`journalctl -o cat` shows them raw).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match dispatch(cli.command) {
         Ok(code) => code,
@@ -101,6 +104,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Detach { config } => detach(&config, &mut out),
+        Command::WatchLayers { config } => {
+            metrics::watch_layers(&Config::load(&config)?, metrics::LAYER_CHECK_INTERVAL)
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Audit {
             command: AuditCommand::Verify { files, json },
         } => verify(&files, json, &mut out),
@@ -112,12 +119,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     window_ms,
                     nat,
                     json,
+                    html,
                 },
         } => cross_check(
             &kernel,
             &proxy,
             &crosscheck::Options { window_ms, nat },
             json,
+            html.as_deref(),
             &mut out,
         ),
     }
@@ -167,6 +176,7 @@ fn cross_check(
     proxy: &[PathBuf],
     opts: &crosscheck::Options,
     json: bool,
+    html: Option<&Path>,
     out: &mut impl Write,
 ) -> anyhow::Result<ExitCode> {
     // An input that cannot be read is a usage problem (exit 2), not a finding about the logs.
@@ -182,6 +192,10 @@ fn cross_check(
         return Ok(ExitCode::from(2));
     };
     let report = crosscheck::check(&kernel, &proxy, opts);
+    if let Some(file) = html {
+        std::fs::write(file, report::html(&report))
+            .with_context(|| format!("cannot write the HTML report to {}", file.display()))?;
+    }
     if json {
         serde_json::to_writer_pretty(&mut *out, &report)?;
         writeln!(out)?;

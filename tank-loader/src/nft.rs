@@ -3,7 +3,15 @@
 //!
 //! It is the second, independent line behind the BPF gate: it judges packets at the output
 //! hook, after routing, whatever system call produced them, and it does not depend on tank's
-//! BPF programs being attached. It matches the agent by the socket's cgroup (`socket cgroupv2
+//! BPF programs being attached. Connections opened into the agent from other hosts are
+//! refused here too, on the way out: the agent's packets on them travel in the conntrack reply
+//! direction, and only those to the host itself over loopback pass, so nothing the agent writes
+//! reaches a remote peer. (The SYN-ACK comes from a request socket, which `socket cgroupv2`
+//! cannot match, so with this layer alone the handshake completes and the connection stays
+//! mute.) An input-hook rule could refuse the SYN itself, but netfilter's input hook runs before
+//! the socket's BPF ingress program, which would then never see, and never record, the attempt:
+//! the BPF layer refuses and records it, this one keeps the data in. The reply rule also covers
+//! a listening socket made outside the cgroup and handed in, through the UID match. It matches the agent by the socket's cgroup (`socket cgroupv2
 //! level N "PATH"`, the agent cgroup and everything below it) and, where configured, by the
 //! agent's host UID range (`meta skuid`).
 //!
@@ -67,13 +75,30 @@ pub fn script(
         path.display(),
         cgroup.path.display()
     )];
-    if let Some((first, last)) = cfg.uid_range {
+    if !cfg.uid_ranges.is_empty() {
+        let uids: Vec<String> = cfg
+            .uid_ranges
+            .iter()
+            .map(|&(first, last)| {
+                if first == last {
+                    first.to_string()
+                } else {
+                    format!("{first}-{last}")
+                }
+            })
+            .collect();
         agent_match.push(format!(
-            "meta skuid {first}-{last} jump agent comment \"agent host uid range\""
+            "meta skuid {{ {} }} jump agent comment \"agent host uids\"",
+            uids.join(", ")
         ));
     }
+    // Connections someone else opened *into* the agent (it may listen on a host port) carry
+    // the agent's packets in the reply direction: only those from the host itself (over
+    // loopback) go out; a remote peer never gets a SYN-ACK, let alone data.
     let mut agent = vec![
-        "ct state established,related accept comment \"replies of accepted flows\"".to_owned(),
+        "ct state established ct direction original accept comment \"the agent's accepted flows\"".to_owned(),
+        "ct state related accept comment \"ICMP errors about them\"".to_owned(),
+        "ct direction reply oif \"lo\" accept comment \"connections into the agent from the host itself\"".to_owned(),
     ];
     for e in endpoints {
         let family = match ip_key(e.addr.ip()) {
@@ -277,7 +302,7 @@ mod tests {
         let cfg = NftConfig {
             enabled: true,
             table: "tank".into(),
-            uid_range: Some((100_000, 165_535)),
+            uid_ranges: vec![(2000, 2000), (100_000, 165_535)],
         };
         let s = script(
             &cfg,
@@ -289,7 +314,10 @@ mod tests {
             s.contains("socket cgroupv2 level 2 \"unified/x/agent\" jump agent"),
             "{s}"
         );
-        assert!(s.contains("meta skuid 100000-165535 jump agent"), "{s}");
+        assert!(
+            s.contains("meta skuid { 2000, 100000-165535 } jump agent"),
+            "{s}"
+        );
         let s = script(&cfg, &cgroup("/sys/fs/cgroup/x/agent", "/x/agent"), &[]).unwrap();
         assert!(s.contains("socket cgroupv2 level 2 \"x/agent\""), "{s}");
         assert!(script(&cfg, &cgroup("/mnt/cg2/x/agent", "/x/agent"), &[]).is_err());
@@ -300,7 +328,7 @@ mod tests {
         let cfg = NftConfig {
             enabled: true,
             table: "t".into(),
-            uid_range: None,
+            uid_ranges: Vec::new(),
         };
         let eps = [
             endpoint("[::ffff:192.0.2.1]:3128", Protocol::Tcp, true),
@@ -318,8 +346,16 @@ mod tests {
             .expect("reject");
         assert!(proxy < reject && dns < reject);
         assert!(!s.contains("meta skuid"));
+        // Loopback is accepted only for replies on connections the host opened into the
+        // agent; the agent's own new connections over loopback are judged like any other.
+        let loopback: Vec<&str> = s.lines().filter(|l| l.contains("\"lo\"")).collect();
+        assert_eq!(loopback.len(), 1, "{s}");
         assert!(
-            !s.contains("oif") && !s.contains("iif") && !s.contains("127.0.0.0/8"),
+            loopback[0].contains("ct direction reply oif \"lo\" accept"),
+            "{s}"
+        );
+        assert!(
+            !s.contains("iif") && !s.contains("127.0.0.0/8"),
             "no blanket loopback accept: {s}"
         );
         assert!(s.starts_with("table inet t {}\ndelete table inet t\ntable inet t {\n"));

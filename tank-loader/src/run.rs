@@ -9,20 +9,25 @@
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
 use anyhow::Context;
-use aya::maps::RingBuf;
+use aya::maps::{Map, PerCpuArray, RingBuf};
 use tank_ebpf_common::chain::ChainWriter;
-use tank_ebpf_common::event;
 use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
 use tank_ebpf_common::ocsf::lifecycle;
+use tank_ebpf_common::{counters, event};
 
 use crate::cgroup::AgentCgroup;
 use crate::config::Config;
 use crate::gate::LsmState;
+use crate::metrics::{self, DrainStats};
 use crate::{drain, gate, nft, privileges};
 
 /// Runs the loader until SIGTERM or SIGINT. Enforcement stays pinned when it returns.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    let started = std::time::SystemTime::now();
     let cfg = Config::load(config_path)?;
     let cgroup = AgentCgroup::open_or_create(&cfg.cgroup)?;
 
@@ -88,14 +93,56 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     log.sync()?;
 
     let mut ebpf = installed.ebpf;
-    let ring = RingBuf::try_from(
-        ebpf.take_map(event::MAP_NAME)
-            .context("ring buffer missing from the object")?,
-    )?;
-    // Programs stay loaded through their pinned links; the loader needs only the ring buffer.
+    let ring_map = ebpf
+        .take_map(event::MAP_NAME)
+        .context("ring buffer missing from the object")?;
+    let ring_size = match &ring_map {
+        Map::RingBuf(data) => data.info()?.max_entries(),
+        _ => cfg.ring_buffer_bytes,
+    };
+    let ring = RingBuf::try_from(ring_map)?;
+    let stats = Arc::new(DrainStats::new(log.head().seq));
+    let metrics = match cfg.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let counters = PerCpuArray::try_from(
+                ebpf.take_map(counters::MAP_NAME)
+                    .context("counter map missing from the object")?,
+            )?;
+            let sources = metrics::Sources {
+                drain: stats.clone(),
+                counters,
+                ring: metrics::RingPositions::map(&ring.as_fd().try_clone_to_owned()?, ring_size)?,
+                started,
+            };
+            // Metrics are for watching, not for enforcing: an address in use must not keep the
+            // loader (and so the agent, bound to it) down. The missing target shows in Prometheus.
+            match metrics::prepare(addr, config_path) {
+                Ok(prepared) => Some((prepared, sources)),
+                Err(e) => {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "metrics NOT served; enforcement and the audit log are unaffected"
+                    );
+                    None
+                }
+            }
+        }
+    };
+    // Programs stay loaded through their pinned links; the loader needs only the ring buffer
+    // (and, for metrics, the counters).
     drop(ebpf);
 
     privileges::drop_all()?;
+    // After the drop: threads started before it would keep the capabilities.
+    let _metrics = match metrics {
+        Some((prepared, sources)) => {
+            let running = prepared.start(sources)?;
+            tracing::info!(addr = %running.addr, "metrics at http://{}/metrics", running.addr);
+            Some(running)
+        }
+        None => None,
+    };
     notify_ready();
     tracing::info!(cgroup = %cgroup.dir.display(), cgroup_id = cgroup.id, mode = ?cfg.mode,
         endpoints = cfg.endpoints.len(), log = %cfg.audit_log.display(), "enforcing; draining events into the audit log");
@@ -108,6 +155,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         &mut log,
         &Formatter::new(&hostname, env!("CARGO_PKG_VERSION")),
         &hostname,
+        &stats,
         shutdown_signal(),
     ))?;
     tracing::info!(

@@ -203,6 +203,28 @@ pub fn collect(cfg: &Config) -> Status {
     }
 }
 
+impl Status {
+    /// Each layer and whether it is in force: the gate (every cgroup hook but sock_create
+    /// attached), sock_create, the BPF LSM program and the nftables table.
+    pub fn layers_in_force(&self) -> [(&'static str, bool); 4] {
+        let gate = self
+            .hooks
+            .iter()
+            .filter(|h| h.hook.0 != hook::SOCK_CREATE)
+            .all(|h| h.attached);
+        let sock_create = self
+            .hooks
+            .iter()
+            .any(|h| h.hook.0 == hook::SOCK_CREATE && h.attached);
+        [
+            ("gate", gate),
+            ("sock_create", sock_create),
+            ("lsm", self.layers.lsm.in_force),
+            ("nft", self.layers.nft.table.is_some()),
+        ]
+    }
+}
+
 fn lsm_status(cfg: &Config) -> LsmStatus {
     let program_id =
         aya::programs::links::PinnedLink::from_pin(gate::link_pin(&cfg.pin_dir, &gate::LSM_HOOK))
@@ -287,13 +309,10 @@ pub fn render(s: &Status) -> String {
         );
     }
     out += "layers:\n";
+    let [(_, gate), (_, sock_create), ..] = s.layers_in_force();
     out += &format!(
         "  gate        {}\n",
-        if s.hooks
-            .iter()
-            .filter(|h| h.hook.0 != hook::SOCK_CREATE)
-            .all(|h| h.attached)
-        {
+        if gate {
             "in force (connect4/6, sendmsg4/6)"
         } else {
             "NOT in force (see hooks)"
@@ -301,10 +320,7 @@ pub fn render(s: &Status) -> String {
     );
     out += &format!(
         "  sock_create {}\n",
-        if s.hooks
-            .iter()
-            .any(|h| h.hook.0 == hook::SOCK_CREATE && h.attached)
-        {
+        if sock_create {
             "in force (raw, ping, non-TCP/UDP inet sockets refused)"
         } else {
             "NOT in force"

@@ -121,7 +121,7 @@ pub fn follow(
             Ok(Kind::Kernel(r)) if filter.accepts(&r) => Some(row(&r)),
             Ok(Kind::Lifecycle(r)) if filter.is_empty() => Some(lifecycle_row(&r)),
             Ok(Kind::Kernel(_) | Kind::Lifecycle(_)) => None,
-            Ok(Kind::Proxy(_)) => {
+            Ok(Kind::Proxy(_) | Kind::Request(_)) => {
                 unreadable(err, path, offset, "a proxy record, not a kernel one")?;
                 summary.unreadable += 1;
                 None

@@ -5,13 +5,20 @@
 //! killed, cgroups removed, pins detached. Tests panic with a message rather than skip: a root
 //! test that cannot get what it needs must fail loudly in CI.
 
+pub mod appliance;
+pub mod browser;
+pub mod prometheus;
+pub mod reroute;
 pub mod seccomp;
 pub mod topology;
 
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tank_ebpf_common::chain;
@@ -363,6 +370,19 @@ impl Loader {
         }
     }
 
+    /// Waits (bounded) for a connection record matching `wanted` and returns it.
+    pub fn wait_record(&self, wanted: impl Fn(&NetworkRecord) -> bool) -> NetworkRecord {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = network_records(&self.audit_log);
+            if let Some(r) = records.iter().find(|r| wanted(r)) {
+                return r.clone();
+            }
+            assert!(Instant::now() < deadline, "no such record in {records:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits (bounded) until the audit log has at least `n` connection records, then returns
     /// them all, after checking the log's hash chain is intact.
     pub fn records(&self, n: usize) -> Vec<NetworkRecord> {
@@ -443,8 +463,8 @@ pub struct ProbeOpts<'a> {
     pub seccomp: bool,
 }
 
-/// [`probe`] with every option.
-pub fn probe_with(cgroup: &Path, opts: &ProbeOpts<'_>, args: &[&str]) -> (u32, String) {
+/// `tank-probe` with its options, to run in the background (see `serve`).
+pub fn probe_command(cgroup: &Path, opts: &ProbeOpts<'_>) -> Command {
     let mut cmd = Command::new(workspace_bin("tank-probe"));
     cmd.arg("--cgroup").arg(cgroup);
     if let Some(netns) = opts.netns {
@@ -456,7 +476,12 @@ pub fn probe_with(cgroup: &Path, opts: &ProbeOpts<'_>, args: &[&str]) -> (u32, S
     if opts.seccomp {
         cmd.arg("--seccomp");
     }
-    let child = cmd
+    cmd
+}
+
+/// [`probe`] with every option.
+pub fn probe_with(cgroup: &Path, opts: &ProbeOpts<'_>, args: &[&str]) -> (u32, String) {
+    let child = probe_command(cgroup, opts)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -553,4 +578,139 @@ fn ip(args: &[&str]) {
         "ip {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A packet capture on one interface inside a network namespace: the far side's view. It keeps
+/// the IP destination of every frame arriving there (not sent from there) whose bytes contain
+/// the marker, so a test sees where the agent's marked packets really went.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<IpAddr>>,
+}
+
+impl Capture {
+    /// Starts capturing on `ifname` in the namespace at `netns`; returns once the socket is bound.
+    pub fn start(netns: &Path, ifname: &str, marker: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (netns, ifname, marker) = (
+            netns.to_owned(),
+            ifname.to_owned(),
+            marker.as_bytes().to_owned(),
+        );
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(&netns).expect("open the network namespace");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("enter the network namespace");
+            let sock = packet_socket(&ifname);
+            ready_tx.send(()).unwrap();
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::Relaxed) {
+                // SAFETY: an all-zero sockaddr_ll is valid; recvfrom fills it.
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                // SAFETY: buf and from outlive the call; their lengths are passed.
+                let n = unsafe {
+                    libc::recvfrom(
+                        sock.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                        (&mut from as *mut libc::sockaddr_ll).cast(),
+                        &mut len,
+                    )
+                };
+                if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                    continue;
+                }
+                let frame = &buf[..n as usize];
+                if !frame.windows(marker.len()).any(|w| w == marker.as_slice()) {
+                    continue;
+                }
+                if let Some(dst) = ip_destination(frame) {
+                    seen.push(dst);
+                }
+            }
+            seen
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("capture ready");
+        Self { stop, thread }
+    }
+
+    /// Waits for frames still in flight, stops, and returns the destinations seen.
+    pub fn finish(self) -> Vec<IpAddr> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("capture thread")
+    }
+}
+
+/// An AF_PACKET socket (network-layer frames) bound to `ifname`, with a short receive timeout
+/// so the capture loop can notice its stop flag.
+fn packet_socket(ifname: &str) -> OwnedFd {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            i32::from(proto),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd was just returned by socket(2).
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ifindex = nix::net::if_::if_nametoindex(ifname).unwrap_or_else(|e| panic!("{ifname}: {e}"));
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: sll outlives the call.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of_val(&sll) as u32,
+        )
+    };
+    assert!(
+        rc == 0,
+        "bind AF_PACKET to {ifname}: {}",
+        std::io::Error::last_os_error()
+    );
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 50_000,
+    };
+    // SAFETY: timeout outlives the call.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of_val(&timeout) as u32,
+        )
+    };
+    sock
+}
+
+/// The destination address of an IPv4 or IPv6 packet.
+fn ip_destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(packet.get(16..20)?).ok()?)),
+        6 => Some(IpAddr::from(
+            <[u8; 16]>::try_from(packet.get(24..40)?).ok()?,
+        )),
+        _ => None,
+    }
 }

@@ -39,6 +39,11 @@ pub const ORIGIN_NAME: &str = "origin.test";
 /// A name the proxy's policy does not allow; it resolves to the origin too, so only the policy
 /// stands between the agent and it.
 pub const FORBIDDEN_NAME: &str = "paste.test";
+/// A GitHub-like API on the origin, inspected by the proxy: one repository allowed
+/// (`/repos/owner/repo/`), and a credential the agent never holds set on its requests.
+pub const API_NAME: &str = "api.origin.test";
+/// The secret the proxy sets on requests to [`API_NAME`] (`Authorization: Bearer ...`).
+pub const API_SECRET: &str = "forge-token-the-agent-never-sees";
 /// The uid the agent runs as.
 pub const AGENT_UID: u32 = 65534;
 
@@ -141,6 +146,10 @@ pub struct TwoHosts {
     pub proxy_stderr: PathBuf,
     /// PEM of the throwaway CA that signed the origin's certificate.
     pub ca_pem: PathBuf,
+    /// What the agent trusts: the origin's CA and the proxy's inspection CA.
+    pub trust_pem: PathBuf,
+    /// The origin's log of the `Authorization` headers it received on `/repos/`.
+    pub origin_received: PathBuf,
 }
 
 impl TwoHosts {
@@ -163,7 +172,11 @@ impl TwoHosts {
 
         let ca_pem = dir.path().join("ca.pem");
         let origin = start_origin(&internet, dir.path(), &ca_pem);
-        let (proxy, proxy_log, proxy_stderr) = start_proxy(&proxy_host, dir.path());
+        let (proxy, proxy_log, proxy_stderr) = start_proxy(&proxy_host, dir.path(), &ca_pem);
+        let trust_pem = dir.path().join("trust.pem");
+        let bundle = std::fs::read_to_string(&ca_pem).unwrap()
+            + &std::fs::read_to_string(dir.path().join("proxy-ca/ca.pem")).unwrap();
+        std::fs::write(&trust_pem, bundle).unwrap();
 
         let cgroups = TestCgroups::new();
         let (nft, _) = nft_section("");
@@ -184,6 +197,8 @@ impl TwoHosts {
             proxy_log,
             proxy_stderr,
             ca_pem,
+            trust_pem,
+            origin_received: dir.path().join("origin-received.log"),
             dir,
         }
     }
@@ -205,14 +220,15 @@ impl TwoHosts {
         let _ = std::fs::create_dir(&home);
         std::os::unix::fs::chown(&home, Some(AGENT_UID), Some(AGENT_UID)).expect("chown home");
         // A clean environment, as a container's would be: nothing of the test runner's
-        // (proxy variables, CA bundles) leaks in. The throwaway CA is the only one trusted.
+        // (proxy variables, CA bundles) leaks in. The throwaway CA and the proxy's inspection
+        // CA are the only ones trusted, as the appliance configures the agent (image/).
         cmd.env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", &home)
             .env("LANG", "C.UTF-8")
-            .env("SSL_CERT_FILE", &self.ca_pem)
-            .env("CURL_CA_BUNDLE", &self.ca_pem)
-            .env("GIT_SSL_CAINFO", &self.ca_pem)
+            .env("SSL_CERT_FILE", &self.trust_pem)
+            .env("CURL_CA_BUNDLE", &self.trust_pem)
+            .env("GIT_SSL_CAINFO", &self.trust_pem)
             .current_dir(&home);
         // SAFETY: only write(2), setgroups(2), setgid(2) and setuid(2) run between fork and
         // exec, on a descriptor opened before the fork.
@@ -288,6 +304,7 @@ impl TwoHosts {
     pub fn wait_proxy_records(&self, n: usize) -> usize {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            // Connection records only: requests inside inspected tunnels have their own.
             let have = std::fs::read_to_string(&self.proxy_log)
                 .map(|t| {
                     t.lines()
@@ -353,7 +370,7 @@ impl Drop for TwoHosts {
 }
 
 /// A veth pair with one end in each namespace, both up.
-fn wire(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+pub fn wire(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     a.ip(&[
         "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
     ]);
@@ -388,10 +405,14 @@ fn start_origin(internet: &Netns, dir: &Path, ca_pem: &Path) -> Child {
     ];
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec![ORIGIN_NAME.into(), FORBIDDEN_NAME.into()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![
+        ORIGIN_NAME.into(),
+        FORBIDDEN_NAME.into(),
+        API_NAME.into(),
+    ])
+    .unwrap()
+    .signed_by(&leaf_key, &ca, &ca_key)
+    .unwrap();
     std::fs::write(ca_pem, ca.pem()).unwrap();
     let (cert, key) = (dir.join("origin.pem"), dir.join("origin.key"));
     std::fs::write(&cert, leaf.pem()).unwrap();
@@ -412,13 +433,26 @@ fn start_origin(internet: &Netns, dir: &Path, ca_pem: &Path) -> Child {
     child
 }
 
-/// TLS-wrapped `http.server`, serving a directory. Quiet: errors go to stderr only.
+/// TLS-wrapped `http.server`, serving a directory, and `/repos/...` as a small API that
+/// logs the `Authorization` it received to `origin-received.log` beside the directory.
+/// Quiet: errors go to stderr only.
 const ORIGIN_PY: &str = r#"
-import functools, http.server, ssl, sys
+import functools, http.server, json, os, ssl, sys
 root, cert, key, addr, port = sys.argv[1:6]
 class Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
+    def do_GET(self):
+        if not self.path.startswith("/repos/"):
+            return super().do_GET()
+        with open(os.path.join(os.path.dirname(root), "origin-received.log"), "a") as f:
+            f.write("%s Authorization: %s\n" % (self.path, self.headers.get("Authorization")))
+        body = json.dumps({"full_name": self.path[len("/repos/"):]}).encode() + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 handler = functools.partial(Quiet, directory=root)
 server = http.server.ThreadingHTTPServer((addr, int(port)), handler)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -469,10 +503,26 @@ fn make_repo(bare: &Path) {
     std::fs::remove_dir_all(&work).unwrap();
 }
 
-/// egress-proxy on the proxy host: only [`ORIGIN_NAME`]:443 allowed.
-fn start_proxy(host: &Netns, dir: &Path) -> (Child, PathBuf, PathBuf) {
+/// egress-proxy on the proxy host: only [`ORIGIN_NAME`]:443 allowed, and [`API_NAME`]:443
+/// inspected (one repository, a credential set by the proxy) with a CA made by `ca init`.
+fn start_proxy(host: &Netns, dir: &Path, origin_ca: &Path) -> (Child, PathBuf, PathBuf) {
     let log = dir.join("proxy-audit.jsonl");
     let config = dir.join("proxy.toml");
+    let ca_dir = dir.join("proxy-ca");
+    let out = Command::new(workspace_bin("egress-proxy"))
+        .args(["ca", "init"])
+        .arg(&ca_dir)
+        .args(["--domain", API_NAME])
+        .output()
+        .expect("run egress-proxy ca init");
+    assert!(
+        out.status.success(),
+        "ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = dir.join("forge-token");
+    std::fs::write(&secret, format!("{API_SECRET}\n")).unwrap();
+    chmod(&secret, 0o600);
     std::fs::write(
         &config,
         format!(
@@ -482,12 +532,28 @@ client_networks = ["{AGENT_IP}/32"]
 audit_log = "{}"
 system_resolver = false
 # The "internet" is a private namespace here, so the rule must allow private addresses.
-allowed_domains = [{{ domain = "{ORIGIN_NAME}", ports = [443], allow_private = true }}]
+allowed_domains = [
+  {{ domain = "{ORIGIN_NAME}", ports = [443], allow_private = true }},
+  {{ domain = "{API_NAME}", inspect = true, allow_private = true, name = "forge api", path_prefixes = ["/repos/owner/repo/"] }},
+]
 [hosts]
 "{ORIGIN_NAME}" = "{ORIGIN_IP}"
 "{FORBIDDEN_NAME}" = "{ORIGIN_IP}"
+"{API_NAME}" = "{ORIGIN_IP}"
+[inspection]
+ca_dir = "{ca}"
+upstream_ca = "{origin_ca}"
+[[credentials]]
+name = "forge"
+host = "{API_NAME}"
+header = "Authorization"
+value = "Bearer {{secret}}"
+secret_file = "{secret}"
 "#,
-            log.display()
+            log.display(),
+            ca = ca_dir.display(),
+            origin_ca = origin_ca.display(),
+            secret = secret.display(),
         ),
     )
     .unwrap();

@@ -10,17 +10,25 @@ use std::process::Command;
 use tank_ebpf_common::chain::{self, ChainWriter};
 use tank_ebpf_common::ocsf::validate;
 use tank_integration_tests::topology::{
-    TwoHosts, AGENT_IP, FORBIDDEN_NAME, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PORT,
+    TwoHosts, AGENT_IP, API_NAME, API_SECRET, FORBIDDEN_NAME, ORIGIN_IP, ORIGIN_NAME, PROXY_IP,
+    PROXY_PORT,
 };
-use tank_integration_tests::workspace_bin;
+use tank_integration_tests::{browser, workspace_bin};
+
+/// `tank-loader audit cross-check` of `kernel` against `proxy`.
+fn cross_check_command(kernel: &Path, proxy: &Path) -> Command {
+    let mut cmd = Command::new(workspace_bin("tank-loader"));
+    cmd.args(["audit", "cross-check", "--kernel"])
+        .arg(kernel)
+        .arg("--proxy")
+        .arg(proxy);
+    cmd
+}
 
 /// Runs the cross-check; returns its exit code and its JSON report.
 fn cross_check(kernel: &Path, proxy: &Path) -> (i32, serde_json::Value) {
-    let out = Command::new(workspace_bin("tank-loader"))
-        .args(["audit", "cross-check", "--json", "--kernel"])
-        .arg(kernel)
-        .arg("--proxy")
-        .arg(proxy)
+    let out = cross_check_command(kernel, proxy)
+        .arg("--json")
         .output()
         .expect("run tank-loader audit cross-check");
     let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -328,4 +336,141 @@ fn the_agent_host_cannot_go_around_the_proxy_although_the_network_would_let_it()
     let (code, out) = hosts.curl_via_proxy(&format!("https://{FORBIDDEN_NAME}/"));
     assert_ne!(code, 0);
     assert!(out.contains("403"), "{out}");
+}
+
+/// Writes the cross-check's HTML report of `kernel` against `proxy` to `html`; returns the
+/// exit code.
+fn html_report(kernel: &Path, proxy: &Path, html: &Path) -> i32 {
+    let out = cross_check_command(kernel, proxy)
+        .arg("--html")
+        .arg(html)
+        .output()
+        .expect("run tank-loader audit cross-check --html");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.status.code().unwrap_or(-1)
+}
+
+#[test]
+fn the_html_report_of_a_real_run_and_of_a_tampered_one_show_their_verdict_in_a_browser() {
+    let mut hosts = TwoHosts::start();
+    let proxied = agent_fetches(&hosts);
+    // Refusals for the pictures: a direct connection (kernel) and a forbidden name (proxy).
+    let direct = format!("https://{ORIGIN_IP}/hello.txt");
+    let (code, _) =
+        hosts.run_agent(
+            hosts
+                .agent_command("curl")
+                .args(["-sSk", "--max-time", "5", &direct]),
+        );
+    assert_ne!(code, 0);
+    let (code, _) = hosts.curl_via_proxy(&format!("https://{FORBIDDEN_NAME}/"));
+    assert_ne!(code, 0);
+    hosts.wait_proxy_records(proxied + 1);
+    hosts.wait_established(proxied + 1);
+    hosts.stop_proxy();
+
+    // Screenshots stay in target/tmp for a look (the README's picture is one of them).
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.jsonl");
+    delete_line(&hosts.proxy_log, &cut, 0);
+    // The forbidden request came from the agent's cgroup too: both logs have it. The cut
+    // removes the proxy's first record, so one kernel connection loses its partner.
+    let total = proxied + 1;
+    let consistent_summary = format!("{total} of {total} proxy records matched");
+    let tampered_summary = format!("{} of {} proxy records matched", total - 1, total - 1);
+    for (name, proxy_log, code, verdict, findings) in [
+        (
+            "consistent",
+            hosts.proxy_log.as_path(),
+            0,
+            "Verdict: CONSISTENT",
+            [consistent_summary.as_str(), "No findings"],
+        ),
+        (
+            "tampered",
+            cut.as_path(),
+            3,
+            "Verdict: TAMPERED",
+            [tampered_summary.as_str(), "Proxy log: chain problems"],
+        ),
+    ] {
+        let page = dir.path().join(format!("{name}.html"));
+        assert_eq!(html_report(&hosts.loader.audit_log, proxy_log, &page), code);
+        let source = std::fs::read_to_string(&page).unwrap();
+        assert!(
+            !source.contains("<script") && !source.contains("src="),
+            "self-contained"
+        );
+
+        let text = browser::rendered_text(&page);
+        let at = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("{name}: `{needle}` not rendered:\n{text}"))
+        };
+        // Verdict first, then findings, then the pictures and the chains.
+        let order = [
+            verdict,
+            findings[0],
+            "Findings",
+            findings[1],
+            "Activity over time",
+            "Refusals by the kernel",
+            "Proxy records by rule",
+            "Chains",
+        ]
+        .map(at);
+        assert!(order.is_sorted(), "{name}: sections out of order:\n{text}");
+        if code == 3 {
+            at("Kernel connections to the proxy with no proxy record");
+        }
+        at("kernel log, host");
+        at(ORIGIN_IP);
+        at("curl");
+        at("default-deny");
+        browser::screenshot(
+            &page,
+            &shots.join(format!("cross-check-{name}.png")),
+            900,
+            1500,
+        );
+    }
+}
+
+/// An inspected tunnel on the audited path: the agent (holding no token) calls the forge API
+/// for the allowed repository and another one over one tunnel; the forge receives the token
+/// the proxy set, only for the allowed request; the tunnel's record matches the kernel's, and
+/// the cross-check counts its two request records.
+#[test]
+fn an_inspected_tunnel_matches_the_kernel_record_and_its_requests_are_counted() {
+    let mut hosts = TwoHosts::start();
+    let mut curl = hosts.proxied_curl(&format!("https://{API_NAME}/repos/owner/repo/issues"));
+    curl.arg(format!("https://{API_NAME}/repos/owner/other/issues"))
+        .args(["-o", "/dev/null", "-o", "/dev/null", "-w", "%{http_code}\n"]);
+    let (code, out) = hosts.run_agent(&mut curl);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["200", "403"],
+        "{out}"
+    );
+    let received = std::fs::read_to_string(&hosts.origin_received).unwrap_or_default();
+    assert_eq!(
+        received,
+        format!("/repos/owner/repo/issues Authorization: Bearer {API_SECRET}\n"),
+        "what the forge received"
+    );
+    hosts.wait_proxy_records(1);
+    hosts.wait_established(1);
+    hosts.stop_proxy();
+    let (code, report) = cross_check(&hosts.loader.audit_log, &hosts.proxy_log);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["verdict"], "consistent", "{report:#}");
+    assert_eq!(report["matched"], 1, "{report:#}");
+    assert_eq!(report["inspected"]["tunnels"], 1, "{report:#}");
+    assert_eq!(report["inspected"]["requests"], 2, "{report:#}");
 }

@@ -16,60 +16,15 @@
 //! no network.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use tank_integration_tests::appliance::{
+    cloud_init_file, parse_ini, read, repo, values, AGENT_UID,
+};
 use tank_integration_tests::workspace_bin;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("cannot read {rel}: {e}"))
-}
-
 // ---- unit files ---------------------------------------------------------------------------
-
-/// A systemd-style INI file: (section, key, value, line) in file order.
-fn parse_ini(text: &str) -> Vec<(String, String, String, usize)> {
-    let mut out = Vec::new();
-    let mut section = String::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            section = name.to_owned();
-            continue;
-        }
-        let (k, v) = line
-            .split_once('=')
-            .unwrap_or_else(|| panic!("line {}: not KEY=VALUE: {line}", i + 1));
-        out.push((
-            section.clone(),
-            k.trim().to_owned(),
-            v.trim().to_owned(),
-            i + 1,
-        ));
-    }
-    out
-}
-
-fn values<'a>(
-    ini: &'a [(String, String, String, usize)],
-    section: &str,
-    key: &str,
-) -> Vec<&'a str> {
-    ini.iter()
-        .filter(|(s, k, _, _)| s == section && k == key)
-        .map(|(_, _, v, _)| v.as_str())
-        .collect()
-}
 
 /// The executable of an `Exec*=` value, without systemd's prefixes (`-`, `+`, `@`, `!`, `:`).
 fn exec_binary(value: &str) -> &str {
@@ -80,7 +35,6 @@ fn exec_binary(value: &str) -> &str {
         .unwrap_or("")
 }
 
-const AGENT_UID: u32 = 2000;
 const LOADER_UNIT: &str = "image/systemd/tank-loader.service";
 const PROXY_UNIT: &str = "image/systemd/egress-proxy.service";
 const USER_DROPIN: &str = "image/systemd/user@2000.service.d/50-tank.conf";
@@ -270,7 +224,15 @@ fn the_loader_is_ready_before_the_agent_user_and_bound_to_it() {
         .iter()
         .any(|v| v.split_whitespace().any(|u| u == user)));
     let dropin = parse_ini(&read(USER_DROPIN));
-    assert!(values(&dropin, "Unit", "Requires").contains(&"tank-loader.service"));
+    // Wants=, never Requires=/BindsTo=/PartOf=: those restart the agent's manager (killing the
+    // agent) whenever systemd restarts a crashed loader; tests/tests/boot.rs shows it.
+    assert!(values(&dropin, "Unit", "Wants").contains(&"tank-loader.service"));
+    for key in ["Requires", "BindsTo", "PartOf", "Requisite"] {
+        assert!(
+            !values(&dropin, "Unit", key).contains(&"tank-loader.service"),
+            "{key}=tank-loader.service in the drop-in restarts the agent on every loader crash"
+        );
+    }
     assert!(values(&dropin, "Unit", "After").contains(&"tank-loader.service"));
     assert!(
         values(&dropin, "Service", "ExecStartPre")
@@ -716,26 +678,6 @@ fn a_unit_naming_a_binary_the_build_does_not_make_is_caught() {
 
 // ---- configs ------------------------------------------------------------------------------
 
-/// The `content: |` block of the write_files entry for `path` in the cloud-init example.
-fn cloud_init_file(path: &str) -> String {
-    let text = read("image/cloud-init/user-data.yaml");
-    let mut lines = text
-        .lines()
-        .skip_while(|l| l.trim() != format!("- path: {path}"))
-        .skip(1);
-    lines
-        .by_ref()
-        .find(|l| l.trim() == "content: |")
-        .unwrap_or_else(|| panic!("no content for {path}"));
-    let block: Vec<&str> = lines
-        .take_while(|l| l.starts_with("      ") || l.trim().is_empty())
-        .collect();
-    block
-        .iter()
-        .map(|l| format!("{}\n", l.get(6..).unwrap_or("")))
-        .collect()
-}
-
 fn check(bin: &str, file: &Path) {
     let out = Command::new(workspace_bin(bin))
         .arg("check")
@@ -811,7 +753,7 @@ fn the_agent_uid_is_the_same_everywhere() {
 }
 
 #[test]
-fn the_nft_uid_range_is_the_agents_subordinate_range() {
+fn the_nft_uid_range_covers_the_agent_user_and_its_subordinate_range() {
     let containerfile = read("image/Containerfile");
     let subuid = containerfile
         .split("echo \"agent:")
@@ -820,13 +762,18 @@ fn the_nft_uid_range_is_the_agents_subordinate_range() {
         .expect("the Containerfile gives `agent` a subordinate UID range");
     let (first, count) = subuid.split_once(':').unwrap();
     let (first, count): (u32, u32) = (first.parse().unwrap(), count.parse().unwrap());
-    let range = format!("uid_range = \"{first}-{}\"", first + count - 1);
-    assert!(
-        read("image/config/loader.toml").contains(&range),
-        "loader.toml lacks {range}"
-    );
-    assert!(
-        cloud_init_file("/etc/tank/loader.toml").contains(&range),
-        "the cloud-init loader.toml lacks {range}"
-    );
+    let wanted = vec![(AGENT_UID, AGENT_UID), (first, first + count - 1)];
+    for (what, text) in [
+        ("loader.toml", read("image/config/loader.toml")),
+        (
+            "the cloud-init loader.toml",
+            cloud_init_file("/etc/tank/loader.toml"),
+        ),
+    ] {
+        let config = tank_loader::config::Config::parse(&text, what).expect(what);
+        assert_eq!(
+            config.nft.uid_ranges, wanted,
+            "{what}: every uid agent processes run as"
+        );
+    }
 }

@@ -139,14 +139,21 @@ fn the_table_matches_the_agent_cgroup_and_uid_range_and_accepts_only_the_endpoin
         text.contains("\"limit\"") && text.contains("tank-refused"),
         "rate-limited log: {text}"
     );
+    // Loopback only for replies on connections the host opened into the agent.
+    assert_eq!(text.matches("\"oif\"").count(), 1, "{text}");
     assert!(
-        !text.contains("\"oif\"") && !text.contains("\"iif\"") && !text.contains("127.0.0.0"),
+        text.contains("{\"match\":{\"left\":{\"ct\":{\"key\":\"direction\"}},\"op\":\"==\",\"right\":\"reply\"}},{\"match\":{\"left\":{\"meta\":{\"key\":\"oif\"}},\"op\":\"==\",\"right\":\"lo\"}}"),
+        "loopback accepted in the reply direction only: {text}"
+    );
+    assert!(
+        !text.contains("\"iif\"") && !text.contains("127.0.0.0"),
         "no blanket loopback accept: {text}"
     );
-    // 2 jumps (cgroup, uid) + ct + 2 endpoints + log + reject.
-    assert_eq!(rules(&t).len(), 7);
+    // 2 jumps (cgroup, uid) + 3 ct (own flows, related, host's inbound) + 2 endpoints + log
+    // + reject.
+    assert_eq!(rules(&t).len(), 9);
     let status = loader.status();
-    assert_eq!(status["layers"]["nft"]["table"]["rules"], 7, "{status}");
+    assert_eq!(status["layers"]["nft"]["table"]["rules"], 9, "{status}");
 }
 
 #[test]
@@ -236,8 +243,8 @@ fn zero_endpoints_install_a_table_that_rejects_everything_from_the_agent() {
     let (nft, table) = nft_section("");
     let _loader = Loader::start(&cg, &format!("mode = \"audit\"\n{nft}"));
     let t = list(&table).expect("table installed");
-    // The cgroup jump, ct, log, reject: no accept of any destination.
-    assert_eq!(rules(&t).len(), 4);
+    // The cgroup jump, 3 ct, log, reject: no accept of any destination.
+    assert_eq!(rules(&t).len(), 6);
     assert!(!serde_json::to_string(&rules(&t))
         .unwrap()
         .contains("\"dport\""));
@@ -265,7 +272,7 @@ fn a_restart_replaces_the_table_atomically_exit_leaves_it_detach_removes_it_and_
         &cg,
         &format!("proxies = [\"{}\"]\n{nft}", proxy.local_addr().unwrap()),
     );
-    assert_eq!(rules(&list(&table).unwrap()).len(), 4 + 1);
+    assert_eq!(rules(&list(&table).unwrap()).len(), 6 + 1);
 
     // A new policy: one more endpoint. The restart swaps the table in one transaction.
     loader.stop();
@@ -278,7 +285,7 @@ fn a_restart_replaces_the_table_atomically_exit_leaves_it_detach_removes_it_and_
         .replace("proxies = [", "proxies = [\"127.0.0.1:1\", ");
     std::fs::write(&loader.config, config).unwrap();
     loader.restart();
-    assert_eq!(rules(&list(&table).unwrap()).len(), 4 + 2);
+    assert_eq!(rules(&list(&table).unwrap()).len(), 6 + 2);
 
     loader.stop();
     let out = loader.cli(&["detach"]);

@@ -40,6 +40,34 @@ const PACKAGES: &[(&str, &str)] = &[
         "kill and sysctl, used by the image checks and the test namespaces",
     ),
     ("bpftool", "inspecting programs in the bypass tests"),
+    (
+        "prometheus",
+        "a real Prometheus server scrapes the loader's metrics in the metrics test",
+    ),
+    (
+        "chromium",
+        "headless browser that renders the cross-check's HTML report in its test",
+    ),
+    (
+        "poppler-utils",
+        "pdftotext reads back the text Chromium rendered of the HTML report",
+    ),
+    (
+        "mmdebstrap",
+        "the Debian root the boot test boots (tests/tests/boot.rs)",
+    ),
+    (
+        "systemd-container",
+        "systemd-nspawn, which boots that root under a real systemd",
+    ),
+    (
+        "python3-requests",
+        "requests, a real client of the inspection tests",
+    ),
+    (
+        "nodejs",
+        "Node's TLS client, a real client of the inspection tests",
+    ),
     ("python3-pip", "installs the OCSF validator's PyPI packages"),
 ];
 

@@ -7,7 +7,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use tank_ebpf_common::ocsf::proxy::RequestKind;
+use tank_ebpf_common::ocsf::proxy::{RequestKind, TunnelKind};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -16,9 +16,12 @@ use tracing::{debug, info, warn};
 
 use super::{admission::Verdict, Shared};
 use crate::audit::Draft;
+use crate::clienthello;
 use crate::http::{response, HeadReader, Request};
+use crate::inspect;
 use crate::policy::{Limits, Policy, Reason, Refusal};
 use crate::relay::{self, Upstream};
+use crate::target::{Host, Target};
 
 /// The refusal text while the audit log cannot be written.
 const AUDIT_UNAVAILABLE: &str = "the audit log cannot be written; nothing passes unrecorded";
@@ -185,7 +188,7 @@ async fn dial(
     Err(last_err)
 }
 
-async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: &mut Draft) {
+async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, draft: &mut Draft) {
     let limits = &policy.limits;
     let (req, early) = match read_head(stream, limits, &shared.cut).await {
         Ok(x) => x,
@@ -292,6 +295,21 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
         Err(e) => return upstream_error(shared, stream, draft, "connect", e, &what).await,
     };
     let _ = origin.set_nodelay(true);
+    let inspection = match &req {
+        Request::Connect { .. } => policy.inspecting(&target).and(policy.inspection.as_ref()),
+        Request::Http { .. } => None,
+    };
+    if let Request::Connect { .. } = &req {
+        // The opening record already says how the tunnel is relayed, and an inspected
+        // tunnel's carries the uid its request records name.
+        draft.tunnel = Some(match inspection {
+            Some(_) => {
+                draft.uid = Some(inspect::new_uid());
+                TunnelKind::Inspected
+            }
+            None => TunnelKind::Opaque,
+        });
+    }
     // Record before relay: the opening record is written before the `200` or the first
     // forwarded byte, or the connection is refused.
     match shared.audit.opening(draft.opening(&shared.hostname)).await {
@@ -303,6 +321,13 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
     }
     debug!(client = %draft.client, request = %what, rule = %rule.id, origin = ?draft.ip, "allowed");
 
+    if let Some(inspection) = inspection {
+        return inspected(
+            shared, policy, inspection, target, stream, origin, early, draft, &what,
+        )
+        .await;
+    }
+    let mut early = early;
     let upstream = match &req {
         Request::Connect { .. } => {
             if let Err(e) =
@@ -310,6 +335,36 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
             {
                 draft.error = Some(format!("writing the CONNECT answer: {e}"));
                 return;
+            }
+            if policy.tls_ports.contains(&target.port) && !rule.opaque {
+                let host = match &target.host {
+                    Host::Name(n) => Some(n.as_str()),
+                    Host::Ip(_) => None,
+                };
+                match clienthello::check(
+                    stream,
+                    std::mem::take(&mut early),
+                    host,
+                    limits.header_read_timeout,
+                )
+                .await
+                {
+                    Ok((hello, read)) => {
+                        (draft.sni, draft.alpn) = (hello.sni, hello.alpn);
+                        early = read;
+                    }
+                    Err((hello, refusal)) => {
+                        if let Some(h) = hello {
+                            (draft.sni, draft.alpn) = (h.sni, h.alpn);
+                        }
+                        shared.metrics.refused(refusal.reason);
+                        info!(client = %draft.client, request = %what, by = refusal.by(), "refused: {}", refusal.detail);
+                        draft.allowed = false;
+                        draft.rule = refusal.by().to_owned();
+                        draft.error = Some(refusal.detail);
+                        return;
+                    }
+                }
             }
             Upstream::Tunnel
         }
@@ -366,4 +421,40 @@ async fn serve(shared: &Shared, policy: &Policy, stream: &mut TcpStream, draft: 
             draft.error = Some(format!("{e}; answered 400 after forwarding the head"));
         }
     }
+}
+
+/// An inspected tunnel: the origin is verified for exactly the CONNECT host before the agent
+/// gets its `200` (a failure is a `502` with the reason), then [`inspect::serve`] takes over.
+#[allow(clippy::too_many_arguments)]
+async fn inspected(
+    shared: &Shared,
+    policy: &Arc<Policy>,
+    inspection: &inspect::Inspection,
+    target: Target,
+    stream: &mut TcpStream,
+    origin: TcpStream,
+    early: Vec<u8>,
+    draft: &mut Draft,
+    what: &str,
+) {
+    let limits = &policy.limits;
+    let origin =
+        match inspect::open_origin(inspection, &target, origin, limits.connect_timeout).await {
+            Ok(o) => o,
+            Err(e) => return upstream_error(shared, stream, draft, "origin-tls", e, what).await,
+        };
+    if let Err(e) = relay::write_all(stream, b"HTTP/1.1 200 Connection established\r\n\r\n").await {
+        draft.error = Some(format!("writing the CONNECT answer: {e}"));
+        return;
+    }
+    let setup = inspect::Setup {
+        policy: policy.clone(),
+        target,
+        origin,
+        audit: shared.audit.clone(),
+        metrics: shared.metrics.clone(),
+        hostname: shared.hostname.clone(),
+        cut: shared.cut.clone(),
+    };
+    inspect::serve(setup, stream, early, draft).await
 }

@@ -7,6 +7,8 @@
 //! asking any DNS server.
 #![allow(dead_code)] // each test file uses part of the harness
 
+pub mod https;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

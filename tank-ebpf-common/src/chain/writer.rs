@@ -345,6 +345,12 @@ impl ChainWriter {
         self.append_line(record, Mark::Closes(opened), keep)
     }
 
+    /// Makes sure `keep` bytes are allocated past the end of the log for records written
+    /// later (space held for them); on a full disk [`ChainError::Full`].
+    pub fn make_room(&mut self, keep: u64) -> Result<(), ChainError> {
+        self.ensure(0, keep)
+    }
+
     /// Appends one record that `write` formats straight into the line buffer, given the
     /// record's [`Link`] (its `seq` and `prev`, which it must write where [`Self::append`] puts
     /// them): the path of writers that cannot afford an intermediate value. Keeps the

@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{
     class, protocol, ConnectionInfo, Device, Endpoint, LogName, Metadata, Outcome, Product,
-    DEVICE_TYPE_SERVER, DIRECTION_OUTBOUND, PROFILES, VERSION,
+    DEVICE_TYPE_SERVER, DIRECTION_INBOUND, DIRECTION_OUTBOUND, PROFILES, VERSION,
 };
 use crate::chain::Link;
 use crate::event::{hook, reason, verdict, Event};
@@ -387,7 +387,12 @@ impl Formatter {
         out.extend_from_slice(br#"","protocol_ver_id":"#);
         push_u64(out, version.into());
         out.extend_from_slice(br#","direction_id":"#);
-        push_u64(out, DIRECTION_OUTBOUND.into());
+        let direction = if matches!(event.hook, hook::ACCEPTED | hook::INBOUND) {
+            DIRECTION_INBOUND
+        } else {
+            DIRECTION_OUTBOUND
+        };
+        push_u64(out, direction.into());
         out.extend_from_slice(br#"},"unmapped":{"prev":""#);
         out.extend_from_slice(&link.prev.hex());
         out.extend_from_slice(br#"","hook":""#);

@@ -101,6 +101,8 @@ pub mod severity {
 /// OCSF `device.type_id`: tank runs on servers (the agent appliance, the proxy host).
 pub const DEVICE_TYPE_SERVER: u8 = 1;
 
+/// OCSF `connection_info.direction_id`: inbound (a connection someone opened into the agent).
+pub const DIRECTION_INBOUND: u8 = 1;
 /// OCSF `connection_info.direction_id`: outbound.
 pub const DIRECTION_OUTBOUND: u8 = 2;
 
@@ -238,6 +240,12 @@ pub struct Metadata {
     pub product: Product,
     /// Which log.
     pub log_name: LogName,
+    /// This record's id, where other records refer to it (an inspected tunnel's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// The `uid` of the record this one belongs to (a request's tunnel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_uid: Option<String>,
 }
 
 impl Metadata {
@@ -248,6 +256,8 @@ impl Metadata {
             profiles: PROFILES.iter().map(|p| (*p).to_owned()).collect(),
             product,
             log_name: log,
+            uid: None,
+            correlation_uid: None,
         }
     }
 }
@@ -334,7 +344,7 @@ pub struct ConnectionInfo {
     /// 4 or 6, where known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_ver_id: Option<u8>,
-    /// [`DIRECTION_OUTBOUND`].
+    /// [`DIRECTION_OUTBOUND`], or [`DIRECTION_INBOUND`] for connections into the agent.
     pub direction_id: u8,
 }
 
@@ -347,6 +357,8 @@ pub enum Kind {
     Lifecycle(kernel::LifecycleRecord),
     /// A proxied connection (`proxy`, Network Activity).
     Proxy(proxy::ConnectionRecord),
+    /// A request inside an inspected tunnel (`proxy`, HTTP Activity).
+    Request(Box<proxy::RequestRecord>),
 }
 
 /// Why a record could not be read as one of tank's kinds.
@@ -372,6 +384,7 @@ pub fn parse(value: &serde_json::Value) -> Result<Kind, ParseError> {
     let fields = |e: serde_json::Error| ParseError::Fields(e.to_string());
     const NETWORK: Option<u64> = Some(class::NETWORK_ACTIVITY as u64);
     const LIFECYCLE: Option<u64> = Some(class::APPLICATION_LIFECYCLE as u64);
+    const HTTP: Option<u64> = Some(class::HTTP_ACTIVITY as u64);
     match (class_uid, log_name) {
         (NETWORK, Some("kernel")) => kernel::NetworkRecord::deserialize(value)
             .map(Kind::Kernel)
@@ -381,6 +394,9 @@ pub fn parse(value: &serde_json::Value) -> Result<Kind, ParseError> {
             .map_err(fields),
         (NETWORK, Some("proxy")) => proxy::ConnectionRecord::deserialize(value)
             .map(Kind::Proxy)
+            .map_err(fields),
+        (HTTP, Some("proxy")) => proxy::RequestRecord::deserialize(value)
+            .map(|r| Kind::Request(Box::new(r)))
             .map_err(fields),
         _ => Err(ParseError::UnknownKind {
             class_uid,

@@ -1,7 +1,9 @@
 //! The proxy log's records: a Network Activity record per client connection, two for a
 //! connection that relays (an opening record written before the `200` or the first forwarded
-//! byte, and a closing record linked to it by the chain's `unmapped.closes`), and the proxy's
-//! own lifecycle records about its log ([`super::kernel::LifecycleRecord`], `log_name` `proxy`).
+//! byte, and a closing record linked to it by the chain's `unmapped.closes`), one HTTP
+//! Activity record per request inside an inspected tunnel, linked to its tunnel's records by
+//! `metadata.correlation_uid` = the tunnel's `metadata.uid`, and the proxy's own lifecycle
+//! records about its log ([`super::kernel::LifecycleRecord`], `log_name` `proxy`).
 
 use serde::{Deserialize, Serialize};
 
@@ -123,6 +125,8 @@ pub struct Connection {
     pub traffic: Traffic,
     /// Plain-HTTP URL.
     pub url: Option<Url>,
+    /// The record's `metadata.uid` (inspected tunnels: their requests refer to it).
+    pub uid: Option<String>,
     /// The proxy's fields.
     pub details: ProxyDetails,
 }
@@ -144,8 +148,10 @@ impl ConnectionRecord {
         let time = end.unwrap_or(c.start_ms);
         let mut details = c.details;
         details.error = details.error.map(|e| bounded(e, MAX_TEXT));
+        let mut metadata = Metadata::new(Product::tank(PRODUCT, version), LogName::Proxy);
+        metadata.uid = c.uid;
         Self {
-            metadata: Metadata::new(Product::tank(PRODUCT, version), LogName::Proxy),
+            metadata,
             class_uid: class::NETWORK_ACTIVITY,
             category_uid: class::category(class::NETWORK_ACTIVITY),
             activity_id,
@@ -235,4 +241,200 @@ pub struct ProxyDetails {
     /// The length of a URL cut to [`MAX_URL`] bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_bytes: Option<usize>,
+    /// Tunnels: `inspected` (requests judged and recorded one by one) or `opaque`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelKind>,
+    /// The server name of the tunnel's TLS ClientHello, when one was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// The ALPN protocols the ClientHello offered, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
+    /// Requests served inside an inspected tunnel (each has its own [`RequestRecord`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+}
+
+/// How a tunnel was relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelKind {
+    /// TLS terminated; every request judged and recorded.
+    Inspected,
+    /// Bytes relayed as they are.
+    Opaque,
+}
+
+/// HTTP Activity (4002) activities, by method.
+pub mod http_activity {
+    /// The OCSF activity of an HTTP `method`: 1 Connect, 2 Delete, 3 Get, 4 Head, 5 Options,
+    /// 6 Post, 7 Put, 8 Trace, 99 Other.
+    pub fn of(method: &str) -> u8 {
+        match method.to_ascii_uppercase().as_str() {
+            "CONNECT" => 1,
+            "DELETE" => 2,
+            "GET" => 3,
+            "HEAD" => 4,
+            "OPTIONS" => 5,
+            "POST" => 6,
+            "PUT" => 7,
+            "TRACE" => 8,
+            _ => 99,
+        }
+    }
+}
+
+/// One request inside an inspected tunnel. Written when its response ends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// `correlation_uid` = the tunnel record's `uid`.
+    pub metadata: Metadata,
+    /// [`class::HTTP_ACTIVITY`].
+    pub class_uid: u32,
+    /// 4.
+    pub category_uid: u32,
+    /// By method: [`http_activity::of`].
+    pub activity_id: u8,
+    /// class_uid * 100 + activity_id.
+    pub type_uid: u32,
+    /// [`Outcome`].
+    pub severity_id: u8,
+    /// [`Outcome`].
+    pub action: Action,
+    /// [`Outcome`].
+    pub action_id: u8,
+    /// [`Outcome`].
+    pub disposition: Disposition,
+    /// [`Outcome`].
+    pub disposition_id: u8,
+    /// Record time (= `end_time`), ms since the epoch.
+    pub time: i64,
+    /// The same, RFC 3339.
+    pub time_dt: String,
+    /// When the request arrived, ms.
+    pub start_time: i64,
+    /// When its response ended, ms.
+    pub end_time: i64,
+    /// end - start, ms.
+    pub duration: i64,
+    /// The proxy host.
+    pub device: Device,
+    /// The agent host.
+    pub src_endpoint: Endpoint,
+    /// The origin: the tunnel's host and the address it is connected to.
+    pub dst_endpoint: Endpoint,
+    /// The request.
+    pub http_request: HttpRequest,
+    /// The response the agent got, when one was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_response: Option<HttpResponse>,
+    /// Body bytes each way.
+    pub traffic: Traffic,
+    /// The proxy's own fields.
+    pub unmapped: RequestDetails,
+}
+
+/// OCSF `http_request`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRequest {
+    /// The method, as sent.
+    pub http_method: String,
+    /// `https://host[:port]/path[?query]`, the query left out where the rule redacts it.
+    pub url: Url,
+    /// `HTTP/1.1` or `HTTP/2`, towards the agent.
+    pub version: String,
+}
+
+/// OCSF `http_response`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpResponse {
+    /// The status code.
+    pub code: u16,
+}
+
+/// The proxy's fields with no OCSF attribute in HTTP Activity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestDetails {
+    /// The deciding rule, or the refusal reason.
+    pub rule: String,
+    /// The `[[credentials]]` entry the proxy set, by name (never its secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// What went wrong, if anything (cut after [`MAX_TEXT`] bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The length of a URL cut to [`MAX_URL`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_bytes: Option<usize>,
+}
+
+/// What the proxy knows of a request when its response ends: [`RequestRecord::new`] makes
+/// the record from it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Allowed (forwarded) or refused inside the tunnel.
+    pub allowed: bool,
+    /// Arrived at, ms since the epoch.
+    pub start_ms: i64,
+    /// Until the response ended, ms.
+    pub duration_ms: i64,
+    /// The agent host.
+    pub client: std::net::SocketAddr,
+    /// The origin.
+    pub target: Endpoint,
+    /// The request.
+    pub http: HttpRequest,
+    /// The status the agent got.
+    pub status: Option<u16>,
+    /// Body bytes each way.
+    pub traffic: Traffic,
+    /// The tunnel record's `metadata.uid`.
+    pub tunnel_uid: String,
+    /// The proxy's fields.
+    pub details: RequestDetails,
+}
+
+impl RequestRecord {
+    /// The record of `r`, written by proxy `version` on `hostname`; its URL and error are
+    /// bounded like a connection record's.
+    pub fn new(mut r: Request, hostname: &str, version: &str) -> Self {
+        let outcome = Outcome::of(r.allowed);
+        let (url, url_bytes) = Url::bounded(&r.http.url.url_string);
+        r.http.url = url;
+        r.details.url_bytes = url_bytes;
+        r.details.error = r.details.error.map(|e| bounded(e, MAX_TEXT));
+        let activity_id = http_activity::of(&r.http.http_method);
+        let end = r.start_ms + r.duration_ms;
+        let mut metadata = Metadata::new(Product::tank(PRODUCT, version), LogName::Proxy);
+        metadata.correlation_uid = Some(r.tunnel_uid);
+        Self {
+            metadata,
+            class_uid: class::HTTP_ACTIVITY,
+            category_uid: class::category(class::HTTP_ACTIVITY),
+            activity_id,
+            type_uid: class::type_uid(class::HTTP_ACTIVITY, activity_id),
+            severity_id: outcome.severity_id,
+            action: outcome.action,
+            action_id: outcome.action_id,
+            disposition: outcome.disposition,
+            disposition_id: outcome.disposition_id,
+            time: end,
+            time_dt: super::rfc3339(end.saturating_mul(1_000_000)),
+            start_time: r.start_ms,
+            end_time: end,
+            duration: r.duration_ms,
+            device: Device::server(hostname),
+            src_endpoint: r.client.into(),
+            dst_endpoint: r.target,
+            http_request: r.http,
+            http_response: r.status.map(|code| HttpResponse { code }),
+            traffic: r.traffic,
+            unmapped: r.details,
+        }
+    }
+
+    /// True for an allowed request.
+    pub fn allowed(&self) -> bool {
+        self.action == Action::Allowed
+    }
 }

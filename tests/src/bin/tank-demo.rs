@@ -7,11 +7,12 @@
 //! down at the end, also on failure.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tank_integration_tests::topology::{
-    TwoHosts, AGENT_IP, FORBIDDEN_NAME, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PORT,
+    TwoHosts, AGENT_IP, API_NAME, FORBIDDEN_NAME, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PORT,
 };
 use tank_integration_tests::workspace_bin;
 
@@ -61,6 +62,15 @@ fn main() {
             hosts.proxied_git_clone(&format!("https://{ORIGIN_NAME}/tools.git"), &clone),
         ),
         (
+            "call the forge API through the proxy, inspected: owner/repo, then owner/other, in one tunnel (no token given)",
+            {
+                let mut c = hosts.proxied_curl(&format!("https://{API_NAME}/repos/owner/repo/issues"));
+                c.arg(format!("https://{API_NAME}/repos/owner/other/issues"))
+                    .args(["-o", "/dev/null", "-o", "/dev/null", "-w", "%{url_effective} -> %{http_code}\n"]);
+                c
+            },
+        ),
+        (
             "exfiltrate via the proxy to a site it does not allow",
             hosts.proxied_curl(&format!("https://{FORBIDDEN_NAME}/upload")),
         ),
@@ -81,8 +91,15 @@ fn main() {
     for (what, mut cmd) in steps {
         println!("\n== agent: {what}");
         let (code, out) = hosts.run_agent(&mut cmd);
-        let last = out.lines().last().unwrap_or("").trim();
-        println!("   -> {} {last}", if code == 0 { "ok" } else { "FAILED:" });
+        let lines: Vec<&str> = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        println!("   -> {}", if code == 0 { "ok" } else { "FAILED:" });
+        for l in lines.iter().rev().take(2).rev() {
+            println!("      {l}");
+        }
         if what.contains("through the proxy") && code == 0 {
             proxied += 1;
         }
@@ -97,12 +114,55 @@ fn main() {
     let _ = trace.wait();
     hosts.stop_proxy();
 
+    println!("\n== the forge's own log: what reached it (the agent never held the token)");
+    for l in std::fs::read_to_string(&hosts.origin_received)
+        .unwrap_or_default()
+        .lines()
+    {
+        println!("   origin | {l}");
+    }
+    println!("\n== the proxy's request records inside the inspected tunnel (OCSF HTTP Activity)");
+    let records = std::fs::read_to_string(&hosts.proxy_log).unwrap_or_default();
+    for r in records
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        if r["class_uid"] == 4002 {
+            println!(
+                "   proxy  | {} {} -> {} {} by {} credential {} tunnel {}",
+                r["http_request"]["http_method"].as_str().unwrap_or("?"),
+                r["http_request"]["url"]["url_string"]
+                    .as_str()
+                    .unwrap_or("?"),
+                r["http_response"]["code"],
+                r["action"].as_str().unwrap_or("?"),
+                r["unmapped"]["rule"].as_str().unwrap_or("?"),
+                r["unmapped"]["credential"].as_str().unwrap_or("-"),
+                r["metadata"]["correlation_uid"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+
     println!(
         "\n== the auditor: tank-loader audit cross-check --kernel KERNEL_LOG --proxy PROXY_LOG\n"
     );
-    let out = hosts.cross_check().output().expect("run the cross-check");
+    // The same report as a page for the auditor's file, kept after the demo (target/demo/).
+    let html = std::env::current_exe()
+        .expect("current_exe")
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .join("demo/cross-check.html");
+    std::fs::create_dir_all(html.parent().unwrap()).expect("create target/demo");
+    let out = hosts
+        .cross_check()
+        .arg("--html")
+        .arg(&html)
+        .output()
+        .expect("run the cross-check");
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    println!("the same report as one HTML page: {}", html.display());
     println!("\n== tearing down (loader stopped, gate detached, namespaces and cgroup removed)");
     drop(hosts);
     std::process::exit(out.status.code().unwrap_or(1));

@@ -22,14 +22,30 @@
 //!   detach PIN_DIR CGROUP_DIR   unpin tank's links/maps and BPF_PROG_DETACH its hooks
 //!   run CMD ARGS...             run a command; prints "ok" or "exit=N"
 //!   flood ADDR:PORT N           N TCP connects; prints "ok=A eperm=B other=C"
+//!   reroute HEADER HOW VIA ADDR:PORT MARK
+//!                               put HEADER (rthdr, srr, pktoptions, cmsg-srr, cmsg-rthdr,
+//!                               cmsg-pktinfo) naming VIA on a send of MARK to ADDR:PORT made
+//!                               HOW (udp-sendto, udp-connect, tcp-fastopen, tcp); prints
+//!                               "opt=.. send=.." (see tank_integration_tests::reroute)
+//!   handed-in scm|pidfd CGROUP UID ADDR:PORT
+//!                               a child moves to CGROUP, becomes UID and makes a TCP socket;
+//!                               we (still in our cgroup) take it over SCM_RIGHTS or with
+//!                               pidfd_getfd and connect it to ADDR:PORT
+//!   serve ADDR:PORT MARK SECONDS
+//!                               listen on ADDR:PORT, print "ready", then for SECONDS write MARK
+//!                               to every connection accepted; prints "accepted=N"
+//!   udp-connect-cmsg ADDR:PORT MARK
+//!                               connect a UDP socket, then send MARK with an IP_TOS (IPv4) or
+//!                               IPV6_TCLASS (IPv6) cmsg
 
 use std::ffi::CString;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
+use tank_integration_tests::reroute::{cvt, show, socket as new_socket};
 
 type Outcome = std::io::Result<()>;
 
@@ -138,6 +154,52 @@ fn main() {
             );
             return;
         }
+        "reroute" => {
+            use tank_integration_tests::reroute::{attempt, Header, Send};
+            let header = args
+                .get(1)
+                .and_then(|a| Header::parse(a))
+                .unwrap_or_else(|| usage());
+            let how = args
+                .get(2)
+                .and_then(|a| Send::parse(a))
+                .unwrap_or_else(|| usage());
+            let via = args
+                .get(3)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| usage());
+            let mark = args.get(5).unwrap_or_else(|| usage());
+            println!("{}", attempt(header, how, via, target(4), mark.as_bytes()));
+            return;
+        }
+        "serve" => {
+            let listener = std::net::TcpListener::bind(target(1)).expect("listen");
+            listener
+                .set_nonblocking(true)
+                .expect("non-blocking listener");
+            println!("ready");
+            let mark = args.get(2).unwrap_or_else(|| usage());
+            let until = std::time::Instant::now() + Duration::from_secs(number(3));
+            let mut accepted = 0;
+            while std::time::Instant::now() < until {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        accepted += 1;
+                        let _ = std::io::Write::write_all(&mut conn, mark.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            println!("accepted={accepted}");
+            return;
+        }
+        "handed-in" => handed_in(
+            args.get(1).unwrap_or_else(|| usage()),
+            args.get(2).unwrap_or_else(|| usage()),
+            number(3) as u32,
+            &target(4),
+        ),
+        "udp-connect-cmsg" => udp_connect_cmsg(&target(1), args.get(2).unwrap_or_else(|| usage())),
         "flood" => {
             let n = number(2);
             let (mut ok, mut eperm, mut other) = (0, 0, 0);
@@ -156,24 +218,6 @@ fn main() {
     println!("{}", show(&outcome));
 }
 
-fn show(outcome: &Outcome) -> String {
-    match outcome {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => e.raw_os_error().map_or_else(
-            || e.to_string(),
-            |code| format!("{:?}", nix::errno::Errno::from_raw(code)),
-        ),
-    }
-}
-
-fn cvt(rc: libc::c_int) -> std::io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
 fn bind_any(target: &SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::bind(if target.is_ipv4() {
         "0.0.0.0:0"
@@ -182,19 +226,99 @@ fn bind_any(target: &SocketAddr) -> std::io::Result<UdpSocket> {
     })
 }
 
-fn family_of(target: &SocketAddr) -> i32 {
-    if target.is_ipv4() {
-        libc::AF_INET
+/// A TCP socket made outside our cgroup by another uid, handed to us, then connected.
+fn handed_in(how: &str, cgroup: &str, uid: u32, target: &SocketAddr) -> Outcome {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let (mut ours, mut theirs) = UnixStream::pair()?;
+    // SAFETY: fork in a single-threaded probe; the child only makes syscalls and exits.
+    let child = match unsafe { nix::unistd::fork() }.map_err(std::io::Error::from)? {
+        nix::unistd::ForkResult::Child => {
+            drop(ours);
+            std::fs::write(format!("{cgroup}/cgroup.procs"), "0")
+                .expect("move to the creator cgroup");
+            nix::unistd::setgroups(&[]).expect("setgroups");
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).expect("setgid");
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).expect("setuid");
+            let sock = new_socket(target, libc::SOCK_STREAM).expect("creator's socket");
+            let fd = sock.as_raw_fd();
+            if how == "scm" {
+                nix::sys::socket::sendmsg::<()>(
+                    theirs.as_raw_fd(),
+                    &[std::io::IoSlice::new(b"s")],
+                    &[nix::sys::socket::ControlMessage::ScmRights(&[fd])],
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                )
+                .expect("SCM_RIGHTS");
+            } else {
+                theirs
+                    .write_all(&fd.to_ne_bytes())
+                    .expect("tell the fd number");
+            }
+            // Hold the socket until the parent says it has its own copy.
+            let _ = theirs.read(&mut [0u8; 1]);
+            std::process::exit(0);
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    drop(theirs);
+    let sock = if how == "scm" {
+        let mut buf = [0u8; 1];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = nix::sys::socket::recvmsg::<()>(
+            ours.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::empty(),
+        )?;
+        let fd = msg
+            .cmsgs()?
+            .find_map(|c| match c {
+                nix::sys::socket::ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                _ => None,
+            })
+            .ok_or_else(|| std::io::Error::other("no descriptor passed"))?;
+        // SAFETY: a descriptor SCM_RIGHTS just installed for us.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
     } else {
-        libc::AF_INET6
-    }
+        let mut number = [0u8; 4];
+        ours.read_exact(&mut number)?;
+        // SAFETY: plain pidfd_open(2)/pidfd_getfd(2); the descriptors are owned at once.
+        let pidfd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) } as i32)?;
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+        let fd = cvt(unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_getfd,
+                pidfd.as_raw_fd(),
+                i32::from_ne_bytes(number),
+                0,
+            )
+        } as i32)?;
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+    };
+    ours.write_all(b"k")?;
+    let _ = nix::sys::wait::waitpid(child, None);
+    let addr = SockaddrStorage::from(*target);
+    // SAFETY: addr outlives the call.
+    cvt(unsafe { libc::connect(sock.as_raw_fd(), addr.as_ptr(), addr.len()) }).map(drop)
 }
 
-fn new_socket(target: &SocketAddr, sock_type: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the descriptor is owned at once.
-    let fd = cvt(unsafe { libc::socket(family_of(target), sock_type | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: fd was just returned by socket(2) and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// A connected UDP socket's send with ancillary data, as QUIC stacks and resolvers make it.
+fn udp_connect_cmsg(target: &SocketAddr, mark: &str) -> Outcome {
+    use tank_integration_tests::reroute::{control, sendmsg};
+    let sock = new_socket(target, libc::SOCK_DGRAM)?;
+    let addr = SockaddrStorage::from(*target);
+    // SAFETY: addr outlives the call.
+    cvt(unsafe { libc::connect(sock.as_raw_fd(), addr.as_ptr(), addr.len()) })?;
+    let tos = 0x10i32.to_ne_bytes();
+    let cmsg = if target.is_ipv4() {
+        control(libc::SOL_IP, libc::IP_TOS, &tos)
+    } else {
+        control(libc::SOL_IPV6, libc::IPV6_TCLASS, &tos)
+    };
+    sendmsg(sock.as_raw_fd(), None, &cmsg, mark.as_bytes(), 0)
 }
 
 /// socket(2)/socketpair(2) through syscall(2), so a family with bits above 32 reaches the

@@ -25,6 +25,10 @@ pub struct Options {
     /// Suite to run.
     #[arg(value_enum, default_value = "all")]
     suite: Suite,
+    /// Kernel suite: also measure the audit-log drain while the loader's /metrics is scraped
+    /// every second, in rounds alternating with unscraped ones.
+    #[arg(long)]
+    scrape_metrics: bool,
 }
 
 /// Runs the chosen suites.
@@ -47,7 +51,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         ]))?;
         cmd::run(
             std::process::Command::new(cmd::root().join("target/release/tank-bench"))
-                .arg(out.join("kernel.json")),
+                .arg(out.join("kernel.json"))
+                .args(opts.scrape_metrics.then_some("--scrape-metrics")),
         )?;
     }
     if matches!(opts.suite, Suite::Proxy | Suite::All) {
