@@ -165,6 +165,7 @@ impl Draft {
                     hostname,
                     ip,
                     port: self.port,
+                    ..Endpoint::default()
                 },
             },
             traffic: self.traffic.clone(),

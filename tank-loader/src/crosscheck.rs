@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use tank_ebpf_common::chain::{self, Problem, Record, Report};
 use tank_ebpf_common::event::{hook, reason};
-use tank_ebpf_common::ocsf::kernel::NetworkRecord;
+use tank_ebpf_common::ocsf::kernel::{NetworkRecord, UnrecordedRecord};
 use tank_ebpf_common::ocsf::proxy::{ConnectionRecord, TunnelKind};
 use tank_ebpf_common::ocsf::{self, protocol, Action, Kind, LogName};
 
@@ -126,10 +126,31 @@ pub struct CrossCheck {
     pub direct_listed_connections: u64,
     /// Denied attempts by destination and process, most frequent first.
     pub denied: Vec<DeniedGroup>,
+    /// Attempts the kernel judged but could not record (ring buffer full), as the kernel log
+    /// accounts for them. Not a discrepancy by itself; unrecorded `established` connections
+    /// explain proxy records that match nothing.
+    pub unrecorded: Vec<UnrecordedGroup>,
     /// Both logs over time per host, and proxy records by rule (bounded, for the pictures).
     pub activity: Activity,
     /// Requests inside inspected tunnels, counted per tunnel.
     pub inspected: Inspected,
+}
+
+/// One kernel log record of attempts the kernel could not record.
+#[derive(Debug, Serialize)]
+pub struct UnrecordedGroup {
+    /// 1-based line.
+    pub line: usize,
+    /// Its `seq`.
+    pub seq: u64,
+    /// `unrecorded_denied`, `unrecorded_allowed` or `unrecorded_established`.
+    pub counter: &'static str,
+    /// How many.
+    pub count: u64,
+    /// The interval, ms (`start_time` absent: since the previous loader's last look).
+    pub start_time: Option<i64>,
+    /// End of the interval, ms.
+    pub end_time: i64,
 }
 
 /// The requests of inspected tunnels: each tunnel record says how many it served, and that
@@ -355,10 +376,17 @@ fn read<T>(
     (check, parsed)
 }
 
-/// The kernel log's network records; lifecycle records take no part.
-fn kernel_record(kind: Kind) -> Result<Option<NetworkRecord>, String> {
+/// What the check takes from the kernel log.
+enum KernelItem {
+    Network(NetworkRecord),
+    Unrecorded(UnrecordedRecord),
+}
+
+/// The kernel log's network and unrecorded records; lifecycle records take no part.
+fn kernel_record(kind: Kind) -> Result<Option<KernelItem>, String> {
     match kind {
-        Kind::Kernel(k) if k.dst_endpoint.addr().is_some() => Ok(Some(k)),
+        Kind::Kernel(k) if k.dst_endpoint.addr().is_some() => Ok(Some(KernelItem::Network(k))),
+        Kind::Unrecorded(u) => Ok(Some(KernelItem::Unrecorded(u))),
         Kind::Kernel(_) => Err("dst_endpoint has no ip and port".to_owned()),
         Kind::Lifecycle(l) if l.metadata.log_name == LogName::Kernel => Ok(None),
         Kind::Lifecycle(_) | Kind::Proxy(_) | Kind::Request(_) => {
@@ -378,7 +406,9 @@ fn proxy_record(kind: Kind) -> Result<Option<ConnectionRecord>, String> {
         Kind::Lifecycle(l) if l.metadata.log_name == LogName::Proxy => Ok(None),
         // Requests inside inspected tunnels are counted per tunnel (see `requests`), not paired.
         Kind::Request(_) => Ok(None),
-        Kind::Kernel(_) | Kind::Lifecycle(_) => Err("a kernel record in the proxy log".to_owned()),
+        Kind::Kernel(_) | Kind::Lifecycle(_) | Kind::Unrecorded(_) => {
+            Err("a kernel record in the proxy log".to_owned())
+        }
     }
 }
 
@@ -397,7 +427,22 @@ fn kernel_connection(r: &Record, k: &NetworkRecord) -> KernelConnection {
 
 /// Matches the proxy log against the kernel log.
 pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
-    let (kernel_log, krecs) = read(kernel, kernel_record);
+    let (kernel_log, kitems) = read(kernel, kernel_record);
+    let mut unrecorded = Vec::new();
+    let mut krecs = Vec::with_capacity(kitems.len());
+    for (r, item) in kitems {
+        match item {
+            KernelItem::Network(k) => krecs.push((r, k)),
+            KernelItem::Unrecorded(u) => unrecorded.push(UnrecordedGroup {
+                line: r.line,
+                seq: r.seq,
+                counter: u.unmapped.unrecorded.as_str(),
+                count: u.count,
+                start_time: u.start_time,
+                end_time: u.end_time,
+            }),
+        }
+    }
     let (proxy_log, precs) = read(proxy, proxy_record);
 
     let (mut attempted, mut to_proxy, mut connected) =
@@ -506,6 +551,7 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         allowed_never_connected: to_proxy.difference(&connected).count() as u64,
         direct_listed_connections,
         denied,
+        unrecorded,
         activity: activity.finish(),
         inspected,
     }
@@ -723,6 +769,22 @@ pub fn render(c: &CrossCheck) -> String {
         "direct connections to listed endpoints (informational): {}\n",
         c.direct_listed_connections
     );
+    let unrecorded: u64 = c.unrecorded.iter().map(|u| u.count).sum();
+    out += &format!(
+        "attempts the kernel could not record (ring buffer full), as logged: {unrecorded}\n"
+    );
+    for u in &c.unrecorded {
+        let since = u.start_time.map_or("-".to_owned(), when);
+        out += &format!(
+            "  line {} seq {}  {} .. {}  {} {}\n",
+            u.line,
+            u.seq,
+            since,
+            when(u.end_time),
+            u.count,
+            u.counter
+        );
+    }
     out += &format!("denied attempts: {} groups\n", c.denied.len());
     if !c.denied.is_empty() {
         let header = "COUNT DESTINATION PROTO PROCESS REASON FIRST LAST";
@@ -814,7 +876,7 @@ mod tests {
             seq: 1,
             prev: &Hash::GENESIS,
         };
-        Formatter::new("agent", "0").write(&mut line, link, e, (T0 + dt) * 1_000_000);
+        Formatter::new("agent", "0").write(&mut line, link, e, (T0 + dt) * 1_000_000, 0);
         let mut v: Value = serde_json::from_slice(&line).unwrap();
         v["metadata"].as_object_mut().unwrap().remove("sequence");
         v["unmapped"].as_object_mut().unwrap().remove("prev");
@@ -898,8 +960,8 @@ mod tests {
             local: "10.0.0.1:3128".parse().unwrap(),
             target: Endpoint {
                 hostname: Some("example.com".into()),
-                ip: None,
                 port: Some(443),
+                ..Endpoint::default()
             },
             traffic: Traffic::default(),
             url: None,

@@ -1,132 +1,326 @@
-//! Draining the kernel ring buffer into the audit log.
+//! Draining the kernel ring buffer into the audit log: every event exactly once, and every
+//! attempt the kernel could not record accounted for in the log.
 //!
 //! The loader is the ring buffer's only reader: a second reader would take events away from
 //! the log. `tank-loader trace` therefore follows the log, never the ring buffer.
 //!
+//! Each pass reads what the ring holds ([`Ring`], in place), formats each event straight into
+//! the chain's batch (no allocation per record), appends a record for any unrecorded counter
+//! that moved since the last pass, makes the batch durable (one `fdatasync`, anchor moved),
+//! and only then hands the ring its space back. Each event and each durable batch is also
+//! counted in [`DrainStats`] (plain stores, no allocation) for the loader's metrics. A loader killed mid-pass leaves the events in
+//! the ring; the next one skips those its predecessor already logged (by `unmapped.ring_pos`)
+//! and logs the rest. The unrecorded totals the log has accounted for are kept in a checkpoint
+//! beside the log (`<log>.drain`), for the same reason.
+//!
+//! A full disk fails closed ([`Stall`]): the events the log has no space for stay in the ring
+//! (the drain reads them again later), and while the log has no room the drain stops reading,
+//! so the ring fills and the kernel refuses further attempts and counts them
+//! (`unrecorded_denied`). When space returns the drain writes an outage record and goes on:
+//! nothing allowed goes unrecorded. After each durable batch the log rotates when due, and
+//! SIGHUP makes it continue in a new file if logrotate moved it away.
+//!
 //! An `established` event comes from a kernel callback that runs outside the connecting task,
 //! so it names no process; the drain copies the process from the connect attempt with the same
 //! socket cookie ([`Attempts`]), so every record of a connection says who made it.
-//!
-//! A full disk fails closed ([`LogState`]): the event the log has no space for is kept, and the
-//! drain stops reading the ring buffer, so the ring fills and the kernel refuses further
-//! attempts and counts them (`unrecorded_denied`). When space returns the kept event is written,
-//! then an outage record, and draining goes on: nothing allowed goes unrecorded.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use aya::maps::{MapData, RingBuf};
-use tank_ebpf_common::chain::{ChainWriter, Head};
+use aya::maps::{MapData, PerCpuArray};
+use serde::{Deserialize, Serialize};
+use std::os::fd::AsFd;
+use tank_ebpf_common::chain::{ChainError, ChainWriter};
 use tank_ebpf_common::event::{hook, verdict, Event};
-use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
+use tank_ebpf_common::ocsf::kernel::{
+    Formatter, LifecycleRecord, UnrecordedRecord, UnrecordedTotals,
+};
 use tank_ebpf_common::ocsf::lifecycle;
 use tokio::io::unix::AsyncFd;
 
 use crate::metrics::DrainStats;
+use crate::ring::Ring;
 
-/// How often the log is made durable and its anchor moved even when the ring buffer is quiet
-/// and how often the ring buffer is polled in case a wakeup was missed.
+/// How often the ring buffer and the counters are looked at when no wakeup comes (a ring that
+/// is full sends none, and counters send none), and the log made durable if anything is new.
 const TICK: Duration = Duration::from_millis(250);
 
-/// How often, at most, a moved anchor also goes to the system log (besides start and shutdown).
+/// Least time between two anchors logged to the system log.
 const ANCHOR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Drains `ring` into `log` until `shutdown` resolves, then drains what is left and syncs.
-pub async fn run(
-    ring: RingBuf<MapData>,
-    log: &mut ChainWriter,
-    records: &Formatter,
-    hostname: &str,
-    stats: &DrainStats,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<u64> {
-    // SAFETY: the AsyncFd owns the ring buffer, so its descriptor outlives the registration.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("cannot watch the ring buffer: {}", e.into_parts().1))?;
-    let mut tick = tokio::time::interval(TICK);
-    let mut attempts = Attempts::default();
-    let mut stall = LogState::new(hostname);
-    let mut anchor = AnchorLog::start(log.head());
-    let mut written = 0;
-    // SIGHUP: logrotate moved the log away; continue in a new file at its path.
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("cannot watch SIGHUP")?;
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                let record = stall.lifecycle("log reopened after being moved away (SIGHUP)", "reopened");
-                if log.reopen(&record)? {
-                    tracing::info!(log = %log.path().display(), "audit log had been moved away; continuing in a new file, linked to the last record");
-                }
-            }
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("ring buffer wait failed")?;
-                written += drain(guard.get_inner_mut(), &mut attempts, log, records, &mut stall, stats)?;
-                guard.clear_ready();
-            }
-            _ = tick.tick() => {
-                written += drain(ring.get_mut(), &mut attempts, log, records, &mut stall, stats)?;
-            }
-            () = &mut shutdown => {
-                written += drain(ring.get_mut(), &mut attempts, log, records, &mut stall, stats)?;
-                if stall.event.is_some() {
-                    tracing::error!("stopping while the audit log has no space: the event it could not take is lost with this loader; the ring buffer keeps the rest for the next one");
-                }
-                log_anchor(log.sync()?);
-                return Ok(written);
-            }
-        }
-        anchor.moved(log.head());
-    }
+/// Events appended between two syncs at most: bounds the batch a crash can force the next
+/// loader to read again.
+const BATCH: usize = 1 << 16;
+
+/// Room beyond its reserve the log must have again before a drain stalled by a full disk
+/// resumes (what `tank-loader status` checks too).
+const RESUME_ROOM: u64 = 64 * 1024;
+
+/// What the drain has accounted for, kept beside the log in `<log>.drain` after each sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The ring position everything before which is in the log.
+    pub ring_pos: u64,
+    /// The unrecorded totals the log has records for.
+    pub unrecorded: UnrecordedTotals,
 }
 
-/// The drain's view of its log: while it has no space, the one event taken from the ring and
-/// not written, and since when; the lifecycle records it writes about the log.
-struct LogState {
+/// Where the checkpoint of the log at `log` lives.
+pub fn checkpoint_path(log: &Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".drain");
+    PathBuf::from(name)
+}
+
+/// The drain's state across passes.
+pub struct Drain {
+    ring: Ring,
+    counters: PerCpuArray<MapData, u64>,
+    records: Formatter,
     hostname: String,
-    event: Option<(Event, i64)>,
+    attempts: Attempts,
+    /// What the metrics read: counts per event, records and lag per durable batch.
+    stats: Arc<DrainStats>,
+    /// Totals the log has accounted for, and when the drain last looked (ms).
+    accounted: UnrecordedTotals,
+    looked_ms: Option<i64>,
+    checkpoint: PathBuf,
+    /// When the anchor last went to the system log.
+    anchor_logged: Option<Instant>,
+    /// Set while the log has no space.
+    stall: Option<Stall>,
+}
+
+/// A spell during which the log had no space for records.
+struct Stall {
     since_ms: i64,
     error: String,
 }
 
-impl LogState {
-    fn new(hostname: &str) -> Self {
-        Self {
+impl Drain {
+    /// A drain of `ring` into `log`, resuming where the previous loader stopped: `reused` says
+    /// whether the ring and counter maps are the ones a previous run pinned (else they are
+    /// new and hold nothing the log has).
+    pub fn new(
+        mut ring: Ring,
+        counters: PerCpuArray<MapData, u64>,
+        log: &ChainWriter,
+        log_path: &Path,
+        hostname: &str,
+        reused: bool,
+        stats: Arc<DrainStats>,
+    ) -> anyhow::Result<Self> {
+        let checkpoint = checkpoint_path(log_path);
+        let saved: Option<Checkpoint> = std::fs::read(&checkpoint)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let tail = log.tail();
+        let tail_pos = tail.and_then(|t| t.pointer("/unmapped/ring_pos")?.as_u64());
+        // The unrecorded record, when last, is the newest account; else the checkpoint is.
+        let tail_totals = tail
+            .and_then(|t| t.pointer("/unmapped/totals"))
+            .and_then(|t| UnrecordedTotals::deserialize(t).ok());
+        let mut accounted = UnrecordedTotals::default();
+        if reused {
+            if let Some(pos) = tail_pos.or(saved.map(|c| c.ring_pos)) {
+                if ring.resume(pos) {
+                    tracing::info!(
+                        ring_pos = pos,
+                        "resuming the ring buffer after what the log holds"
+                    );
+                }
+            }
+            accounted = tail_totals
+                .or(saved.map(|c| c.unrecorded))
+                .unwrap_or_default();
+        }
+        let mut drain = Self {
+            ring,
+            counters,
+            records: Formatter::new(hostname, env!("CARGO_PKG_VERSION")),
             hostname: hostname.to_owned(),
-            event: None,
-            since_ms: 0,
-            error: String::new(),
+            attempts: Attempts::default(),
+            stats,
+            accounted,
+            looked_ms: None,
+            checkpoint,
+            anchor_logged: None,
+            stall: None,
+        };
+        // Counters that went back are new maps (a reboot): nothing of theirs is accounted for.
+        let now = drain.totals()?;
+        if now
+            .by_slot()
+            .iter()
+            .zip(accounted.by_slot())
+            .any(|((_, n), (_, a))| n < &a)
+        {
+            drain.accounted = UnrecordedTotals::default();
+        }
+        Ok(drain)
+    }
+
+    /// The position the next record would be read from (the Start record names it).
+    pub fn ring_pos(&self) -> u64 {
+        self.ring.position()
+    }
+
+    /// Drains into `log` until `shutdown` resolves, then drains what is left. Returns the
+    /// events written.
+    pub async fn run(
+        self,
+        log: &mut ChainWriter,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<u64> {
+        let mut this = self;
+        let fd = this.ring.as_fd().try_clone_to_owned()?;
+        // SAFETY: the AsyncFd owns the descriptor, so it outlives the registration.
+        let fd = unsafe { AsyncFd::register(fd) }
+            .map_err(|e| anyhow::anyhow!("cannot watch the ring buffer: {}", e.into_parts().1))?;
+        let mut tick = tokio::time::interval(TICK);
+        let mut written = 0;
+        // SIGHUP: logrotate moved the log away; continue in a new file at its path.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot watch SIGHUP")?;
+        // The head the drain starts from (the Start record's), before any batch.
+        this.stats.batch(0, log.head().seq, None);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let record = this.lifecycle("log reopened after being moved away (SIGHUP)", "reopened");
+                    if log.reopen(&record)? {
+                        tracing::info!(log = %log.path().display(), "audit log had been moved away; continuing in a new file, linked to the last record");
+                    }
+                }
+                guard = fd.readable() => {
+                    // Cleared first: a wakeup during the pass then stays for the next wait.
+                    guard.context("ring buffer wait failed")?.clear_ready();
+                    written += this.pass(log)?;
+                }
+                _ = tick.tick() => written += this.pass(log)?,
+                () = &mut shutdown => {
+                    written += this.pass(log)?;
+                    if this.stall.is_some() {
+                        tracing::error!("stopping while the audit log has no space: the ring buffer keeps the events not logged for the next loader");
+                    }
+                    let head = log.head();
+                    tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
+                    return Ok(written);
+                }
+            }
         }
     }
 
-    /// Writes the kept event and then the outage record; false while there is still no space.
-    fn resume(&mut self, log: &mut ChainWriter, records: &Formatter) -> anyhow::Result<bool> {
-        let Some((event, unix_ns)) = self.event else {
+    /// Moves everything pending into the log, durably, batch by batch. Returns the events.
+    /// On a full disk it makes durable what fitted and stalls: later passes read nothing until
+    /// the log has room again.
+    pub fn pass(&mut self, log: &mut ChainWriter) -> anyhow::Result<u64> {
+        if self.stall.is_some() && !self.resume(log)? {
+            return Ok(0);
+        }
+        let mut total = 0;
+        loop {
+            let (events, oldest_ktime_ns, full) = self.read_batch(log)?;
+            let counted = match full {
+                None => match self.account(log) {
+                    Err(e)
+                        if e.downcast_ref::<ChainError>()
+                            .is_some_and(ChainError::is_full) =>
+                    {
+                        self.begin_stall(e.to_string());
+                        false
+                    }
+                    r => r?,
+                },
+                Some(e) => {
+                    self.begin_stall(e.to_string());
+                    false
+                }
+            };
+            if events == 0 && !counted {
+                return Ok(total);
+            }
+            let head = log.sync()?;
+            self.stats.batch(events as u64, head.seq, oldest_ktime_ns);
+            if self
+                .anchor_logged
+                .is_none_or(|t| t.elapsed() >= ANCHOR_LOG_INTERVAL)
+            {
+                // The anchor also goes to the system log, which is shipped off the host.
+                tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
+                self.anchor_logged = Some(Instant::now());
+            } else {
+                tracing::debug!(events, seq = head.seq, hash = %head.hash, "audit log synced");
+            }
+            let checkpoint = Checkpoint {
+                ring_pos: self.ring.position(),
+                unrecorded: self.accounted,
+            };
+            write_checkpoint(&self.checkpoint, &checkpoint)?;
+            self.ring.commit(checkpoint.ring_pos);
+            total += events as u64;
+            if self.stall.is_some() {
+                return Ok(total);
+            }
+            self.rotate_if_due(log);
+            if !self.ring.pending() {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn begin_stall(&mut self, error: String) {
+        tracing::error!(%error, "audit log has no space: no longer draining the ring buffer, so the kernel refuses new attempts until space returns");
+        self.stall = Some(Stall {
+            since_ms: tank_ebpf_common::ocsf::unix_ms(Clock::now().unix_ns(Clock::monotonic_ns())),
+            error,
+        });
+    }
+
+    /// Ends a stall once the log has room again, with an outage record; false while it has not.
+    fn resume(&mut self, log: &mut ChainWriter) -> anyhow::Result<bool> {
+        let Some(stall) = &self.stall else {
             return Ok(true);
         };
-        match log.append_with(|link, line| records.write(line, link, &event, unix_ns)) {
+        match log.make_room(log.reserve_bytes() + RESUME_ROOM) {
             Err(e) if e.is_full() => return Ok(false),
             r => r?,
-        };
-        let until = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        }
+        let until = tank_ebpf_common::ocsf::unix_ms(Clock::now().unix_ns(Clock::monotonic_ns()));
         let mut outage = self.lifecycle(
             "the audit log had no space: the ring buffer filled and the kernel refused attempts (counter unrecorded_denied)",
             "audit_outage",
         );
-        outage.unmapped = serde_json::json!({"event": "audit_outage", "since": self.since_ms, "until": until, "error": self.error});
-        // Drawn from the reserve the writer keeps for it.
-        log.append_keeping(&outage, 0)?;
+        outage.unmapped = serde_json::json!({"event": "audit_outage", "since": stall.since_ms, "until": until, "error": stall.error});
+        log.append(&outage)?;
+        log.sync()?;
         tracing::info!(
-            since = self.since_ms,
+            since = stall.since_ms,
             "audit log writable again; draining the ring buffer"
         );
-        self.event = None;
+        self.stall = None;
         Ok(true)
+    }
+
+    fn rotate_if_due(&self, log: &mut ChainWriter) {
+        if !log.rotation_due() {
+            return;
+        }
+        let record = self.lifecycle("new audit log segment", "segment");
+        match log.rotate(&record) {
+            Ok(r) => {
+                tracing::info!(segment = %r.segment.display(), removed = r.removed.len(), "audit log rotated")
+            }
+            // The active file stays as it was; tried again after the next batch.
+            Err(e) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "audit log rotation failed; continuing in the current file")
+            }
+        }
     }
 
     /// A lifecycle record of the loader about its log (`unmapped.event`).
@@ -140,104 +334,115 @@ impl LogState {
         )
     }
 
-    fn begin(&mut self, event: Event, unix_ns: i64, error: &tank_ebpf_common::chain::ChainError) {
-        self.event = Some((event, unix_ns));
-        self.since_ms = tank_ebpf_common::ocsf::unix_ms(unix_ns);
-        self.error = error.to_string();
-        tracing::error!(%error, "audit log has no space: no longer draining the ring buffer, so the kernel refuses new attempts until space returns");
-    }
-}
-
-/// Puts the log's anchor (the last durable record's `seq` and hash) into the system log too:
-/// journald ships it off the host, so a log and anchor rewritten together on the host still
-/// disagree with it. At start, when it moved (at most every [`ANCHOR_LOG_INTERVAL`]) and at
-/// shutdown; `drain` syncs every batch it writes, so the head is durable whenever it is logged.
-struct AnchorLog {
-    logged_at: Instant,
-    seq: u64,
-}
-
-impl AnchorLog {
-    fn start(head: &Head) -> Self {
-        log_anchor(head);
-        Self {
-            logged_at: Instant::now(),
-            seq: head.seq,
+    /// Appends up to [`BATCH`] events from the ring. Returns how many, the kernel time of the
+    /// first (the batch's oldest), if any, and the error that stopped it when the log had no
+    /// space: the events from there on stay in the ring, to be read again.
+    fn read_batch(
+        &mut self,
+        log: &mut ChainWriter,
+    ) -> Result<(usize, Option<u64>, Option<ChainError>), ChainError> {
+        let clock = Clock::now();
+        let Self {
+            ring,
+            records,
+            attempts,
+            stats,
+            ..
+        } = self;
+        let (mut failed, mut oldest_ktime_ns) = (None, None);
+        let (mut appended, mut logged_to) = (0, ring.position());
+        ring.read(BATCH, |item| {
+            if failed.is_some() {
+                return;
+            }
+            let Some(mut event) = parse(item.data) else {
+                tracing::error!(len = item.data.len(), "ring buffer item of unexpected size; kernel and loader disagree on the event layout");
+                return;
+            };
+            attempts.join(&mut event);
+            let unix_ns = clock.unix_ns(event.ktime_ns);
+            if let Err(e) = log.append_with(|link, line| {
+                records.write(line, link, &event, unix_ns, item.end)
+            }) {
+                attempts.again(&event);
+                failed = Some(e);
+                return;
+            }
+            stats.event(&event);
+            oldest_ktime_ns.get_or_insert(event.ktime_ns);
+            (appended, logged_to) = (appended + 1, item.end);
+        });
+        match failed {
+            Some(e) if e.is_full() => {
+                ring.resume(logged_to);
+                Ok((appended, oldest_ktime_ns, Some(e)))
+            }
+            Some(e) => Err(e),
+            None => Ok((appended, oldest_ktime_ns, None)),
         }
     }
 
-    fn moved(&mut self, head: &Head) {
-        if head.seq != self.seq && self.logged_at.elapsed() >= ANCHOR_LOG_INTERVAL {
-            log_anchor(head);
-            (self.logged_at, self.seq) = (Instant::now(), head.seq);
-        }
-    }
-}
-
-fn log_anchor(head: &Head) {
-    tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
-}
-
-/// Moves every pending event into the log and makes the batch durable. Returns the count.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    attempts: &mut Attempts,
-    log: &mut ChainWriter,
-    records: &Formatter,
-    stall: &mut LogState,
-    stats: &DrainStats,
-) -> anyhow::Result<u64> {
-    let clock = Clock::now();
-    let mut n = 0;
-    let mut oldest_ktime_ns = 0;
-    if let Some((event, _)) = stall.event {
-        if !stall.resume(log, records)? {
-            return Ok(0);
-        }
-        stats.event(&event);
-        oldest_ktime_ns = event.ktime_ns;
-        n += 1;
-    }
-    while let Some(item) = ring.next() {
-        let Some(mut event) = parse(&item) else {
-            tracing::error!(len = item.len(), "ring buffer item of unexpected size; kernel and loader disagree on the event layout");
-            continue;
+    /// The kernel's unrecorded counters, summed over CPUs.
+    fn totals(&self) -> anyhow::Result<UnrecordedTotals> {
+        let sum = |slot| -> anyhow::Result<u64> {
+            Ok(self
+                .counters
+                .get(&slot, 0)
+                .context("cannot read the kernel's counters")?
+                .iter()
+                .sum())
         };
-        attempts.join(&mut event);
-        let unix_ns = clock.unix_ns(event.ktime_ns);
-        match log.append_with(|link, line| records.write(line, link, &event, unix_ns)) {
-            Ok(_) => {
-                stats.event(&event);
-                if n == 0 {
-                    oldest_ktime_ns = event.ktime_ns;
-                }
-                n += 1;
-            }
-            Err(e) if e.is_full() => {
-                stall.begin(event, unix_ns, &e);
-                break;
-            }
-            Err(e) => return Err(e.into()),
-        }
+        use tank_ebpf_common::counters::*;
+        Ok(UnrecordedTotals {
+            unrecorded_denied: sum(UNRECORDED_DENIED)?,
+            unrecorded_allowed: sum(UNRECORDED_ALLOWED)?,
+            unrecorded_established: sum(UNRECORDED_ESTABLISHED)?,
+        })
     }
-    if n > 0 {
-        let head = log.sync()?;
-        stats.batch(n, head.seq, oldest_ktime_ns);
-        tracing::debug!(events = n, seq = head.seq, hash = %head.hash, "audit log synced");
-        if stall.event.is_none() && log.rotation_due() {
-            let record = stall.lifecycle("new audit log segment", "segment");
-            match log.rotate(&record) {
-                Ok(r) => {
-                    tracing::info!(segment = %r.segment.display(), removed = r.removed.len(), "audit log rotated")
-                }
-                // The active file stays as it was; tried again after the next batch.
-                Err(e) => {
-                    tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "audit log rotation failed; continuing in the current file")
-                }
+
+    /// Appends a record for each unrecorded counter that moved since the log last accounted
+    /// for it. Returns whether it appended any.
+    fn account(&mut self, log: &mut ChainWriter) -> anyhow::Result<bool> {
+        let now = self.totals()?;
+        let unix_ns = Clock::now().unix_ns(Clock::monotonic_ns());
+        let since = self
+            .looked_ms
+            .replace(tank_ebpf_common::ocsf::unix_ms(unix_ns));
+        let mut any = false;
+        for ((slot, total), (_, before)) in now.by_slot().into_iter().zip(self.accounted.by_slot())
+        {
+            if total <= before {
+                continue;
             }
+            let record = UnrecordedRecord::new(
+                &self.hostname,
+                env!("CARGO_PKG_VERSION"),
+                slot,
+                total - before,
+                since,
+                unix_ns,
+                now,
+                self.ring.position(),
+            );
+            tracing::warn!(
+                counter = record.unmapped.unrecorded.as_str(),
+                count = record.count,
+                "{}",
+                record.message
+            );
+            log.append(&record)?;
+            any = true;
         }
+        self.accounted = now;
+        Ok(any)
     }
-    Ok(n)
+}
+
+fn write_checkpoint(path: &Path, c: &Checkpoint) -> anyhow::Result<()> {
+    let tmp = path.with_extension("drain.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(c)?)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write the drain checkpoint {}", path.display()))
 }
 
 /// Converts kernel monotonic nanoseconds into wall-clock time.
@@ -247,6 +452,13 @@ struct Clock {
 }
 
 impl Clock {
+    /// CLOCK_MONOTONIC now, in the units of `bpf_ktime_get_ns()`.
+    fn monotonic_ns() -> u64 {
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .expect("CLOCK_MONOTONIC exists");
+        (t.tv_sec() * 1_000_000_000 + t.tv_nsec()) as u64
+    }
+
     /// Samples the offset between CLOCK_REALTIME and CLOCK_MONOTONIC now.
     fn now() -> Self {
         use nix::time::{clock_gettime, ClockId};
@@ -307,6 +519,18 @@ impl Attempts {
                 }
             }
             _ => {}
+        }
+    }
+}
+
+impl Attempts {
+    /// `event`, joined, was not logged and will be read again: an `established` event gives
+    /// back the process it took from its attempt.
+    fn again(&mut self, event: &Event) {
+        if event.hook == hook::ESTABLISHED {
+            if self.by_cookie.insert(event.cookie, *event).is_none() {
+                self.order.push_back(event.cookie);
+            }
         }
     }
 }

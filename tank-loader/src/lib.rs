@@ -16,6 +16,7 @@ pub mod nft;
 pub mod privileges;
 pub mod query;
 pub mod report;
+pub mod ring;
 pub mod run;
 pub mod status;
 pub mod trace;

@@ -106,14 +106,16 @@ impl DrainStats {
         bump(&self.events[slot], 1);
     }
 
-    /// Records a durable batch: `records` appended, the chain's head now `head_seq`, and the
-    /// kernel time of the batch's oldest event.
-    pub fn batch(&self, records: u64, head_seq: u64, oldest_ktime_ns: u64) {
+    /// Records a durable batch: `records` network records appended, the chain's head now
+    /// `head_seq`, and the kernel time of the batch's oldest event (none for a batch of
+    /// unrecorded-counter records alone, which leaves the lag as it was).
+    pub fn batch(&self, records: u64, head_seq: u64, oldest_ktime_ns: Option<u64>) {
         bump(&self.records, records);
         self.head_seq.store(head_seq, Relaxed);
-        let now = monotonic_ns();
-        self.lag_ns
-            .store(now.saturating_sub(oldest_ktime_ns), Relaxed);
+        if let Some(oldest) = oldest_ktime_ns {
+            self.lag_ns
+                .store(monotonic_ns().saturating_sub(oldest), Relaxed);
+        }
     }
 }
 
@@ -524,7 +526,7 @@ mod tests {
         stats.event(&event(hook::CONNECT4, verdict::DENY, reason::NOT_LISTED));
         stats.event(&event(hook::ESTABLISHED, verdict::ALLOW, reason::PROXY));
         stats.event(&event(200, 9, 99));
-        stats.batch(4, 11, 0);
+        stats.batch(4, 11, Some(0));
         let snap = Snapshot {
             events: stats.events.iter().map(|c| c.load(Relaxed)).collect(),
             records: stats.records.load(Relaxed),

@@ -192,6 +192,28 @@ fn findings(o: &mut String, c: &CrossCheck) {
             rows,
         );
     }
+    if !c.unrecorded.is_empty() {
+        // Not a discrepancy (the kernel log accounts for them), but attempts with no record.
+        any = true;
+        let rows = c.unrecorded.iter().map(|u| {
+            vec![
+                u.line.to_string(),
+                u.seq.to_string(),
+                u.start_time.map_or("-".to_owned(), when),
+                when(u.end_time),
+                u.counter.to_owned(),
+                u.count.to_string(),
+            ]
+        });
+        table(
+            o,
+            "Attempts the kernel could not record (ring buffer full), as the kernel log accounts for them",
+            "warn",
+            &["line", "seq", "from", "to", "counter", "count"],
+            c.unrecorded.len(),
+            rows,
+        );
+    }
     if !any {
         o.push_str("<p class=\"none\">No findings: both chains verify and every proxied connection is in both logs.</p>\n");
     }
@@ -649,6 +671,7 @@ mod tests {
                     last_time: 1_800_000_000_000,
                 })
                 .collect(),
+            unrecorded: vec![],
             activity: activity.finish(),
             inspected: Default::default(),
         }
@@ -719,6 +742,23 @@ mod tests {
         assert!(page.contains("Kernel log: chain problems (1)"));
         assert!(page.contains("kernel log: 1 problem(s)"));
         assert!(page.contains("#c0392b\"/>"), "a red link on the chain");
+        assert!(!page.contains("No findings"));
+    }
+
+    #[test]
+    fn attempts_the_kernel_could_not_record_are_a_finding() {
+        let mut c = report(Verdict::Consistent, vec![]);
+        c.unrecorded = vec![crate::crosscheck::UnrecordedGroup {
+            line: 7,
+            seq: 7,
+            counter: "unrecorded_denied",
+            count: 1234,
+            start_time: None,
+            end_time: 1_800_000_000_000,
+        }];
+        let page = html(&c);
+        assert!(page.contains("could not record (ring buffer full)"));
+        assert!(page.contains("<td>unrecorded_denied</td><td>1234</td>"));
         assert!(!page.contains("No findings"));
     }
 }

@@ -6,24 +6,25 @@
 //! so the agent never starts unguarded. Everything privileged (BPF, nft) happens before the
 //! loader drops every capability.
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
-
-use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use anyhow::Context;
-use aya::maps::{Map, PerCpuArray, RingBuf};
+use aya::maps::{Map, MapData, PerCpuArray};
 use tank_ebpf_common::chain::ChainWriter;
-use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
+use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
 use tank_ebpf_common::ocsf::lifecycle;
 use tank_ebpf_common::{counters, event};
 
 use crate::cgroup::AgentCgroup;
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::gate::LsmState;
 use crate::metrics::{self, DrainStats};
-use crate::{drain, gate, nft, privileges};
+use crate::ring::Ring;
+use crate::{gate, nft, privileges};
 
 /// Runs the loader until SIGTERM or SIGINT. Enforcement stays pinned when it returns.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -44,6 +45,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             "the audit log ended in a partial record (a crash mid-write); it stays in the log and `audit verify` reports it");
     }
 
+    // Maps a previous run pinned hold what it read; new ones hold nothing the log has.
+    let reused = [event::MAP_NAME, counters::MAP_NAME]
+        .iter()
+        .all(|m| cfg.pin_dir.join(m).exists());
     let installed = gate::install(&cfg, &cgroup)?;
     let hostname = nix::unistd::gethostname()?.to_string_lossy().into_owned();
     let hooks: Vec<_> = installed.hooks.iter()
@@ -79,40 +84,36 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let endpoints: Vec<_> = cfg.endpoints.iter()
         .map(|e| serde_json::json!({"endpoint": e.addr.to_string(), "protocol": e.protocol, "proxy": e.is_proxy}))
         .collect();
-    log.append(&LifecycleRecord::new(
-        &hostname,
-        env!("CARGO_PKG_VERSION"),
-        lifecycle::START,
-        format!("enforcement in place on cgroup {}", cgroup.path.display()),
-        serde_json::json!({
-            "cgroup": cgroup.path, "cgroup_id": cgroup.id, "mode": cfg.mode,
-            "hooks": hooks, "endpoints": endpoints, "loader_pid": std::process::id(),
-            "lsm": installed.lsm, "nft": nft_state,
-        }),
-    ))?;
-    log.sync()?;
-
     let mut ebpf = installed.ebpf;
-    let ring_map = ebpf
-        .take_map(event::MAP_NAME)
-        .context("ring buffer missing from the object")?;
-    let ring_size = match &ring_map {
-        Map::RingBuf(data) => data.info()?.max_entries(),
-        _ => cfg.ring_buffer_bytes,
+    let take = |ebpf: &mut aya::Ebpf, name| {
+        ebpf.take_map(name)
+            .with_context(|| format!("map {name} missing from the object"))
     };
-    let ring = RingBuf::try_from(ring_map)?;
+    let ring = match take(&mut ebpf, event::MAP_NAME)? {
+        Map::RingBuf(data) => Ring::new(data)?,
+        _ => anyhow::bail!("map {} is not a ring buffer", event::MAP_NAME),
+    };
+    let counters = match take(&mut ebpf, counters::MAP_NAME)? {
+        Map::PerCpuArray(data) => data,
+        _ => anyhow::bail!("map {} is not a per-CPU array", counters::MAP_NAME),
+    };
+    // Programs stay loaded through their pinned links; the loader needs only these two maps.
+    drop(ebpf);
     let stats = Arc::new(DrainStats::new(log.head().seq));
     let metrics = match cfg.metrics_listen {
         None => None,
         Some(addr) => {
-            let counters = PerCpuArray::try_from(
-                ebpf.take_map(counters::MAP_NAME)
-                    .context("counter map missing from the object")?,
-            )?;
+            // The metrics thread reads the counters and ring positions through handles of its
+            // own; the drain keeps the originals.
             let sources = metrics::Sources {
                 drain: stats.clone(),
-                counters,
-                ring: metrics::RingPositions::map(&ring.as_fd().try_clone_to_owned()?, ring_size)?,
+                counters: PerCpuArray::try_from(Map::PerCpuArray(MapData::from_fd(
+                    counters.fd().as_fd().try_clone_to_owned()?,
+                )?))?,
+                ring: metrics::RingPositions::map(
+                    &ring.as_fd().try_clone_to_owned()?,
+                    ring.size(),
+                )?,
                 started,
             };
             // Metrics are for watching, not for enforcing: an address in use must not keep the
@@ -129,9 +130,30 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             }
         }
     };
-    // Programs stay loaded through their pinned links; the loader needs only the ring buffer
-    // (and, for metrics, the counters).
-    drop(ebpf);
+    let drain = Drain::new(
+        ring,
+        PerCpuArray::try_from(Map::PerCpuArray(counters))?,
+        &log,
+        &cfg.audit_log,
+        &hostname,
+        reused,
+        stats,
+    )?;
+
+    log.append(&LifecycleRecord::new(
+        &hostname,
+        env!("CARGO_PKG_VERSION"),
+        lifecycle::START,
+        format!("enforcement in place on cgroup {}", cgroup.path.display()),
+        serde_json::json!({
+            "cgroup": cgroup.path, "cgroup_id": cgroup.id, "mode": cfg.mode,
+            "hooks": hooks, "endpoints": endpoints, "loader_pid": std::process::id(),
+            "lsm": installed.lsm, "nft": nft_state, "ring_pos": drain.ring_pos(),
+        }),
+    ))?;
+    let head = log.sync()?;
+    // The anchor also goes to the system log, which is shipped off the host.
+    tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
 
     privileges::drop_all()?;
     // After the drop: threads started before it would keep the capabilities.
@@ -143,21 +165,19 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
-    notify_ready();
-    tracing::info!(cgroup = %cgroup.dir.display(), cgroup_id = cgroup.id, mode = ?cfg.mode,
-        endpoints = cfg.endpoints.len(), log = %cfg.audit_log.display(), "enforcing; draining events into the audit log");
-
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let written = runtime.block_on(drain::run(
-        ring,
-        &mut log,
-        &Formatter::new(&hostname, env!("CARGO_PKG_VERSION")),
-        &hostname,
-        &stats,
-        shutdown_signal(),
-    ))?;
+    // The handlers are in place before systemd hears we are ready: a SIGTERM right after
+    // readiness must stop the drain cleanly, not kill the loader mid-batch.
+    let shutdown = {
+        let _runtime = runtime.enter();
+        shutdown_signal()?
+    };
+    notify_ready();
+    tracing::info!(cgroup = %cgroup.dir.display(), cgroup_id = cgroup.id, mode = ?cfg.mode,
+        endpoints = cfg.endpoints.len(), log = %cfg.audit_log.display(), "enforcing; draining events into the audit log");
+    let written = runtime.block_on(drain.run(&mut log, shutdown))?;
     tracing::info!(
         events = written,
         seq = log.head().seq,
@@ -166,14 +186,17 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves at the first SIGTERM or SIGINT; the handlers are installed when this is called.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// Tells systemd (Type=notify) that enforcement is in place. No-op outside systemd.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tank_ebpf_common::event::hook;
-use tank_ebpf_common::ocsf::kernel::{LifecycleRecord, NetworkRecord};
+use tank_ebpf_common::ocsf::kernel::{LifecycleRecord, NetworkRecord, UnrecordedRecord};
 use tank_ebpf_common::ocsf::{self, Action, Kind};
 
 /// Which records to show, and how.
@@ -120,7 +120,10 @@ pub fn follow(
         {
             Ok(Kind::Kernel(r)) if filter.accepts(&r) => Some(row(&r)),
             Ok(Kind::Lifecycle(r)) if filter.is_empty() => Some(lifecycle_row(&r)),
-            Ok(Kind::Kernel(_) | Kind::Lifecycle(_)) => None,
+            Ok(Kind::Unrecorded(r)) if filter.pid.is_none() && filter.comm.is_none() => {
+                Some(unrecorded_row(&r))
+            }
+            Ok(Kind::Kernel(_) | Kind::Lifecycle(_) | Kind::Unrecorded(_)) => None,
             Ok(Kind::Proxy(_) | Kind::Request(_)) => {
                 unreadable(err, path, offset, "a proxy record, not a kernel one")?;
                 summary.unreadable += 1;
@@ -153,6 +156,15 @@ fn unreadable(err: &mut impl Write, path: &Path, offset: u64, why: &str) -> std:
 fn lifecycle_row(r: &LifecycleRecord) -> String {
     let time = r.time_dt.get(11..23).unwrap_or(&r.time_dt);
     format!("{time:<12} {:>7}  {}", "-", r.message)
+}
+
+fn unrecorded_row(r: &UnrecordedRecord) -> String {
+    let time = r.time_dt.get(11..23).unwrap_or(&r.time_dt);
+    let verdict = if r.allowed() { "allow" } else { "DENY" };
+    format!(
+        "{time:<12} {:>7}  {:<15} {:<4} {:<40} {verdict:<7} UNRECORDED: {}",
+        "-", "-", "-", "-", r.message
+    )
 }
 
 fn row(r: &NetworkRecord) -> String {

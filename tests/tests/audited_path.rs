@@ -127,6 +127,11 @@ fn curl_and_git_through_the_proxy_match_the_kernel_records_one_to_one() {
         "a direct connection to the origin got through: {out}"
     );
     hosts.wait_established(proxied);
+    // The drain finds a lone event at its tick, not at once: wait for the refusal's record.
+    let origin: std::net::IpAddr = ORIGIN_IP.parse().unwrap();
+    hosts
+        .loader
+        .wait_record(|r| r.dst_endpoint.addr().is_some_and(|a| a.ip() == origin));
     hosts.stop_proxy();
 
     let (code, report) = cross_check(&hosts.loader.audit_log, &hosts.proxy_log);

@@ -131,6 +131,7 @@ impl RequestFacts {
                 hostname: Some(tunnel.target.host.to_plain_string()),
                 ip: Some(tunnel.origin_addr.ip().to_canonical()),
                 port: Some(tunnel.origin_addr.port()),
+                name: None,
             },
             http: HttpRequest {
                 http_method: self.method,

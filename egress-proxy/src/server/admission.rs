@@ -8,9 +8,12 @@
 //! Descriptors: a tunnel holds six (two sockets, two pipes) and a refused connection one
 //! while it lingers, so `max_connections` is checked against `RLIMIT_NOFILE` at start and
 //! lowered, with one line, to what it leaves room for; refused connections lingering at
-//! once are capped at the same number, and past it answered and closed at once. A spare descriptor is kept so that, should `accept` still meet `EMFILE`, the
-//! connection is taken, answered `503` and closed rather than left unanswered; accepting
-//! then backs off (10 ms doubling to 1 s) instead of spinning, with one warning per episode.
+//! once are capped at the same number, and past it answered and closed at once. A spare
+//! descriptor is kept so that, should `accept` still meet `EMFILE`, a waiting connection is
+//! taken, answered `503` and closed rather than left unanswered. The spare is freed only
+//! when a connection is already waiting (`poll` says so): freed on speculation, another
+//! task's next socket takes it and it is gone. Meanwhile accepting pauses 10 ms at a time,
+//! growing to 1 s while no spare can be had, with one warning per episode.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -129,45 +132,61 @@ pub(super) async fn accept_loop(
                     verdict,
                 ));
             }
-            Err(e) => {
-                let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-                let mut answered = false;
-                if exhausted && reserve.is_some() {
-                    // Free the spare, take the waiting connection, answer and close it.
-                    drop(reserve.take());
-                    if let Ok(Ok((stream, peer))) =
-                        tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
-                    {
-                        // Answered and closed here, so the descriptor is back for the spare.
-                        let refusal = Refusal::new(
-                            Reason::ConnectionLimit,
-                            "the proxy is out of file descriptors (RLIMIT_NOFILE)",
-                        );
-                        let draft = answer_now(&shared, stream, peer, refusal);
-                        record_later(&tracker, &shared, draft);
-                        answered = true;
-                    }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                if backoff.is_none() {
+                    warn!("accept failed: {e}; answering from the spare descriptor, backing off");
                 }
                 if reserve.is_none() {
                     reserve = spare();
                 }
-                // Back off instead of spinning; the loop survives. One warning per episode.
-                // A connection the spare answered was progress, not a spin: no pause then.
+                // The spare is freed only for a connection already waiting: freed while
+                // none is, the next descriptor any task opens takes it, and it is lost.
+                if reserve.is_some() && waiting(&listener) {
+                    drop(reserve.take());
+                    if let Ok(Ok((stream, peer))) =
+                        tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
+                    {
+                        let refusal = Refusal::new(
+                            Reason::ConnectionLimit,
+                            "the proxy is out of file descriptors (RLIMIT_NOFILE)",
+                        );
+                        // Answered and closed here, so the descriptor is back for the spare.
+                        let draft = answer_now(&shared, stream, peer, refusal);
+                        record_later(&tracker, &shared, draft);
+                    }
+                    reserve = spare();
+                    backoff = Some(Duration::from_millis(10));
+                    continue;
+                }
+                // Nothing to answer, or no spare to answer with: wait for a descriptor to be
+                // freed. With a spare, a new connection waits at most a short tick; without
+                // one, nothing can be answered anyway, so the pause grows.
+                let pause = match (backoff, reserve.is_some()) {
+                    (None, _) | (_, true) => Duration::from_millis(10),
+                    (Some(p), false) => {
+                        debug!("accept failed: {e}; no spare descriptor");
+                        (p * 2).min(MAX_BACKOFF)
+                    }
+                };
+                backoff = Some(pause);
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+            Err(e) => {
+                // Anything else: back off instead of spinning; the loop survives.
                 let pause = match backoff {
                     None => {
                         warn!("accept failed: {e}; backing off");
                         Duration::from_millis(10)
                     }
-                    Some(p) if answered => p,
                     Some(p) => {
                         debug!("accept failed: {e}");
                         (p * 2).min(MAX_BACKOFF)
                     }
                 };
                 backoff = Some(pause);
-                if answered {
-                    continue;
-                }
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     () = stop.cancelled() => return,
@@ -175,6 +194,18 @@ pub(super) async fn accept_loop(
             }
         }
     }
+}
+
+/// True when a connection waits in the listener's queue (`poll`, no descriptor needed).
+fn waiting(listener: &TcpListener) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(&mut fd, 1, 0) == 1 && fd.revents & libc::POLLIN != 0 }
 }
 
 /// Answers a refused connection at once, without a task or a linger, closes it, and

@@ -32,9 +32,11 @@
 //! truncated or replaced segment is reported (see [`Problem`]).
 //!
 //! # Durability and a full disk
-//! [`ChainWriter::append`] issues one `write(2)` per record on an `O_APPEND` descriptor, so a
-//! crash can only cut the last line. [`ChainWriter::sync`] makes everything appended so far
-//! durable (`fdatasync`) and then moves the anchor; callers decide how often (see
+//! [`ChainWriter::append`] formats a record into the writer's batch; the batch reaches the file
+//! in large `write(2)`s on an `O_APPEND` descriptor (when it reaches [`FLUSH_BYTES`], at
+//! [`ChainWriter::flush`], after an opening record and at every sync), so a crash can only cut
+//! the last line. [`ChainWriter::sync`] writes and makes durable (`fdatasync`) everything
+//! appended so far and then moves the anchor; callers decide how often (see
 //! docs/audit-format.md for each log's policy). Space for records is allocated ahead of the
 //! end of the file (`fallocate`, keeping the size), and a writer keeps a reserve allocated for
 //! records that must still fit when the disk is full (a tunnel's closing record, an outage
@@ -56,7 +58,7 @@ use sha2::{Digest, Sha256};
 
 pub use segment::{series, SegmentLink};
 pub use verify::{read, read_series, verify, Problem, Record, Report, SegmentSummary};
-pub use writer::{ChainWriter, Options, Recovery, Rotated, Rotation, Settings};
+pub use writer::{ChainWriter, Options, Recovery, Rotated, Rotation, Settings, FLUSH_BYTES};
 
 /// A SHA-256 of one record's line; written as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,6 +18,8 @@ use super::{
 const GROW: u64 = 64 * 1024;
 /// The anchor is rewritten in place at this fixed width, so moving it never needs new space.
 const ANCHOR_WIDTH: usize = 127;
+/// A batch is written to the file once it holds this many bytes.
+pub const FLUSH_BYTES: usize = 1 << 20;
 
 /// When and how a writer rotates its log into segments. All off by default.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -156,9 +158,15 @@ pub struct ChainWriter {
     path: PathBuf,
     file: File,
     anchor: File,
+    /// The last record appended.
     head: Head,
-    line: Vec<u8>,
-    /// Bytes of complete records in the active file.
+    /// The last record in the file: what `head` returns to if writing the batch fails.
+    written: Head,
+    /// Records appended since the last write, newline-terminated.
+    batch: Vec<u8>,
+    /// The last complete record the log held when it was opened.
+    tail: Option<serde_json::Value>,
+    /// Bytes of complete records in the active file (the batch not counted).
     len: u64,
     /// End of the space known to be allocated for the active file (`u64::MAX`: the file
     /// system cannot preallocate, so appends are not checked ahead).
@@ -175,8 +183,10 @@ pub struct ChainWriter {
 }
 
 impl Drop for ChainWriter {
+    /// Writes what was appended since the last sync to the file (not durable), so dropping a
+    /// writer does not throw records away, and leaves every rotated segment compressed.
     fn drop(&mut self) {
-        // A writer that stops cleanly leaves every rotated segment compressed.
+        let _ = self.flush();
         if let Some(c) = self.compressor.take() {
             let _ = c.join();
         }
@@ -227,7 +237,7 @@ impl ChainWriter {
     /// [`Recovery`]; the chain continues from the last complete record.
     pub fn open_with(path: &Path, opts: Options) -> Result<(Self, Option<Recovery>), ChainError> {
         let mut file = open_active(path)?;
-        let (mut head, partial_bytes) = read_tail(&mut file).map_err(|e| match e {
+        let (mut head, mut tail, partial_bytes) = read_tail(&mut file).map_err(|e| match e {
             TailError::Io(source) => ChainError::Io {
                 path: path.to_owned(),
                 action: "read its tail",
@@ -253,10 +263,11 @@ impl ChainWriter {
                 if let Some(last) = segment::rotated(path).ok().and_then(|s| s.last().cloned()) {
                     let mut lines = segment::reader(&last.path)
                         .map_err(io_err(path, "read its newest segment"))?;
-                    head = tail_of_lines(&mut lines).map_err(|problem| ChainError::Unreadable {
-                        path: last.path.clone(),
-                        problem,
-                    })?;
+                    (head, tail) =
+                        tail_of_lines(&mut lines).map_err(|problem| ChainError::Unreadable {
+                            path: last.path.clone(),
+                            problem,
+                        })?;
                 }
                 (head.seq + 1, 0)
             }
@@ -274,8 +285,10 @@ impl ChainWriter {
             path: path.to_owned(),
             file,
             anchor,
+            written: head.clone(),
             head,
-            line: Vec::with_capacity(1024),
+            batch: Vec::with_capacity(FLUSH_BYTES + 64 * 1024),
+            tail,
             len: meta.len(),
             allocated: meta.len(),
             opts,
@@ -308,7 +321,9 @@ impl ChainWriter {
     /// Appends one record, keeping the configured reserve free after it; `record` must
     /// serialize to a JSON object. Returns its `seq`.
     ///
-    /// The record reaches the file in one `write(2)`, but is durable only after [`Self::sync`].
+    /// The record goes into the writer's batch, which reaches the file in large `write(2)`s
+    /// (at [`FLUSH_BYTES`], [`Self::flush`] and every sync); it is durable only after
+    /// [`Self::sync`]. Its space in the file is allocated before it is accepted.
     pub fn append<T: Serialize>(&mut self, record: &T) -> Result<u64, ChainError> {
         self.append_keeping(record, self.opts.reserve_bytes)
     }
@@ -325,13 +340,17 @@ impl ChainWriter {
     }
 
     /// Appends a record that opens a span (a tunnel): it carries `unmapped.opens: true`, and
-    /// [`super::verify`] lists it as open until a record closes it.
+    /// [`super::verify`] lists it as open until a record closes it. It is in the file (its
+    /// `write(2)` returned, with the batch before it) when this returns: what the span does
+    /// next is on the strength of it.
     pub fn append_opening<T: Serialize>(
         &mut self,
         record: &T,
         keep: u64,
     ) -> Result<u64, ChainError> {
-        self.append_line(record, Mark::Opens, keep)
+        let seq = self.append_line(record, Mark::Opens, keep)?;
+        self.flush()?;
+        Ok(seq)
     }
 
     /// Appends a record that closes the span opened by record `opened`: it carries
@@ -415,43 +434,70 @@ impl ChainWriter {
         keep: u64,
     ) -> Result<u64, ChainError> {
         let seq = self.head.seq + 1;
-        self.line.clear();
+        let start = self.batch.len();
         write(
             Link {
                 seq,
                 prev: &self.head.hash,
             },
-            &mut self.line,
+            &mut self.batch,
         );
-        let hash = Hash::of(&self.line);
-        self.line.push(b'\n');
-        let bytes = self.line.len() as u64;
-        self.ensure(bytes, keep)?;
-        if let Err(source) = self.file.write_all(&self.line) {
-            // Cut a partial write back off: a full disk must never leave half a record.
-            let _ = self.file.set_len(self.len);
-            self.allocated = self.len;
-            return Err(if is_no_space(&source) {
-                ChainError::Full {
-                    path: self.path.clone(),
-                    bytes,
-                    keep,
-                }
-            } else {
-                ChainError::Io {
-                    path: self.path.clone(),
-                    action: "append a record",
-                    source,
-                }
-            });
+        let hash = Hash::of(&self.batch[start..]);
+        self.batch.push(b'\n');
+        // The batch so far, this record and `keep` must all have their space.
+        if let Err(e) = self.ensure(0, keep) {
+            self.batch.truncate(start);
+            return Err(e);
         }
-        self.len += bytes;
         self.head = Head { seq, hash };
+        if self.batch.len() >= FLUSH_BYTES {
+            self.flush()?;
+        }
         Ok(seq)
     }
 
-    /// Makes sure `bytes` for a record plus `keep` after it are allocated past the end.
+    /// Writes the batch to the file (not durable before [`Self::sync`]). On failure the
+    /// records of the batch are dropped, whatever of it reached the file is cut back off (a
+    /// full disk must never leave half a record), and the chain continues from the last
+    /// record written.
+    pub fn flush(&mut self) -> Result<(), ChainError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let bytes = self.batch.len() as u64;
+        let written = self.file.write_all(&self.batch);
+        self.batch.clear();
+        match written {
+            Ok(()) => {
+                self.len += bytes;
+                self.written = self.head.clone();
+                Ok(())
+            }
+            Err(source) => {
+                let _ = self.file.set_len(self.len);
+                self.allocated = self.len;
+                self.head = self.written.clone();
+                Err(if is_no_space(&source) {
+                    ChainError::Full {
+                        path: self.path.clone(),
+                        bytes,
+                        keep: 0,
+                    }
+                } else {
+                    ChainError::Io {
+                        path: self.path.clone(),
+                        action: "append records",
+                        source,
+                    }
+                })
+            }
+        }
+    }
+
+    /// Makes sure the batch, `bytes` more and `keep` after them are allocated past the end of
+    /// the file.
     fn ensure(&mut self, bytes: u64, keep: u64) -> Result<(), ChainError> {
+        let bytes = self.batch.len() as u64 + bytes;
         let need = self.len + bytes + keep;
         if need <= self.allocated {
             return Ok(());
@@ -488,8 +534,9 @@ impl ChainWriter {
         })
     }
 
-    /// Makes every appended record durable, then moves the anchor to the last one.
+    /// Writes every appended record, makes it durable, then moves the anchor to the last one.
     pub fn sync(&mut self) -> Result<&Head, ChainError> {
+        self.flush()?;
         self.file
             .sync_data()
             .map_err(io_err(&self.path, "fdatasync"))?;
@@ -512,6 +559,17 @@ impl ChainWriter {
         &self.head
     }
 
+    /// The last complete record the log held when it was opened (`None` for an empty log):
+    /// where a writer that continues a log finds what its predecessor last wrote.
+    pub fn tail(&self) -> Option<&serde_json::Value> {
+        self.tail.as_ref()
+    }
+
+    /// The bytes it keeps allocated after the last record ([`Options::reserve_bytes`]).
+    pub fn reserve_bytes(&self) -> u64 {
+        self.opts.reserve_bytes
+    }
+
     /// The active file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -521,7 +579,9 @@ impl ChainWriter {
     pub fn rotation_due(&self) -> bool {
         let r = &self.opts.rotation;
         self.head.seq >= self.segment_first
-            && (r.max_bytes.is_some_and(|m| self.len >= m)
+            && (r
+                .max_bytes
+                .is_some_and(|m| self.len + self.batch.len() as u64 >= m)
                 || r.max_age
                     .is_some_and(|a| self.segment_born.elapsed().unwrap_or_default() >= a))
     }
@@ -631,6 +691,8 @@ impl ChainWriter {
     /// `copytruncate`), starts a new file there whose first record is `record`, linked to the
     /// last record written. Returns whether it did.
     pub fn reopen<T: Serialize>(&mut self, record: &T) -> Result<bool, ChainError> {
+        // What was appended belongs after the records already in the old file.
+        self.flush()?;
         let ours = self.file.metadata().map_err(io_err(&self.path, "stat"))?;
         let same = fs::metadata(&self.path)
             .is_ok_and(|m| m.dev() == ours.dev() && m.ino() == ours.ino() && m.len() == self.len);
@@ -699,7 +761,7 @@ enum TailError {
 }
 
 /// The head of a whole (decompressed) segment, read front to back.
-fn tail_of_lines(lines: &mut dyn BufRead) -> Result<Head, String> {
+fn tail_of_lines(lines: &mut dyn BufRead) -> Result<(Head, Option<serde_json::Value>), String> {
     let (mut last, mut buf) = (Vec::new(), Vec::new());
     loop {
         buf.clear();
@@ -711,19 +773,21 @@ fn tail_of_lines(lines: &mut dyn BufRead) -> Result<Head, String> {
         }
     }
     if last.is_empty() {
-        return Ok(Head::genesis());
+        return Ok((Head::genesis(), None));
     }
-    head_of(&last[..last.len() - 1]).map_err(|e| match e {
-        TailError::Bad(p) => p,
-        TailError::Io(e) => e.to_string(),
-    })
+    head_of(&last[..last.len() - 1])
+        .map(|(h, v)| (h, Some(v)))
+        .map_err(|e| match e {
+            TailError::Bad(p) => p,
+            TailError::Io(e) => e.to_string(),
+        })
 }
 
 /// Finds the last complete record (its head) and the length of a partial line after it.
-fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
+fn read_tail(file: &mut File) -> Result<(Head, Option<serde_json::Value>, usize), TailError> {
     let len = file.seek(SeekFrom::End(0)).map_err(TailError::Io)?;
     if len == 0 {
-        return Ok((Head::genesis(), 0));
+        return Ok((Head::genesis(), None, 0));
     }
     // Read backwards in growing windows until the window holds a whole last record.
     let mut window = 64 * 1024u64;
@@ -738,26 +802,30 @@ fn read_tail(file: &mut File) -> Result<(Head, usize), TailError> {
         let complete = &buf[..buf.len() - partial];
         if complete.is_empty() && start == 0 {
             // Only a partial line: a crash during the very first record.
-            return Ok((Head::genesis(), partial));
+            return Ok((Head::genesis(), None, partial));
         }
         let body = &complete[..complete.len().saturating_sub(1)];
         match body.iter().rposition(|&b| b == b'\n') {
-            Some(nl) => return head_of(&body[nl + 1..]).map(|h| (h, partial)),
-            None if start == 0 => return head_of(body).map(|h| (h, partial)),
+            Some(nl) => return head_of(&body[nl + 1..]).map(|(h, v)| (h, Some(v), partial)),
+            None if start == 0 => return head_of(body).map(|(h, v)| (h, Some(v), partial)),
             None => window *= 4,
         }
     }
 }
 
-fn head_of(line: &[u8]) -> Result<Head, TailError> {
-    let seq = serde_json::from_slice::<serde_json::Value>(line)
-        .ok()
-        .and_then(|v| link_of(&v).map(|(seq, _)| seq))
-        .ok_or_else(|| {
-            TailError::Bad("its last complete line is not a chained record".to_owned())
-        })?;
-    Ok(Head {
-        seq,
-        hash: Hash::of(line),
-    })
+fn head_of(line: &[u8]) -> Result<(Head, serde_json::Value), TailError> {
+    let value = serde_json::from_slice::<serde_json::Value>(line).ok();
+    let seq = value.as_ref().and_then(|v| link_of(v).map(|(seq, _)| seq));
+    match (seq, value) {
+        (Some(seq), Some(value)) => Ok((
+            Head {
+                seq,
+                hash: Hash::of(line),
+            },
+            value,
+        )),
+        _ => Err(TailError::Bad(
+            "its last complete line is not a chained record".to_owned(),
+        )),
+    }
 }

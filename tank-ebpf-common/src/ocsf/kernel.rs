@@ -16,6 +16,7 @@ use super::{
     DEVICE_TYPE_SERVER, DIRECTION_INBOUND, DIRECTION_OUTBOUND, PROFILES, VERSION,
 };
 use crate::chain::Link;
+use crate::counters;
 use crate::event::{hook, reason, verdict, Event};
 use crate::settings::mode;
 
@@ -119,6 +120,9 @@ pub struct KernelDetails {
     pub sock_type: u16,
     /// Kernel monotonic timestamp, ns.
     pub ktime_ns: u64,
+    /// Position in the kernel's ring buffer just after this event: a restarted loader skips
+    /// what the log already holds by it, so each event is written once.
+    pub ring_pos: u64,
 }
 
 /// A hook code, written by its stable name.
@@ -272,6 +276,182 @@ impl LifecycleRecord {
     }
 }
 
+/// Attempts the kernel judged but could not record (its ring buffer was full), counted per
+/// kind over an interval: a Network Activity record with OCSF's `count`, `start_time` and
+/// `end_time`. The drain writes one as soon as a counter moves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnrecordedRecord {
+    /// Producer, schema version, `log_name` `kernel`.
+    pub metadata: Metadata,
+    /// [`class::NETWORK_ACTIVITY`].
+    pub class_uid: u32,
+    /// 4.
+    pub category_uid: u32,
+    /// Refuse (denied attempts) or Open (audit mode's allowed attempts, established
+    /// connections): [`Outcome`].
+    pub activity_id: u8,
+    /// class_uid * 100 + activity_id.
+    pub type_uid: u32,
+    /// [`Outcome`].
+    pub severity_id: u8,
+    /// [`Outcome`].
+    pub action: super::Action,
+    /// [`Outcome`].
+    pub action_id: u8,
+    /// [`Outcome`].
+    pub disposition: super::Disposition,
+    /// [`Outcome`].
+    pub disposition_id: u8,
+    /// When the drain saw the counter move, ms since the epoch (= `end_time`).
+    pub time: i64,
+    /// The same, RFC 3339.
+    pub time_dt: String,
+    /// How many attempts of this kind went unrecorded in the interval.
+    pub count: u64,
+    /// The previous look at the counter, ms; absent when this loader has not looked before
+    /// (the attempts then happened since the previous loader's last look).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<i64>,
+    /// This look, ms.
+    pub end_time: i64,
+    /// What happened, in a sentence.
+    pub message: String,
+    /// The agent host.
+    pub device: Device,
+    /// The agent host.
+    pub src_endpoint: Endpoint,
+    /// Unknown: the kernel kept no record of the destinations (`name` `unknown`).
+    pub dst_endpoint: Endpoint,
+    /// Which counter moved and where things stand.
+    pub unmapped: UnrecordedDetails,
+}
+
+/// The counters behind an [`UnrecordedRecord`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnrecordedDetails {
+    /// The counter that moved (`unrecorded_denied`, `unrecorded_allowed`,
+    /// `unrecorded_established`: [`crate::counters::NAMES`]).
+    pub unrecorded: Counter,
+    /// Every unrecorded counter's total so far, by name, summed over CPUs: what the log has
+    /// now accounted for.
+    pub totals: UnrecordedTotals,
+    /// The ring buffer position the drain had read to.
+    pub ring_pos: u64,
+}
+
+/// The kernel's unrecorded counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnrecordedTotals {
+    /// `counters::UNRECORDED_DENIED`.
+    pub unrecorded_denied: u64,
+    /// `counters::UNRECORDED_ALLOWED`.
+    pub unrecorded_allowed: u64,
+    /// `counters::UNRECORDED_ESTABLISHED`.
+    pub unrecorded_established: u64,
+}
+
+impl UnrecordedTotals {
+    /// Each counter with its slot.
+    pub fn by_slot(&self) -> [(u32, u64); 3] {
+        [
+            (counters::UNRECORDED_DENIED, self.unrecorded_denied),
+            (counters::UNRECORDED_ALLOWED, self.unrecorded_allowed),
+            (
+                counters::UNRECORDED_ESTABLISHED,
+                self.unrecorded_established,
+            ),
+        ]
+    }
+}
+
+/// A counter slot, written by its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Counter(pub u32);
+
+impl Counter {
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        counters::NAMES
+            .get(self.0 as usize)
+            .copied()
+            .unwrap_or("unknown")
+    }
+}
+
+impl Serialize for Counter {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Counter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let slot = counters::NAMES.iter().position(|n| *n == name);
+        slot.map(|s| Counter(s as u32))
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown counter `{name}`")))
+    }
+}
+
+impl UnrecordedRecord {
+    /// True for attempts that went ahead (audit mode, established connections).
+    pub fn allowed(&self) -> bool {
+        self.action == super::Action::Allowed
+    }
+
+    /// The record of `count` more attempts behind `counter` between `since_ms` (if known) and
+    /// `unix_ns`,
+    /// by loader `version` on `hostname`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        hostname: &str,
+        version: &str,
+        counter: u32,
+        count: u64,
+        since_ms: Option<i64>,
+        unix_ns: i64,
+        totals: UnrecordedTotals,
+        ring_pos: u64,
+    ) -> Self {
+        let outcome = Outcome::of(counter != counters::UNRECORDED_DENIED);
+        let what = match counter {
+            counters::UNRECORDED_DENIED => "attempts denied",
+            counters::UNRECORDED_ALLOWED => "attempts allowed (audit mode)",
+            _ => "established connections",
+        };
+        let now = super::unix_ms(unix_ns);
+        Self {
+            metadata: Metadata::new(Product::tank(PRODUCT, version), LogName::Kernel),
+            class_uid: class::NETWORK_ACTIVITY,
+            category_uid: class::category(class::NETWORK_ACTIVITY),
+            activity_id: outcome.activity_id,
+            type_uid: class::type_uid(class::NETWORK_ACTIVITY, outcome.activity_id),
+            severity_id: super::severity::HIGH,
+            action: outcome.action,
+            action_id: outcome.action_id,
+            disposition: outcome.disposition,
+            disposition_id: outcome.disposition_id,
+            time: now,
+            time_dt: super::rfc3339(unix_ns),
+            count,
+            start_time: since_ms,
+            end_time: now,
+            message: format!("{count} {what} with no record: the kernel's ring buffer was full"),
+            device: Device::server(hostname),
+            src_endpoint: Endpoint {
+                hostname: Some(hostname.to_owned()),
+                ..Endpoint::default()
+            },
+            dst_endpoint: Endpoint::unknown(),
+            unmapped: UnrecordedDetails {
+                unrecorded: Counter(counter),
+                totals,
+                ring_pos,
+            },
+        }
+    }
+}
+
 /// Writes kernel events as chained Network Activity lines, allocation-free.
 ///
 /// What is the same in every record (metadata, device, the agent host as source) is rendered
@@ -326,9 +506,16 @@ impl Formatter {
         }
     }
 
-    /// Appends the record of `event` at wall-clock `unix_ns`, chained by `link`, to `out`
-    /// (without a newline).
-    pub fn write(&self, out: &mut Vec<u8>, link: Link<'_>, event: &Event, unix_ns: i64) {
+    /// Appends the record of `event`, read from the ring buffer up to `ring_pos`, at
+    /// wall-clock `unix_ns`, chained by `link`, to `out` (without a newline).
+    pub fn write(
+        &self,
+        out: &mut Vec<u8>,
+        link: Link<'_>,
+        event: &Event,
+        unix_ns: i64,
+        ring_pos: u64,
+    ) {
         let outcome = Outcome::of(event.verdict == verdict::ALLOW);
         out.extend_from_slice(br#"{"metadata":{"sequence":"#);
         push_u64(out, link.seq);
@@ -413,6 +600,8 @@ impl Formatter {
         push_u64(out, event.sock_type.into());
         out.extend_from_slice(br#","ktime_ns":"#);
         push_u64(out, event.ktime_ns);
+        out.extend_from_slice(br#","ring_pos":"#);
+        push_u64(out, ring_pos);
         out.extend_from_slice(b"}}");
     }
 }
@@ -525,7 +714,13 @@ mod tests {
             seq: 7,
             prev: &prev,
         };
-        Formatter::new("h\"ost", "0.1.0").write(&mut out, link, event, 1_800_000_000_000_000_001);
+        Formatter::new("h\"ost", "0.1.0").write(
+            &mut out,
+            link,
+            event,
+            1_800_000_000_000_000_001,
+            4096,
+        );
         serde_json::from_slice(&out).expect("the formatter writes JSON")
     }
 

@@ -20,7 +20,7 @@
 //! 2. Give it a variant in [`Kind`] and a rule in [`parse`] (by `class_uid`, `metadata.log_name`
 //!    and, if two kinds share a class, a field of `unmapped`).
 //! 3. Add a sample of every variant of it to the writer's OCSF validation test
-//!    (tank-loader/tests/ocsf.rs or egress-proxy/tests/ocsf.rs) and its fields to
+//!    (tank-loader/tests/kernel_ocsf.rs or egress-proxy/tests/proxy_ocsf.rs) and its fields to
 //!    docs/audit-format.md.
 //!
 //! Why OCSF 1.1.0: it is the version SIEM pipelines take most widely (AWS Security Lake's
@@ -309,6 +309,9 @@ pub struct Endpoint {
     /// Host name, where one is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// OCSF's short name of the endpoint: `unknown` where nothing else is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Address (IPv4-mapped IPv6 written as IPv4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpAddr>,
@@ -318,6 +321,14 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// An endpoint nothing is known of (OCSF needs some field: `name` `unknown`).
+    pub fn unknown() -> Self {
+        Self {
+            name: Some("unknown".to_owned()),
+            ..Self::default()
+        }
+    }
+
     /// Address and port, when both are known (IPv4-mapped IPv6 as IPv4).
     pub fn addr(&self) -> Option<SocketAddr> {
         Some(SocketAddr::new(self.ip?.to_canonical(), self.port?))
@@ -328,6 +339,7 @@ impl From<SocketAddr> for Endpoint {
     fn from(a: SocketAddr) -> Self {
         Self {
             hostname: None,
+            name: None,
             ip: Some(a.ip().to_canonical()),
             port: Some(a.port()),
         }
@@ -353,6 +365,9 @@ pub struct ConnectionInfo {
 pub enum Kind {
     /// A kernel judgement (`metadata.log_name` `kernel`, Network Activity).
     Kernel(kernel::NetworkRecord),
+    /// Attempts the kernel could not record (`kernel`, Network Activity with
+    /// `unmapped.unrecorded`).
+    Unrecorded(kernel::UnrecordedRecord),
     /// A loader lifecycle record (`kernel`, Application Lifecycle).
     Lifecycle(kernel::LifecycleRecord),
     /// A proxied connection (`proxy`, Network Activity).
@@ -384,8 +399,12 @@ pub fn parse(value: &serde_json::Value) -> Result<Kind, ParseError> {
     let fields = |e: serde_json::Error| ParseError::Fields(e.to_string());
     const NETWORK: Option<u64> = Some(class::NETWORK_ACTIVITY as u64);
     const LIFECYCLE: Option<u64> = Some(class::APPLICATION_LIFECYCLE as u64);
+    let unrecorded = value.pointer("/unmapped/unrecorded").is_some();
     const HTTP: Option<u64> = Some(class::HTTP_ACTIVITY as u64);
     match (class_uid, log_name) {
+        (NETWORK, Some("kernel")) if unrecorded => kernel::UnrecordedRecord::deserialize(value)
+            .map(Kind::Unrecorded)
+            .map_err(fields),
         (NETWORK, Some("kernel")) => kernel::NetworkRecord::deserialize(value)
             .map(Kind::Kernel)
             .map_err(fields),

@@ -129,6 +129,7 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
                 hostname: Some("example.com".into()),
                 ip: Some("203.0.113.7".parse().unwrap()),
                 port: Some(443),
+                name: None,
             },
             http: HttpRequest {
                 http_method: method.into(),
