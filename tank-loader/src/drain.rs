@@ -88,7 +88,7 @@ pub struct Drain {
     /// Totals the log has accounted for, and when the drain last looked (ms).
     accounted: UnrecordedTotals,
     looked_ms: Option<i64>,
-    checkpoint: PathBuf,
+    checkpoint: CheckpointFile,
     /// When the anchor last went to the system log.
     anchor_logged: Option<Instant>,
     /// Set while the log has no space.
@@ -147,7 +147,7 @@ impl Drain {
             stats,
             accounted,
             looked_ms: None,
-            checkpoint,
+            checkpoint: CheckpointFile::open(checkpoint, &saved.unwrap_or_default())?,
             anchor_logged: None,
             stall: None,
         };
@@ -261,7 +261,7 @@ impl Drain {
                 ring_pos: self.ring.position(),
                 unrecorded: self.accounted,
             };
-            write_checkpoint(&self.checkpoint, &checkpoint)?;
+            self.checkpoint.write(&checkpoint)?;
             self.ring.commit(checkpoint.ring_pos);
             total += events as u64;
             if self.stall.is_some() {
@@ -438,11 +438,42 @@ impl Drain {
     }
 }
 
-fn write_checkpoint(path: &Path, c: &Checkpoint) -> anyhow::Result<()> {
-    let tmp = path.with_extension("drain.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(c)?)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("cannot write the drain checkpoint {}", path.display()))
+/// The checkpoint file, kept open and rewritten in place at a fixed width: like the log's
+/// anchor, it still moves when the disk is full (a new file, or a rename, would need space).
+struct CheckpointFile {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl CheckpointFile {
+    /// Far more than a checkpoint's JSON with every number at its widest.
+    const WIDTH: usize = 255;
+
+    /// Opens the checkpoint at `path` and writes `current` (what it held) at the full width,
+    /// so its space is taken now, while there is some.
+    fn open(path: PathBuf, current: &Checkpoint) -> anyhow::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .mode(0o640)
+            .open(&path)
+            .with_context(|| format!("cannot open the drain checkpoint {}", path.display()))?;
+        let this = Self { path, file };
+        this.write(current)?;
+        Ok(this)
+    }
+
+    fn write(&self, c: &Checkpoint) -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut body = serde_json::to_vec(c)?;
+        body.resize(Self::WIDTH.max(body.len()), b' ');
+        body.push(b'\n');
+        self.file
+            .write_all_at(&body, 0)
+            .with_context(|| format!("cannot write the drain checkpoint {}", self.path.display()))
+    }
 }
 
 /// Converts kernel monotonic nanoseconds into wall-clock time.

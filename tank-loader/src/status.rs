@@ -113,17 +113,21 @@ pub struct LogStatus {
     pub loader_running: bool,
     /// The last durable record (`seq`, hash), from its anchor.
     pub anchor: Option<chain::Head>,
-    /// Bytes free (to unprivileged writers too) on the log's file system.
+    /// Bytes the log's writer can still use: free (to unprivileged writers too) on the log's
+    /// file system, plus what it already holds allocated past the end of the log.
     pub free_bytes: Option<u64>,
     /// Why the log cannot take records, when the file system says so.
     pub problem: Option<String>,
 }
 
-/// Bytes free on the file system holding `path` (its directory when the file is gone).
+/// Bytes free on the file system holding `path` (its directory when the file is gone), plus
+/// the space the file holds allocated past its end (the writer's reserve and what it grew).
 fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
     let dir = path.parent()?;
     let st = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+    let ahead = std::fs::metadata(path).map_or(0, |m| (m.blocks() * 512).saturating_sub(m.len()));
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64 + ahead)
 }
 
 /// The log's writer keeps `reserve` bytes allocated and allocates ahead in 64 KiB steps: with

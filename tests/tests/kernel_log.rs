@@ -151,7 +151,11 @@ fn a_full_kernel_log_fails_closed_and_recovers_with_the_chain_intact() {
             ok += 1;
             break;
         }
-        assert!(Instant::now() < deadline, "the loader never drained again");
+        assert!(
+            Instant::now() < deadline,
+            "the loader never drained again:\n{}",
+            loader.logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(arrivals(&target, &mut accepted), ok);
@@ -196,8 +200,11 @@ fn the_kernel_log_rotates_into_segments_that_verify_as_one_chain() {
         &cg,
         &format!("proxies = [\"{addr}\"]\n[audit]\nrotate_bytes = 4096\nkeep_segments = 3\n"),
     );
+    // The drain rotates after a durable batch, and takes a lone event at its 250 ms tick:
+    // spaced out, each probe is a batch of its own.
     for _ in 0..30 {
         assert_eq!(probe(&cg.agent, None, &["tcp", &addr.to_string()]).1, "ok");
+        std::thread::sleep(Duration::from_millis(300));
     }
     loader.stop();
     let (report, records) = chain::read(&loader.audit_log).unwrap();
