@@ -196,6 +196,7 @@ fn inspected(proxy: &Log) -> Inspected {
                 *per_tunnel.entry(uid).or_default() += 1;
             }
             Ok(Kind::Proxy(p)) => {
+                let p = *p;
                 let (Some(uid), Some(TunnelKind::Inspected)) = (p.metadata.uid, p.unmapped.tunnel)
                 else {
                     continue;
@@ -399,7 +400,7 @@ fn kernel_record(kind: Kind) -> Result<Option<KernelItem>, String> {
 fn proxy_record(kind: Kind) -> Result<Option<ConnectionRecord>, String> {
     match kind {
         Kind::Proxy(p) if p.src_endpoint.addr().is_some() && p.proxy.addr().is_some() => {
-            Ok(Some(p))
+            Ok(Some(*p))
         }
         Kind::Proxy(_) => Err("src_endpoint or proxy has no ip and port".to_owned()),
         // The proxy's own records about its log (an outage, a new segment).

@@ -558,10 +558,9 @@ impl Attempts {
     /// `event`, joined, was not logged and will be read again: an `established` event gives
     /// back the process it took from its attempt.
     fn again(&mut self, event: &Event) {
-        if event.hook == hook::ESTABLISHED {
-            if self.by_cookie.insert(event.cookie, *event).is_none() {
-                self.order.push_back(event.cookie);
-            }
+        if event.hook == hook::ESTABLISHED && self.by_cookie.insert(event.cookie, *event).is_none()
+        {
+            self.order.push_back(event.cookie);
         }
     }
 }

@@ -371,7 +371,7 @@ pub enum Kind {
     /// A loader lifecycle record (`kernel`, Application Lifecycle).
     Lifecycle(kernel::LifecycleRecord),
     /// A proxied connection (`proxy`, Network Activity).
-    Proxy(proxy::ConnectionRecord),
+    Proxy(Box<proxy::ConnectionRecord>),
     /// A request inside an inspected tunnel (`proxy`, HTTP Activity).
     Request(Box<proxy::RequestRecord>),
 }
@@ -412,7 +412,7 @@ pub fn parse(value: &serde_json::Value) -> Result<Kind, ParseError> {
             .map(Kind::Lifecycle)
             .map_err(fields),
         (NETWORK, Some("proxy")) => proxy::ConnectionRecord::deserialize(value)
-            .map(Kind::Proxy)
+            .map(|r| Kind::Proxy(Box::new(r)))
             .map_err(fields),
         (HTTP, Some("proxy")) => proxy::RequestRecord::deserialize(value)
             .map(|r| Kind::Request(Box::new(r)))
