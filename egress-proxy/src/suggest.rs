@@ -87,6 +87,10 @@ struct Learnt {
     listen: BTreeSet<String>,
     clients: BTreeSet<IpAddr>,
     records: u64,
+    /// Opening records, and closing records: a relayed connection is learnt from its closing
+    /// record, which holds its bytes and duration.
+    opened: u64,
+    closed: u64,
     first: i64,
     last: i64,
 }
@@ -130,6 +134,13 @@ fn in_range(opts: &Options, t: i64) -> bool {
 
 impl Learnt {
     fn connection(&mut self, c: &ConnectionRecord) {
+        if c.end_time.is_none() {
+            self.opened += 1;
+            return;
+        }
+        if c.activity_id == ocsf::network_activity::CLOSE {
+            self.closed += 1;
+        }
         self.records += 1;
         if self.first == 0 || c.start_time < self.first {
             self.first = c.start_time;
@@ -184,12 +195,12 @@ impl Learnt {
             }
             _ => {
                 seen.tunnels += 1;
-                seen.longest_ms = seen.longest_ms.max(c.duration);
+                seen.longest_ms = seen.longest_ms.max(c.duration.unwrap_or(0));
             }
         }
         if let Some(ip) = client {
-            seen.events
-                .push((c.time, ip, c.traffic.bytes_out, c.traffic.bytes_in));
+            let t = c.traffic.clone().unwrap_or_default();
+            seen.events.push((c.time, ip, t.bytes_out, t.bytes_in));
         }
     }
 
@@ -390,6 +401,13 @@ fn render(l: &Learnt, opts: &Options) -> String {
         }
     }
     let _ = writeln!(o, "]");
+    if l.opened > l.closed {
+        let _ = writeln!(
+            o,
+            "# {} connections were opened without a closing record in these logs (still open at their end, or cut by a crash): not learnt from.",
+            l.opened - l.closed
+        );
+    }
     if !l.refused.is_empty() {
         let _ = writeln!(
             o,

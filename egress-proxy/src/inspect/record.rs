@@ -13,7 +13,7 @@ use tank_ebpf_common::ocsf::proxy::{
 };
 use tank_ebpf_common::ocsf::Endpoint;
 
-use crate::audit::now_ms;
+use crate::audit::{now_ms, Held};
 use crate::budget::Charge;
 use crate::policy::{Refusal, Rule};
 
@@ -40,6 +40,8 @@ pub struct RequestFacts {
     pub credential: Option<String>,
     /// The budget the request is charged to.
     pub charge: Option<Arc<Charge>>,
+    /// Log space held for the record, taken before the request is forwarded.
+    pub held: Option<Held>,
 }
 
 impl RequestFacts {
@@ -70,6 +72,7 @@ impl RequestFacts {
             error: None,
             credential: None,
             charge: None,
+            held: None,
         }
     }
 
@@ -90,6 +93,7 @@ impl RequestFacts {
             error: None,
             credential: None,
             charge: None,
+            held: None,
         }
     }
 
@@ -150,10 +154,12 @@ impl RequestFacts {
                 credential: self.credential,
                 error: self.error,
                 budget: self.charge.and_then(|c| c.note()).map(Box::new),
+                url_bytes: None,
             },
         };
         let record = RequestRecord::new(facts, &tunnel.hostname, env!("CARGO_PKG_VERSION"));
         let audit = tunnel.audit.clone();
-        tokio::spawn(async move { audit.record_request(record).await });
+        let held = self.held;
+        tokio::spawn(async move { audit.record_request(record, held).await });
     }
 }
