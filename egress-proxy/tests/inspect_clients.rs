@@ -6,6 +6,7 @@
 
 mod common;
 use common::https::{make_ca, CertKind, HttpsOrigin};
+use common::websocket::WsOrigin;
 use common::*;
 
 use std::path::{Path, PathBuf};
@@ -58,30 +59,7 @@ upstream_ca = "{up}"
 
     /// A command with the agent container's environment: proxy and CA from variables only.
     fn agent(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
-        for v in [
-            "http_proxy",
-            "HTTP_PROXY",
-            "all_proxy",
-            "ALL_PROXY",
-            "no_proxy",
-            "NO_PROXY",
-            "CURL_CA_BUNDLE",
-            "SSL_CERT_DIR",
-        ] {
-            c.env_remove(v);
-        }
-        let ca = self.ca.to_str().unwrap();
-        c.env("https_proxy", self.proxy.url())
-            .env("HTTPS_PROXY", self.proxy.url())
-            .env("SSL_CERT_FILE", ca)
-            .env("REQUESTS_CA_BUNDLE", ca)
-            .env("NODE_EXTRA_CA_CERTS", ca)
-            .env("GIT_SSL_CAINFO", ca)
-            .env("CARGO_HTTP_CAINFO", ca)
-            .env("HOME", self.dir.path())
-            .env("GIT_CONFIG_NOSYSTEM", "1");
-        c
+        agent(program, &self.proxy, &self.ca, self.dir.path())
     }
 
     /// The agent-side HTTP versions of the first `n` request records.
@@ -100,6 +78,35 @@ upstream_ca = "{up}"
             .map(|r| r["http_request"]["version"].as_str().unwrap().to_owned())
             .collect()
     }
+}
+
+/// `program` with the agent container's environment: the proxy from `https_proxy`, the CA
+/// from the variables the appliance sets (nothing else that could reach elsewhere).
+fn agent(program: &str, proxy: &Proxy, ca: &Path, home: &Path) -> Command {
+    let mut c = Command::new(program);
+    for v in [
+        "http_proxy",
+        "HTTP_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+        "no_proxy",
+        "NO_PROXY",
+        "CURL_CA_BUNDLE",
+        "SSL_CERT_DIR",
+    ] {
+        c.env_remove(v);
+    }
+    let ca = ca.to_str().unwrap();
+    c.env("https_proxy", proxy.url())
+        .env("HTTPS_PROXY", proxy.url())
+        .env("SSL_CERT_FILE", ca)
+        .env("REQUESTS_CA_BUNDLE", ca)
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        .env("GIT_SSL_CAINFO", ca)
+        .env("CARGO_HTTP_CAINFO", ca)
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1");
+    c
 }
 
 fn text(o: &Output) -> String {
@@ -317,4 +324,140 @@ fn git_clones_the_allowed_repository_only() {
         "{:?}",
         s.origin.seen()
     );
+}
+
+const WS_SECRET: &str = "ws-s3cr3t-0123456789abcdef";
+
+/// A WebSocket upgrade is a request like any other: judged on method and path (and given
+/// the credential), recorded, and on an allowed path relayed both ways after the origin's
+/// `101`. The client is the `websockets` library, reaching the proxy from `https_proxy` and
+/// trusting the CA from `SSL_CERT_FILE`; judged by what the origin received.
+#[test]
+fn websocket_upgrades_are_judged_then_relayed_both_ways() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let origin = WsOrigin::start(dir.path(), &["ws.test"]);
+    let ca_dir = make_ca(dir.path(), "ca", &["ws.test"]);
+    let token = dir.path().join("ws-token");
+    std::fs::write(&token, format!("{WS_SECRET}\n")).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let body = format!(
+        r#"allowed_domains = [
+  {{ domain = "ws.test", ports = [{p}], inspect = true, allow_private = true, methods = ["GET"], path_prefixes = ["/ws/chat"] }},
+]
+[hosts]
+"ws.test" = "127.0.0.1"
+[inspection]
+ca_dir = "ca"
+upstream_ca = "{up}"
+[[credentials]]
+name = "ws"
+host = "ws.test"
+header = "Authorization"
+value = "Bearer {{secret}}"
+secret_file = "ws-token"
+"#,
+        p = origin.port,
+        up = origin.ca_pem.display()
+    );
+    let proxy = Proxy::start(dir.path(), &body);
+    let script = r#"
+import asyncio, sys
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+async def main():
+    # The proxy comes from https_proxy, the CA from SSL_CERT_FILE: nothing passed here.
+    async with connect(sys.argv[1]) as ws:
+        assert await ws.recv() == "welcome"
+        await ws.send("hello M:ws-allowed")
+        assert await ws.recv() == "echo:hello M:ws-allowed"
+        await ws.send(b"\x00\x01binary")
+        assert await ws.recv() == b"\x00\x01binary"
+        await ws.send("whoami")
+        print("WHOAMI", await ws.recv())
+    try:
+        async with connect(sys.argv[2]) as ws:
+            raise SystemExit("the denied path was upgraded")
+    except InvalidStatus as e:
+        r = e.response
+        assert r.status_code == 403, r.status_code
+        assert r.headers["X-Tank-Refused-By"] == "path-not-allowed", r.headers
+    print("websocket ok")
+
+asyncio.run(main())
+"#;
+    let url = |path: &str| format!("wss://ws.test:{}{path}", origin.port);
+    let out = agent("python3", &proxy, &ca_dir.join("ca.pem"), dir.path())
+        .env("PYTHONPATH", common::websocket::python_path())
+        .args(["-c", script])
+        .arg(url("/ws/chat"))
+        .arg(url("/ws/admin"))
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success() && t.contains("websocket ok"), "{t}");
+
+    // What the origin received: one handshake, on the allowed path, with the secret the
+    // proxy set; every message the client sent, in order; nothing of the denied path.
+    let received = origin.received();
+    let opens: Vec<_> = received.iter().filter(|e| e["event"] == "open").collect();
+    assert_eq!(opens.len(), 1, "{received:#?}");
+    assert_eq!(opens[0]["path"], "/ws/chat");
+    assert_eq!(
+        opens[0]["headers"]["authorization"],
+        format!("Bearer {WS_SECRET}")
+    );
+    let messages: Vec<_> = received
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .map(|e| e["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        messages,
+        ["hello M:ws-allowed", "000162696e617279", "whoami"],
+        "{received:#?}"
+    );
+    // The origin sent the secret back in a frame; the agent got it masked.
+    let whoami = t.lines().find(|l| l.starts_with("WHOAMI")).unwrap();
+    assert!(
+        !t.contains(WS_SECRET) && whoami.contains("Bearer ****"),
+        "{whoami}"
+    );
+
+    let records = wait_for(
+        std::time::Duration::from_secs(10),
+        "both request records",
+        || {
+            let r = proxy.records();
+            (r.iter().filter(|r| r["class_uid"] == 4002).count() >= 2).then_some(r)
+        },
+    );
+    let base = format!("https://ws.test:{}", origin.port);
+    let chat = record_where(
+        &records,
+        &[("/http_request/url/url_string", &format!("{base}/ws/chat"))],
+    );
+    assert_eq!(chat["http_response"]["code"], 101, "{chat:#}");
+    assert_eq!(chat["unmapped"]["credential"], "ws", "{chat:#}");
+    // The relayed frames are counted: three client frames out (masked, so > 40 bytes),
+    // four origin frames in.
+    assert!(
+        chat["traffic"]["bytes_out"].as_u64().unwrap() > 40,
+        "{chat:#}"
+    );
+    assert!(
+        chat["traffic"]["bytes_in"].as_u64().unwrap() > 40,
+        "{chat:#}"
+    );
+    let admin = record_where(
+        &records,
+        &[("/http_request/url/url_string", &format!("{base}/ws/admin"))],
+    );
+    assert_eq!(admin["http_response"]["code"], 403, "{admin:#}");
+    assert_eq!(admin["unmapped"]["rule"], "path-not-allowed", "{admin:#}");
+    assert!(!std::fs::read_to_string(&proxy.audit)
+        .unwrap()
+        .contains(WS_SECRET));
+    assert!(!proxy.log_text().contains(WS_SECRET));
 }

@@ -73,7 +73,8 @@ const PACKAGES: &[(&str, &str)] = &[
 
 /// PyPI packages at exact versions, installed with `pip install --target` into
 /// `target/ocsf-python` (where `tank_ebpf_common::ocsf::validate` looks): the OCSF validation
-/// tests check every record kind against the official OCSF schema with them.
+/// tests check every record kind against the official OCSF schema with them, and the
+/// inspection tests use `websockets` as a real WebSocket client (it takes `https_proxy`).
 const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
     (
         "ocsf-json-schema",
@@ -81,6 +82,11 @@ const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
         "JSON Schema of each OCSF class, generated from OCSF's own schema",
     ),
     ("jsonschema", "4.26.0", "the JSON Schema validator"),
+    (
+        "websockets",
+        "17.4",
+        "WebSocket client and origin of the inspection tests",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -16,6 +16,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_rustls::rustls;
 
+pub use super::tls::CertKind;
+use super::tls::OriginCert;
+
 /// One request as the origin saw it.
 #[derive(Clone, Debug)]
 pub struct Seen {
@@ -33,19 +36,6 @@ impl Seen {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
-}
-
-/// How the origin's certificate is made.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum CertKind {
-    /// Valid for the names, from the origin CA.
-    Good,
-    /// From the origin CA but for another name.
-    WrongName,
-    /// Expired yesterday.
-    Expired,
-    /// Self-signed (not from the origin CA).
-    SelfSigned,
 }
 
 pub struct HttpsOrigin {
@@ -72,52 +62,17 @@ impl HttpsOrigin {
         kind: CertKind,
         files: Option<PathBuf>,
     ) -> Self {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test origin CA");
-        ca_params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf_names: Vec<String> = match kind {
-            CertKind::WrongName => vec!["somewhere-else.test".into()],
-            _ => names.iter().map(|s| s.to_string()).collect(),
-        };
-        let mut leaf_params = rcgen::CertificateParams::new(leaf_names).unwrap();
-        if kind == CertKind::Expired {
-            let now = time::OffsetDateTime::now_utc();
-            leaf_params.not_before = now - time::Duration::days(30);
-            leaf_params.not_after = now - time::Duration::days(1);
-        }
-        let leaf = match kind {
-            CertKind::SelfSigned => leaf_params.self_signed(&leaf_key).unwrap(),
-            _ => leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap(),
-        };
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let ca_pem = dir.join(format!(
-            "origin-ca-{}.pem",
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&ca_pem, ca.pem()).unwrap();
-
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .unwrap();
-        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let cert = OriginCert::new(
+            dir.join(format!(
+                "origin-ca-{}.pem",
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            )),
+            names,
+            kind,
+        );
+        let ca_pem = cert.ca_pem.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config(alpn));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
