@@ -71,6 +71,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3-pip", "installs the OCSF validator's PyPI packages"),
 ];
 
+/// Commands and the Debian package that brings each when it is not on PATH: npm comes with
+/// some builds of `nodejs` (NodeSource's, which conflicts with Debian's `npm`), so the
+/// command, not the package, is checked.
+const COMMANDS: &[(&str, &str, &str)] =
+    &[("npm", "npm", "npm, a real client of the inspection tests")];
+
 /// PyPI packages at exact versions, installed with `pip install --target` into
 /// `target/ocsf-python` (where `tank_ebpf_common::ocsf::validate` looks): the OCSF validation
 /// tests check every record kind against the official OCSF schema with them, and the
@@ -109,6 +115,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .iter()
         .map(|(p, _)| *p)
         .filter(|p| !installed(p))
+        .chain(
+            COMMANDS
+                .iter()
+                .filter(|(command, _, _)| !on_path(command))
+                .map(|(_, p, _)| *p),
+        )
         .collect();
     if !missing.is_empty() {
         if !cmd::is_root() {
@@ -223,6 +235,11 @@ fn installed(package: &str) -> bool {
         .args(["-W", "-f=${db:Status-Status}", package])
         .output()
         .is_ok_and(|o| o.status.success() && o.stdout == b"installed")
+}
+
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(command).is_file()))
 }
 
 fn cargo_home() -> PathBuf {
