@@ -69,6 +69,12 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Internal: writes man pages and shell completions under OUT_DIR (`cargo xtask man`).
+    #[command(hide = true)]
+    GenerateManual {
+        /// Output directory (`man/`, `completions/` below it).
+        out_dir: PathBuf,
+    },
 }
 
 /// The `audit` subcommands.

@@ -120,5 +120,14 @@ fn main() -> ExitCode {
                 Err(_) => ExitCode::from(2),
             }
         }
+        Command::GenerateManual { out_dir } => {
+            match tank_ebpf_common::manual::generate(egress_proxy::cli::command(), &out_dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    fail(&e.into());
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
 }

@@ -169,3 +169,32 @@ fn check_prints_a_syntax_error_as_one_line_and_warnings_without_failing() {
         "{err}"
     );
 }
+
+#[test]
+fn the_binary_writes_its_own_man_pages_and_completions() {
+    let dir = tempdir();
+    let out_dir = dir.path().to_str().unwrap();
+    let (code, _, err) = run(&["generate-manual", out_dir]);
+    assert_eq!(code, 0, "{err}");
+    for page in [
+        "egress-proxy.1",
+        "egress-proxy-check.1",
+        "egress-proxy-audit-verify.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join("man").join(page))
+            .unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.contains(".TH"), "{page} is not a man page");
+    }
+    // Internal subcommands get no page.
+    assert!(!dir
+        .path()
+        .join("man/egress-proxy-generate-manual.1")
+        .exists());
+    let bash = std::fs::read_to_string(dir.path().join("completions/bash/egress-proxy")).unwrap();
+    assert!(bash.contains("check"), "{bash}");
+    assert!(dir.path().join("completions/zsh/_egress-proxy").exists());
+    assert!(dir
+        .path()
+        .join("completions/fish/egress-proxy.fish")
+        .exists());
+}

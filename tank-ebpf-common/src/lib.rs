@@ -11,7 +11,8 @@
 //! With the `chain` feature (std) this crate also holds what the kernel audit log and the egress
 //! proxy's log share: the tamper-evident chain ([`chain`]) and the OCSF record ([`ocsf`]). The
 //! workspace layout is fixed, and this is the one crate both userspace sides already share.
-#![cfg_attr(not(any(feature = "chain", test)), no_std)]
+//! For the same reason the `manual` feature holds the man-page rendering both binaries use.
+#![cfg_attr(not(any(feature = "chain", feature = "manual", test)), no_std)]
 
 pub mod allow;
 pub mod counters;
@@ -20,5 +21,7 @@ pub mod settings;
 
 #[cfg(feature = "chain")]
 pub mod chain;
+#[cfg(feature = "manual")]
+pub mod manual;
 #[cfg(feature = "chain")]
 pub mod ocsf;

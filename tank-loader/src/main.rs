@@ -129,6 +129,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             html.as_deref(),
             &mut out,
         ),
+        Command::GenerateManual { out_dir } => {
+            tank_ebpf_common::manual::generate(tank_loader::cli::command(), &out_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -130,15 +130,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             );
         }
         eprintln!("setup: installing {}", missing.join(" "));
-        cmd::run(Command::new("apt-get").args(["update", "-qq"]))
-            .context("apt-get update failed: no route to Debian's mirrors?")?;
-        cmd::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-        .with_context(|| format!("cannot install {}", missing.join(" ")))?;
+        apt_install(&missing)?;
     } else if opts.verbose {
         eprintln!("setup: all {} Debian packages present", PACKAGES.len());
     }
@@ -228,6 +220,30 @@ fn python_packages(opts: &Options) -> anyhow::Result<()> {
             .args(&pins),
     )
     .with_context(|| format!("cannot install {} (needs PyPI)", pins.join(" ")))
+}
+
+/// The preamble of every root task (demo, test, the kernel bench): the root check saying why
+/// root is needed, set-up (a fresh machine has no eBPF toolchain), then `cargo build BUILD`.
+pub fn prepare(needs_root_for: &str, build: &[&str]) -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        bail!("{needs_root_for}: run it as root");
+    }
+    run(&Options::default())?;
+    cmd::run(&mut cmd::cargo(&[&["build"], build].concat()))
+}
+
+/// Installs Debian packages (`apt-get update`, then `install --no-install-recommends`): the one
+/// way xtask installs from Debian, for setup and for the benchmarks' peers.
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    cmd::run(Command::new("apt-get").args(["update", "-qq"]))
+        .context("apt-get update failed: no route to Debian's mirrors?")?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("cannot install {}", packages.join(" ")))
 }
 
 fn installed(package: &str) -> bool {

@@ -3,8 +3,6 @@
 //! Set-up first (a fresh machine has no eBPF toolchain), then every binary, then the unit and
 //! crate tests, then the root integration tests (real kernel, cgroups, nft, namespaces).
 
-use anyhow::bail;
-
 use crate::{cmd, setup};
 
 /// Options of `cargo xtask test`.
@@ -16,16 +14,10 @@ pub struct Options {
 
 /// Runs everything; fails on the first failing stage.
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    if !cmd::is_root() {
-        bail!("the suite loads eBPF programs and creates cgroups, nft tables and network namespaces: run it as root");
-    }
-    setup::run(&setup::Options::default())?;
-    cmd::run(&mut cmd::cargo(&[
-        "build",
-        "--workspace",
-        "--bins",
-        "--tests",
-    ]))?;
+    setup::prepare(
+        "the suite loads eBPF programs and creates cgroups, nft tables and network namespaces",
+        &["--workspace", "--bins", "--tests"],
+    )?;
     if opts.filter.is_none() {
         cmd::run(&mut cmd::cargo(&[
             "test",

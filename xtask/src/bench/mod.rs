@@ -4,8 +4,6 @@
 mod proxy;
 pub mod splice_relay;
 
-use anyhow::bail;
-
 use crate::{cmd, setup};
 
 /// Which suite to run.
@@ -36,19 +34,17 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let out = cmd::root().join("target/bench");
     std::fs::create_dir_all(&out)?;
     if matches!(opts.suite, Suite::Kernel | Suite::All) {
-        if !cmd::is_root() {
-            bail!("the kernel benchmark loads eBPF programs and creates cgroups: run it as root");
-        }
-        setup::run(&setup::Options::default())?;
-        cmd::run(&mut cmd::cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "tank-loader",
-            "-p",
-            "tank-integration-tests",
-            "--bins",
-        ]))?;
+        setup::prepare(
+            "the kernel benchmark loads eBPF programs and creates cgroups",
+            &[
+                "--release",
+                "-p",
+                "tank-loader",
+                "-p",
+                "tank-integration-tests",
+                "--bins",
+            ],
+        )?;
         cmd::run(
             std::process::Command::new(cmd::root().join("target/release/tank-bench"))
                 .arg(out.join("kernel.json"))

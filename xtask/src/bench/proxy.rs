@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::{cmd, setup};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
@@ -58,10 +59,9 @@ struct Target {
 pub fn run() -> Result<Value> {
     let started = Instant::now();
     let load_start = loadavg();
-    let root = workspace_root()?;
-    let bin = build_proxy(&root)?;
+    let bin = build_proxy()?;
     ensure_installed(&[("squid", "squid"), ("tinyproxy", "tinyproxy")])?;
-    let dir = TempDir::new("tank-bench-proxy")?;
+    let dir = scratch_dir("tank-bench-proxy")?;
     let origins = Origins::start()?;
 
     let mut peers = vec![
@@ -293,35 +293,21 @@ fn print_table(r: &Value) {
 
 // ---- building and installing ------------------------------------------------------------
 
-fn workspace_root() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("TANK_WORKSPACE") {
-        return Ok(PathBuf::from(dir));
-    }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map(Path::to_owned)
-        .context("xtask has no parent directory")
-}
-
 /// Builds egress-proxy in release mode and returns the binary's path.
-fn build_proxy(root: &Path) -> Result<PathBuf> {
+fn build_proxy() -> Result<PathBuf> {
     eprintln!("bench: cargo build --release -p egress-proxy");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let out = Command::new(cargo)
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "egress-proxy",
-            "--bin",
-            "egress-proxy",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("cannot run cargo")?;
+    let out = cmd::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "egress-proxy",
+        "--bin",
+        "egress-proxy",
+        "--message-format=json-render-diagnostics",
+    ])
+    .stderr(Stdio::inherit())
+    .output()
+    .context("cannot run cargo")?;
     if !out.status.success() {
         bail!("building egress-proxy failed");
     }
@@ -355,48 +341,16 @@ fn ensure_installed(tools: &[(&str, &str)]) -> Result<()> {
         return Ok(());
     }
     eprintln!("bench: installing {} from Debian", missing.join(" "));
-    let update = Command::new("apt-get")
-        .args(["update", "-qq"])
-        .status()
-        .context("cannot run apt-get")?;
-    if !update.success() {
-        bail!("apt-get update failed");
-    }
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("cannot run apt-get")?;
-    if !status.success() {
-        bail!("apt-get install -y {} failed", missing.join(" "));
-    }
-    Ok(())
+    setup::apt_install(&missing)
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> Result<TempDir> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos();
-        let path = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        // squid drops to the `proxy` user and must write its logs here.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
-        Ok(TempDir(path))
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch directory removed when dropped; world-writable, since squid drops to the `proxy`
+/// user and must write its logs here.
+fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+    Ok(dir)
 }
 
 // ---- origins ------------------------------------------------------------------------------
