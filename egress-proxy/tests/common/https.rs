@@ -16,7 +16,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio_rustls::rustls;
 
 pub use super::tls::CertKind;
 use super::tls::OriginCert;
@@ -353,19 +352,7 @@ impl TunnelClient {
             .await;
             return Err(format!("{head}{}", String::from_utf8_lossy(&rest)));
         }
-        let mut roots = rustls::RootCertStore::empty();
-        use rustls::pki_types::pem::PemObject;
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca_pem).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let config = super::tls::client_config(ca_pem, alpn);
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(sni.to_owned().try_into().unwrap(), tcp)
             .await

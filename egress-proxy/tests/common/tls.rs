@@ -1,7 +1,8 @@
 //! Throwaway TLS identities of the test origins, in one place: a CA of their own (its PEM is
 //! what the proxy gets as `upstream_ca`), a leaf for the origin's names made as a test
 //! wants it (good, wrong name, expired, self-signed), and a rustls server configuration
-//! from a leaf. PEM files for origins that are not Rust (Python's `ssl`).
+//! from a leaf; a client configuration trusting a PEM file. PEM files for origins that are
+//! not Rust (Python's `ssl`). The benchmark driver (`examples/inspect_bench.rs`) uses it too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -101,4 +102,22 @@ pub fn server_config(
     .unwrap();
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Arc::new(config)
+}
+
+/// A rustls client configuration trusting the certificates of `ca_pem`, offering `alpn`.
+pub fn client_config(ca_pem: &Path, alpn: &[&str]) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    config
 }
