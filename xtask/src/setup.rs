@@ -6,7 +6,7 @@
 //! and bpf-linker built against Debian's LLVM 22 (see docs/development.md). Idempotent: it
 //! checks first and prints nothing when everything is there.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
@@ -176,10 +176,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
 /// Installs [`PYTHON_PACKAGES`] unless every one is there at its version.
 fn python_packages(opts: &Options) -> anyhow::Result<()> {
-    let dir = cmd::root().join("target/ocsf-python");
-    let check = PYTHON_PACKAGES
+    let pins: Vec<(&str, &str)> = PYTHON_PACKAGES.iter().map(|(n, v, _)| (*n, *v)).collect();
+    pip_packages(&cmd::root().join("target/ocsf-python"), &pins, opts.verbose)
+}
+
+/// Installs PyPI `packages` (name, exact version) with `pip install --target dir`, unless
+/// every one is there at its version.
+pub fn pip_packages(dir: &Path, packages: &[(&str, &str)], verbose: bool) -> anyhow::Result<()> {
+    let check = packages
         .iter()
-        .map(|(name, version, _)| format!("m.version({name:?}) == {version:?}"))
+        .map(|(name, version)| format!("m.version({name:?}) == {version:?}"))
         .collect::<Vec<_>>()
         .join(" and ");
     let present = Command::new("python3")
@@ -187,18 +193,18 @@ fn python_packages(opts: &Options) -> anyhow::Result<()> {
             "-c",
             &format!("import importlib.metadata as m, sys; sys.exit(0 if {check} else 1)"),
         ])
-        .env("PYTHONPATH", &dir)
+        .env("PYTHONPATH", dir)
         .output()
         .is_ok_and(|o| o.status.success());
     if present {
-        if opts.verbose {
+        if verbose {
             eprintln!("setup: Python packages present in {}", dir.display());
         }
         return Ok(());
     }
-    let pins: Vec<String> = PYTHON_PACKAGES
+    let pins: Vec<String> = packages
         .iter()
-        .map(|(name, version, _)| format!("{name}=={version}"))
+        .map(|(name, version)| format!("{name}=={version}"))
         .collect();
     eprintln!(
         "setup: installing {} into {}",
@@ -216,7 +222,7 @@ fn python_packages(opts: &Options) -> anyhow::Result<()> {
             ])
             .arg("--root-user-action=ignore")
             .args(["--upgrade", "--target"])
-            .arg(&dir)
+            .arg(dir)
             .args(&pins),
     )
     .with_context(|| format!("cannot install {} (needs PyPI)", pins.join(" ")))
