@@ -55,6 +55,34 @@ pub struct Event {
     pub _pad: [u8; 2],
 }
 
+impl Event {
+    /// An example: `curl` (tgid 100, uid 1000, cgroup 9) refused a TCP connect to
+    /// 192.0.2.1:443 over IPv6 (`::ffff:192.0.2.1`), not listed. For tests and docs; change
+    /// what matters with `Event { hook, ..Event::EXAMPLE }`.
+    pub const EXAMPLE: Event = Event {
+        ktime_ns: 1_000,
+        cookie: 77,
+        cgroup_id: 9,
+        pid: 101,
+        tgid: 100,
+        uid: 1000,
+        gid: 1000,
+        comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+        dst_addr: crate::allow::ipv4_mapped([192, 0, 2, 1]),
+        src_addr: [0; 16],
+        dst_port: 443,
+        src_port: 0,
+        family: 10,
+        sock_type: 1,
+        protocol: 6,
+        hook: hook::CONNECT6,
+        verdict: verdict::DENY,
+        reason: reason::NOT_LISTED,
+        mode: 0,
+        _pad: [0; 2],
+    };
+}
+
 /// Which kernel program produced an event.
 pub mod hook {
     /// `cgroup/connect4`.

@@ -840,29 +840,18 @@ mod tests {
 
     /// `curl`'s allowed TCP connect (at `hook`) to the proxy.
     fn event(hook: u8, cookie: u64) -> Event {
-        let mut comm = [0u8; 16];
-        comm[..4].copy_from_slice(b"curl");
         Event {
             ktime_ns: 1,
             cookie,
-            cgroup_id: 9,
             pid: 42,
             tgid: 42,
-            uid: 1000,
-            gid: 1000,
-            comm,
             dst_addr: ipv4_mapped([10, 0, 0, 1]),
-            src_addr: [0; 16],
             dst_port: 3128,
-            src_port: 0,
             family: 2,
-            sock_type: 1,
-            protocol: protocol::TCP,
             hook,
             verdict: verdict::ALLOW,
             reason: reason::PROXY,
-            mode: 0,
-            _pad: [0; 2],
+            ..Event::EXAMPLE
         }
     }
 

@@ -20,29 +20,13 @@ use tank_ebpf_common::ocsf::{lifecycle, validate};
 use tank_ebpf_common::settings::mode;
 
 fn event() -> Event {
-    let mut comm = [0u8; 16];
-    comm[..4].copy_from_slice(b"curl");
     Event {
         ktime_ns: 5_000_000_000,
-        cookie: 77,
-        cgroup_id: 9,
-        pid: 101,
-        tgid: 100,
-        uid: 1000,
-        gid: 1000,
-        comm,
-        dst_addr: ipv4_mapped([192, 0, 2, 1]),
-        src_addr: [0; 16],
-        dst_port: 443,
-        src_port: 0,
         family: 2,
-        sock_type: 1,
-        protocol: 6,
         hook: hook::CONNECT4,
         verdict: verdict::ALLOW,
         reason: reason::PROXY,
-        mode: 0,
-        _pad: [0; 2],
+        ..Event::EXAMPLE
     }
 }
 

@@ -655,35 +655,7 @@ fn write_str(out: &mut Vec<u8>, bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::allow::ipv4_mapped;
     use crate::chain::Hash;
-
-    pub(crate) fn event() -> Event {
-        let mut comm = [0u8; 16];
-        comm[..4].copy_from_slice(b"curl");
-        Event {
-            ktime_ns: 1_000,
-            cookie: 77,
-            cgroup_id: 9,
-            pid: 101,
-            tgid: 100,
-            uid: 1000,
-            gid: 1000,
-            comm,
-            dst_addr: ipv4_mapped([192, 0, 2, 1]),
-            src_addr: [0; 16],
-            dst_port: 443,
-            src_port: 0,
-            family: 10,
-            sock_type: 1,
-            protocol: 6,
-            hook: hook::CONNECT6,
-            verdict: verdict::DENY,
-            reason: reason::NOT_LISTED,
-            mode: 0,
-            _pad: [0; 2],
-        }
-    }
 
     fn line(event: &Event) -> serde_json::Value {
         let mut out = Vec::new();
@@ -720,7 +692,7 @@ mod tests {
 
     #[test]
     fn a_denied_mapped_connect_reads_as_an_ipv4_refusal() {
-        let r = round_trip(&event());
+        let r = round_trip(&Event::EXAMPLE);
         assert_eq!(
             (r.activity_id, r.type_uid, r.action, r.disposition_id),
             (5, 400105, super::super::Action::Denied, 2)
@@ -753,7 +725,7 @@ mod tests {
         for &(h, _) in hook::NAMES {
             for &(why, _) in reason::NAMES {
                 for v in [verdict::ALLOW, verdict::DENY] {
-                    let mut e = event();
+                    let mut e = Event::EXAMPLE;
                     (e.hook, e.reason, e.verdict, e.mode) = (h, why, v, mode::AUDIT as u8);
                     let r = round_trip(&e);
                     assert_eq!((r.unmapped.hook.0, r.unmapped.reason.0), (h, why));
@@ -766,7 +738,7 @@ mod tests {
 
     #[test]
     fn ipv6_local_ends_odd_names_and_other_protocols_round_trip() {
-        let mut e = event();
+        let mut e = Event::EXAMPLE;
         e.dst_addr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
         e.src_addr = "2001:db8::2".parse::<Ipv6Addr>().unwrap().octets();
         (e.src_port, e.protocol) = (40000, 132);
@@ -786,7 +758,7 @@ mod tests {
 
     #[test]
     fn unknown_names_do_not_read() {
-        let mut v = line(&event());
+        let mut v = line(&Event::EXAMPLE);
         v["unmapped"]["hook"] = "connect9".into();
         let e = NetworkRecord::deserialize(&v).unwrap_err().to_string();
         assert!(e.contains("unknown hook `connect9`"), "{e}");
