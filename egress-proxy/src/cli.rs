@@ -80,16 +80,19 @@ pub enum Command {
 /// The `audit` subcommands.
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Verify a hash-chained audit log (the proxy's or tank-loader's kernel log).
+    /// Verify a hash-chained audit log (the proxy's or tank-loader's kernel log), across all
+    /// its segments.
     ///
-    /// Detects edited, deleted, inserted, reordered and cut-off records and a partial last
-    /// line (a crash mid-write, reported and never accepted). Prints the same report as
-    /// `tank-loader audit verify`.
+    /// Detects edited, deleted, inserted, reordered and cut-off records, a partial last line
+    /// (a crash mid-write, reported and never accepted), and a missing, reordered, truncated
+    /// or replaced segment. Lists tunnels opened and never closed (the proxy died while they
+    /// were open). Prints the same report as `tank-loader audit verify`.
     #[command(after_help = chain::VERIFY_EXIT_CODES)]
     Verify {
-        /// The log (its anchor `FILE.head` is read if present).
-        #[arg(value_name = "FILE")]
-        file: PathBuf,
+        /// The log (its rotated segments beside it and its anchor `FILE.head` are read too), a
+        /// directory holding one log's segments, or several segment files.
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
         /// Print the report as JSON (records, head, anchor, problems) on stdout.
         #[arg(long)]
         json: bool,

@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -16,7 +17,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
-use std::sync::Arc;
+use tank_ebpf_common::chain;
 
 use crate::ca;
 use crate::credentials::{Credential, Secret};
@@ -39,6 +40,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// The chained audit log.
     pub audit_log: PathBuf,
+    /// How the audit log keeps space in reserve and rotates (`[audit]`).
+    pub audit: chain::Options,
     /// Everything a reload may change.
     pub policy: Policy,
     /// Rules that can never apply, or apply otherwise than written, one
@@ -182,6 +185,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     resolver: RawResolver,
+    #[serde(default)]
+    audit: Option<Spanned<chain::Settings>>,
     tls_ports: Option<Spanned<Vec<Spanned<i64>>>>,
     inspection: Option<Spanned<RawInspection>>,
     #[serde(default)]
@@ -510,6 +515,7 @@ impl Validator<'_> {
             }
         }
         let limits = self.limits(&raw.limits);
+        let audit = self.audit(&raw.audit);
         let resolver = self.resolver(&raw.resolver);
         let tls_ports = self.tls_ports(raw.tls_ports.as_ref());
         let inspection = self.inspection(
@@ -523,6 +529,7 @@ impl Validator<'_> {
             listen,
             admin_listen,
             audit_log,
+            audit,
             policy: Policy {
                 allowed,
                 denied,
@@ -587,6 +594,18 @@ impl Validator<'_> {
             lookup_timeout,
             max_lookups,
         }
+    }
+
+    fn audit(&mut self, raw: &Option<Spanned<chain::Settings>>) -> chain::Options {
+        let Some(raw) = raw else {
+            return chain::Settings::default()
+                .options()
+                .expect("defaults are valid");
+        };
+        raw.get_ref().options().unwrap_or_else(|e| {
+            self.err(raw.span(), format!("[audit]: {e}"));
+            chain::Options::default()
+        })
     }
 
     fn limits(&mut self, raw: &RawLimits) -> Limits {
@@ -1234,6 +1253,28 @@ idle_timeout_secs = 2.5
         assert!(!c.policy.system_resolver);
         assert_eq!(c.policy.limits.max_header_bytes, 8192);
         assert_eq!(c.policy.limits.idle_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn audit_table_sets_reserve_and_rotation_and_rejects_nonsense() {
+        let d = ok("").audit;
+        assert_eq!(d.reserve_bytes, 64 << 10);
+        assert_eq!(d.rotation.max_bytes, Some(64 << 20));
+        assert_eq!(d.rotation.max_age, Some(Duration::from_secs(86_400)));
+        assert!(d.rotation.compress && d.rotation.keep_segments.is_none());
+        let c = ok("[audit]\nrotate_bytes = 0\nrotate_age_secs = 0\nkeep_segments = 3\nkeep_days = 1.5\ncompress = false\n").audit;
+        assert_eq!(c.rotation.max_bytes, None);
+        assert_eq!(c.rotation.max_age, None);
+        assert_eq!(c.rotation.keep_segments, Some(3));
+        assert_eq!(c.rotation.keep_age, Some(Duration::from_secs(129_600)));
+        assert!(!c.rotation.compress);
+        let e = errs(&format!("{BASE}[audit]\nkeep_segments = 0\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].2.contains("keep_segments"), "{e:?}");
+        let e = errs(&format!("{BASE}[audit]\nreserve_bytes = 10\n"));
+        assert!(e[0].2.contains("reserve_bytes"), "{e:?}");
+        let e = errs(&format!("{BASE}[audit]\nrotate_size = 1\n"));
+        assert!(e[0].2.contains("rotate_size"), "{e:?}");
     }
 
     #[test]

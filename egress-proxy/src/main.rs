@@ -111,10 +111,10 @@ fn main() -> ExitCode {
             }
         },
         Command::Audit {
-            command: AuditCommand::Verify { file, json },
+            command: AuditCommand::Verify { files, json },
         } => {
             let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
-            match chain::verify_command("egress-proxy", &file, json, &mut stdout, &mut stderr) {
+            match chain::verify_command("egress-proxy", &files, json, &mut stdout, &mut stderr) {
                 Ok(code) => ExitCode::from(code),
                 // stdout closed (`| head`): the status still says what was found.
                 Err(_) => ExitCode::from(2),

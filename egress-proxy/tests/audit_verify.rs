@@ -69,26 +69,28 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
 
     let (code, out, err) = verify(&log, false);
     assert_eq!(code, 0, "{out}{err}");
+    // Three tunnels (opening and closing records) and three refusals.
     assert!(
-        out.contains("intact: 6 records, last seq 6 (anchored at seq 6)"),
+        out.contains("intact: 9 records, last seq 9 (anchored at seq 9)"),
         "{out}"
     );
     let (code, out, _) = verify(&log, true);
     assert_eq!(code, 0);
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(report["records"], 6);
+    assert_eq!(report["records"], 9);
+    assert_eq!(report["unclosed"].as_array().unwrap().len(), 0);
     assert_eq!(report["problems"].as_array().unwrap().len(), 0);
 
     type Tamper = Box<dyn FnOnce(&mut Vec<String>)>;
     let cases: Vec<(&str, Tamper, &str)> = vec![
         (
             "edit",
-            Box::new(|l| l[2] = l[2].replace("\"Allowed\"", "\"Denied\"")),
-            "line 4: prev does not match",
+            Box::new(|l| l[1] = l[1].replace("\"Allowed\"", "\"Denied\"")),
+            "line 3: prev does not match",
         ),
         (
             "edit-last",
-            Box::new(|l| l[5] = l[5].replace("\"Denied\"", "\"Allowed\"")),
+            Box::new(|l| l[8] = l[8].replace("\"Denied\"", "\"Allowed\"")),
             "differs from its anchored hash",
         ),
         (
@@ -106,7 +108,7 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
         (
             "truncate",
             Box::new(|l| l.truncate(4)),
-            "log ends at seq 4 but its anchor names seq 6",
+            "log ends at seq 4 but its anchor names seq 9",
         ),
     ];
     for (name, f, expect) in cases {
@@ -127,11 +129,11 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
     // A partial last line (a crash mid-write) is reported, never accepted.
     let partial = tampered(&log, dir.path(), "partial", |_| {});
     let mut bytes = std::fs::read(&partial).unwrap();
-    bytes.extend_from_slice(b"{\"seq\":7,\"prev\":\"0a");
+    bytes.extend_from_slice(b"{\"metadata\":{\"sequence\":10},\"unmapped\":{\"prev\":\"0a");
     std::fs::write(&partial, bytes).unwrap();
     let (code, out, _) = verify(&partial, false);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("line 7: partial record"), "{out}");
+    assert!(out.contains("line 10: partial record"), "{out}");
 
     // The proxy continues a log after such a crash; the fragment stays reported.
     let mut proxy = Proxy::start_raw(
@@ -150,15 +152,15 @@ fn verify_accepts_the_proxy_log_and_catches_every_kind_of_tampering() {
     wait_for(
         std::time::Duration::from_secs(10),
         "the record after recovery",
-        || (read_records(&partial).len() == 7).then_some(()),
+        || (read_chain(&partial).len() == 11).then_some(()),
     );
     assert!(proxy.stop().success());
     let (code, out, _) = verify(&partial, false);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("line 7: not a chained record"), "{out}");
+    assert!(out.contains("line 10: not a chained record"), "{out}");
     assert_eq!(
-        read_records(&partial).last().unwrap()["metadata"]["sequence"],
-        7
+        read_chain(&partial).last().unwrap()["metadata"]["sequence"],
+        11
     );
 
     // Unreadable: exit 2 with a one-line error.

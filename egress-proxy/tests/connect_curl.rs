@@ -53,8 +53,19 @@ fn curl_reaches_an_allowed_tls_origin_through_a_tunnel() {
     let r = &record_where(&records, &[("/dst_endpoint/hostname", "origin.test")]);
     assert_eq!(r["class_uid"], 4001);
     assert_eq!(r["category_uid"], 4);
-    assert_eq!(r["activity_id"], 1);
-    assert_eq!(r["type_uid"], 400101);
+    // The closing record (Close), linked to the opening record (Open) written before the 200.
+    assert_eq!(r["activity_id"], 2);
+    assert_eq!(r["type_uid"], 400102);
+    let opening = read_chain(&proxy.audit)
+        .into_iter()
+        .find(|o| o["metadata"]["sequence"] == r["unmapped"]["closes"])
+        .expect("the opening record the closing record names");
+    assert_eq!(opening["unmapped"]["opens"], true);
+    assert_eq!(opening["activity_id"], 1);
+    assert_eq!(opening["start_time"], r["start_time"]);
+    assert_eq!(opening["src_endpoint"], r["src_endpoint"]);
+    assert_eq!(opening["unmapped"]["rule"], r["unmapped"]["rule"]);
+    assert!(opening["end_time"].is_null() && opening.get("traffic").is_none());
     assert_eq!(r["action"], "Allowed");
     assert_eq!(r["action_id"], 1);
     assert_eq!(r["disposition"], "Allowed");

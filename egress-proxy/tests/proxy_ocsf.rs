@@ -93,6 +93,28 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
     for d in drafts() {
         log.append(&d.finish("proxy-host")).unwrap();
     }
+    // A relayed connection: its opening record and the closing record linked to it.
+    let mut tunnel = draft("10.0.0.5:40005", RequestKind::Connect);
+    (tunnel.allowed, tunnel.rule) = (true, "allowed_domains:web".into());
+    tunnel.ip = Some("203.0.113.7".parse().unwrap());
+    (tunnel.uid, tunnel.tunnel) = (Some("18c-1f-1".into()), Some(TunnelKind::Inspected));
+    let opened = log
+        .append_opening(&tunnel.opening("proxy-host"), 0)
+        .unwrap();
+    tunnel.traffic.bytes_in = 10;
+    log.append_closing(&tunnel.closing("proxy-host"), opened, 0)
+        .unwrap();
+    // The proxy's records about its log.
+    for event in ["audit_outage", "segment", "reopened"] {
+        let details =
+            serde_json::json!({"event": event, "since": 1, "until": 2, "error": "no space"});
+        log.append(&egress_proxy::audit::lifecycle(
+            "proxy-host",
+            event,
+            details,
+        ))
+        .unwrap();
+    }
     // The requests inside the inspected tunnel: one forwarded with a credential, one refused.
     for (allowed, status, method, credential) in [
         (true, 200, "GET", Some("forge")),
@@ -126,6 +148,7 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
                 rule: "allowed_domains:api".into(),
                 credential: credential.map(str::to_owned),
                 error: None,
+                url_bytes: None,
             },
         };
         log.append(&RequestRecord::new(r, "proxy-host", "0.1.0"))
@@ -140,7 +163,7 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
 #[test]
 fn every_proxy_record_kind_is_valid_ocsf() {
     let (_dir, records) = written();
-    assert_eq!(records.len(), 4 + Reason::ALL.len() + 2 + 1 + 2);
+    assert_eq!(records.len(), 4 + Reason::ALL.len() + 2 + 1 + 2 + 3 + 2);
     if let Err(violations) = validate::check(&records) {
         panic!("proxy records that are not valid OCSF:\n{violations}");
     }

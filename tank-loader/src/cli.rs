@@ -120,15 +120,19 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Verify a hash-chained audit log (the kernel log or egress-proxy's).
+    /// Verify a hash-chained audit log (the kernel log or egress-proxy's), across all its
+    /// segments.
     ///
-    /// Detects edited, deleted, inserted, reordered and cut-off records and a partial last
-    /// line (a crash mid-write, reported and never accepted). Prints the same report as
-    /// `egress-proxy audit verify`.
+    /// Detects edited, deleted, inserted, reordered and cut-off records, a partial last line
+    /// (a crash mid-write, reported and never accepted), and a missing, reordered, truncated
+    /// or replaced segment; lists spans opened and never closed (proxy tunnels whose proxy
+    /// died). Prints the same report as `egress-proxy audit verify`.
     #[command(after_help = chain::VERIFY_EXIT_CODES)]
     Verify {
-        /// The log file.
-        file: PathBuf,
+        /// The log file (its rotated segments beside it are read too), a directory holding one
+        /// log's segments, or several segment files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -149,12 +153,13 @@ pub enum AuditCommand {
     /// verification; matching still runs on what the damaged log holds); 2 usage error or an
     /// input that cannot be read.
     CrossCheck {
-        /// The kernel audit log (tank-loader's, from the agent host).
-        #[arg(long, value_name = "FILE")]
-        kernel: PathBuf,
-        /// The proxy audit log (egress-proxy's, from the proxy host).
-        #[arg(long, value_name = "FILE")]
-        proxy: PathBuf,
+        /// The kernel audit log (tank-loader's, from the agent host): the log file (its rotated
+        /// segments beside it are read too), a directory of its segments, or several segments.
+        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        kernel: Vec<PathBuf>,
+        /// The proxy audit log (egress-proxy's, from the proxy host), as for --kernel.
+        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        proxy: Vec<PathBuf>,
         /// Greatest time between a kernel connection and its proxy record, in milliseconds.
         ///
         /// The kernel stamps the end of the handshake on the agent host, the proxy its accept

@@ -28,6 +28,8 @@ pub struct Config {
     pub pin_dir: PathBuf,
     /// The append-only kernel audit log (JSONL, hash-chained).
     pub audit_log: PathBuf,
+    /// Its reserve and rotation (`[audit]`).
+    pub audit: tank_ebpf_common::chain::Options,
     /// Ring buffer size in bytes.
     pub ring_buffer_bytes: u32,
     /// Every endpoint the agent may reach directly: the proxies first, then listed endpoints.
@@ -162,6 +164,8 @@ struct RawConfig {
     lsm: LsmMode,
     #[serde(default)]
     nft: Option<RawNft>,
+    #[serde(default)]
+    audit: Option<Spanned<tank_ebpf_common::chain::Settings>>,
     metrics_listen: Option<Spanned<String>>,
 }
 
@@ -363,11 +367,21 @@ impl Config {
             },
         };
 
+        let audit = match &raw.audit {
+            None => tank_ebpf_common::chain::Settings::default().options(),
+            Some(a) => a.get_ref().options(),
+        }
+        .map_err(|e| {
+            let span = raw.audit.as_ref().map_or(0..0, |a| a.span());
+            at(span, format!("[audit]: {e}"))
+        })?;
+
         Ok(Config {
             cgroup: cgroup_path.to_owned(),
             mode: raw.mode,
             pin_dir: PathBuf::from(raw.pin_dir.into_inner()),
             audit_log: PathBuf::from(raw.audit_log.into_inner()),
+            audit,
             ring_buffer_bytes: ring as u32,
             endpoints,
             allow_mptcp: raw.allow_mptcp,

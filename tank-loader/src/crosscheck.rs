@@ -11,7 +11,7 @@
 //! report; reading files and exit codes stay in the binary. docs/audit-format.md ("Cross-check")
 //! documents the matching rules and every field of the report.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use tank_ebpf_common::chain::{self, Problem, Record, Report};
 use tank_ebpf_common::event::{hook, reason};
 use tank_ebpf_common::ocsf::kernel::{NetworkRecord, UnrecordedRecord};
 use tank_ebpf_common::ocsf::proxy::{ConnectionRecord, TunnelKind};
-use tank_ebpf_common::ocsf::{self, protocol, Action, Kind};
+use tank_ebpf_common::ocsf::{self, protocol, Action, Kind, LogName};
 
 use crate::activity::{self, Activity};
 
@@ -40,11 +40,17 @@ pub struct Log {
 }
 
 impl Log {
-    /// Reads and verifies the chained log at `path`.
+    /// Reads and verifies the chained log at `path` (with its rotated segments beside it, or
+    /// the one log in a directory).
     pub fn read(path: &Path) -> io::Result<Self> {
-        let (report, records) = chain::read(path)?;
+        Self::read_series(&[path.to_owned()])
+    }
+
+    /// Reads and verifies a series of segments as one log (see `chain::series`).
+    pub fn read_series(paths: &[PathBuf]) -> io::Result<Self> {
+        let (report, records) = chain::read_series(paths)?;
         Ok(Self {
-            path: path.to_owned(),
+            path: paths.first().cloned().unwrap_or_default(),
             report,
             records,
         })
@@ -157,7 +163,7 @@ pub struct Inspected {
     pub requests: u64,
     /// Tunnels whose request records do not number what the tunnel record says.
     pub miscounted: Vec<TunnelRequests>,
-    /// Request records naming no tunnel record (a tunnel still open, or a lost record).
+    /// Request records naming no tunnel record (its records lost, or cut from the log).
     pub orphaned: BTreeMap<String, u64>,
 }
 
@@ -174,32 +180,47 @@ pub struct TunnelRequests {
     pub found: u64,
 }
 
-/// Counts the request records of each inspected tunnel in the proxy log.
-fn inspected(proxy: &Log, precs: &[(&Record, ConnectionRecord)]) -> Inspected {
+/// Counts the request records of each inspected tunnel in the proxy log. The count a tunnel
+/// served is in its closing record; a tunnel opened and never closed (the proxy died) has
+/// none, so its requests are neither miscounted nor orphaned.
+fn inspected(proxy: &Log) -> Inspected {
     let mut per_tunnel: BTreeMap<String, u64> = BTreeMap::new();
-    let mut requests = 0;
+    let mut closed = Vec::new();
+    let mut open = BTreeSet::new();
+    let mut out = Inspected::default();
     for r in &proxy.records {
-        if let Ok(Kind::Request(q)) = ocsf::parse(&r.value) {
-            requests += 1;
-            let uid = q.metadata.correlation_uid.clone().unwrap_or_default();
-            *per_tunnel.entry(uid).or_default() += 1;
+        match ocsf::parse(&r.value) {
+            Ok(Kind::Request(q)) => {
+                out.requests += 1;
+                let uid = q.metadata.correlation_uid.clone().unwrap_or_default();
+                *per_tunnel.entry(uid).or_default() += 1;
+            }
+            Ok(Kind::Proxy(p)) => {
+                let p = *p;
+                let (Some(uid), Some(TunnelKind::Inspected)) = (p.metadata.uid, p.unmapped.tunnel)
+                else {
+                    continue;
+                };
+                if r.value.pointer("/unmapped/opens").is_some() {
+                    open.insert(uid);
+                } else {
+                    open.remove(&uid);
+                    closed.push((r.line, uid, p.unmapped.requests.unwrap_or(0)));
+                }
+            }
+            _ => {}
         }
     }
-    let mut out = Inspected {
-        requests,
-        ..Inspected::default()
-    };
-    for (r, p) in precs {
-        let (Some(uid), Some(TunnelKind::Inspected)) = (&p.metadata.uid, p.unmapped.tunnel) else {
-            continue;
-        };
-        out.tunnels += 1;
-        let found = per_tunnel.remove(uid).unwrap_or(0);
-        let says = p.unmapped.requests.unwrap_or(0);
+    out.tunnels = (closed.len() + open.len()) as u64;
+    for uid in open {
+        per_tunnel.remove(&uid);
+    }
+    for (line, uid, says) in closed {
+        let found = per_tunnel.remove(&uid).unwrap_or(0);
         if found != says {
             out.miscounted.push(TunnelRequests {
-                line: r.line,
-                uid: uid.clone(),
+                line,
+                uid,
                 says,
                 found,
             });
@@ -236,6 +257,10 @@ pub struct LogCheck {
     pub anchor: Option<chain::Head>,
     /// Chain problems.
     pub problems: Vec<Problem>,
+    /// Files read (segments and the active file).
+    pub segments: usize,
+    /// Spans opened and never closed (proxy tunnels: the proxy died, or they were still open).
+    pub unclosed: u64,
     /// Records that are not one of this log's kinds, lack a field the check needs, or belong
     /// to the other log.
     pub unreadable: Vec<Unreadable>,
@@ -321,6 +346,10 @@ fn read<T>(
     let mut unreadable = Vec::new();
     let mut parsed = Vec::new();
     for r in &log.records {
+        // A tunnel is matched on its opening record; its closing record repeats the 4-tuple.
+        if r.value.pointer("/unmapped/closes").is_some() {
+            continue;
+        }
         match ocsf::parse(&r.value)
             .map_err(|e| e.to_string())
             .and_then(&pick)
@@ -341,6 +370,8 @@ fn read<T>(
         head: log.report.head.clone(),
         anchor: log.report.anchor.clone(),
         problems: log.report.problems.clone(),
+        segments: log.report.segments.len(),
+        unclosed: log.report.unclosed.len() as u64,
         unreadable,
     };
     (check, parsed)
@@ -358,8 +389,10 @@ fn kernel_record(kind: Kind) -> Result<Option<KernelItem>, String> {
         Kind::Kernel(k) if k.dst_endpoint.addr().is_some() => Ok(Some(KernelItem::Network(k))),
         Kind::Unrecorded(u) => Ok(Some(KernelItem::Unrecorded(u))),
         Kind::Kernel(_) => Err("dst_endpoint has no ip and port".to_owned()),
-        Kind::Lifecycle(_) => Ok(None),
-        Kind::Proxy(_) | Kind::Request(_) => Err("a proxy record in the kernel log".to_owned()),
+        Kind::Lifecycle(l) if l.metadata.log_name == LogName::Kernel => Ok(None),
+        Kind::Lifecycle(_) | Kind::Proxy(_) | Kind::Request(_) => {
+            Err("a proxy record in the kernel log".to_owned())
+        }
     }
 }
 
@@ -367,9 +400,11 @@ fn kernel_record(kind: Kind) -> Result<Option<KernelItem>, String> {
 fn proxy_record(kind: Kind) -> Result<Option<ConnectionRecord>, String> {
     match kind {
         Kind::Proxy(p) if p.src_endpoint.addr().is_some() && p.proxy.addr().is_some() => {
-            Ok(Some(p))
+            Ok(Some(*p))
         }
         Kind::Proxy(_) => Err("src_endpoint or proxy has no ip and port".to_owned()),
+        // The proxy's own records about its log (an outage, a new segment).
+        Kind::Lifecycle(l) if l.metadata.log_name == LogName::Proxy => Ok(None),
         // Requests inside inspected tunnels are counted per tunnel (see `requests`), not paired.
         Kind::Request(_) => Ok(None),
         Kind::Kernel(_) | Kind::Lifecycle(_) | Kind::Unrecorded(_) => {
@@ -488,7 +523,7 @@ pub fn check(kernel: &Log, proxy: &Log, opts: &Options) -> CrossCheck {
         .filter_map(|(c, used)| (!used).then_some(c))
         .collect();
 
-    let inspected = inspected(proxy, &precs);
+    let inspected = inspected(proxy);
     let discrepancy = !(proxy_unmatched.is_empty()
         && inspected.miscounted.is_empty()
         && inspected.orphaned.is_empty()
@@ -651,6 +686,15 @@ pub fn render(c: &CrossCheck) -> String {
         for p in &log.problems {
             out += &format!("  {p}\n");
         }
+        if log.segments > 1 {
+            out += &format!("{name} log: read from {} segments\n", log.segments);
+        }
+        if log.unclosed > 0 {
+            out += &format!(
+                "{name} log: {} opened and never closed (the writer died, or they were open when the log was copied); matched on their opening records\n",
+                log.unclosed
+            );
+        }
         if !log.unreadable.is_empty() {
             out += &format!("{name} log: {} unreadable records\n", log.unreadable.len());
         }
@@ -773,8 +817,8 @@ mod tests {
     use tank_ebpf_common::event::{verdict, Event};
     use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
     use tank_ebpf_common::ocsf::proxy::{
-        Connection, HttpRequest, ProxyDetails, Request, RequestDetails, RequestKind, RequestRecord,
-        Traffic, Url,
+        Connection, HttpRequest, Phase, ProxyDetails, Request, RequestDetails, RequestKind,
+        RequestRecord, Traffic, Url,
     };
     use tank_ebpf_common::ocsf::{lifecycle, Endpoint};
 
@@ -801,6 +845,8 @@ mod tests {
             head,
             anchor: None,
             problems: vec![],
+            segments: vec![],
+            unclosed: vec![],
         };
         Log {
             path: "test.jsonl".into(),
@@ -891,10 +937,15 @@ mod tests {
 
     /// The proxy's record of a connection from AGENT:`port` accepted `dt` ms after T0.
     fn proxied(dt: i64, port: u16) -> Value {
+        proxied_as(dt, port, Phase::Whole)
+    }
+
+    fn proxied_as(dt: i64, port: u16, phase: Phase) -> Value {
         let c = Connection {
             allowed: true,
             start_ms: T0 + dt,
             duration_ms: 50,
+            phase,
             client: SocketAddr::from((AGENT, port)),
             local: "10.0.0.1:3128".parse().unwrap(),
             target: Endpoint {
@@ -910,6 +961,7 @@ mod tests {
                 rule: "allowed_domains:web".into(),
                 http_method: None,
                 error: None,
+                url_bytes: None,
                 tunnel: None,
                 sni: None,
                 alpn: Vec::new(),
@@ -919,13 +971,18 @@ mod tests {
         serde_json::to_value(ConnectionRecord::new(c, "proxy", "0")).unwrap()
     }
 
-    /// An inspected tunnel's record saying it served `requests`, with request records for
-    /// `recorded` of them.
+    /// An inspected tunnel's records as the proxy writes them: its opening record, request
+    /// records for `recorded` of its requests, and its closing record saying it served
+    /// `requests`.
     fn inspected_tunnel(dt: i64, port: u16, uid: &str, requests: u64, recorded: u64) -> Vec<Value> {
-        let mut tunnel = proxied(dt, port);
-        tunnel["metadata"]["uid"] = json!(uid);
-        tunnel["unmapped"]["tunnel"] = json!("inspected");
-        tunnel["unmapped"]["requests"] = json!(requests);
+        let tunnel = |phase, unmapped| {
+            let mut t = with(proxied_as(dt, port, phase), json!({ "unmapped": unmapped }));
+            t["metadata"]["uid"] = json!(uid);
+            t["unmapped"]["tunnel"] = json!("inspected");
+            t
+        };
+        let opening = tunnel(Phase::Opening, json!({"opens": true}));
+        let closing = tunnel(Phase::Closing, json!({"closes": 1, "requests": requests}));
         let request = |n: u64| {
             let r = Request {
                 allowed: true,
@@ -947,12 +1004,14 @@ mod tests {
                     rule: "allowed_domains:web".into(),
                     credential: None,
                     error: None,
+                    url_bytes: None,
                 },
             };
             serde_json::to_value(RequestRecord::new(r, "proxy", "0")).unwrap()
         };
-        let mut out: Vec<Value> = (0..recorded).map(request).collect();
-        out.push(tunnel);
+        let mut out = vec![opening];
+        out.extend((0..recorded).map(request));
+        out.push(closing);
         out
     }
 
@@ -982,6 +1041,7 @@ mod tests {
         proxy.extend(
             inspected_tunnel(30, 40003, "gone", 1, 1)
                 .into_iter()
+                .skip(1)
                 .take(1),
         );
         let c = check_logs(kernel, proxy);
@@ -1000,6 +1060,14 @@ mod tests {
             text.contains("tunnel t1 says 3 requests, 2 request records name it"),
             "{text}"
         );
+        // A tunnel still open when the proxy died: it never wrote its count, and its request
+        // records are its own, not orphans.
+        let mut proxy = inspected_tunnel(20, 40001, "t1", 3, 2);
+        proxy.pop();
+        let c = check_logs(connection(1, 0, 40001), proxy);
+        assert_eq!(c.verdict, Verdict::Consistent, "{}", render(&c));
+        assert_eq!([c.inspected.tunnels, c.inspected.requests], [1, 2]);
+        assert!(c.inspected.orphaned.is_empty() && c.inspected.miscounted.is_empty());
     }
 
     fn opts() -> Options {
@@ -1033,6 +1101,20 @@ mod tests {
         let summary = "\nmatched: 2 of 2 proxy records (100.0%), 2 of 2 kernel connections to";
         assert!(text.contains(summary), "{text}");
         assert!(text.ends_with("\nverdict: CONSISTENT\n"), "{text}");
+    }
+
+    #[test]
+    fn a_tunnel_is_matched_on_its_opening_record_not_twice() {
+        let opening = proxied_as(0, 40001, Phase::Opening);
+        let opening = with(opening, json!({"unmapped": {"opens": true}}));
+        let closing = proxied_as(0, 40001, Phase::Closing);
+        let closing = with(closing, json!({"unmapped": {"closes": 1}}));
+        let c = check_logs(connection(1, 0, 40001), vec![opening.clone(), closing]);
+        assert_eq!((c.matched, c.proxy_records), (1, 1));
+        assert_eq!(c.verdict, Verdict::Consistent);
+        // Opened and never closed (the proxy died mid-tunnel): matched all the same.
+        let c = check_logs(connection(1, 0, 40001), vec![opening]);
+        assert_eq!((c.matched, c.verdict), (1, Verdict::Consistent));
     }
 
     #[test]

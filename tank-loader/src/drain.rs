@@ -13,6 +13,13 @@
 //! and logs the rest. The unrecorded totals the log has accounted for are kept in a checkpoint
 //! beside the log (`<log>.drain`), for the same reason.
 //!
+//! A full disk fails closed ([`Stall`]): the events the log has no space for stay in the ring
+//! (the drain reads them again later), and while the log has no room the drain stops reading,
+//! so the ring fills and the kernel refuses further attempts and counts them
+//! (`unrecorded_denied`). When space returns the drain writes an outage record and goes on:
+//! nothing allowed goes unrecorded. After each durable batch the log rotates when due, and
+//! SIGHUP makes it continue in a new file if logrotate moved it away.
+//!
 //! An `established` event comes from a kernel callback that runs outside the connecting task,
 //! so it names no process; the drain copies the process from the connect attempt with the same
 //! socket cookie ([`Attempts`]), so every record of a connection says who made it.
@@ -29,7 +36,10 @@ use serde::{Deserialize, Serialize};
 use std::os::fd::AsFd;
 use tank_ebpf_common::chain::{ChainError, ChainWriter};
 use tank_ebpf_common::event::{hook, verdict, Event};
-use tank_ebpf_common::ocsf::kernel::{Formatter, UnrecordedRecord, UnrecordedTotals};
+use tank_ebpf_common::ocsf::kernel::{
+    Formatter, LifecycleRecord, UnrecordedRecord, UnrecordedTotals,
+};
+use tank_ebpf_common::ocsf::lifecycle;
 use tokio::io::unix::AsyncFd;
 
 use crate::metrics::DrainStats;
@@ -45,6 +55,10 @@ const ANCHOR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Events appended between two syncs at most: bounds the batch a crash can force the next
 /// loader to read again.
 const BATCH: usize = 1 << 16;
+
+/// Room beyond its reserve the log must have again before a drain stalled by a full disk
+/// resumes (what `tank-loader status` checks too).
+const RESUME_ROOM: u64 = 64 * 1024;
 
 /// What the drain has accounted for, kept beside the log in `<log>.drain` after each sync.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,9 +88,17 @@ pub struct Drain {
     /// Totals the log has accounted for, and when the drain last looked (ms).
     accounted: UnrecordedTotals,
     looked_ms: Option<i64>,
-    checkpoint: PathBuf,
+    checkpoint: CheckpointFile,
     /// When the anchor last went to the system log.
     anchor_logged: Option<Instant>,
+    /// Set while the log has no space.
+    stall: Option<Stall>,
+}
+
+/// A spell during which the log had no space for records.
+struct Stall {
+    since_ms: i64,
+    error: String,
 }
 
 impl Drain {
@@ -125,8 +147,9 @@ impl Drain {
             stats,
             accounted,
             looked_ms: None,
-            checkpoint,
+            checkpoint: CheckpointFile::open(checkpoint, &saved.unwrap_or_default())?,
             anchor_logged: None,
+            stall: None,
         };
         // Counters that went back are new maps (a reboot): nothing of theirs is accounted for.
         let now = drain.totals()?;
@@ -160,11 +183,20 @@ impl Drain {
             .map_err(|e| anyhow::anyhow!("cannot watch the ring buffer: {}", e.into_parts().1))?;
         let mut tick = tokio::time::interval(TICK);
         let mut written = 0;
+        // SIGHUP: logrotate moved the log away; continue in a new file at its path.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot watch SIGHUP")?;
         // The head the drain starts from (the Start record's), before any batch.
         this.stats.batch(0, log.head().seq, None);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
+                _ = hup.recv() => {
+                    let record = this.lifecycle("log reopened after being moved away (SIGHUP)", "reopened");
+                    if log.reopen(&record)? {
+                        tracing::info!(log = %log.path().display(), "audit log had been moved away; continuing in a new file, linked to the last record");
+                    }
+                }
                 guard = fd.readable() => {
                     // Cleared first: a wakeup during the pass then stays for the next wait.
                     guard.context("ring buffer wait failed")?.clear_ready();
@@ -173,6 +205,9 @@ impl Drain {
                 _ = tick.tick() => written += this.pass(log)?,
                 () = &mut shutdown => {
                     written += this.pass(log)?;
+                    if this.stall.is_some() {
+                        tracing::error!("stopping while the audit log has no space: the ring buffer keeps the events not logged for the next loader");
+                    }
                     let head = log.head();
                     tracing::info!(seq = head.seq, hash = %head.hash, "audit anchor");
                     return Ok(written);
@@ -182,11 +217,31 @@ impl Drain {
     }
 
     /// Moves everything pending into the log, durably, batch by batch. Returns the events.
+    /// On a full disk it makes durable what fitted and stalls: later passes read nothing until
+    /// the log has room again.
     pub fn pass(&mut self, log: &mut ChainWriter) -> anyhow::Result<u64> {
+        if self.stall.is_some() && !self.resume(log)? {
+            return Ok(0);
+        }
         let mut total = 0;
         loop {
-            let (events, oldest_ktime_ns) = self.read_batch(log)?;
-            let counted = self.account(log)?;
+            let (events, oldest_ktime_ns, full) = self.read_batch(log)?;
+            let counted = match full {
+                None => match self.account(log) {
+                    Err(e)
+                        if e.downcast_ref::<ChainError>()
+                            .is_some_and(ChainError::is_full) =>
+                    {
+                        self.begin_stall(e.to_string());
+                        false
+                    }
+                    r => r?,
+                },
+                Some(e) => {
+                    self.begin_stall(e.to_string());
+                    false
+                }
+            };
             if events == 0 && !counted {
                 return Ok(total);
             }
@@ -206,18 +261,86 @@ impl Drain {
                 ring_pos: self.ring.position(),
                 unrecorded: self.accounted,
             };
-            write_checkpoint(&self.checkpoint, &checkpoint)?;
+            self.checkpoint.write(&checkpoint)?;
             self.ring.commit(checkpoint.ring_pos);
             total += events as u64;
+            if self.stall.is_some() {
+                return Ok(total);
+            }
+            self.rotate_if_due(log);
             if !self.ring.pending() {
                 return Ok(total);
             }
         }
     }
 
-    /// Appends up to [`BATCH`] events from the ring. Returns how many, and the kernel time of
-    /// the first (the batch's oldest), if any.
-    fn read_batch(&mut self, log: &mut ChainWriter) -> Result<(usize, Option<u64>), ChainError> {
+    fn begin_stall(&mut self, error: String) {
+        tracing::error!(%error, "audit log has no space: no longer draining the ring buffer, so the kernel refuses new attempts until space returns");
+        self.stall = Some(Stall {
+            since_ms: tank_ebpf_common::ocsf::unix_ms(Clock::now().unix_ns(Clock::monotonic_ns())),
+            error,
+        });
+    }
+
+    /// Ends a stall once the log has room again, with an outage record; false while it has not.
+    fn resume(&mut self, log: &mut ChainWriter) -> anyhow::Result<bool> {
+        let Some(stall) = &self.stall else {
+            return Ok(true);
+        };
+        match log.make_room(log.reserve_bytes() + RESUME_ROOM) {
+            Err(e) if e.is_full() => return Ok(false),
+            r => r?,
+        }
+        let until = tank_ebpf_common::ocsf::unix_ms(Clock::now().unix_ns(Clock::monotonic_ns()));
+        let mut outage = self.lifecycle(
+            "the audit log had no space: the ring buffer filled and the kernel refused attempts (counter unrecorded_denied)",
+            "audit_outage",
+        );
+        outage.unmapped = serde_json::json!({"event": "audit_outage", "since": stall.since_ms, "until": until, "error": stall.error});
+        log.append(&outage)?;
+        log.sync()?;
+        tracing::info!(
+            since = stall.since_ms,
+            "audit log writable again; draining the ring buffer"
+        );
+        self.stall = None;
+        Ok(true)
+    }
+
+    fn rotate_if_due(&self, log: &mut ChainWriter) {
+        if !log.rotation_due() {
+            return;
+        }
+        let record = self.lifecycle("new audit log segment", "segment");
+        match log.rotate(&record) {
+            Ok(r) => {
+                tracing::info!(segment = %r.segment.display(), removed = r.removed.len(), "audit log rotated")
+            }
+            // The active file stays as it was; tried again after the next batch.
+            Err(e) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "audit log rotation failed; continuing in the current file")
+            }
+        }
+    }
+
+    /// A lifecycle record of the loader about its log (`unmapped.event`).
+    fn lifecycle(&self, message: &str, event: &str) -> LifecycleRecord {
+        LifecycleRecord::new(
+            &self.hostname,
+            env!("CARGO_PKG_VERSION"),
+            lifecycle::OTHER,
+            message.to_owned(),
+            serde_json::json!({ "event": event }),
+        )
+    }
+
+    /// Appends up to [`BATCH`] events from the ring. Returns how many, the kernel time of the
+    /// first (the batch's oldest), if any, and the error that stopped it when the log had no
+    /// space: the events from there on stay in the ring, to be read again.
+    fn read_batch(
+        &mut self,
+        log: &mut ChainWriter,
+    ) -> Result<(usize, Option<u64>, Option<ChainError>), ChainError> {
         let clock = Clock::now();
         let Self {
             ring,
@@ -227,7 +350,8 @@ impl Drain {
             ..
         } = self;
         let (mut failed, mut oldest_ktime_ns) = (None, None);
-        let n = ring.read(BATCH, |item| {
+        let (mut appended, mut logged_to) = (0, ring.position());
+        ring.read(BATCH, |item| {
             if failed.is_some() {
                 return;
             }
@@ -240,15 +364,21 @@ impl Drain {
             if let Err(e) = log.append_with(|link, line| {
                 records.write(line, link, &event, unix_ns, item.end)
             }) {
+                attempts.again(&event);
                 failed = Some(e);
                 return;
             }
             stats.event(&event);
             oldest_ktime_ns.get_or_insert(event.ktime_ns);
+            (appended, logged_to) = (appended + 1, item.end);
         });
         match failed {
+            Some(e) if e.is_full() => {
+                ring.resume(logged_to);
+                Ok((appended, oldest_ktime_ns, Some(e)))
+            }
             Some(e) => Err(e),
-            None => Ok((n, oldest_ktime_ns)),
+            None => Ok((appended, oldest_ktime_ns, None)),
         }
     }
 
@@ -308,11 +438,42 @@ impl Drain {
     }
 }
 
-fn write_checkpoint(path: &Path, c: &Checkpoint) -> anyhow::Result<()> {
-    let tmp = path.with_extension("drain.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(c)?)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("cannot write the drain checkpoint {}", path.display()))
+/// The checkpoint file, kept open and rewritten in place at a fixed width: like the log's
+/// anchor, it still moves when the disk is full (a new file, or a rename, would need space).
+struct CheckpointFile {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl CheckpointFile {
+    /// Far more than a checkpoint's JSON with every number at its widest.
+    const WIDTH: usize = 255;
+
+    /// Opens the checkpoint at `path` and writes `current` (what it held) at the full width,
+    /// so its space is taken now, while there is some.
+    fn open(path: PathBuf, current: &Checkpoint) -> anyhow::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .mode(0o640)
+            .open(&path)
+            .with_context(|| format!("cannot open the drain checkpoint {}", path.display()))?;
+        let this = Self { path, file };
+        this.write(current)?;
+        Ok(this)
+    }
+
+    fn write(&self, c: &Checkpoint) -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut body = serde_json::to_vec(c)?;
+        body.resize(Self::WIDTH.max(body.len()), b' ');
+        body.push(b'\n');
+        self.file
+            .write_all_at(&body, 0)
+            .with_context(|| format!("cannot write the drain checkpoint {}", self.path.display()))
+    }
 }
 
 /// Converts kernel monotonic nanoseconds into wall-clock time.
@@ -389,6 +550,17 @@ impl Attempts {
                 }
             }
             _ => {}
+        }
+    }
+}
+
+impl Attempts {
+    /// `event`, joined, was not logged and will be read again: an `established` event gives
+    /// back the process it took from its attempt.
+    fn again(&mut self, event: &Event) {
+        if event.hook == hook::ESTABLISHED && self.by_cookie.insert(event.cookie, *event).is_none()
+        {
+            self.order.push_back(event.cookie);
         }
     }
 }

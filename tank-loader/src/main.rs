@@ -4,7 +4,7 @@
 //! user as one line, `tank-loader: <what failed>: <why>`, and exit codes are documented in `--help`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -109,8 +109,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Audit {
-            command: AuditCommand::Verify { file, json },
-        } => verify(&file, json, &mut out),
+            command: AuditCommand::Verify { files, json },
+        } => verify(&files, json, &mut out),
         Command::Audit {
             command:
                 AuditCommand::CrossCheck {
@@ -140,7 +140,7 @@ fn detach(config: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(config)?;
     // The running loader holds the log; detaching under it would leave it draining a gate that
     // is gone, and two writers would fork the chain.
-    let (mut log, _) = chain::ChainWriter::open(&cfg.audit_log)
+    let (mut log, _) = chain::ChainWriter::open_with(&cfg.audit_log, cfg.audit.clone())
         .context("stop tank-loader first (systemctl stop tank-loader), then detach")?;
     let removed = gate::detach(&cfg.pin_dir)?;
     let nft_removed = nft::remove(&cfg.nft.table)?;
@@ -170,23 +170,23 @@ fn detach(config: &Path, out: &mut impl Write) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(file: &Path, json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
-    let code = chain::verify_command("tank-loader", file, json, out, &mut std::io::stderr())?;
+fn verify(files: &[PathBuf], json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
+    let code = chain::verify_command("tank-loader", files, json, out, &mut std::io::stderr())?;
     Ok(ExitCode::from(code))
 }
 
 fn cross_check(
-    kernel: &Path,
-    proxy: &Path,
+    kernel: &[PathBuf],
+    proxy: &[PathBuf],
     opts: &crosscheck::Options,
     json: bool,
     html: Option<&Path>,
     out: &mut impl Write,
 ) -> anyhow::Result<ExitCode> {
     // An input that cannot be read is a usage problem (exit 2), not a finding about the logs.
-    let read = |path: &Path| {
-        crosscheck::Log::read(path)
-            .inspect_err(|e| eprintln!("tank-loader: cannot read {}: {e}", path.display()))
+    let read = |paths: &[PathBuf]| {
+        crosscheck::Log::read_series(paths)
+            .inspect_err(|e| eprintln!("tank-loader: cannot read {}: {e}", paths[0].display()))
             .ok()
     };
     let Some(kernel) = read(kernel) else {

@@ -510,11 +510,14 @@ fn chain(o: &mut String, name: &str, log: &LogCheck) {
         o,
         "<h3 class=\"{}\">{name} log: {}</h3>\n<table>\
          <tr><th>file</th><td><code>{}</code></td></tr><tr><th>records</th><td>{}</td></tr>\
+         <tr><th>files</th><td>{}</td></tr><tr><th>opened, never closed</th><td>{}</td></tr>\
          <tr><th>head</th><td>seq {} &middot; <code>{}</code></td></tr><tr><th>anchor</th><td>{}</td></tr></table>\n",
         if intact { "ok" } else { "bad" },
         if intact { "intact".to_owned() } else { format!("{} problem(s)", log.problems.len()) },
         esc(&log.file.display().to_string()),
         log.records,
+        log.segments,
+        log.unclosed,
         log.head.seq,
         log.head.hash,
         esc(&anchor),
@@ -529,9 +532,16 @@ fn chain(o: &mut String, name: &str, log: &LogCheck) {
             Problem::Malformed { line }
             | Problem::SeqGap { line, .. }
             | Problem::HashMismatch { line }
-            | Problem::PartialLastLine { line } => *line as u64,
+            | Problem::PartialLastLine { line }
+            | Problem::UnknownClose { line, .. } => *line as u64,
             Problem::AnchorMismatch { seq } => *seq,
-            Problem::Truncated { .. } => log.records,
+            // A series' problems mark the seq where the gap or misplaced segment begins.
+            Problem::MissingStart { .. } => 1,
+            Problem::MissingSegment { from: seq, .. }
+            | Problem::SegmentTruncated { last: seq, .. }
+            | Problem::SegmentOutOfOrder { first_seq: seq, .. } => *seq,
+            // A replaced segment names no seq; like a cut end, it marks the last link.
+            Problem::Truncated { .. } | Problem::SegmentReplaced { .. } => log.records,
         })
         .map(|at| (at.saturating_sub(1) * links / log.records.max(1)).min(links - 1))
         .collect();
@@ -621,6 +631,8 @@ mod tests {
             },
             anchor: None,
             problems,
+            segments: 1,
+            unclosed: 0,
             unreadable: vec![],
         }
     }

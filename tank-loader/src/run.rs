@@ -39,7 +39,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             .create(dir)
             .with_context(|| format!("cannot create audit log directory {}", dir.display()))?;
     }
-    let (mut log, recovery) = ChainWriter::open(&cfg.audit_log)?;
+    let (mut log, recovery) = ChainWriter::open_with(&cfg.audit_log, cfg.audit.clone())?;
     if let Some(r) = recovery {
         tracing::warn!(log = %cfg.audit_log.display(), partial_bytes = r.partial_bytes,
             "the audit log ended in a partial record (a crash mid-write); it stays in the log and `audit verify` reports it");

@@ -113,6 +113,30 @@ pub struct LogStatus {
     pub loader_running: bool,
     /// The last durable record (`seq`, hash), from its anchor.
     pub anchor: Option<chain::Head>,
+    /// Bytes the log's writer can still use: free (to unprivileged writers too) on the log's
+    /// file system, plus what it already holds allocated past the end of the log.
+    pub free_bytes: Option<u64>,
+    /// Why the log cannot take records, when the file system says so.
+    pub problem: Option<String>,
+}
+
+/// Bytes free on the file system holding `path` (its directory when the file is gone), plus
+/// the space the file holds allocated past its end (the writer's reserve and what it grew).
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path.parent()?;
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let ahead = std::fs::metadata(path).map_or(0, |m| (m.blocks() * 512).saturating_sub(m.len()));
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64 + ahead)
+}
+
+/// The log's writer keeps `reserve` bytes allocated and allocates ahead in 64 KiB steps: with
+/// less than that free it refuses records, stops draining, and the kernel refuses attempts.
+fn log_problem(free: Option<u64>, reserve: u64) -> Option<String> {
+    let free = free?;
+    (free < reserve + 64 * 1024).then(|| format!(
+        "its file system has {free} bytes free, less than the writer needs ({reserve}-byte reserve plus 64 KiB): the loader cannot write records, so it stops draining the ring buffer and the kernel refuses attempts (counted in unrecorded_denied) until space returns"
+    ))
 }
 
 /// Collects the status for `cfg`.
@@ -177,6 +201,8 @@ pub fn collect(cfg: &Config) -> Status {
             path: cfg.audit_log.clone(),
             loader_running: chain::is_held(&cfg.audit_log).unwrap_or(false),
             anchor,
+            free_bytes: free_bytes(&cfg.audit_log),
+            problem: log_problem(free_bytes(&cfg.audit_log), cfg.audit.reserve_bytes),
         },
     }
 }
@@ -351,5 +377,8 @@ pub fn render(s: &Status) -> String {
             .as_ref()
             .map_or("-".to_owned(), |a| a.seq.to_string())
     );
+    if let Some(p) = &s.audit_log.problem {
+        out += &format!("             NOT WRITABLE: {p}\n");
+    }
     out
 }

@@ -99,6 +99,12 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
         "nft_table_removed": null, "by_uid": 0});
     let remove = LifecycleRecord::new("agent", "0.1.0", lifecycle::REMOVE, "gone".into(), removed);
     log.append(&remove).unwrap();
+    // The loader's records about its log: a full disk's outage, a new segment, a reopen.
+    for event in ["audit_outage", "segment", "reopened"] {
+        let details = json!({"event": event, "since": 1, "until": 2, "error": "no space"});
+        let r = LifecycleRecord::new("agent", "0.1.0", lifecycle::OTHER, event.into(), details);
+        log.append(&r).unwrap();
+    }
     log.sync().unwrap();
     let (report, read) = chain::read(&path).unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
@@ -108,7 +114,7 @@ fn written() -> (tempfile::TempDir, Vec<Value>) {
 #[test]
 fn every_kernel_record_kind_is_valid_ocsf() {
     let (_dir, records) = written();
-    assert_eq!(records.len(), events().len() + 5);
+    assert_eq!(records.len(), events().len() + 5 + 3);
     if let Err(violations) = validate::check(&records) {
         panic!("kernel records that are not valid OCSF:\n{violations}");
     }

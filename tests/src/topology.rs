@@ -297,8 +297,10 @@ impl TwoHosts {
         )
     }
 
-    /// Waits (bounded) until the proxy's audit log has at least `n` records. The proxy writes
-    /// a record when its connection ends.
+    /// Waits (bounded) until the proxy's audit log has at least `n` finished connections, and
+    /// returns how many it has. A finished connection has one record at its end: the closing
+    /// record of a relayed connection (its opening record is not counted), or the one record
+    /// of a refused one.
     pub fn wait_proxy_records(&self, n: usize) -> usize {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -306,7 +308,8 @@ impl TwoHosts {
             let have = std::fs::read_to_string(&self.proxy_log)
                 .map(|t| {
                     t.lines()
-                        .filter(|l| l.contains("\"class_uid\":4001"))
+                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                        .filter(|r| r["class_uid"] == 4001 && r["unmapped"].get("opens").is_none())
                         .count()
                 })
                 .unwrap_or(0);

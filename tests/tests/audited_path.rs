@@ -58,22 +58,33 @@ fn agent_fetches(hosts: &TwoHosts) -> usize {
     proxied
 }
 
-/// The log's records minus the one at `skip` (0-based among all lines), re-chained so the
-/// chain itself verifies: what an attacker who can rewrite a whole log would produce.
+/// The log's records minus the one at `skip` (0-based among all lines) and the record that
+/// closes it, if any (a whole connection), re-chained so the chain itself verifies, spans
+/// re-linked: what an attacker who can rewrite a whole log would produce.
 fn rechain_without(from: &Path, to: &Path, skip: usize) {
     let (_, records) = chain::read(from).expect("read the log");
     let (mut writer, _) = ChainWriter::open(to).expect("open the rewritten log");
+    let skipped = records[skip].seq;
+    let mut renumbered = std::collections::HashMap::new();
     for (i, r) in records.into_iter().enumerate() {
-        if i == skip {
+        let mut value = r.value;
+        let unmapped = value["unmapped"].as_object_mut().unwrap();
+        unmapped.remove("prev");
+        let opens = unmapped.remove("opens").is_some();
+        let closes = unmapped.remove("closes").and_then(|c| c.as_u64());
+        if i == skip || closes == Some(skipped) {
             continue;
         }
-        let mut value = r.value;
         value["metadata"]
             .as_object_mut()
             .unwrap()
             .remove("sequence");
-        value["unmapped"].as_object_mut().unwrap().remove("prev");
-        writer.append(&value).unwrap();
+        let seq = match closes {
+            Some(opened) => writer.append_closing(&value, renumbered[&opened], 0),
+            None if opens => writer.append_opening(&value, 0),
+            None => writer.append(&value),
+        };
+        renumbered.insert(r.seq, seq.unwrap());
     }
     writer.sync().unwrap();
 }

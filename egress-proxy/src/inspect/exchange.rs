@@ -142,7 +142,10 @@ async fn forward(
     req: Request<Incoming>,
     facts: &mut RequestFacts,
 ) -> Result<Response<ProxyBody>, Answer> {
-    if !tunnel.audit.is_healthy() {
+    // Space for the record first: a full disk refuses the request rather than serve it
+    // unrecorded.
+    facts.held = tunnel.audit.hold().await;
+    if facts.held.is_none() {
         return Err(Answer::Refused(Refusal::new(
             Reason::AuditUnavailable,
             "the audit log cannot be written; nothing passes unrecorded",

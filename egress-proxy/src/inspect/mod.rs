@@ -256,8 +256,8 @@ pub async fn serve(setup: Setup, agent: &mut TcpStream, early: Vec<u8>, draft: &
         hostname,
         cut,
     } = setup;
-    let uid = new_uid();
-    draft.uid = Some(uid.clone());
+    // Normally given to the opening record already.
+    let uid = draft.uid.get_or_insert_with(new_uid).clone();
     draft.tunnel = Some(TunnelKind::Inspected);
     let rule = policy
         .inspecting(&target)

@@ -13,7 +13,7 @@ use tank_ebpf_common::ocsf::proxy::{
 };
 use tank_ebpf_common::ocsf::Endpoint;
 
-use crate::audit::now_ms;
+use crate::audit::{now_ms, Held};
 use crate::policy::{Refusal, Rule};
 
 /// One request's facts; [`RequestFacts::finish`] queues its record.
@@ -37,6 +37,8 @@ pub struct RequestFacts {
     pub error: Option<String>,
     /// The `[[credentials]]` entry injected, by name.
     pub credential: Option<String>,
+    /// Log space held for the record, taken before the request is forwarded.
+    pub held: Option<Held>,
 }
 
 impl RequestFacts {
@@ -66,6 +68,7 @@ impl RequestFacts {
             bytes_out: Arc::default(),
             error: None,
             credential: None,
+            held: None,
         }
     }
 
@@ -85,6 +88,7 @@ impl RequestFacts {
             bytes_out: Arc::default(),
             error: None,
             credential: None,
+            held: None,
         }
     }
 
@@ -144,10 +148,12 @@ impl RequestFacts {
                 rule: self.rule,
                 credential: self.credential,
                 error: self.error,
+                url_bytes: None,
             },
         };
         let record = RequestRecord::new(facts, &tunnel.hostname, env!("CARGO_PKG_VERSION"));
         let audit = tunnel.audit.clone();
-        tokio::spawn(async move { audit.record_request(record).await });
+        let held = self.held;
+        tokio::spawn(async move { audit.record_request(record, held).await });
     }
 }

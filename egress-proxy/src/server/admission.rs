@@ -228,7 +228,7 @@ fn answer_now(shared: &Shared, stream: TcpStream, peer: SocketAddr, refusal: Ref
 fn record_later(tracker: &TaskTracker, shared: &Arc<Shared>, draft: Draft) {
     let shared = shared.clone();
     tracker.spawn(async move {
-        shared.audit.record(draft.finish(&shared.hostname)).await;
+        shared.audit.finish(&draft, &shared.hostname).await;
     });
 }
 

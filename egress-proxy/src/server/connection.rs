@@ -23,6 +23,9 @@ use crate::policy::{Limits, Policy, Reason, Refusal};
 use crate::relay::{self, Upstream};
 use crate::target::{Host, Target};
 
+/// The refusal text while the audit log cannot be written.
+const AUDIT_UNAVAILABLE: &str = "the audit log cannot be written; nothing passes unrecorded";
+
 /// Serves one accepted connection, judged at accept ([`admission`]), and queues its audit
 /// record.
 pub(super) async fn handle(
@@ -53,8 +56,7 @@ pub(super) async fn handle(
             _ => shared.metrics.allowed_connect.inc(),
         }
     }
-    let record = draft.finish(&shared.hostname);
-    shared.audit.record(record).await;
+    shared.audit.finish(&draft, &shared.hostname).await;
     // The connection's place (under the caps, or among the refusals lingering) is held
     // until its record is queued.
     drop(place);
@@ -248,10 +250,7 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
         }
     };
     if !shared.audit.is_healthy() {
-        let r = Refusal::new(
-            Reason::AuditUnavailable,
-            "the audit log cannot be written; nothing passes unrecorded",
-        );
+        let r = Refusal::new(Reason::AuditUnavailable, AUDIT_UNAVAILABLE);
         return refuse(shared, stream, draft, r, &what).await;
     }
     let path = match &req {
@@ -296,12 +295,33 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
         Err(e) => return upstream_error(shared, stream, draft, "connect", e, &what).await,
     };
     let _ = origin.set_nodelay(true);
+    let inspection = match &req {
+        Request::Connect { .. } => policy.inspecting(&target).and(policy.inspection.as_ref()),
+        Request::Http { .. } => None,
+    };
+    if let Request::Connect { .. } = &req {
+        // The opening record already says how the tunnel is relayed, and an inspected
+        // tunnel's carries the uid its request records name.
+        draft.tunnel = Some(match inspection {
+            Some(_) => {
+                draft.uid = Some(inspect::new_uid());
+                TunnelKind::Inspected
+            }
+            None => TunnelKind::Opaque,
+        });
+    }
+    // Record before relay: the opening record is written before the `200` or the first
+    // forwarded byte, or the connection is refused.
+    match shared.audit.opening(draft.opening(&shared.hostname)).await {
+        Some(opened) => draft.opened = Some(opened),
+        None => {
+            let r = Refusal::new(Reason::AuditUnavailable, AUDIT_UNAVAILABLE);
+            return refuse(shared, stream, draft, r, &what).await;
+        }
+    }
     debug!(client = %draft.client, request = %what, rule = %rule.id, origin = ?draft.ip, "allowed");
 
-    if let (Request::Connect { .. }, Some(inspection)) = (
-        &req,
-        policy.inspecting(&target).and(policy.inspection.as_ref()),
-    ) {
+    if let Some(inspection) = inspection {
         return inspected(
             shared, policy, inspection, target, stream, origin, early, draft, &what,
         )
@@ -316,7 +336,6 @@ async fn serve(shared: &Shared, policy: &Arc<Policy>, stream: &mut TcpStream, dr
                 draft.error = Some(format!("writing the CONNECT answer: {e}"));
                 return;
             }
-            draft.tunnel = Some(TunnelKind::Opaque);
             if policy.tls_ports.contains(&target.port) && !rule.opaque {
                 let host = match &target.host {
                     Host::Name(n) => Some(n.as_str()),

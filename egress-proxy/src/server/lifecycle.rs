@@ -134,8 +134,17 @@ pub async fn run(
         None => None,
     };
     // Listeners first: a proxy that cannot listen fails before touching the audit log.
-    let (audit, audit_thread) = Audit::open(&config.audit_log, metrics.clone())
-        .with_context(|| format!("cannot open the audit log `{}`", config.audit_log.display()))?;
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let (audit, audit_thread) = Audit::open(
+        &config.audit_log,
+        config.audit.clone(),
+        hostname.clone(),
+        metrics.clone(),
+    )
+    .with_context(|| format!("cannot open the audit log `{}`", config.audit_log.display()))?;
     let bound = Bound {
         listen: listeners
             .iter()
@@ -144,10 +153,6 @@ pub async fn run(
         admin: admin.as_ref().map(|l| l.local_addr()).transpose()?,
         pid: std::process::id(),
     };
-    let hostname = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
     let shared = Arc::new(Shared {
         policy: RwLock::new(Arc::new(config.policy.clone())),
         resolver: RwLock::new(Arc::new(resolver)),
@@ -199,7 +204,11 @@ pub async fn run(
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&config_path, &config, &shared),
+            _ = hup.recv() => {
+                reload(&config_path, &config, &shared);
+                // For logrotate's `create` mode: continue in a new file if the log was moved.
+                shared.audit.reopen().await;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -269,8 +278,9 @@ fn apply(path: &Path, running: &Config, shared: &Shared, new: Config) {
     if new.listen != running.listen
         || new.admin_listen != running.admin_listen
         || new.audit_log != running.audit_log
+        || new.audit != running.audit
     {
-        warn!("`listen`, `admin_listen` and `audit_log` changes take effect only on restart");
+        warn!("`listen`, `admin_listen`, `audit_log` and `[audit]` changes take effect only on restart");
     }
     info!(
         allowed = new.policy.allowed.len(),

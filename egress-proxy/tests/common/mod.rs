@@ -218,12 +218,13 @@ impl Proxy {
             .unwrap()
     }
 
-    /// Every record in the audit log so far (records are synced within one batch).
+    /// The record of every finished connection and inspected request in the audit log so far
+    /// ([`read_records`]; records are synced within one batch).
     pub fn records(&self) -> Vec<serde_json::Value> {
         read_records(&self.audit)
     }
 
-    /// Waits until the audit log holds `n` records, then returns them.
+    /// Waits until the audit log holds `n` of [`Proxy::records`], then returns them.
     pub fn wait_records(&self, n: usize) -> Vec<serde_json::Value> {
         wait_for(
             Duration::from_secs(10),
@@ -267,7 +268,21 @@ pub fn record_where(records: &[serde_json::Value], want: &[(&str, &str)]) -> ser
     found[0].clone()
 }
 
+/// The record of each finished connection (the one record of a refused or failed connection,
+/// the closing record of a tunnel) and of each request inside an inspected tunnel. Opening
+/// records and the proxy's own records about its log are left out.
 pub fn read_records(path: &Path) -> Vec<serde_json::Value> {
+    read_chain(path)
+        .into_iter()
+        .filter(|r| {
+            (r["class_uid"] == 4001 || r["class_uid"] == 4002)
+                && r["unmapped"].get("opens").is_none()
+        })
+        .collect()
+}
+
+/// Every complete record of the log at `path`, as written.
+pub fn read_chain(path: &Path) -> Vec<serde_json::Value> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };

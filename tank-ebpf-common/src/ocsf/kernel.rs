@@ -190,10 +190,11 @@ impl Mode {
     }
 }
 
-/// An Application Lifecycle record about enforcement: the loader's start, `detach`.
+/// An Application Lifecycle record about enforcement (the loader's start, `detach`) or about
+/// a log itself (an outage, a new segment: [`super::lifecycle::OTHER`], in either log).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LifecycleRecord {
-    /// Producer, schema version, `log_name` `kernel`.
+    /// Producer, schema version, `log_name` `kernel` (or `proxy` for the proxy's own).
     pub metadata: Metadata,
     /// [`class::APPLICATION_LIFECYCLE`].
     pub class_uid: u32,
@@ -229,12 +230,33 @@ impl LifecycleRecord {
         message: String,
         unmapped: serde_json::Value,
     ) -> Self {
+        Self::of(
+            PRODUCT,
+            LogName::Kernel,
+            hostname,
+            version,
+            activity_id,
+            message,
+            unmapped,
+        )
+    }
+
+    /// A lifecycle record now, by `product` (at `version`, on `hostname`) in `log`.
+    pub fn of(
+        product: &str,
+        log: LogName,
+        hostname: &str,
+        version: &str,
+        activity_id: u8,
+        message: String,
+        unmapped: serde_json::Value,
+    ) -> Self {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
-        let product = Product::tank(PRODUCT, version);
+        let product = Product::tank(product, version);
         Self {
-            metadata: Metadata::new(product.clone(), LogName::Kernel),
+            metadata: Metadata::new(product.clone(), log),
             class_uid: class::APPLICATION_LIFECYCLE,
             category_uid: class::category(class::APPLICATION_LIFECYCLE),
             activity_id,

@@ -82,6 +82,10 @@ pub mod lifecycle {
     pub const REMOVE: u8 = 2;
     /// The loader started and enforcement is in place.
     pub const START: u8 = 3;
+    /// About the audit log itself (`unmapped.event`): `audit_outage` (it could not be
+    /// written for a while), `segment` (a new segment began), `reopened` (continued in a new
+    /// file after logrotate moved it).
+    pub const OTHER: u8 = 99;
 }
 
 /// OCSF `severity_id` values tank uses.
@@ -367,7 +371,7 @@ pub enum Kind {
     /// A loader lifecycle record (`kernel`, Application Lifecycle).
     Lifecycle(kernel::LifecycleRecord),
     /// A proxied connection (`proxy`, Network Activity).
-    Proxy(proxy::ConnectionRecord),
+    Proxy(Box<proxy::ConnectionRecord>),
     /// A request inside an inspected tunnel (`proxy`, HTTP Activity).
     Request(Box<proxy::RequestRecord>),
 }
@@ -404,11 +408,11 @@ pub fn parse(value: &serde_json::Value) -> Result<Kind, ParseError> {
         (NETWORK, Some("kernel")) => kernel::NetworkRecord::deserialize(value)
             .map(Kind::Kernel)
             .map_err(fields),
-        (LIFECYCLE, Some("kernel")) => kernel::LifecycleRecord::deserialize(value)
+        (LIFECYCLE, Some("kernel" | "proxy")) => kernel::LifecycleRecord::deserialize(value)
             .map(Kind::Lifecycle)
             .map_err(fields),
         (NETWORK, Some("proxy")) => proxy::ConnectionRecord::deserialize(value)
-            .map(Kind::Proxy)
+            .map(|r| Kind::Proxy(Box::new(r)))
             .map_err(fields),
         (HTTP, Some("proxy")) => proxy::RequestRecord::deserialize(value)
             .map(|r| Kind::Request(Box::new(r)))

@@ -1,6 +1,9 @@
-//! The proxy log's records: one Network Activity record per client connection, and one HTTP
-//! Activity record per request inside an inspected tunnel, linked to its tunnel's record by
-//! `metadata.correlation_uid` = the tunnel's `metadata.uid`.
+//! The proxy log's records: a Network Activity record per client connection, two for a
+//! connection that relays (an opening record written before the `200` or the first forwarded
+//! byte, and a closing record linked to it by the chain's `unmapped.closes`), one HTTP
+//! Activity record per request inside an inspected tunnel, linked to its tunnel's records by
+//! `metadata.correlation_uid` = the tunnel's `metadata.uid`, and the proxy's own lifecycle
+//! records about its log ([`super::kernel::LifecycleRecord`], `log_name` `proxy`).
 
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +16,8 @@ use super::{
 pub const PRODUCT: &str = "egress-proxy";
 
 /// One client connection: a CONNECT tunnel, a plain-HTTP request, or a connection that never
-/// sent a parsable request. Written when the connection ends.
+/// sent a parsable request: its opening, its closing, or the whole of a connection refused or
+/// failed before relaying ([`Phase`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionRecord {
     /// Producer, schema version, `log_name` `proxy`.
@@ -22,7 +26,8 @@ pub struct ConnectionRecord {
     pub class_uid: u32,
     /// 4.
     pub category_uid: u32,
-    /// Open (allowed) or Refuse (refused): [`Outcome`].
+    /// Open (allowed: an opening record, or a connection recorded whole), Close (a closing
+    /// record) or Refuse (refused): [`Outcome`], [`Phase`].
     pub activity_id: u8,
     /// class_uid * 100 + activity_id.
     pub type_uid: u32,
@@ -36,16 +41,18 @@ pub struct ConnectionRecord {
     pub disposition: Disposition,
     /// [`Outcome`].
     pub disposition_id: u8,
-    /// Record time (= `end_time`), ms since the epoch.
+    /// Record time (`end_time`; `start_time` in an opening record), ms since the epoch.
     pub time: i64,
     /// The same, RFC 3339.
     pub time_dt: String,
     /// When the connection was accepted, ms.
     pub start_time: i64,
-    /// When it ended, ms.
-    pub end_time: i64,
-    /// end - start, ms.
-    pub duration: i64,
+    /// When it ended, ms; absent from an opening record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<i64>,
+    /// end - start, ms; absent from an opening record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<i64>,
     /// The proxy host.
     pub device: Device,
     /// The client (the agent host) as the proxy saw it.
@@ -56,13 +63,44 @@ pub struct ConnectionRecord {
     pub dst_endpoint: Endpoint,
     /// TCP, outbound.
     pub connection_info: ConnectionInfo,
-    /// Bytes each way.
-    pub traffic: Traffic,
+    /// Bytes each way; absent from an opening record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<Traffic>,
     /// The URL of a plain-HTTP request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<Url>,
     /// The proxy's own fields.
     pub unmapped: ProxyDetails,
+}
+
+/// Which record of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Refused, or failed before relaying: one record at the end.
+    Whole,
+    /// Allowed and about to relay: written before the `200` or the first forwarded byte.
+    Opening,
+    /// The end of a connection that had an opening record.
+    Closing,
+}
+
+/// Bytes of a URL kept in a record; the rest is cut (ending in `…`) and its length noted in
+/// `unmapped.url_bytes`, so a client cannot grow the log fast with long refused requests.
+pub const MAX_URL: usize = 1024;
+/// Bytes of an error text kept in a record.
+pub const MAX_TEXT: usize = 512;
+
+/// `s` cut to at most `max` bytes on a character boundary, ending in `…` when cut.
+pub fn bounded(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 /// What the proxy knows of a connection when it ends: [`ConnectionRecord::new`] makes the
@@ -73,8 +111,10 @@ pub struct Connection {
     pub allowed: bool,
     /// Accepted at, ms since the epoch.
     pub start_ms: i64,
-    /// Lasted, ms.
+    /// Lasted, ms (ignored in an opening record).
     pub duration_ms: i64,
+    /// Which record.
+    pub phase: Phase,
     /// The client.
     pub client: std::net::SocketAddr,
     /// The proxy's end.
@@ -100,25 +140,32 @@ impl ConnectionRecord {
     /// The record of `c`, written by proxy `version` on `hostname`.
     pub fn new(c: Connection, hostname: &str, version: &str) -> Self {
         let outcome = Outcome::of(c.allowed);
-        let end = c.start_ms + c.duration_ms;
+        let activity_id = match c.phase {
+            Phase::Closing if c.allowed => super::network_activity::CLOSE,
+            _ => outcome.activity_id,
+        };
+        let end = (c.phase != Phase::Opening).then_some(c.start_ms + c.duration_ms);
+        let time = end.unwrap_or(c.start_ms);
+        let mut details = c.details;
+        details.error = details.error.map(|e| bounded(e, MAX_TEXT));
         let mut metadata = Metadata::new(Product::tank(PRODUCT, version), LogName::Proxy);
         metadata.uid = c.uid;
         Self {
             metadata,
             class_uid: class::NETWORK_ACTIVITY,
             category_uid: class::category(class::NETWORK_ACTIVITY),
-            activity_id: outcome.activity_id,
-            type_uid: class::type_uid(class::NETWORK_ACTIVITY, outcome.activity_id),
+            activity_id,
+            type_uid: class::type_uid(class::NETWORK_ACTIVITY, activity_id),
             severity_id: outcome.severity_id,
             action: outcome.action,
             action_id: outcome.action_id,
             disposition: outcome.disposition,
             disposition_id: outcome.disposition_id,
-            time: end,
-            time_dt: super::rfc3339(end.saturating_mul(1_000_000)),
+            time,
+            time_dt: super::rfc3339(time.saturating_mul(1_000_000)),
             start_time: c.start_ms,
             end_time: end,
-            duration: c.duration_ms,
+            duration: end.map(|_| c.duration_ms),
             device: Device::server(hostname),
             src_endpoint: c.client.into(),
             proxy: c.local.into(),
@@ -129,10 +176,23 @@ impl ConnectionRecord {
                 protocol_ver_id: Some(if c.client.is_ipv4() { 4 } else { 6 }),
                 direction_id: DIRECTION_OUTBOUND,
             },
-            traffic: c.traffic,
+            traffic: end.map(|_| c.traffic),
             url: c.url,
-            unmapped: c.details,
+            unmapped: details,
         }
+    }
+}
+
+impl Url {
+    /// The URL as recorded, cut to [`MAX_URL`] bytes; with its full length when cut.
+    pub fn bounded(url: &str) -> (Self, Option<usize>) {
+        let cut = (url.len() > MAX_URL).then_some(url.len());
+        (
+            Self {
+                url_string: bounded(url.to_owned(), MAX_URL),
+            },
+            cut,
+        )
     }
 }
 
@@ -175,9 +235,12 @@ pub struct ProxyDetails {
     /// The method of a plain-HTTP request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_method: Option<String>,
-    /// What went wrong, if anything.
+    /// What went wrong, if anything (cut after [`MAX_TEXT`] bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The length of a URL cut to [`MAX_URL`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_bytes: Option<usize>,
     /// Tunnels: `inspected` (requests judged and recorded one by one) or `opaque`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelKind>,
@@ -297,9 +360,12 @@ pub struct RequestDetails {
     /// The `[[credentials]]` entry the proxy set, by name (never its secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
-    /// What went wrong, if anything.
+    /// What went wrong, if anything (cut after [`MAX_TEXT`] bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The length of a URL cut to [`MAX_URL`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_bytes: Option<usize>,
 }
 
 /// What the proxy knows of a request when its response ends: [`RequestRecord::new`] makes
@@ -329,9 +395,14 @@ pub struct Request {
 }
 
 impl RequestRecord {
-    /// The record of `r`, written by proxy `version` on `hostname`.
-    pub fn new(r: Request, hostname: &str, version: &str) -> Self {
+    /// The record of `r`, written by proxy `version` on `hostname`; its URL and error are
+    /// bounded like a connection record's.
+    pub fn new(mut r: Request, hostname: &str, version: &str) -> Self {
         let outcome = Outcome::of(r.allowed);
+        let (url, url_bytes) = Url::bounded(&r.http.url.url_string);
+        r.http.url = url;
+        r.details.url_bytes = url_bytes;
+        r.details.error = r.details.error.map(|e| bounded(e, MAX_TEXT));
         let activity_id = http_activity::of(&r.http.http_method);
         let end = r.start_ms + r.duration_ms;
         let mut metadata = Metadata::new(Product::tank(PRODUCT, version), LogName::Proxy);
