@@ -98,6 +98,10 @@ impl WsOrigin {
 
     /// Everything the origin received so far, one JSON object per event.
     pub fn received(&self) -> Vec<serde_json::Value> {
-        super::read_records(&self.log)
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("the origin writes JSON lines"))
+            .collect()
     }
 }
