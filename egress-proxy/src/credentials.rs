@@ -172,8 +172,9 @@ pub fn mask(buf: &mut [u8], secret: &[u8]) -> usize {
     n
 }
 
-/// Masks a secret in a byte stream that arrives in pieces: keeps back the last
-/// `secret.len() - 1` bytes of each piece, which could begin an occurrence.
+/// Masks a secret in a byte stream that arrives in pieces: keeps back only the end of a
+/// piece that could begin an occurrence (its longest suffix that is a prefix of the secret),
+/// so a stream that does not end in such bytes passes on at once (WebSocket frames too).
 #[derive(Debug)]
 pub struct StreamMask {
     secret: Vec<u8>,
@@ -194,12 +195,21 @@ impl StreamMask {
         let mut buf = std::mem::take(&mut self.carry);
         buf.extend_from_slice(piece);
         mask(&mut buf, &self.secret);
-        let keep = (self.secret.len() - 1).min(buf.len());
+        let keep = (1..self.secret.len())
+            .rev()
+            .filter(|&k| k <= buf.len())
+            .find(|&k| buf[buf.len() - k..] == self.secret[..k])
+            .unwrap_or(0);
         self.carry = buf.split_off(buf.len() - keep);
         buf
     }
 
-    /// The bytes held back, at the end of the stream.
+    /// Whether bytes are held back.
+    pub fn holding(&self) -> bool {
+        !self.carry.is_empty()
+    }
+
+    /// The bytes held back: at the end of the stream, or when the stream paused.
     pub fn finish(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.carry)
     }
@@ -225,6 +235,11 @@ mod tests {
             assert_eq!(out.matches("s3cr3t-value").count(), 0, "cut {cut}: {out}");
             assert!(out.ends_with("end s3cr3t-valu"), "{out}");
         }
+        // Bytes that cannot begin the secret are not held back.
+        let mut m = StreamMask::new(&secret);
+        assert_eq!(m.feed(b"hello world"), b"hello world");
+        assert_eq!(m.feed(b"then s3c"), b"then ");
+        assert!(m.holding());
     }
 
     #[test]

@@ -332,19 +332,8 @@ fn tls_server(
     key: rcgen::KeyPair,
 ) -> (tokio::runtime::Runtime, u16) {
     use tokio::io::AsyncWriteExt;
-    use tokio_rustls::rustls;
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let config = common::tls::server_config(cert, &key, &[]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

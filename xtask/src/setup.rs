@@ -6,7 +6,7 @@
 //! and bpf-linker built against Debian's LLVM 22 (see docs/development.md). Idempotent: it
 //! checks first and prints nothing when everything is there.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
@@ -71,9 +71,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3-pip", "installs the OCSF validator's PyPI packages"),
 ];
 
+/// Commands and the Debian package that brings each when it is not on PATH: npm comes with
+/// some builds of `nodejs` (NodeSource's, which conflicts with Debian's `npm`), so the
+/// command, not the package, is checked.
+const COMMANDS: &[(&str, &str, &str)] =
+    &[("npm", "npm", "npm, a real client of the inspection tests")];
+
 /// PyPI packages at exact versions, installed with `pip install --target` into
 /// `target/ocsf-python` (where `tank_ebpf_common::ocsf::validate` looks): the OCSF validation
-/// tests check every record kind against the official OCSF schema with them.
+/// tests check every record kind against the official OCSF schema with them, and the
+/// inspection tests use `websockets` as a real WebSocket client (it takes `https_proxy`).
 const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
     (
         "ocsf-json-schema",
@@ -81,6 +88,11 @@ const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
         "JSON Schema of each OCSF class, generated from OCSF's own schema",
     ),
     ("jsonschema", "4.26.0", "the JSON Schema validator"),
+    (
+        "websockets",
+        "17.4",
+        "WebSocket client and origin of the inspection tests",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -103,6 +115,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .iter()
         .map(|(p, _)| *p)
         .filter(|p| !installed(p))
+        .chain(
+            COMMANDS
+                .iter()
+                .filter(|(command, _, _)| !on_path(command))
+                .map(|(_, p, _)| *p),
+        )
         .collect();
     if !missing.is_empty() {
         if !cmd::is_root() {
@@ -158,10 +176,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
 /// Installs [`PYTHON_PACKAGES`] unless every one is there at its version.
 fn python_packages(opts: &Options) -> anyhow::Result<()> {
-    let dir = cmd::root().join("target/ocsf-python");
-    let check = PYTHON_PACKAGES
+    let pins: Vec<(&str, &str)> = PYTHON_PACKAGES.iter().map(|(n, v, _)| (*n, *v)).collect();
+    pip_packages(&cmd::root().join("target/ocsf-python"), &pins, opts.verbose)
+}
+
+/// Installs PyPI `packages` (name, exact version) with `pip install --target dir`, unless
+/// every one is there at its version.
+pub fn pip_packages(dir: &Path, packages: &[(&str, &str)], verbose: bool) -> anyhow::Result<()> {
+    let check = packages
         .iter()
-        .map(|(name, version, _)| format!("m.version({name:?}) == {version:?}"))
+        .map(|(name, version)| format!("m.version({name:?}) == {version:?}"))
         .collect::<Vec<_>>()
         .join(" and ");
     let present = Command::new("python3")
@@ -169,18 +193,18 @@ fn python_packages(opts: &Options) -> anyhow::Result<()> {
             "-c",
             &format!("import importlib.metadata as m, sys; sys.exit(0 if {check} else 1)"),
         ])
-        .env("PYTHONPATH", &dir)
+        .env("PYTHONPATH", dir)
         .output()
         .is_ok_and(|o| o.status.success());
     if present {
-        if opts.verbose {
+        if verbose {
             eprintln!("setup: Python packages present in {}", dir.display());
         }
         return Ok(());
     }
-    let pins: Vec<String> = PYTHON_PACKAGES
+    let pins: Vec<String> = packages
         .iter()
-        .map(|(name, version, _)| format!("{name}=={version}"))
+        .map(|(name, version)| format!("{name}=={version}"))
         .collect();
     eprintln!(
         "setup: installing {} into {}",
@@ -198,7 +222,7 @@ fn python_packages(opts: &Options) -> anyhow::Result<()> {
             ])
             .arg("--root-user-action=ignore")
             .args(["--upgrade", "--target"])
-            .arg(&dir)
+            .arg(dir)
             .args(&pins),
     )
     .with_context(|| format!("cannot install {} (needs PyPI)", pins.join(" ")))
@@ -233,6 +257,11 @@ fn installed(package: &str) -> bool {
         .args(["-W", "-f=${db:Status-Status}", package])
         .output()
         .is_ok_and(|o| o.status.success() && o.stdout == b"installed")
+}
+
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(command).is_file()))
 }
 
 fn cargo_home() -> PathBuf {

@@ -3,12 +3,14 @@
 //! set, forwarded to the origin in the form its HTTP version wants, the response passed
 //! back (secret masked), and one HTTP Activity record written when the response ends.
 //! A refusal is a `403` inside TLS with `X-Tank-Refused-By` (and a JSON body for clients
-//! that accept JSON); the tunnel stays open for the next request.
+//! that accept JSON); the tunnel stays open for the next request. A WebSocket upgrade is
+//! judged the same way; once the origin answers `101` it is handed to [`super::upgrade`].
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -17,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::body::{full, ProxyBody, Tap};
 use super::record::RequestFacts;
+use super::upgrade::{self, Pending};
 use super::Tunnel;
 use crate::budget::Kind;
 use crate::credentials::{Applied, StreamMask};
@@ -167,6 +170,7 @@ async fn forward(
     };
 
     let (parts, body) = req.into_parts();
+    let websocket = upgrade::websocket(parts.version, &parts.headers);
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let mut mask = None;
@@ -197,7 +201,10 @@ async fn forward(
     } else {
         tunnel.target.to_string()
     };
-    let uri: http::Uri = if tunnel.origin.h2 {
+    // An upgrade goes on an HTTP/1.1 connection of its own, whatever the tunnel's origin
+    // connection speaks.
+    let origin_h2 = tunnel.origin.h2 && websocket.is_none();
+    let uri: http::Uri = if origin_h2 {
         format!("https://{authority}{path}")
     } else {
         path.clone()
@@ -209,7 +216,7 @@ async fn forward(
             format!("bad request target: {e}"),
         ))
     })?;
-    if tunnel.origin.h2 {
+    if origin_h2 {
         headers.remove(header::HOST);
     } else {
         headers.insert(
@@ -227,20 +234,56 @@ async fn forward(
         .body(body)
         .expect("valid request");
     *upstream.headers_mut() = headers;
+    if let Some(value) = &websocket {
+        upgrade::set_upgrade_headers(upstream.headers_mut(), value.clone());
+        if mask.is_some() {
+            // Compressed frames (permessage-deflate) would hide an echoed secret from
+            // the mask, as an encoded body would.
+            upstream
+                .headers_mut()
+                .remove(header::SEC_WEBSOCKET_EXTENSIONS);
+        }
+    }
 
-    let response = tunnel.origin.send(upstream).await.map_err(|e| {
+    let mut response = match websocket {
+        Some(_) => tunnel.origin.upgrade(upstream).await,
+        None => tunnel.origin.send(upstream).await,
+    }
+    .map_err(|e| {
         // A request body cut at its budget's ceiling is a refusal, not an origin failure.
         match charge.as_ref().and_then(|c| c.cut_refusal()) {
             Some(refusal) => Answer::Refused(refusal),
             None => Answer::Upstream(e),
         }
     })?;
+    let accepted = websocket.is_some() && response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let upgraded = if accepted {
+        let upgraded = hyper::upgrade::on(&mut response)
+            .await
+            .map_err(|e| Answer::Upstream(format!("origin upgrade: {e}")))?;
+        Some(upgraded)
+    } else {
+        None
+    };
     let (mut parts, body) = response.into_parts();
+    let origin_upgrade = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(c) = &mask {
         mask_headers(&mut parts.headers, c.secret.expose());
     }
     facts.status = Some(parts.status.as_u16());
+    if let Some(origin) = upgraded {
+        let value = origin_upgrade.unwrap_or(HeaderValue::from_static("websocket"));
+        upgrade::set_upgrade_headers(&mut parts.headers, value);
+        debug!(tunnel = %tunnel.uid, request = %facts.line(), "upgraded to WebSocket");
+        let pending = Pending {
+            origin,
+            facts: std::mem::replace(facts, RequestFacts::placeholder()),
+            mask: mask.as_ref().map(|c| StreamMask::new(&c.secret)),
+        };
+        *tunnel.upgraded.lock().unwrap_or_else(|e| e.into_inner()) = Some(pending);
+        return Ok(Response::from_parts(parts, full(Bytes::new())));
+    }
     debug!(tunnel = %tunnel.uid, request = %facts.line(), status = parts.status.as_u16(), "forwarded");
     let received = facts.bytes_in.clone();
     let done = Arc::new(Mutex::new(Some(std::mem::replace(

@@ -8,19 +8,22 @@
 //! origin's certificate for exactly the CONNECT host **before** the agent gets its `200`
 //! (a failure is a `502` naming the reason); [`serve`] reads the agent's ClientHello (its
 //! SNI must be the CONNECT host), finishes the handshake offering `h2` and `http/1.1`, and
-//! serves HTTP/1.1 or HTTP/2 as negotiated, independently of what the origin speaks.
+//! serves HTTP/1.1 or HTTP/2 as negotiated, independently of what the origin speaks. An
+//! HTTP/1.1 connection whose request was upgraded to a WebSocket ends in [`upgrade`]'s relay.
 
 mod body;
 mod exchange;
 mod io;
 pub mod origin;
 mod record;
+mod upgrade;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -47,6 +50,8 @@ pub struct Inspection {
     pub ca: Arc<Ca>,
     /// TLS towards origins: system roots plus `upstream_ca`.
     pub origin_tls: Arc<rustls::ClientConfig>,
+    /// The same, offering HTTP/1.1 only (WebSocket upgrades).
+    origin_tls_h1: Arc<rustls::ClientConfig>,
     upstream_ca: Option<PathBuf>,
     agent_tls: Mutex<HashMap<String, AgentTls>>,
 }
@@ -74,9 +79,11 @@ impl Inspection {
     /// Loads the CA (proving key and certificate belong together) and the origin trust.
     pub fn load(cert: &Path, key: &Path, upstream_ca: Option<&Path>) -> Result<Self, String> {
         let ca = Ca::load(cert, key).map_err(|e| e.to_string())?;
+        let origin_tls = origin::client_config(upstream_ca)?;
         Ok(Self {
             ca: Arc::new(ca),
-            origin_tls: origin::client_config(upstream_ca)?,
+            origin_tls_h1: origin::h1_only(&origin_tls),
+            origin_tls,
             upstream_ca: upstream_ca.map(Path::to_owned),
             agent_tls: Mutex::new(HashMap::new()),
         })
@@ -130,7 +137,15 @@ pub async fn open_origin(
         .map_err(|e| format!("origin connection: {e}"))?;
     let host = target.host.to_plain_string();
     let tls = origin::tls(&inspection.origin_tls, &host, tcp, timeout).await?;
-    origin::Origin::new(tls, addr, &host, inspection.origin_tls.clone(), timeout).await
+    origin::Origin::new(
+        tls,
+        addr,
+        &host,
+        inspection.origin_tls.clone(),
+        inspection.origin_tls_h1.clone(),
+        timeout,
+    )
+    .await
 }
 
 /// The idle clock of a tunnel: it runs only while no request is in flight.
@@ -187,6 +202,18 @@ pub struct Tunnel {
     requests: AtomicU64,
     activity: Activity,
     budgets: Arc<Budgets>,
+    upgraded: Mutex<Option<upgrade::Pending>>,
+}
+
+/// Resolves when the tunnel has been idle for `timeout` (no request in flight, no bytes).
+async fn idle(activity: &Activity, timeout: Duration) {
+    loop {
+        match activity.idle_at(timeout) {
+            Some(at) if Instant::now() >= at => return,
+            Some(at) => tokio::time::sleep_until(at.min(Instant::now() + timeout)).await,
+            None => tokio::time::sleep(timeout.min(Duration::from_secs(1))).await,
+        }
+    }
 }
 
 /// What [`serve`] needs from the connection pipeline.
@@ -322,56 +349,89 @@ pub async fn serve(setup: Setup, agent: &mut TcpStream, early: Vec<u8>, draft: &
         requests: AtomicU64::new(0),
         activity: Activity::new(),
         budgets,
+        upgraded: Mutex::new(None),
     });
     debug!(tunnel = %uid, agent_h2 = h2, origin_h2 = tunnel.origin.h2, "inspected tunnel open");
     metrics.active_tunnels.add(1);
     let t = tunnel.clone();
-    let service = hyper::service::service_fn(move |req| exchange::serve(t.clone(), req));
+    // Boxed: an HTTP/1.1 connection is polled without shutdown (to take its stream back
+    // for a WebSocket), which wants an `Unpin` future.
+    let service = hyper::service::service_fn(move |req| Box::pin(exchange::serve(t.clone(), req)));
     let io = TokioIo::new(tls_stream);
-    let idle = async {
-        loop {
-            match tunnel.activity.idle_at(limits.idle_timeout) {
-                Some(at) if Instant::now() >= at => return,
-                Some(at) => {
-                    tokio::time::sleep_until(at.min(Instant::now() + limits.idle_timeout)).await
-                }
-                None => tokio::time::sleep(limits.idle_timeout.min(Duration::from_secs(1))).await,
-            }
-        }
-    };
+    let idle = idle(&tunnel.activity, limits.idle_timeout);
     let ended = if h2 {
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service);
-        drive(conn, &cut, idle, |c| c.graceful_shutdown()).await
+        let mut conn = Box::pin(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service),
+        );
+        drive(
+            &mut conn,
+            |c, cx| std::future::Future::poll(c.as_mut(), cx),
+            |c| c.as_mut().graceful_shutdown(),
+            &cut,
+            idle,
+        )
+        .await
     } else {
-        let conn = hyper::server::conn::http1::Builder::new()
+        let mut conn = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
             .serve_connection(io, service);
-        drive(conn, &cut, idle, |c| c.graceful_shutdown()).await
+        let ended = drive(
+            &mut conn,
+            |c, cx| c.poll_without_shutdown(cx),
+            |c| std::pin::Pin::new(c).graceful_shutdown(),
+            &cut,
+            idle,
+        )
+        .await;
+        let parts = conn.into_parts();
+        let mut agent = parts.io.into_inner();
+        let pending = tunnel
+            .upgraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match pending {
+            Some(p) => {
+                let t = &tunnel;
+                upgrade::relay(agent, parts.read_buf, p, t, limits.idle_timeout, &cut).await
+            }
+            None => {
+                use tokio::io::AsyncWriteExt;
+                let _ = tokio::time::timeout(Duration::from_secs(5), agent.shutdown()).await;
+            }
+        }
+        ended
     };
     metrics.active_tunnels.add(-1);
     draft.error = ended;
     finish(draft, &counts, tunnel.requests.load(Ordering::Relaxed));
 }
 
-/// Runs a server connection to its end; on shutdown or idleness asks it to close.
-async fn drive<C, T>(
-    conn: C,
+/// Runs a server connection (`poll` drives it) to its end; on shutdown or idleness asks it
+/// to close and gives it a moment to.
+async fn drive<C>(
+    conn: &mut C,
+    poll: impl Fn(&mut C, &mut Context<'_>) -> Poll<Result<(), hyper::Error>>,
+    shutdown: impl FnOnce(&mut C),
     cut: &CancellationToken,
     idle: impl std::future::Future<Output = ()>,
-    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
-) -> Option<String>
-where
-    C: std::future::Future<Output = Result<T, hyper::Error>>,
-{
-    tokio::pin!(conn, idle);
-    let why = tokio::select! {
-        r = &mut conn => return r.err().filter(|e| !e.is_incomplete_message()).map(|e| e.to_string()),
-        () = cut.cancelled() => "cut at shutdown",
-        () = &mut idle => "idle timeout",
+) -> Option<String> {
+    tokio::pin!(idle);
+    let why = {
+        let mut served = std::future::poll_fn(|cx| poll(conn, cx));
+        tokio::select! {
+            r = &mut served => return r.err().filter(|e| !e.is_incomplete_message()).map(|e| e.to_string()),
+            () = cut.cancelled() => "cut at shutdown",
+            () = &mut idle => "idle timeout",
+        }
     };
-    shutdown(conn.as_mut());
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    shutdown(conn);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        std::future::poll_fn(|cx| poll(conn, cx)),
+    )
+    .await;
     Some(why.to_owned())
 }
 

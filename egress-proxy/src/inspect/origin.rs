@@ -1,7 +1,8 @@
 //! The proxy's own TLS connection to the origin of an inspected tunnel: verified against
 //! the system roots plus `upstream_ca` for exactly the CONNECT host, HTTP/2 or HTTP/1.1 as
 //! the origin chooses by ALPN (independently of what the agent chose), and reopened to the
-//! same checked address when the origin closes it.
+//! same checked address when the origin closes it. A WebSocket upgrade gets a connection
+//! of its own, HTTP/1.1 only, which the upgraded stream then takes over.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -53,6 +54,13 @@ pub fn client_config(upstream_ca: Option<&Path>) -> Result<Arc<rustls::ClientCon
     Ok(Arc::new(config))
 }
 
+/// `config` offering HTTP/1.1 only: the origin side of a WebSocket upgrade.
+pub fn h1_only(config: &rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
+    let mut config = config.clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
 /// Opens TLS to the origin over `tcp` (already dialled to a checked address), verifying
 /// its certificate for `host`. The error is one line naming what failed.
 pub async fn tls(
@@ -96,6 +104,7 @@ pub struct Origin {
     addr: SocketAddr,
     host: String,
     config: Arc<rustls::ClientConfig>,
+    h1_config: Arc<rustls::ClientConfig>,
     timeout: Duration,
     sender: tokio::sync::Mutex<Option<Sender>>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -123,6 +132,7 @@ impl Origin {
         addr: SocketAddr,
         host: &str,
         config: Arc<rustls::ClientConfig>,
+        h1_config: Arc<rustls::ClientConfig>,
         timeout: Duration,
     ) -> Result<Origin, String> {
         let h2 = first.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -130,6 +140,7 @@ impl Origin {
             addr,
             host: host.to_owned(),
             config,
+            h1_config,
             timeout,
             sender: tokio::sync::Mutex::new(None),
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -168,18 +179,45 @@ impl Origin {
         Ok(sender)
     }
 
-    /// A new connection to the same checked address, verified again.
-    async fn reopen(&self) -> Result<Sender, String> {
+    /// A new TLS connection to the same checked address, verified again.
+    async fn dial(
+        &self,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> Result<TlsStream<TcpStream>, String> {
         let tcp = tokio::time::timeout(self.timeout, TcpStream::connect(self.addr))
             .await
             .map_err(|_| format!("reconnecting to {} timed out", self.addr))?
             .map_err(|e| format!("cannot reconnect to {}: {e}", self.addr))?;
         let _ = tcp.set_nodelay(true);
-        let tls = tls(&self.config, &self.host, tcp, self.timeout).await?;
+        tls(config, &self.host, tcp, self.timeout).await
+    }
+
+    async fn reopen(&self) -> Result<Sender, String> {
+        let tls = self.dial(&self.config).await?;
         if (tls.get_ref().1.alpn_protocol() == Some(b"h2")) != self.h2 {
             return Err("the origin changed its HTTP version between connections".into());
         }
         self.handshake(tls).await
+    }
+
+    /// Sends a WebSocket upgrade request (origin form, `Connection`/`Upgrade` set) on a new
+    /// HTTP/1.1 connection of its own; after a `101` the response's upgrade is the stream.
+    pub async fn upgrade(
+        &self,
+        req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let tls = self.dial(&self.h1_config).await?;
+        let err = |e: hyper::Error| format!("origin: {e}");
+        let (mut sender, conn) = http1::handshake(TokioIo::new(tls)).await.map_err(err)?;
+        let task = tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task);
+        }
+        sender.send_request(req).await.map_err(err)
     }
 
     /// Sends one request (its URI already in the form the origin's HTTP version wants).

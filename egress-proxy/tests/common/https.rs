@@ -2,8 +2,10 @@
 //! HTTP/2 (by ALPN) with a certificate from its own throwaway CA, recording every request it
 //! receives. It answers like a small GitHub: `/repos/...` with JSON, `/echo` with the
 //! request's headers (in the body and in `x-echo-*` response headers), `/redirect?to=URL`
-//! with a 302, `/bytes/N` with N bytes, and files of a directory (a bare git repository for
-//! dumb-HTTP clones) under `/git/`.
+//! with a 302, `/bytes/N` with N bytes, and, given a directory D: the git repositories
+//! under `D/git` over smart HTTP at `/git/` (git's own `git http-backend`, run as CGI) and
+//! the files under `D/files` at `/files/` (package indexes: `index.html` for a path ending
+//! in `/`).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio_rustls::rustls;
+
+pub use super::tls::CertKind;
+use super::tls::OriginCert;
 
 /// One request as the origin saw it.
 #[derive(Clone, Debug)]
@@ -33,19 +37,6 @@ impl Seen {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
-}
-
-/// How the origin's certificate is made.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum CertKind {
-    /// Valid for the names, from the origin CA.
-    Good,
-    /// From the origin CA but for another name.
-    WrongName,
-    /// Expired yesterday.
-    Expired,
-    /// Self-signed (not from the origin CA).
-    SelfSigned,
 }
 
 pub struct HttpsOrigin {
@@ -72,52 +63,17 @@ impl HttpsOrigin {
         kind: CertKind,
         files: Option<PathBuf>,
     ) -> Self {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test origin CA");
-        ca_params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf_names: Vec<String> = match kind {
-            CertKind::WrongName => vec!["somewhere-else.test".into()],
-            _ => names.iter().map(|s| s.to_string()).collect(),
-        };
-        let mut leaf_params = rcgen::CertificateParams::new(leaf_names).unwrap();
-        if kind == CertKind::Expired {
-            let now = time::OffsetDateTime::now_utc();
-            leaf_params.not_before = now - time::Duration::days(30);
-            leaf_params.not_after = now - time::Duration::days(1);
-        }
-        let leaf = match kind {
-            CertKind::SelfSigned => leaf_params.self_signed(&leaf_key).unwrap(),
-            _ => leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap(),
-        };
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let ca_pem = dir.join(format!(
-            "origin-ca-{}.pem",
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&ca_pem, ca.pem()).unwrap();
-
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .unwrap();
-        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let cert = OriginCert::new(
+            dir.join(format!(
+                "origin-ca-{}.pem",
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            )),
+            names,
+            kind,
+        );
+        let ca_pem = cert.ca_pem.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config(alpn));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -216,9 +172,30 @@ async fn answer(
             &serde_json::json!({ "full_name": plain.trim_start_matches("/repos/"), "port": port }),
         )
         .unwrap()
-    } else if let (Some(rel), Some(dir)) = (plain.strip_prefix("/git/"), files) {
-        match std::fs::read(dir.join(rel)) {
-            Ok(data) if !rel.contains("..") => data,
+    } else if let (Some(rel), Some(dir)) = (plain.strip_prefix("/git/"), &files) {
+        let query = path.split_once('?').map_or("", |(_, q)| q);
+        let (status, cgi_headers, out) =
+            git_http_backend(&dir.join("git"), &parts, rel, query, body.to_vec()).await;
+        response = response.status(status);
+        for (k, v) in cgi_headers {
+            response = response.header(k, v);
+        }
+        out
+    } else if let (Some(rel), Some(dir)) = (plain.strip_prefix("/files/"), &files) {
+        let file = match rel {
+            r if r.is_empty() || r.ends_with('/') => format!("{r}index.html"),
+            r => r.to_owned(),
+        };
+        match std::fs::read(dir.join("files").join(&file)) {
+            Ok(data) if !file.contains("..") => {
+                let kind = match file.rsplit_once('.').map(|(_, e)| e) {
+                    Some("html") => "text/html",
+                    Some("json") => "application/json",
+                    _ => "application/octet-stream",
+                };
+                response = response.header("content-type", kind);
+                data
+            }
             _ => {
                 response = response.status(404);
                 b"not found\n".to_vec()
@@ -233,6 +210,82 @@ async fn answer(
         .into_bytes()
     };
     Ok(response.body(Full::new(Bytes::from(body))).unwrap())
+}
+
+/// Runs `git http-backend` (CGI) for one request to `/git/REL`: returns the status, the
+/// headers it printed and the body.
+async fn git_http_backend(
+    root: &Path,
+    parts: &http::request::Parts,
+    rel: &str,
+    query: &str,
+    body: Vec<u8>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut cmd = std::process::Command::new("git");
+    cmd.arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", root)
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("PATH_INFO", format!("/{rel}"))
+        .env("QUERY_STRING", query)
+        .env("REQUEST_METHOD", parts.method.as_str())
+        .env("CONTENT_TYPE", header("content-type"))
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
+        .env("GIT_PROTOCOL", header("git-protocol"))
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = cmd.spawn().expect("git http-backend");
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&body);
+        });
+        let out = child.wait_with_output().expect("git http-backend output");
+        let _ = writer.join();
+        out.stdout
+    })
+    .await
+    .unwrap();
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4))
+        .or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
+    let Some((at, sep)) = split else {
+        return (500, Vec::new(), out);
+    };
+    let mut status = 200;
+    let mut headers = Vec::new();
+    for line in String::from_utf8_lossy(&out[..at]).lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim().to_owned();
+        if k.eq_ignore_ascii_case("status") {
+            status = v
+                .split(' ')
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(500);
+        } else {
+            headers.push((k.to_owned(), v));
+        }
+    }
+    (status, headers, out[at + sep..].to_vec())
 }
 
 /// A response as a test client got it.
@@ -299,19 +352,7 @@ impl TunnelClient {
             .await;
             return Err(format!("{head}{}", String::from_utf8_lossy(&rest)));
         }
-        let mut roots = rustls::RootCertStore::empty();
-        use rustls::pki_types::pem::PemObject;
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca_pem).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let config = super::tls::client_config(ca_pem, alpn);
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(sni.to_owned().try_into().unwrap(), tcp)
             .await

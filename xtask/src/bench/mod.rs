@@ -1,6 +1,7 @@
-//! `cargo xtask bench [kernel|proxy|all]`: benchmarks, each ratio measured side by side in
+//! `cargo xtask bench [kernel|proxy|inspect|all]`: benchmarks, each ratio measured side by side in
 //! one run. Results go to `target/bench/<suite>.json` and a table on stdout.
 
+mod inspect;
 mod proxy;
 pub mod splice_relay;
 
@@ -11,8 +12,11 @@ use crate::{cmd, setup};
 pub enum Suite {
     /// The kernel gate (root): connect latency, throughput, denied-attempt rate, cold start.
     Kernel,
-    /// egress-proxy against squid, tinyproxy and a bare splice relay.
+    /// egress-proxy against squid, tinyproxy and a bare splice relay, then inspecting
+    /// against mitmproxy and squid's ssl_bump.
     Proxy,
+    /// Only the inspection figures of `proxy`.
+    Inspect,
     /// Both.
     All,
 }
@@ -54,6 +58,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if matches!(opts.suite, Suite::Proxy | Suite::All) {
         let figures = proxy::run()?;
         std::fs::write(out.join("proxy.json"), serde_json::to_vec_pretty(&figures)?)?;
+    }
+    if matches!(opts.suite, Suite::Proxy | Suite::Inspect | Suite::All) {
+        let figures = inspect::run(&proxy::build_proxy()?)?;
+        std::fs::write(
+            out.join("proxy-inspect.json"),
+            serde_json::to_vec_pretty(&figures)?,
+        )?;
     }
     Ok(())
 }

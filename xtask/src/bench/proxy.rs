@@ -240,13 +240,13 @@ pub fn run() -> Result<Value> {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn round(x: f64, digits: i32) -> f64 {
+pub(super) fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
 }
 
 /// Median, min and max of a series of per-round values.
-fn spread(v: &[f64]) -> Value {
+pub(super) fn spread(v: &[f64]) -> Value {
     if v.is_empty() {
         return Value::Null;
     }
@@ -261,7 +261,7 @@ fn spread(v: &[f64]) -> Value {
 }
 
 /// The 1-, 5- and 15-minute load averages.
-fn loadavg() -> Value {
+pub(super) fn loadavg() -> Value {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let v: Vec<f64> = text
         .split_whitespace()
@@ -327,34 +327,41 @@ fn print_table(r: &Value) {
 // ---- building and installing ------------------------------------------------------------
 
 /// Builds egress-proxy in release mode and returns the binary's path.
-fn build_proxy() -> Result<PathBuf> {
-    eprintln!("bench: cargo build --release -p egress-proxy");
-    let out = cmd::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "egress-proxy",
-        "--bin",
-        "egress-proxy",
-        "--message-format=json-render-diagnostics",
-    ])
+pub(super) fn build_proxy() -> Result<PathBuf> {
+    build_release(&["--bin", "egress-proxy"], "egress-proxy")
+}
+
+/// Builds `target` of egress-proxy (`args` select it) in release mode; returns its path.
+pub(super) fn build_release(args: &[&str], target: &str) -> Result<PathBuf> {
+    eprintln!(
+        "bench: cargo build --release -p egress-proxy {}",
+        args.join(" ")
+    );
+    let out = cmd::cargo(
+        &[
+            &["build", "--release", "-p", "egress-proxy"][..],
+            args,
+            &["--message-format=json-render-diagnostics"],
+        ]
+        .concat(),
+    )
     .stderr(Stdio::inherit())
     .output()
     .context("cannot run cargo")?;
     if !out.status.success() {
-        bail!("building egress-proxy failed");
+        bail!("building {target} failed");
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<Value>(line) else {
             continue;
         };
-        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "egress-proxy" {
+        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == target {
             if let Some(exe) = msg["executable"].as_str() {
                 return Ok(PathBuf::from(exe));
             }
         }
     }
-    bail!("cargo did not report the egress-proxy executable")
+    bail!("cargo did not report the {target} executable")
 }
 
 fn on_path(tool: &str) -> bool {
@@ -379,7 +386,7 @@ fn ensure_installed(tools: &[(&str, &str)]) -> Result<()> {
 
 /// A scratch directory removed when dropped; world-writable, since squid drops to the `proxy`
 /// user and must write its logs here.
-fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
+pub(super) fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
@@ -491,10 +498,10 @@ impl Peer {
 }
 
 /// A running proxy; killed (and reaped) when dropped.
-struct Running {
-    child: Child,
-    addr: SocketAddr,
-    version: String,
+pub(super) struct Running {
+    pub(super) child: Child,
+    pub(super) addr: SocketAddr,
+    pub(super) version: String,
 }
 
 impl Drop for Running {
@@ -513,11 +520,11 @@ impl Drop for Running {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(super) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn version_of(cmd: &str, arg: &str) -> String {
+pub(super) fn version_of(cmd: &str, arg: &str) -> String {
     Command::new(cmd)
         .arg(arg)
         .output()
