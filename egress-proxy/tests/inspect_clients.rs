@@ -793,3 +793,91 @@ asyncio.run(main())
         .contains(WS_SECRET));
     assert!(!proxy.log_text().contains(WS_SECRET));
 }
+
+/// The frames of an upgraded WebSocket are charged to the rule's budget like tunnel bytes:
+/// with `bytes_out = "4 KiB/h"`, a client sending 1 KiB messages of random bytes gets three
+/// through (each frame 1 KiB plus its header, compression cannot shrink them), the fourth is cut inside its frame, the cut is
+/// recorded with the figure that reached the ceiling, and the next upgrade is refused `429`.
+/// Judged by what the origin received.
+#[test]
+fn a_websocket_is_cut_at_its_rules_byte_ceiling() {
+    let dir = tempdir();
+    let origin = WsOrigin::start(dir.path(), &["ws.test"]);
+    let ca_dir = make_ca(dir.path(), "ca", &["ws.test"]);
+    let body = format!(
+        "allowed_domains = [{{ domain = \"ws.test\", ports = [{p}], inspect = true, allow_private = true, name = \"ws\", budget = {{ bytes_out = \"4 KiB/h\" }} }}]\n[hosts]\n\"ws.test\" = \"127.0.0.1\"\n[inspection]\nca_dir = \"ca\"\nupstream_ca = \"{up}\"\n",
+        p = origin.port,
+        up = origin.ca_pem.display()
+    );
+    let proxy = Proxy::start(dir.path(), &body);
+    let script = r#"
+import asyncio, os, sys
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+async def main():
+    sent = 0
+    try:
+        async with connect(sys.argv[1]) as ws:
+            assert await ws.recv() == "welcome"
+            for i in range(20):
+                # Random, so that permessage-deflate cannot shrink it.
+                await ws.send(os.urandom(1024))
+                await ws.recv()
+                sent += 1
+    except ConnectionClosed:
+        pass
+    print("ECHOED", sent)
+    try:
+        async with connect(sys.argv[1]) as ws:
+            raise SystemExit("an upgrade past the ceiling was relayed")
+    except InvalidStatus as e:
+        r = e.response
+        print("AFTER", r.status_code, r.headers["X-Tank-Refused-By"])
+
+asyncio.run(main())
+"#;
+    let out = agent("python3", &proxy, &ca_dir.join("ca.pem"), dir.path())
+        .env("PYTHONPATH", common::websocket::python_path())
+        .args(["-c", script])
+        .arg(format!("wss://ws.test:{}/ws/chat", origin.port))
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("ECHOED 3\n"), "{t}");
+    assert!(
+        t.contains("AFTER 429 budget:allowed_domains:ws:bytes_out"),
+        "{t}"
+    );
+
+    // The origin got three whole messages and nothing of a later upgrade.
+    let received = origin.received();
+    let messages = received.iter().filter(|e| e["event"] == "message").count();
+    let opens = received.iter().filter(|e| e["event"] == "open").count();
+    assert_eq!((opens, messages), (1, 3), "{received:#?}");
+
+    let records = wait_for(
+        std::time::Duration::from_secs(10),
+        "both request records",
+        || {
+            let r = proxy.records();
+            (r.iter().filter(|r| r["class_uid"] == 4002).count() >= 2).then_some(r)
+        },
+    );
+    let cut = records
+        .iter()
+        .find(|r| r["class_uid"] == 4002 && r["http_response"]["code"] == 101)
+        .unwrap_or_else(|| panic!("no record of the upgrade: {records:#?}"));
+    assert_eq!(cut["unmapped"]["budget"]["kind"], "bytes_out", "{cut:#}");
+    assert_eq!(cut["unmapped"]["budget"]["state"], "exceeded", "{cut:#}");
+    assert_eq!(cut["unmapped"]["budget"]["used"], 4096, "{cut:#}");
+    // Exactly the ceiling left the proxy towards the origin: not one read past it.
+    assert_eq!(cut["traffic"]["bytes_out"], 4096, "{cut:#}");
+    assert!(
+        cut["unmapped"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cut by budget:allowed_domains:ws:bytes_out")),
+        "{cut:#}"
+    );
+}
