@@ -658,6 +658,18 @@ fn cargo_fetches_the_allowed_crate_only() {
     s.only_own_hosts_were_asked();
 }
 
+/// The proxy's records, once (bounded wait) it holds `n` request records.
+fn request_records(proxy: &Proxy, n: usize) -> Vec<serde_json::Value> {
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "the request records",
+        || {
+            let r = proxy.records();
+            (r.iter().filter(|r| r["class_uid"] == 4002).count() >= n).then_some(r)
+        },
+    )
+}
+
 const WS_SECRET: &str = "ws-s3cr3t-0123456789abcdef";
 
 /// A WebSocket upgrade is a request like any other: judged on method and path (and given
@@ -757,14 +769,7 @@ asyncio.run(main())
         "{whoami}"
     );
 
-    let records = wait_for(
-        std::time::Duration::from_secs(10),
-        "both request records",
-        || {
-            let r = proxy.records();
-            (r.iter().filter(|r| r["class_uid"] == 4002).count() >= 2).then_some(r)
-        },
-    );
+    let records = request_records(&proxy, 2);
     let base = format!("https://ws.test:{}", origin.port);
     let chat = record_where(
         &records,
@@ -857,14 +862,7 @@ asyncio.run(main())
     let opens = received.iter().filter(|e| e["event"] == "open").count();
     assert_eq!((opens, messages), (1, 3), "{received:#?}");
 
-    let records = wait_for(
-        std::time::Duration::from_secs(10),
-        "both request records",
-        || {
-            let r = proxy.records();
-            (r.iter().filter(|r| r["class_uid"] == 4002).count() >= 2).then_some(r)
-        },
-    );
+    let records = request_records(&proxy, 2);
     let cut = records
         .iter()
         .find(|r| r["class_uid"] == 4002 && r["http_response"]["code"] == 101)
