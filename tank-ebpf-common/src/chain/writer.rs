@@ -178,8 +178,43 @@ pub struct ChainWriter {
     segment_born: SystemTime,
     /// Records up to here were deleted by this writer's retention.
     removed_through: u64,
-    /// The background compression of rotated segments, joined before the next and on drop.
-    compressor: Option<std::thread::JoinHandle<()>>,
+    /// The background compression of rotated segments, finished on drop.
+    compressor: Option<Compressor>,
+}
+
+/// One thread that compresses rotated segments in the order they come, at idle priority
+/// (`SCHED_IDLE`): compressing is housekeeping, and must not take the core the drain needs to
+/// keep up with the kernel. A segment waiting for it is a valid, uncompressed segment.
+#[derive(Debug)]
+struct Compressor {
+    queue: std::sync::mpsc::Sender<PathBuf>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Compressor {
+    fn start() -> Option<Self> {
+        let (queue, segments) = std::sync::mpsc::channel::<PathBuf>();
+        let thread = std::thread::Builder::new()
+            .name("chain-compress".into())
+            .spawn(move || {
+                let idle = libc::sched_param { sched_priority: 0 };
+                // SAFETY: pid 0 is the calling thread; `idle` is a valid sched_param. Best
+                // effort: at normal priority compression is only slower to give way.
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
+                for s in segments {
+                    // A full disk leaves it uncompressed: still a valid segment.
+                    let _ = segment::compress(&s);
+                }
+            })
+            .ok()?;
+        Some(Self { queue, thread })
+    }
+
+    /// Closes the queue and waits for what it holds.
+    fn finish(self) {
+        drop(self.queue);
+        let _ = self.thread.join();
+    }
 }
 
 impl Drop for ChainWriter {
@@ -188,7 +223,7 @@ impl Drop for ChainWriter {
     fn drop(&mut self) {
         let _ = self.flush();
         if let Some(c) = self.compressor.take() {
-            let _ = c.join();
+            c.finish();
         }
     }
 }
@@ -666,24 +701,22 @@ impl ChainWriter {
         })
     }
 
-    /// Compresses `segments` in a background thread, after the previous batch: appends never
+    /// Queues `segments` for the background compressor (started on first use): appends never
     /// wait for it. A crash mid-compression leaves a segment uncompressed, redone at next open.
     fn compress(&mut self, segments: Vec<PathBuf>) {
         if segments.is_empty() {
             return;
         }
-        if let Some(c) = self.compressor.take() {
-            let _ = c.join();
+        if self.compressor.is_none() {
+            self.compressor = Compressor::start();
         }
-        self.compressor = std::thread::Builder::new()
-            .name("chain-compress".into())
-            .spawn(move || {
-                for s in segments {
-                    // A full disk leaves it uncompressed: still a valid segment.
-                    let _ = segment::compress(&s);
-                }
-            })
-            .ok();
+        for s in segments {
+            let queued = self.compressor.as_ref().map(|c| c.queue.send(s));
+            if !matches!(queued, Some(Ok(()))) {
+                // No thread: the segment stays uncompressed until the next open.
+                break;
+            }
+        }
     }
 
     /// For sites whose logrotate moves the log away and signals the writer (SIGHUP): when the
