@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tank_integration_tests::prometheus::{free_port, http_get};
-use tank_integration_tests::{counter, Loader, TestCgroups};
+use tank_integration_tests::{bpf_fd, counter, Loader, TestCgroups};
 
 /// Interleaved rounds of the connect-latency cases (odd, for a plain median).
 const LATENCY_ROUNDS: usize = 31;
@@ -462,24 +462,9 @@ impl BpfStats {
         const BPF_ENABLE_STATS: libc::c_long = 32;
         const BPF_STATS_RUN_TIME: u32 = 0;
         // The `enable_stats` member of `union bpf_attr`, padded as the kernel reads it.
-        let attr = [BPF_STATS_RUN_TIME, 0, 0, 0];
-        // SAFETY: the bpf syscall with a valid attribute of the size passed.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_ENABLE_STATS,
-                attr.as_ptr(),
-                std::mem::size_of_val(&attr),
-            )
-        };
-        assert!(
-            fd >= 0,
-            "BPF_ENABLE_STATS: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: a new descriptor the kernel just returned, owned from here on.
+        let mut attr = [BPF_STATS_RUN_TIME, 0, 0, 0];
         Self {
-            _enabled: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) },
+            _enabled: bpf_fd(BPF_ENABLE_STATS, &mut attr, "BPF_ENABLE_STATS"),
         }
     }
 
