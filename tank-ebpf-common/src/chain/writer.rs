@@ -575,6 +575,14 @@ impl ChainWriter {
         self.file
             .sync_data()
             .map_err(io_err(&self.path, "fdatasync"))?;
+        // Durable records are not read again by the writer: their pages leave the page cache
+        // now rather than through reclaim, which made each new page of a fast log cost several
+        // times its copy (1 GB synced in 64 MiB steps: 5.2-5.8 s kept, 3.2-3.8 s dropped; the
+        // drain of 1M records: 8.8-9.7 s against 9.9-12.0 s kept, interleaved, under load 9).
+        // Readers that follow the log read them back from the disk. Advice only: a failure
+        // changes nothing that was written.
+        // SAFETY: posix_fadvise on a descriptor we own; offset 0, length 0 means to the end.
+        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         // In place at a fixed width: on a full disk the anchor still moves.
         let mut body = serde_json::to_vec(&self.head).expect("Head serializes");
         body.resize(ANCHOR_WIDTH.max(body.len()), b' ');
