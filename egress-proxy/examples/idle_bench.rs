@@ -334,18 +334,13 @@ async fn open(
 ) -> Result<TcpStream, String> {
     let e = |e: std::io::Error| e.kind().to_string();
     let sock = TcpSocket::new_v4().map_err(e)?;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid c_int on our socket. The port is then chosen at
-    // connect, per destination, not reserved per source address at bind.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    // The port is then chosen at connect, per destination, not reserved per source address.
+    set_option(
+        &sock,
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        1 as libc::c_int,
+    );
     sock.bind(SocketAddr::new(src.into(), 0)).map_err(e)?;
     let mut s = sock.connect(proxy.unwrap_or(target)).await.map_err(e)?;
     s.set_nodelay(true).map_err(e)?;
@@ -377,18 +372,23 @@ async fn open(
 
 /// A reset on close: no TIME_WAIT left behind by hundreds of thousands of connections.
 fn reset_on_close(s: &TcpStream) {
-    let l = libc::linger {
+    let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: setsockopt with a valid linger struct on our socket.
+    set_option(s, libc::SOL_SOCKET, libc::SO_LINGER, linger);
+}
+
+/// setsockopt(2) of a plain value on a socket we own; best effort (a bench client).
+fn set_option<T>(s: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: T) {
+    // SAFETY: `value` lives across the call and its size is passed with it.
     unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            level,
+            name,
+            (&value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
 }
