@@ -1,6 +1,7 @@
-//! `cargo xtask bench [kernel|proxy|inspect|all]`: benchmarks, each ratio measured side by side in
+//! `cargo xtask bench [kernel|proxy|inspect|idle|all]`: benchmarks, each ratio measured side by side in
 //! one run. Results go to `target/bench/<suite>.json` and a table on stdout.
 
+mod idle;
 mod inspect;
 mod proxy;
 pub mod splice_relay;
@@ -13,10 +14,13 @@ pub enum Suite {
     /// The kernel gate (root): connect latency, throughput, denied-attempt rate, cold start.
     Kernel,
     /// egress-proxy against squid, tinyproxy and a bare splice relay, then inspecting
-    /// against mitmproxy and squid's ssl_bump.
+    /// against mitmproxy and squid's ssl_bump, then 100,000 idle tunnels held (root).
     Proxy,
     /// Only the inspection figures of `proxy`.
     Inspect,
+    /// Only the fleet-load figures of `proxy` (root): 100,000 idle tunnels held, memory per
+    /// tunnel, refusals, new tunnels/s while held.
+    Idle,
     /// Both.
     All,
 }
@@ -63,6 +67,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let figures = inspect::run(&proxy::build_proxy()?)?;
         std::fs::write(
             out.join("proxy-inspect.json"),
+            serde_json::to_vec_pretty(&figures)?,
+        )?;
+    }
+    if matches!(opts.suite, Suite::Proxy | Suite::Idle | Suite::All) {
+        let figures = idle::run()?;
+        std::fs::write(
+            out.join("proxy-idle.json"),
             serde_json::to_vec_pretty(&figures)?,
         )?;
     }
