@@ -714,3 +714,21 @@ fn ip_destination(packet: &[u8]) -> Option<IpAddr> {
         _ => None,
     }
 }
+
+/// The `bpf(2)` command `cmd` with the attribute `attr` (a zero-padded `union bpf_attr`, as
+/// u32 words), for the commands aya has no public call for: the descriptor it returns, or a
+/// panic naming `what`.
+pub fn bpf_fd(cmd: libc::c_long, attr: &mut [u32], what: &str) -> OwnedFd {
+    // SAFETY: `attr` is valid for its length, which is the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    assert!(fd >= 0, "{what}: {}", std::io::Error::last_os_error());
+    // SAFETY: a new descriptor the kernel just returned, owned from here on.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}

@@ -7,10 +7,10 @@
 //! map of 4 slots where this one has 5), and judges enforcement by what reaches a listener.
 
 use std::net::TcpListener;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-use tank_integration_tests::{counter, probe, Loader, TestCgroups};
+use tank_integration_tests::{bpf_fd, counter, probe, Loader, TestCgroups};
 
 const AGENT: Option<u32> = Some(65534);
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -22,22 +22,7 @@ fn array_map(map_type: u32, value_size: u32, slots: u32) -> OwnedFd {
     // bpf_attr.map_create: map_type, key_size, value_size, max_entries; the rest zero.
     let mut attr = [0u32; 16];
     attr[..4].copy_from_slice(&[map_type, 4, value_size, slots]);
-    // SAFETY: attr is a zero-padded bpf_attr for BPF_MAP_CREATE.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a descriptor BPF_MAP_CREATE just returned.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    bpf_fd(BPF_MAP_CREATE, &mut attr, "BPF_MAP_CREATE")
 }
 
 /// Whether a connection reached `listener` (which is non-blocking).

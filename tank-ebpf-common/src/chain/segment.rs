@@ -111,6 +111,11 @@ pub(super) fn compress(segment: &Path) -> io::Result<()> {
         output.flush()?;
         output.set_modified(mtime)?;
         output.sync_all()?;
+        // Retention may have deleted the segment while it waited or was being compressed: a
+        // copy must not bring it back.
+        if !segment.exists() {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
         fs::rename(&tmp, &out)
     })();
     match result {

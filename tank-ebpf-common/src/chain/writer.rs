@@ -178,8 +178,43 @@ pub struct ChainWriter {
     segment_born: SystemTime,
     /// Records up to here were deleted by this writer's retention.
     removed_through: u64,
-    /// The background compression of rotated segments, joined before the next and on drop.
-    compressor: Option<std::thread::JoinHandle<()>>,
+    /// The background compression of rotated segments, finished on drop.
+    compressor: Option<Compressor>,
+}
+
+/// One thread that compresses rotated segments in the order they come, at idle priority
+/// (`SCHED_IDLE`): compressing is housekeeping, and must not take the core the drain needs to
+/// keep up with the kernel. A segment waiting for it is a valid, uncompressed segment.
+#[derive(Debug)]
+struct Compressor {
+    queue: std::sync::mpsc::Sender<PathBuf>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Compressor {
+    fn start() -> Option<Self> {
+        let (queue, segments) = std::sync::mpsc::channel::<PathBuf>();
+        let thread = std::thread::Builder::new()
+            .name("chain-compress".into())
+            .spawn(move || {
+                let idle = libc::sched_param { sched_priority: 0 };
+                // SAFETY: pid 0 is the calling thread; `idle` is a valid sched_param. Best
+                // effort: at normal priority compression is only slower to give way.
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
+                for s in segments {
+                    // A full disk leaves it uncompressed: still a valid segment.
+                    let _ = segment::compress(&s);
+                }
+            })
+            .ok()?;
+        Some(Self { queue, thread })
+    }
+
+    /// Closes the queue and waits for what it holds.
+    fn finish(self) {
+        drop(self.queue);
+        let _ = self.thread.join();
+    }
 }
 
 impl Drop for ChainWriter {
@@ -188,7 +223,7 @@ impl Drop for ChainWriter {
     fn drop(&mut self) {
         let _ = self.flush();
         if let Some(c) = self.compressor.take() {
-            let _ = c.join();
+            c.finish();
         }
     }
 }
@@ -540,6 +575,14 @@ impl ChainWriter {
         self.file
             .sync_data()
             .map_err(io_err(&self.path, "fdatasync"))?;
+        // Durable records are not read again by the writer: their pages leave the page cache
+        // now rather than through reclaim, which made each new page of a fast log cost several
+        // times its copy (1 GB synced in 64 MiB steps: 5.2-5.8 s kept, 3.2-3.8 s dropped; the
+        // drain of 1M records: 8.8-9.7 s against 9.9-12.0 s kept, interleaved, under load 9).
+        // Readers that follow the log read them back from the disk. Advice only: a failure
+        // changes nothing that was written.
+        // SAFETY: posix_fadvise on a descriptor we own; offset 0, length 0 means to the end.
+        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         // In place at a fixed width: on a full disk the anchor still moves.
         let mut body = serde_json::to_vec(&self.head).expect("Head serializes");
         body.resize(ANCHOR_WIDTH.max(body.len()), b' ');
@@ -666,24 +709,22 @@ impl ChainWriter {
         })
     }
 
-    /// Compresses `segments` in a background thread, after the previous batch: appends never
+    /// Queues `segments` for the background compressor (started on first use): appends never
     /// wait for it. A crash mid-compression leaves a segment uncompressed, redone at next open.
     fn compress(&mut self, segments: Vec<PathBuf>) {
         if segments.is_empty() {
             return;
         }
-        if let Some(c) = self.compressor.take() {
-            let _ = c.join();
+        if self.compressor.is_none() {
+            self.compressor = Compressor::start();
         }
-        self.compressor = std::thread::Builder::new()
-            .name("chain-compress".into())
-            .spawn(move || {
-                for s in segments {
-                    // A full disk leaves it uncompressed: still a valid segment.
-                    let _ = segment::compress(&s);
-                }
-            })
-            .ok();
+        for s in segments {
+            let queued = self.compressor.as_ref().map(|c| c.queue.send(s));
+            if !matches!(queued, Some(Ok(()))) {
+                // No thread: the segment stays uncompressed until the next open.
+                break;
+            }
+        }
     }
 
     /// For sites whose logrotate moves the log away and signals the writer (SIGHUP): when the

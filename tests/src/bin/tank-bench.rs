@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tank_integration_tests::prometheus::{free_port, http_get};
-use tank_integration_tests::{counter, Loader, TestCgroups};
+use tank_integration_tests::{bpf_fd, counter, Loader, TestCgroups};
 
 /// Interleaved rounds of the connect-latency cases (odd, for a plain median).
 const LATENCY_ROUNDS: usize = 31;
@@ -41,6 +41,8 @@ const FLOOD_PER_WORKER: u64 = 500_000;
 const COLD_STARTS: usize = 5;
 const MAP_ENTRIES: usize = 10_000;
 const DRAIN_ROUNDS: usize = 3;
+/// Rounds of the per-program cost phase (kernel BPF statistics on), apart from the ratios.
+const STATS_ROUNDS: usize = 5;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -126,6 +128,35 @@ fn bench(scrape: bool) -> Value {
         ratio_spread(&throughput[1], &throughput[0])
     );
 
+    // Where the gate's time goes: each program's own run time, from the kernel's BPF
+    // statistics, over connect rounds and a bulk send in the gated cgroup alone. Apart from
+    // the rounds above, because the statistics add two clock reads to every program run.
+    let programs = {
+        let stats = BpfStats::enable();
+        let before = stats.read(&gate1_loader.pin_dir);
+        for _ in 0..STATS_ROUNDS {
+            run_worker(&placement, &gate1.agent, &args);
+        }
+        let connect = stats.read(&gate1_loader.pin_dir);
+        run_worker(&placement, &gate1.agent, &send);
+        let bulk = stats.read(&gate1_loader.pin_dir);
+        let connects = (STATS_ROUNDS * CONNECTS_PER_ROUND) as f64;
+        program_costs(&before, &connect, &bulk, connects)
+    };
+
+    // Cold start: a fresh loader (nothing pinned) until it reports enforcement in place.
+    // Before the flood: the drain below leaves about 1 GB of rotated log segments to compress
+    // in the background, on the CPU these loaders start on (the quiet run of 2026-12-01,
+    // started after it, saw 166 ms falling to 106 ms over five starts).
+    let cold_cg = TestCgroups::new();
+    let mut cold = Vec::new();
+    for _ in 0..COLD_STARTS {
+        let t = Instant::now();
+        let loader = Loader::start(&cold_cg, &proxy);
+        cold.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(loader);
+    }
+
     // Denied attempts flood an unlisted port on loopback with the drain stopped, then the
     // drain is timed from a full ring (`denied_flood`): no ring to hide a slow drain.
     let denied_target = listener.other_addr.to_string();
@@ -143,23 +174,13 @@ fn bench(scrape: bool) -> Value {
         json!({ "unscraped": spread(&mut plain), "scraped_every_1s": spread(&mut scraped), "scrapes": scrapes })
     });
 
-    // Cold start: a fresh loader (nothing pinned) until it reports enforcement in place.
-    let cold_cg = TestCgroups::new();
-    let mut cold = Vec::new();
-    for _ in 0..COLD_STARTS {
-        let t = Instant::now();
-        let loader = Loader::start(&cold_cg, &proxy);
-        cold.push(t.elapsed().as_secs_f64() * 1e3);
-        drop(loader);
-    }
-
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     json!({
         "machine": {
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpus": placement.cpus,
             "kernel": kernel_release(),
             "load_average_before": load_before,
             "load_average_after": load_average(),
@@ -191,8 +212,10 @@ fn bench(scrape: bool) -> Value {
             "drain_events_per_s": flood.drain_rate(),
         },
         "drain_events_per_s_scraped": scraped,
+        "programs": programs,
         "cold_start_ms": { "median": med(&mut cold.clone()), "all": cold },
         "latency_rounds": LATENCY_ROUNDS, "connects_per_round": CONNECTS_PER_ROUND,
+        "program_stats_connects": STATS_ROUNDS * CONNECTS_PER_ROUND,
         "throughput_rounds": THROUGHPUT_ROUNDS, "throughput_secs_per_round": THROUGHPUT_SECS,
     })
 }
@@ -425,6 +448,88 @@ impl Scraper {
     }
 }
 
+/// The kernel's BPF run-time statistics, on while this lives (`BPF_ENABLE_STATS`: the
+/// kernel turns them off again when the descriptor closes, also if the bench dies).
+struct BpfStats {
+    _enabled: std::os::fd::OwnedFd,
+}
+
+/// One program's counters: (runs, run time in ns).
+type ProgramCounters = std::collections::BTreeMap<String, (u64, u64)>;
+
+impl BpfStats {
+    fn enable() -> Self {
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // The `enable_stats` member of `union bpf_attr`, padded as the kernel reads it.
+        let mut attr = [BPF_STATS_RUN_TIME, 0, 0, 0];
+        Self {
+            _enabled: bpf_fd(BPF_ENABLE_STATS, &mut attr, "BPF_ENABLE_STATS"),
+        }
+    }
+
+    /// Runs and run time of each program the loader pinned a link of under `pin_dir`, by the
+    /// link's name (bpftool reads them).
+    fn read(&self, pin_dir: &Path) -> ProgramCounters {
+        let bpftool = |args: &[&str]| -> Value {
+            let out = Command::new("bpftool")
+                .arg("-j")
+                .args(args)
+                .output()
+                .expect("run bpftool");
+            assert!(out.status.success(), "bpftool {args:?} failed");
+            serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+        };
+        let mut counters = ProgramCounters::new();
+        for link in std::fs::read_dir(pin_dir.join("links"))
+            .expect("link pins")
+            .flatten()
+        {
+            let name = link.file_name().to_string_lossy().into_owned();
+            let path = link.path();
+            let link = bpftool(&["link", "show", "pinned", path.to_str().unwrap()]);
+            let id = link["prog_id"].as_u64().expect("prog_id").to_string();
+            let prog = bpftool(&["prog", "show", "id", &id]);
+            let n = |k: &str| prog[k].as_u64().unwrap_or(0);
+            counters.insert(name, (n("run_cnt"), n("run_time_ns")));
+        }
+        counters
+    }
+}
+
+/// Per program: runs and ns per connect()+close over `connects` (from `before` to `connect`),
+/// runs and ns per run over the bulk send (from `connect` to `bulk`).
+fn program_costs(
+    before: &ProgramCounters,
+    connect: &ProgramCounters,
+    bulk: &ProgramCounters,
+    connects: f64,
+) -> Value {
+    let delta = |a: &ProgramCounters, b: &ProgramCounters, name: &str| {
+        let (r0, t0) = a.get(name).copied().unwrap_or_default();
+        let (r1, t1) = b.get(name).copied().unwrap_or_default();
+        (r1.saturating_sub(r0) as f64, t1.saturating_sub(t0) as f64)
+    };
+    let per_run = |(runs, ns): (f64, f64)| if runs > 0.0 { ns / runs } else { 0.0 };
+    let rows: serde_json::Map<String, Value> = connect
+        .keys()
+        .map(|name| {
+            let c = delta(before, connect, name);
+            let b = delta(connect, bulk, name);
+            let row = json!({
+                "connect_runs_per_connect": c.0 / connects,
+                "connect_ns_per_connect": c.1 / connects,
+                "connect_ns_per_run": per_run(c),
+                "bulk_runs": b.0,
+                "bulk_ns_per_run": per_run(b),
+                "bulk_ns_total": b.1,
+            });
+            (name.clone(), row)
+        })
+        .collect();
+    Value::Object(rows)
+}
+
 fn print_table(f: &Value) {
     let row = |name: &str, value: String, goal: &str, ok: bool| {
         println!(
@@ -537,6 +642,38 @@ fn print_table(f: &Value) {
     );
     let (_, text) = spread("connect_ratio_10k_vs_1_entry");
     row("connect p50, 10k allow entries / 1 entry", text, "-", true);
+    if let Some(programs) = f["programs"].as_object() {
+        println!(
+            "per program, kernel BPF statistics ({} connect()+close, then one bulk send):",
+            f["program_stats_connects"]
+        );
+        println!(
+            "  {:<22} {:>14} {:>14} {:>12} {:>12} {:>12}",
+            "program", "runs/connect", "ns/connect", "ns/run", "bulk runs", "bulk ns/run"
+        );
+        let (mut total, v) = (0.0, |p: &Value, k: &str| p[k].as_f64().unwrap_or(0.0));
+        for (name, p) in programs {
+            total += v(p, "connect_ns_per_connect");
+            println!(
+                "  {name:<22} {:>14.2} {:>14.0} {:>12.0} {:>12.0} {:>12.0}",
+                v(p, "connect_runs_per_connect"),
+                v(p, "connect_ns_per_connect"),
+                v(p, "connect_ns_per_run"),
+                v(p, "bulk_runs"),
+                v(p, "bulk_ns_per_run"),
+            );
+        }
+        let p50 = f["connect_close_p50_ns"]["unconfined"]
+            .as_f64()
+            .unwrap_or(0.0);
+        println!(
+            "  {:<22} {:>14} {:>14.0}   ({:.1}% of the unconfined p50, {p50:.0} ns)",
+            "all programs",
+            "",
+            total,
+            100.0 * total / p50.max(1.0)
+        );
+    }
 }
 
 /// A loopback listener that accepts and drains, plus an address nothing listens on.
