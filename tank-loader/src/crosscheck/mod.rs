@@ -17,13 +17,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tank_ebpf_common::chain::{self, Problem, Record, Report};
+use tank_ebpf_common::chain::{self, Line, Problem, Record, Report};
 use tank_ebpf_common::event::{hook, reason};
 use tank_ebpf_common::ocsf::kernel::{NetworkRecord, UnrecordedRecord};
 use tank_ebpf_common::ocsf::proxy::{ConnectionRecord, TunnelKind};
 use tank_ebpf_common::ocsf::{self, protocol, Action, Kind, LogName};
 
 use crate::activity::{self, Activity};
+
+mod source;
+pub use source::Source;
 
 /// Default greatest distance in time between a kernel record and its proxy record, ms.
 pub const DEFAULT_WINDOW_MS: u64 = 5000;
@@ -48,10 +51,23 @@ impl Log {
 
     /// Reads and verifies a series of segments as one log (see `chain::series`).
     pub fn read_series(paths: &[PathBuf]) -> io::Result<Self> {
-        let (report, records) = chain::read_series(paths)?;
+        Self::from_source(Source::files(LogName::Kernel, paths)?)
+    }
+
+    /// Reads and verifies every line of `source`.
+    pub fn from_source(source: Source) -> io::Result<Self> {
+        let mut v = chain::StreamVerifier::new(source.anchor);
+        let mut records = Vec::new();
+        for line in source.lines {
+            match line? {
+                Line::File(path) => v.file(&path),
+                Line::Complete(bytes) => records.extend(v.line(&bytes)),
+                Line::Partial => v.partial(),
+            }
+        }
         Ok(Self {
-            path: paths.first().cloned().unwrap_or_default(),
-            report,
+            path: source.label.into(),
+            report: v.finish(),
             records,
         })
     }
