@@ -15,7 +15,11 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use serde::Serialize;
+use tank_ebpf_common::chain::{self, Line, Problem, Report};
 use tank_ebpf_common::ocsf::LogName;
+
+use crate::crosscheck::Source;
 
 /// The table image/fleet/clickhouse.sql creates.
 pub const DEFAULT_TABLE: &str = "tank.audit";
@@ -146,7 +150,7 @@ pub struct Filter {
 }
 
 /// One chain in the store: one host's log of one kind.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Chain {
     /// The shipper's `host`.
     pub host: String,
@@ -284,8 +288,49 @@ impl Store {
     }
 
     /// The page size for reading `chains` chains side by side.
-    pub fn page_for(chains: usize) -> usize {
+    fn page_for(chains: usize) -> usize {
         (PAGE_BUDGET / chains.max(1)).clamp(PAGE_MIN, 65_536)
+    }
+
+    /// The chains `filter` selects as cross-check sources, read side by side page by page.
+    /// The store keeps no anchor: a cut end of a chain shows only against the host's anchor
+    /// (docs/operations.md, "Fleet").
+    pub fn sources(&self, filter: &Filter) -> Result<Vec<Source>, Error> {
+        let chains = self.chains(filter)?;
+        let page = Self::page_for(chains.len());
+        Ok(chains
+            .into_iter()
+            .map(|chain| Source {
+                label: chain.label(),
+                kind: chain.log,
+                anchor: None,
+                lines: Box::new(self.lines(&chain, page).map(|l| l.map(Line::Complete))),
+            })
+            .collect())
+    }
+
+    /// Verifies every chain `filter` selects, one after the other, with the verifier the files
+    /// go through. A chain cut by the time range starts where the range does, so the start it
+    /// lacks is no problem; anything missing inside the range is.
+    pub fn verify(&self, filter: &Filter) -> Result<Vec<Verified>, Error> {
+        let mut out = Vec::new();
+        for chain in self.chains(filter)? {
+            let mut v = chain::StreamVerifier::new(None);
+            for line in self.lines(&chain, Self::page_for(1)) {
+                v.line(&line.map_err(|e| Error::Io {
+                    url: self.url.to_string(),
+                    source: e,
+                })?);
+            }
+            let mut report = v.finish();
+            if chain.ranged {
+                report.problems.retain(|p| {
+                    !matches!(p, Problem::MissingStart { first_seq, .. } if *first_seq == chain.first_seq)
+                });
+            }
+            out.push(Verified { chain, report });
+        }
+        Ok(out)
     }
 
     fn answer(&self, what: String) -> Error {
@@ -349,6 +394,71 @@ impl Store {
         stream.flush()?;
         read_response(BufReader::new(stream))
     }
+}
+
+
+/// One chain as verified from the store.
+#[derive(Debug, Serialize)]
+pub struct Verified {
+    /// The chain.
+    #[serde(flatten)]
+    pub chain: Chain,
+    /// What verifying it found, as `audit verify` on its files reports it.
+    pub report: Report,
+}
+
+/// `audit verify --clickhouse`: verifies the chains `filter` selects, writes one report per
+/// chain to `out` (JSON: an array), and returns the exit status of `audit verify`: 0 every chain
+/// intact, 1 a problem found or a host of `filter.hosts` with no records, 2 the store cannot be
+/// read (one line on `err`).
+pub fn verify_command(
+    store: &Store,
+    filter: &Filter,
+    json: bool,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> io::Result<u8> {
+    let verified = match store.verify(filter) {
+        Ok(v) => v,
+        Err(e) => {
+            writeln!(err, "tank-loader: {e}")?;
+            return Ok(2);
+        }
+    };
+    let absent: Vec<&String> = filter
+        .hosts
+        .iter()
+        .filter(|h| !verified.iter().any(|v| &v.chain.host == *h))
+        .collect();
+    if json {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            chains: &'a [Verified],
+            hosts_without_records: &'a [&'a String],
+        }
+        let value = Out {
+            chains: &verified,
+            hosts_without_records: &absent,
+        };
+        serde_json::to_writer_pretty(&mut *out, &value)?;
+        writeln!(out)?;
+    } else {
+        for v in &verified {
+            out.write_all(v.report.render(&v.chain.label()).as_bytes())?;
+        }
+        for host in &absent {
+            writeln!(out, "clickhouse host={host}: NOT verified: no records in the store")?;
+        }
+        if verified.is_empty() && absent.is_empty() {
+            writeln!(out, "{}: NOT verified: no records match", store.url)?;
+        }
+    }
+    let intact = verified.iter().all(|v| v.report.is_intact());
+    Ok(if intact && absent.is_empty() && !verified.is_empty() {
+        0
+    } else {
+        1
+    })
 }
 
 /// Parses an HTTP/1.1 response: its status and its body (chunked, sized, or to the end).

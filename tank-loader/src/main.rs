@@ -109,8 +109,21 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Audit {
-            command: AuditCommand::Verify { files, json },
-        } => verify(&files, json, &mut out),
+            command: AuditCommand::Verify { files, json, store },
+        } => match store.store() {
+            Some(Ok((store, filter))) => Ok(ExitCode::from(tank_loader::clickhouse::verify_command(
+                &store,
+                &filter,
+                json,
+                &mut out,
+                &mut std::io::stderr(),
+            )?)),
+            Some(Err(e)) => {
+                eprintln!("tank-loader: --table: {e}");
+                Ok(ExitCode::from(2))
+            }
+            None => verify(&files, json, &mut out),
+        },
         Command::Audit {
             command:
                 AuditCommand::CrossCheck {

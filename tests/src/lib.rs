@@ -10,6 +10,7 @@ pub mod browser;
 pub mod prometheus;
 pub mod reroute;
 pub mod seccomp;
+pub mod store;
 pub mod topology;
 
 use std::net::IpAddr;

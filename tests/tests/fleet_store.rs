@@ -1,0 +1,188 @@
+//! The fleet's log store, with the real parts: clickhouse-server and syslog-ng run as the test's
+//! own processes from temporary configs, with the table and the shipper block the repository
+//! ships (image/fleet/), and `tank-loader audit verify --clickhouse` / `audit cross-check
+//! --clickhouse` read the records back. Root: the fleet test builds network namespaces and
+//! loads the gate.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+use tank_ebpf_common::chain::{ChainWriter, Options, Rotation};
+use tank_integration_tests::store::{ClickHouse, Shipped, Shipper};
+use tank_integration_tests::{require_root, workspace_bin};
+
+const T0: i64 = 1_800_000_000_000;
+
+/// A kernel-looking record at `T0 + i` s with text that needs escaping on the way.
+fn record(i: i64) -> Value {
+    json!({
+        "class_uid": 6002,
+        "time": T0 + i * 1000,
+        "metadata": { "log_name": "kernel" },
+        "message": format!("record {i}: quote \" backslash \\ tab \t é \u{1F980} /"),
+    })
+}
+
+/// Writes 30 records into a log at `path` that rotates every 10 (compressed segments), syncing
+/// as it goes, so a shipper tailing it sees the renames. Rotations are a second apart: a
+/// shipper follows the log's name, and one that looks only after two rotations never sees the
+/// segment between them (docs/operations.md, "Fleet": the store then reports the gap).
+fn write_log(path: &Path) {
+    let opts = Options {
+        rotation: Rotation {
+            compress: true,
+            ..Rotation::default()
+        },
+        ..Options::default()
+    };
+    let (mut w, _) = ChainWriter::open_with(path, opts).expect("open the log");
+    for i in 1..=30 {
+        if i % 10 == 1 && i > 1 {
+            w.rotate(&record(i)).expect("rotate");
+        } else {
+            w.append(&record(i)).expect("append");
+        }
+        if i % 5 == 0 {
+            w.sync().expect("sync");
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+    w.sync().expect("sync");
+}
+
+fn loader(args: &[&str]) -> Output {
+    Command::new(workspace_bin("tank-loader"))
+        .args(args)
+        .output()
+        .expect("run tank-loader")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn verify_json(args: &[&str]) -> (i32, Value) {
+    let out = loader(&[&["audit", "verify", "--json"], args].concat());
+    let value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("audit verify --json: {e}: {}", text(&out)));
+    (out.status.code().unwrap_or(-1), value)
+}
+
+/// The chain of `host` in a `verify --clickhouse --json` answer.
+fn chain<'a>(v: &'a Value, host: &str) -> &'a Value {
+    v["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["host"] == host)
+        .unwrap_or_else(|| panic!("no chain of {host} in {v:#}"))
+}
+
+#[test]
+fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_its_host() {
+    require_root();
+    let store = ClickHouse::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a/kernel.jsonl"), dir.path().join("b/kernel.jsonl"));
+    for log in [&a, &b] {
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        std::fs::write(log, "").unwrap();
+    }
+    let shipped = |path: &Path, host: &str| Shipped {
+        path: path.to_owned(),
+        log: "kernel",
+        host: host.to_owned(),
+    };
+    let _shipper = Shipper::start(&store, &[shipped(&a, "host-a"), shipped(&b, "host-b")]);
+    // Written while the shipper tails them: it follows each rotation to the new active file.
+    write_log(&a);
+    write_log(&b);
+    store.wait_rows("host-a", "kernel", 30);
+    store.wait_rows("host-b", "kernel", 30);
+    let segments = std::fs::read_dir(a.parent().unwrap())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".zst"))
+        .count();
+    assert_eq!(segments, 2, "the log rotated into compressed segments");
+
+    // The same verdict, record count and head as the files they came from.
+    let url = store.url();
+    let (code, v) = verify_json(&["--clickhouse", &url]);
+    assert_eq!(code, 0, "{v:#}");
+    for (host, file) in [("host-a", &a), ("host-b", &b)] {
+        let (file_code, f) = verify_json(&[file.to_str().unwrap()]);
+        assert_eq!(file_code, 0, "{f:#}");
+        let c = chain(&v, host);
+        assert_eq!(c["report"]["records"], 30, "{c:#}");
+        assert_eq!(c["report"]["head"], f["head"], "{host}: same head as the files");
+        assert_eq!(c["report"]["problems"], json!([]));
+    }
+    let out = loader(&["audit", "verify", "--clickhouse", &url]);
+    assert!(
+        text(&out).contains("clickhouse host=host-a log=kernel: intact: 30 records, last seq 30"),
+        "{}",
+        text(&out)
+    );
+
+    // A batch the shipper sent twice is no problem: identical rows are read once.
+    store.query(
+        "INSERT INTO tank.audit (host, log, name, line) \
+         SELECT host, log, name, line FROM tank.audit WHERE host = 'host-b' AND seq <= 3",
+    );
+    assert_eq!(store.rows("host-b", "kernel"), 33);
+    assert_eq!(verify_json(&["--clickhouse", &url]).0, 0);
+
+    // Someone deletes a record of host-a in the store, and edits one of host-b (a mutation
+    // cannot rewrite `line`, a key's source: deleted and inserted changed).
+    store.mutate("ALTER TABLE tank.audit DELETE WHERE host = 'host-a' AND seq = 12");
+    let edited = store.query("SELECT line FROM tank.audit WHERE host = 'host-b' AND seq = 20 FORMAT TabSeparatedRaw");
+    store.mutate("ALTER TABLE tank.audit DELETE WHERE host = 'host-b' AND seq = 20");
+    let forged = edited.trim_end().replace("record 20", "record 2O");
+    let row = json!({ "host": "host-b", "log": "kernel", "line": forged });
+    store.query(&format!("INSERT INTO tank.audit FORMAT JSONEachRow {row}"));
+    let (code, v) = verify_json(&["--clickhouse", &url]);
+    assert_eq!(code, 1, "{v:#}");
+    let problems = |host| chain(&v, host)["report"]["problems"].clone();
+    assert_eq!(
+        problems("host-a"),
+        json!([
+            { "problem": "seq_gap", "line": 12, "expected": 12, "found": 13 },
+            { "problem": "hash_mismatch", "line": 12 },
+        ]),
+        "{v:#}"
+    );
+    assert_eq!(
+        problems("host-b"),
+        json!([{ "problem": "hash_mismatch", "line": 21 }]),
+        "the record after the edited one no longer chains: {v:#}"
+    );
+    // The files on the hosts still verify: the store's copy is what changed.
+    assert_eq!(loader(&["audit", "verify", a.to_str().unwrap()]).status.code(), Some(0));
+
+    // One host at a time; a host with no records is a finding, not a pass.
+    let (code, v) = verify_json(&["--clickhouse", &url, "--host", "host-a"]);
+    assert_eq!((code, v["chains"].as_array().unwrap().len()), (1, 1), "{v:#}");
+    let out = loader(&["audit", "verify", "--clickhouse", &url, "--host", "host-c"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("clickhouse host=host-c: NOT verified: no records in the store"));
+
+    // A time range: each chain from its first record in the range to its last, every record in
+    // between checked, the start before it not. host-b's edit (seq 20) is outside 5..=15.
+    let (since, until) = ((T0 + 5_000).to_string(), (T0 + 15_000).to_string());
+    let (code, v) = verify_json(&["--clickhouse", &url, "--since", &since, "--until", &until]);
+    assert_eq!(code, 1, "{v:#}");
+    let b = chain(&v, "host-b");
+    assert_eq!((b["first_seq"].clone(), b["last_seq"].clone()), (json!(5), json!(15)));
+    assert_eq!(b["report"]["problems"], json!([]), "{v:#}");
+    assert_eq!(chain(&v, "host-a")["report"]["problems"][0]["problem"], "seq_gap");
+
+    // What cannot be read is exit 2 with one line.
+    let out = loader(&["audit", "verify", "--clickhouse", "http://127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+}
