@@ -4,6 +4,7 @@
 //! --clickhouse` read the records back. Root: the fleet test builds network namespaces and
 //! loads the gate.
 
+use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -185,4 +186,188 @@ fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_it
     let out = loader(&["audit", "verify", "--clickhouse", "http://127.0.0.1:1"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+}
+
+/// `audit cross-check --json` with `args`: its exit code and report.
+fn cross_check(args: &[String]) -> (i32, Value) {
+    let out = Command::new(workspace_bin("tank-loader"))
+        .args(["audit", "cross-check", "--json"])
+        .args(args)
+        .output()
+        .expect("run tank-loader");
+    let value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("cross-check --json: {e}: {}", text(&out)));
+    (out.status.code().unwrap_or(-1), value)
+}
+
+/// The entry of `list` (`hosts` or `proxies`) for host `name`.
+fn host<'a>(report: &'a Value, list: &str, name: &str) -> &'a Value {
+    report[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == name)
+        .unwrap_or_else(|| panic!("no {list} entry for {name} in {report:#}"))
+}
+
+/// Per host and proxy: verdict and counts, without where each log was read from.
+fn verdicts(report: &Value) -> Vec<(String, Value, Value, Value)> {
+    ["hosts", "proxies"]
+        .iter()
+        .flat_map(|list| report[list].as_array().unwrap().iter())
+        .map(|h| {
+            let unmatched = h.get("proxy_unmatched").map_or(json!(null), |u| u["count"].clone());
+            (
+                h["host"].as_str().unwrap().to_owned(),
+                h["verdict"].clone(),
+                h["matched"].clone(),
+                unmatched,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_names_its_host() {
+    use tank_integration_tests::fleet::Fleet;
+    require_root();
+    let store = ClickHouse::start();
+    // agent-2's log rotates every few records, so it has segments to replace.
+    let fleet = Fleet::start("[audit]\nrotate_bytes = 6000\n");
+    // One shipper per host, as each host runs its own.
+    let mut shippers = Vec::new();
+    for a in &fleet.agents {
+        let log = Shipped {
+            path: a.loader.audit_log.clone(),
+            log: "kernel",
+            host: a.name.to_owned(),
+        };
+        shippers.push(Shipper::start(&store, &[log]));
+    }
+    for p in &fleet.proxies {
+        let log = Shipped {
+            path: p.log.clone(),
+            log: "proxy",
+            host: p.name.to_owned(),
+        };
+        shippers.push(Shipper::start(&store, &[log]));
+    }
+
+    // Real clients from both agent hosts through both proxies. Spaced out: agent-2's log
+    // rotates meanwhile, and a shipper follows one rotation at a time.
+    for round in 0..2 {
+        for agent in 0..2 {
+            for proxy in 0..2 {
+                let (code, out) = fleet.curl(agent, proxy);
+                assert_eq!(code, 0, "round {round}, agent {agent} via proxy {proxy}: {out}");
+                assert!(out.contains("hello from the origin"), "{out}");
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+        }
+    }
+    let records = |path: &Path| tank_ebpf_common::chain::read(path).unwrap().1.len() as u64;
+    let shipped = |fleet: &Fleet| {
+        for a in &fleet.agents {
+            store.wait_rows(a.name, "kernel", records(&a.loader.audit_log));
+        }
+        for p in &fleet.proxies {
+            // Connection records: an opening and a closing record per relayed connection.
+            store.wait_rows(p.name, "proxy", records(&p.log));
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fleet.proxies.iter().any(|p| records(&p.log) < 8) {
+        assert!(std::time::Instant::now() < deadline, "proxy logs incomplete");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    shipped(&fleet);
+    let segments = |a: &tank_integration_tests::fleet::Agent| {
+        let dir = a.loader.audit_log.parent().unwrap().to_owned();
+        let mut zst: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "zst"))
+            .collect();
+        zst.sort();
+        zst
+    };
+    assert!(!segments(&fleet.agents[1]).is_empty(), "agent-2's log rotated");
+
+    let files = || {
+        let mut args = Vec::new();
+        for a in &fleet.agents {
+            args.push("--kernel".to_owned());
+            args.push(a.loader.audit_log.display().to_string());
+        }
+        for p in &fleet.proxies {
+            args.push("--proxy".to_owned());
+            args.push(p.log.display().to_string());
+        }
+        args
+    };
+    let from_store = || vec!["--clickhouse".to_owned(), store.url()];
+    let (code, f) = cross_check(&files());
+    assert_eq!((code, &f["verdict"]), (0, &json!("consistent")), "{f:#}");
+    let (code, s) = cross_check(&from_store());
+    assert_eq!((code, &s["verdict"]), (0, &json!("consistent")), "{s:#}");
+    assert_eq!(s["summary"], f["summary"], "the store's report is the files' report");
+    assert_eq!(verdicts(&s), verdicts(&f));
+    assert_eq!(s["summary"]["matched"], 8, "{s:#}");
+    assert_eq!(s["summary"]["hosts"], 2);
+    assert_eq!(s["summary"]["proxies"], 2);
+
+    // 1. Traffic at proxy-1 from agent-1's host but outside its agent cgroup: the proxy
+    // records it, agent-1's kernel log never saw it. Found for agent-1, from the store and
+    // from the files alike.
+    let (code, out) = fleet.curl_outside_the_agent(0, 0);
+    assert_eq!(code, 0, "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while records(&fleet.proxies[0].log) < 10 {
+        assert!(std::time::Instant::now() < deadline, "proxy-1 did not record it");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    shipped(&fleet);
+    for report in [cross_check(&files()), cross_check(&from_store())] {
+        let (code, r) = report;
+        assert_eq!((code, &r["verdict"]), (1, &json!("discrepancies")), "{r:#}");
+        let a1 = host(&r, "hosts", "agent-1");
+        assert_eq!(a1["verdict"], "discrepancies", "{r:#}");
+        assert_eq!(a1["proxy_unmatched"]["count"], 1, "{r:#}");
+        let client = a1["proxy_unmatched"]["listed"][0]["client"].as_str().unwrap();
+        assert!(client.starts_with("10.201.1.2:"), "{client}");
+        assert_eq!(host(&r, "hosts", "agent-2")["verdict"], "consistent", "{r:#}");
+    }
+
+    // 2. Someone deletes a record of proxy-2 in the store: proxy-2's chain in the store is
+    // broken, its files are not.
+    store.mutate("ALTER TABLE tank.audit DELETE WHERE host = 'proxy-2' AND seq = 3");
+    let (code, s) = cross_check(&from_store());
+    assert_eq!((code, &s["verdict"]), (3, &json!("tampered")), "{s:#}");
+    let p2 = host(&s, "proxies", "proxy-2");
+    assert_eq!(p2["verdict"], "tampered", "{s:#}");
+    assert_eq!(p2["log"]["problems"][0]["problem"], "seq_gap", "{s:#}");
+    assert_eq!(host(&s, "proxies", "proxy-1")["log"]["intact"], true);
+    for a in ["agent-1", "agent-2"] {
+        assert_eq!(host(&s, "hosts", a)["log"]["intact"], true, "{a}: {s:#}");
+    }
+    let (_, f) = cross_check(&files());
+    assert_eq!(host(&f, "proxies", "proxy-2")["verdict"], "consistent", "{f:#}");
+
+    // 3. Someone replaces a segment on agent-2 (one record changed, recompressed): the files
+    // say agent-2's chain is broken; the store keeps what was shipped before.
+    let segment = segments(&fleet.agents[1])[0].clone();
+    let original = zstd::decode_all(File::open(&segment).unwrap()).unwrap();
+    let forged = String::from_utf8(original)
+        .unwrap()
+        .replacen("\"established\"", "\"connect4\"", 1);
+    std::fs::write(&segment, zstd::encode_all(forged.as_bytes(), 3).unwrap()).unwrap();
+    let (code, f) = cross_check(&files());
+    assert_eq!((code, &f["verdict"]), (3, &json!("tampered")), "{f:#}");
+    let a2 = host(&f, "hosts", "agent-2");
+    assert_eq!(a2["verdict"], "tampered", "{f:#}");
+    assert_eq!(host(&f, "hosts", "agent-1")["log"]["intact"], true, "{f:#}");
+    let (_, s) = cross_check(&from_store());
+    assert_eq!(host(&s, "hosts", "agent-2")["log"]["intact"], true, "{s:#}");
+
+    drop(shippers);
 }
