@@ -545,6 +545,22 @@ fn unescape(field: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Ends a page of `rows` (asked for `page` rows, ordered by seq): the `seq` the next page
+/// starts at, or `None` when this was the last page. A full page may end inside a run of rows
+/// of one `seq`; that run is left for the next page, so none of it is lost between pages.
+fn cut_page(rows: &mut Vec<(u64, Vec<u8>)>, page: usize) -> Option<u64> {
+    if rows.len() < page {
+        return None;
+    }
+    let (first, last) = (rows.first()?.0, rows.last()?.0);
+    if first == last {
+        // A page all of one seq (a flood of copies): take it and go on after that seq.
+        return Some(last.saturating_add(1));
+    }
+    rows.retain(|(seq, _)| *seq != last);
+    Some(last)
+}
+
 /// The lines of one chain, page by page ([`Store::lines`]).
 pub struct Lines {
     store: Store,
@@ -557,8 +573,7 @@ pub struct Lines {
 }
 
 impl Lines {
-    /// The next page: rows from `next_seq` on. A full page may end inside a run of rows of one
-    /// `seq`; that run is left for the next page, so none of it is lost between pages.
+    /// The next page: rows from `next_seq` on.
     fn fetch(&mut self) -> Result<(), Error> {
         let body = self.store.query(&format!(
             "SELECT seq, line FROM {} WHERE {} AND seq >= {} ORDER BY seq, line LIMIT {} \
@@ -580,15 +595,9 @@ impl Lines {
             })?;
             rows.push((seq, unescape(line)));
         }
-        let full = rows.len() == self.page;
-        match (rows.first(), rows.last()) {
-            (Some(&(first, _)), Some(&(last, _))) if full && first != last => {
-                rows.retain(|(seq, _)| *seq != last);
-                self.next_seq = last;
-            }
-            // A page all of one seq (a flood of copies): take it and go on after that seq.
-            (_, Some(&(last, _))) if full => self.next_seq = last.saturating_add(1),
-            _ => self.done = true,
+        match cut_page(&mut rows, self.page) {
+            Some(next) => self.next_seq = next,
+            None => self.done = true,
         }
         self.rows = rows.into_iter();
         Ok(())
@@ -662,6 +671,22 @@ mod tests {
         assert_eq!(unescape(escaped), line);
         assert_eq!(unescape(b"a\\nb\\\\"), b"a\nb\\");
         assert_eq!(quote("it's \\"), r"'it\'s \\'");
+    }
+
+    #[test]
+    fn a_page_never_ends_inside_a_run_of_one_seq() {
+        let rows = |seqs: &[u64]| -> Vec<(u64, Vec<u8>)> {
+            seqs.iter().map(|s| (*s, s.to_string().into_bytes())).collect()
+        };
+        let mut page = rows(&[1, 2, 3, 3]);
+        assert_eq!(cut_page(&mut page, 4), Some(3));
+        assert_eq!(page, rows(&[1, 2]), "both rows of seq 3 are left for the next page");
+        let mut page = rows(&[5, 5, 5]);
+        assert_eq!(cut_page(&mut page, 3), Some(6));
+        assert_eq!(page.len(), 3);
+        let mut page = rows(&[7, 8]);
+        assert_eq!(cut_page(&mut page, 3), None, "a short page is the last");
+        assert_eq!(cut_page(&mut Vec::new(), 3), None);
     }
 
     #[test]
