@@ -679,6 +679,16 @@ impl Charge {
         }
     }
 
+    /// How much of `want` the next read may take: no more than the room left; none left is
+    /// the cut. Every relay (tunnels, inspected bodies, WebSockets) asks this before it reads,
+    /// which is what stops it at the ceiling rather than one buffer past it.
+    pub fn take(&self, kind: Kind, want: usize) -> io::Result<usize> {
+        match self.room(kind) {
+            0 => Err(self.cut_error(kind)),
+            room => Ok(want.min(usize::try_from(room).unwrap_or(usize::MAX))),
+        }
+    }
+
     /// Counts `n` of `kind` moved; past the alert share, a warning (once per crossing).
     pub fn moved(&self, kind: Kind, n: u64) {
         let Some(c) = self.budget.ceiling(kind) else {

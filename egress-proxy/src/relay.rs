@@ -166,10 +166,7 @@ impl Side<'_> {
     fn room(&self, want: usize) -> io::Result<usize> {
         match self.budget {
             None => Ok(want),
-            Some((charge, kind)) => match charge.room(kind) {
-                0 => Err(charge.cut_error(kind)),
-                room => Ok(want.min(usize::try_from(room).unwrap_or(usize::MAX))),
-            },
+            Some((charge, kind)) => charge.take(kind, want),
         }
     }
 }

@@ -658,6 +658,18 @@ fn cargo_fetches_the_allowed_crate_only() {
     s.only_own_hosts_were_asked();
 }
 
+/// The proxy's records, once (bounded wait) it holds `n` request records.
+fn request_records(proxy: &Proxy, n: usize) -> Vec<serde_json::Value> {
+    wait_for(
+        std::time::Duration::from_secs(10),
+        "the request records",
+        || {
+            let r = proxy.records();
+            (r.iter().filter(|r| r["class_uid"] == 4002).count() >= n).then_some(r)
+        },
+    )
+}
+
 const WS_SECRET: &str = "ws-s3cr3t-0123456789abcdef";
 
 /// A WebSocket upgrade is a request like any other: judged on method and path (and given
@@ -757,14 +769,7 @@ asyncio.run(main())
         "{whoami}"
     );
 
-    let records = wait_for(
-        std::time::Duration::from_secs(10),
-        "both request records",
-        || {
-            let r = proxy.records();
-            (r.iter().filter(|r| r["class_uid"] == 4002).count() >= 2).then_some(r)
-        },
-    );
+    let records = request_records(&proxy, 2);
     let base = format!("https://ws.test:{}", origin.port);
     let chat = record_where(
         &records,
@@ -792,4 +797,85 @@ asyncio.run(main())
         .unwrap()
         .contains(WS_SECRET));
     assert!(!proxy.log_text().contains(WS_SECRET));
+}
+
+/// The frames of an upgraded WebSocket are charged to the rule's budget like tunnel bytes:
+/// with `bytes_out = "4 KiB/h"`, a client sending 1 KiB messages of random bytes gets three
+/// through (each frame 1 KiB plus its header, compression cannot shrink them), the fourth is cut inside its frame, the cut is
+/// recorded with the figure that reached the ceiling, and the next upgrade is refused `429`.
+/// Judged by what the origin received.
+#[test]
+fn a_websocket_is_cut_at_its_rules_byte_ceiling() {
+    let dir = tempdir();
+    let origin = WsOrigin::start(dir.path(), &["ws.test"]);
+    let ca_dir = make_ca(dir.path(), "ca", &["ws.test"]);
+    let body = format!(
+        "allowed_domains = [{{ domain = \"ws.test\", ports = [{p}], inspect = true, allow_private = true, name = \"ws\", budget = {{ bytes_out = \"4 KiB/h\" }} }}]\n[hosts]\n\"ws.test\" = \"127.0.0.1\"\n[inspection]\nca_dir = \"ca\"\nupstream_ca = \"{up}\"\n",
+        p = origin.port,
+        up = origin.ca_pem.display()
+    );
+    let proxy = Proxy::start(dir.path(), &body);
+    let script = r#"
+import asyncio, os, sys
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+async def main():
+    sent = 0
+    try:
+        async with connect(sys.argv[1]) as ws:
+            assert await ws.recv() == "welcome"
+            for i in range(20):
+                # Random, so that permessage-deflate cannot shrink it.
+                await ws.send(os.urandom(1024))
+                await ws.recv()
+                sent += 1
+    except ConnectionClosed:
+        pass
+    print("ECHOED", sent)
+    try:
+        async with connect(sys.argv[1]) as ws:
+            raise SystemExit("an upgrade past the ceiling was relayed")
+    except InvalidStatus as e:
+        r = e.response
+        print("AFTER", r.status_code, r.headers["X-Tank-Refused-By"])
+
+asyncio.run(main())
+"#;
+    let out = agent("python3", &proxy, &ca_dir.join("ca.pem"), dir.path())
+        .env("PYTHONPATH", common::websocket::python_path())
+        .args(["-c", script])
+        .arg(format!("wss://ws.test:{}/ws/chat", origin.port))
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("ECHOED 3\n"), "{t}");
+    assert!(
+        t.contains("AFTER 429 budget:allowed_domains:ws:bytes_out"),
+        "{t}"
+    );
+
+    // The origin got three whole messages and nothing of a later upgrade.
+    let received = origin.received();
+    let messages = received.iter().filter(|e| e["event"] == "message").count();
+    let opens = received.iter().filter(|e| e["event"] == "open").count();
+    assert_eq!((opens, messages), (1, 3), "{received:#?}");
+
+    let records = request_records(&proxy, 2);
+    let cut = records
+        .iter()
+        .find(|r| r["class_uid"] == 4002 && r["http_response"]["code"] == 101)
+        .unwrap_or_else(|| panic!("no record of the upgrade: {records:#?}"));
+    assert_eq!(cut["unmapped"]["budget"]["kind"], "bytes_out", "{cut:#}");
+    assert_eq!(cut["unmapped"]["budget"]["state"], "exceeded", "{cut:#}");
+    assert_eq!(cut["unmapped"]["budget"]["used"], 4096, "{cut:#}");
+    // Exactly the ceiling left the proxy towards the origin: not one read past it.
+    assert_eq!(cut["traffic"]["bytes_out"], 4096, "{cut:#}");
+    assert!(
+        cut["unmapped"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cut by budget:allowed_domains:ws:bytes_out")),
+        "{cut:#}"
+    );
 }

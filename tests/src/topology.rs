@@ -155,6 +155,18 @@ pub struct TwoHosts {
 impl TwoHosts {
     /// Builds the topology and starts everything; returns once each part is ready.
     pub fn start() -> Self {
+        let (nft, _) = nft_section("");
+        Self::start_with(&nft)
+    }
+
+    /// [`Self::start`] with the loader in audit mode and its nft layer off: the dry run a
+    /// site starts with, which refuses nothing and records everything.
+    pub fn start_in_audit_mode() -> Self {
+        Self::start_with("mode = \"audit\"\n")
+    }
+
+    /// Starts everything; `loader` is appended to the loader's config after its `proxies`.
+    fn start_with(loader_extra: &str) -> Self {
         require_root();
         let dir = tempfile::tempdir().expect("tempdir");
         // The agent runs as an unprivileged uid and must read the CA and write its clones.
@@ -179,10 +191,9 @@ impl TwoHosts {
         std::fs::write(&trust_pem, bundle).unwrap();
 
         let cgroups = TestCgroups::new();
-        let (nft, _) = nft_section("");
         let mut loader = Loader::configure(
             &cgroups,
-            &format!("proxies = [\"{PROXY_IP}:{PROXY_PORT}\"]\n{nft}"),
+            &format!("proxies = [\"{PROXY_IP}:{PROXY_PORT}\"]\n{loader_extra}"),
         );
         loader.set_netns(&agent.path);
         loader.restart();

@@ -1,9 +1,11 @@
 //! WebSocket upgrades inside an inspected tunnel. The upgrade request is judged like any
 //! other request ([`super::exchange`]: host, methods, paths, denials, credentials); when
 //! allowed it goes to the origin on an HTTP/1.1 connection of its own, and after the
-//! origin's `101` the two upgraded streams are relayed both ways here, counted, with a
-//! credential's secret masked towards the agent, until both sides close, the tunnel idles
-//! out or the proxy shuts down. The request's record is written when the relay ends.
+//! origin's `101` the two upgraded streams are relayed both ways here, counted and charged
+//! to the rule's budget (bytes out and in, each read no larger than the room left, so a
+//! WebSocket stops at a byte ceiling like a tunnel), with a credential's secret masked
+//! towards the agent, until both sides close, a ceiling is reached, the tunnel idles out or
+//! the proxy shuts down. The request's record is written when the relay ends.
 //!
 //! Only `Upgrade: websocket` on HTTP/1.1 is relayed; any other upgrade token is stripped
 //! and the request forwarded as a plain one. The agent-facing HTTP/2 side does not offer
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::record::RequestFacts;
 use super::Tunnel;
+use crate::budget::{Charge, Kind};
 use crate::credentials::StreamMask;
 
 /// How long masked bytes that could begin the secret wait for the rest of a message.
@@ -64,6 +67,20 @@ pub struct Pending {
     pub mask: Option<StreamMask>,
 }
 
+/// A direction's budget: how much its next read may take, and charging what it moved.
+struct Meter<'a>(Option<(&'a Charge, Kind)>);
+
+impl Meter<'_> {
+    fn take(&self, want: usize) -> std::io::Result<usize> {
+        self.0.map_or(Ok(want), |(c, kind)| c.take(kind, want))
+    }
+    fn moved(&self, n: usize) {
+        if let Some((c, kind)) = self.0 {
+            c.moved(kind, n as u64);
+        }
+    }
+}
+
 /// Relays an accepted upgrade both ways. `early` holds bytes the agent sent past the
 /// upgrade request.
 pub async fn relay<A: AsyncRead + AsyncWrite + Unpin>(
@@ -82,30 +99,42 @@ pub async fn relay<A: AsyncRead + AsyncWrite + Unpin>(
     let (mut agent_r, mut agent_w) = tokio::io::split(agent);
     let (mut origin_r, mut origin_w) = tokio::io::split(TokioIo::new(origin));
     let (sent, received) = (facts.bytes_out.clone(), facts.bytes_in.clone());
+    let charge = facts.charge.clone();
+    let (out_meter, in_meter) = (
+        Meter(charge.as_deref().map(|c| (c, Kind::BytesOut))),
+        Meter(charge.as_deref().map(|c| (c, Kind::BytesIn))),
+    );
     let activity = &tunnel.activity;
     activity.touch();
     let up = async {
-        if !early.is_empty() {
-            origin_w.write_all(&early).await?;
+        let mut early = &early[..];
+        while !early.is_empty() {
+            let n = out_meter.take(early.len())?;
+            origin_w.write_all(&early[..n]).await?;
             origin_w.flush().await?;
-            sent.fetch_add(early.len() as u64, Ordering::Relaxed);
+            sent.fetch_add(n as u64, Ordering::Relaxed);
+            out_meter.moved(n);
+            early = &early[n..];
         }
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let n = agent_r.read(&mut buf).await?;
+            let want = out_meter.take(buf.len())?;
+            let n = agent_r.read(&mut buf[..want]).await?;
             if n == 0 {
                 return origin_w.shutdown().await;
             }
             origin_w.write_all(&buf[..n]).await?;
             origin_w.flush().await?;
             sent.fetch_add(n as u64, Ordering::Relaxed);
+            out_meter.moved(n);
             activity.touch();
         }
     };
     let down = async {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let read = origin_r.read(&mut buf);
+            let want = in_meter.take(buf.len())?;
+            let read = origin_r.read(&mut buf[..want]);
             let n = match mask.as_mut() {
                 Some(m) if m.holding() => match tokio::time::timeout(MASK_HOLD, read).await {
                     Ok(n) => n?,
@@ -116,6 +145,7 @@ pub async fn relay<A: AsyncRead + AsyncWrite + Unpin>(
                         agent_w.write_all(&tail).await?;
                         agent_w.flush().await?;
                         received.fetch_add(tail.len() as u64, Ordering::Relaxed);
+                        in_meter.moved(tail.len());
                         continue;
                     }
                 },
@@ -129,6 +159,7 @@ pub async fn relay<A: AsyncRead + AsyncWrite + Unpin>(
             agent_w.write_all(&out).await?;
             agent_w.flush().await?;
             received.fetch_add(out.len() as u64, Ordering::Relaxed);
+            in_meter.moved(out.len());
             if n == 0 {
                 return agent_w.shutdown().await;
             }
