@@ -396,7 +396,6 @@ impl Store {
     }
 }
 
-
 /// One chain as verified from the store.
 #[derive(Debug, Serialize)]
 pub struct Verified {
@@ -447,7 +446,10 @@ pub fn verify_command(
             out.write_all(v.report.render(&v.chain.label()).as_bytes())?;
         }
         for host in &absent {
-            writeln!(out, "clickhouse host={host}: NOT verified: no records in the store")?;
+            writeln!(
+                out,
+                "clickhouse host={host}: NOT verified: no records in the store"
+            )?;
         }
         if verified.is_empty() && absent.is_empty() {
             writeln!(out, "{}: NOT verified: no records match", store.url)?;
@@ -463,7 +465,12 @@ pub fn verify_command(
 
 /// Parses an HTTP/1.1 response: its status and its body (chunked, sized, or to the end).
 fn read_response(mut r: impl BufRead) -> io::Result<(u16, Vec<u8>)> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("bad HTTP answer: {what}"));
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad HTTP answer: {what}"),
+        )
+    };
     let mut line = String::new();
     r.read_line(&mut line)?;
     let status = line
@@ -584,7 +591,9 @@ impl Lines {
         for row in body.split(|b| *b == b'\n').filter(|r| !r.is_empty()) {
             let (seq, line) = match row.iter().position(|b| *b == b'\t') {
                 Some(tab) => (
-                    std::str::from_utf8(&row[..tab]).ok().and_then(|s| s.parse::<u64>().ok()),
+                    std::str::from_utf8(&row[..tab])
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok()),
                     &row[tab + 1..],
                 ),
                 None => (None, &row[..0]),
@@ -676,11 +685,17 @@ mod tests {
     #[test]
     fn a_page_never_ends_inside_a_run_of_one_seq() {
         let rows = |seqs: &[u64]| -> Vec<(u64, Vec<u8>)> {
-            seqs.iter().map(|s| (*s, s.to_string().into_bytes())).collect()
+            seqs.iter()
+                .map(|s| (*s, s.to_string().into_bytes()))
+                .collect()
         };
         let mut page = rows(&[1, 2, 3, 3]);
         assert_eq!(cut_page(&mut page, 4), Some(3));
-        assert_eq!(page, rows(&[1, 2]), "both rows of seq 3 are left for the next page");
+        assert_eq!(
+            page,
+            rows(&[1, 2]),
+            "both rows of seq 3 are left for the next page"
+        );
         let mut page = rows(&[5, 5, 5]);
         assert_eq!(cut_page(&mut page, 3), Some(6));
         assert_eq!(page.len(), 3);

@@ -111,13 +111,15 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Verify { files, json, store },
         } => match store.store() {
-            Some(Ok((store, filter))) => Ok(ExitCode::from(tank_loader::clickhouse::verify_command(
-                &store,
-                &filter,
-                json,
-                &mut out,
-                &mut std::io::stderr(),
-            )?)),
+            Some(Ok((store, filter))) => {
+                Ok(ExitCode::from(tank_loader::clickhouse::verify_command(
+                    &store,
+                    &filter,
+                    json,
+                    &mut out,
+                    &mut std::io::stderr(),
+                )?))
+            }
             Some(Err(e)) => {
                 eprintln!("tank-loader: --table: {e}");
                 Ok(ExitCode::from(2))

@@ -174,8 +174,14 @@ impl Fleet {
         let a = &self.agents[agent];
         let home = self.dir.path().join(format!("home-{}", a.name));
         let mut cmd = agent_command(&a.host, &a.cgroups.agent, &home, &self.ca_pem, "curl");
-        cmd.args(["-sS", "--max-time", "10", "--proxy", &self.proxies[proxy].url()])
-            .arg(format!("https://{ORIGIN_NAME}/hello.txt"));
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--proxy",
+            &self.proxies[proxy].url(),
+        ])
+        .arg(format!("https://{ORIGIN_NAME}/hello.txt"));
         run(&mut cmd)
     }
 
@@ -186,7 +192,13 @@ impl Fleet {
         cmd.env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("CURL_CA_BUNDLE", &self.ca_pem)
-            .args(["-sS", "--max-time", "10", "--proxy", &self.proxies[proxy].url()])
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "--proxy",
+                &self.proxies[proxy].url(),
+            ])
             .arg(format!("https://{ORIGIN_NAME}/hello.txt"));
         run(&mut cmd)
     }
@@ -214,10 +226,7 @@ impl Drop for Fleet {
 }
 
 fn run(cmd: &mut Command) -> (i32, String) {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the client");
+    let out = cmd.stdin(Stdio::null()).output().expect("run the client");
     (
         out.status.code().unwrap_or(-1),
         format!(
@@ -275,7 +284,10 @@ allowed_domains = [{{ domain = "{ORIGIN_NAME}", ports = [443], allow_private = t
                 std::fs::read_to_string(&stderr).unwrap_or_default()
             );
         }
-        assert!(Instant::now() < deadline, "{name}: egress-proxy not ready in 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "{name}: egress-proxy not ready in 10 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Proxy {

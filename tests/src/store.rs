@@ -92,7 +92,9 @@ impl ClickHouse {
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(File::create(&log).unwrap())
-            .stderr(Stdio::from(File::options().append(true).open(&log).unwrap()))
+            .stderr(Stdio::from(
+                File::options().append(true).open(&log).unwrap(),
+            ))
             .spawn()
             .expect("start clickhouse-server (package clickhouse-server: cargo xtask setup)");
         let mut server = Self { child, dir, port };
@@ -132,7 +134,14 @@ impl ClickHouse {
     /// Runs `sql`: the answer, or what went wrong.
     pub fn try_query(&self, sql: &str) -> Result<String, String> {
         let out = Command::new("curl")
-            .args(["-sS", "--max-time", "30", "--fail-with-body", "--data-binary", "@-"])
+            .args([
+                "-sS",
+                "--max-time",
+                "30",
+                "--fail-with-body",
+                "--data-binary",
+                "@-",
+            ])
             .arg(format!("{}/?wait_end_of_query=1", self.url()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -191,7 +200,10 @@ impl ClickHouse {
             .trim()
             != "0"
         {
-            assert!(Instant::now() < deadline, "mutation {sql:?} not done in 20 s");
+            assert!(
+                Instant::now() < deadline,
+                "mutation {sql:?} not done in 20 s"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -253,9 +265,13 @@ impl Shipper {
             .arg(dir.path().join("ctl"))
             .stdin(Stdio::null())
             .stdout(File::create(&out).unwrap())
-            .stderr(Stdio::from(File::options().append(true).open(&out).unwrap()))
+            .stderr(Stdio::from(
+                File::options().append(true).open(&out).unwrap(),
+            ))
             .spawn()
-            .expect("start syslog-ng (packages syslog-ng-core, syslog-ng-mod-http: cargo xtask setup)");
+            .expect(
+                "start syslog-ng (packages syslog-ng-core, syslog-ng-mod-http: cargo xtask setup)",
+            );
         let mut shipper = Self { child, dir };
         std::thread::sleep(Duration::from_millis(300));
         if let Some(status) = shipper.child.try_wait().unwrap() {

@@ -89,7 +89,10 @@ fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_it
     require_root();
     let store = ClickHouse::start();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a/kernel.jsonl"), dir.path().join("b/kernel.jsonl"));
+    let (a, b) = (
+        dir.path().join("a/kernel.jsonl"),
+        dir.path().join("b/kernel.jsonl"),
+    );
     for log in [&a, &b] {
         std::fs::create_dir_all(log.parent().unwrap()).unwrap();
         std::fs::write(log, "").unwrap();
@@ -107,7 +110,13 @@ fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_it
     store.wait_rows("host-b", "kernel", 30);
     let segments = std::fs::read_dir(a.parent().unwrap())
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".zst"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".zst")
+        })
         .count();
     assert_eq!(segments, 2, "the log rotated into compressed segments");
 
@@ -120,7 +129,10 @@ fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_it
         assert_eq!(file_code, 0, "{f:#}");
         let c = chain(&v, host);
         assert_eq!(c["report"]["records"], 30, "{c:#}");
-        assert_eq!(c["report"]["head"], f["head"], "{host}: same head as the files");
+        assert_eq!(
+            c["report"]["head"], f["head"],
+            "{host}: same head as the files"
+        );
         assert_eq!(c["report"]["problems"], json!([]));
     }
     let out = loader(&["audit", "verify", "--clickhouse", &url]);
@@ -141,7 +153,9 @@ fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_it
     // Someone deletes a record of host-a in the store, and edits one of host-b (a mutation
     // cannot rewrite `line`, a key's source: deleted and inserted changed).
     store.mutate("ALTER TABLE tank.audit DELETE WHERE host = 'host-a' AND seq = 12");
-    let edited = store.query("SELECT line FROM tank.audit WHERE host = 'host-b' AND seq = 20 FORMAT TabSeparatedRaw");
+    let edited = store.query(
+        "SELECT line FROM tank.audit WHERE host = 'host-b' AND seq = 20 FORMAT TabSeparatedRaw",
+    );
     store.mutate("ALTER TABLE tank.audit DELETE WHERE host = 'host-b' AND seq = 20");
     let forged = edited.trim_end().replace("record 20", "record 2O");
     let row = json!({ "host": "host-b", "log": "kernel", "line": forged });
@@ -163,11 +177,20 @@ fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_it
         "the record after the edited one no longer chains: {v:#}"
     );
     // The files on the hosts still verify: the store's copy is what changed.
-    assert_eq!(loader(&["audit", "verify", a.to_str().unwrap()]).status.code(), Some(0));
+    assert_eq!(
+        loader(&["audit", "verify", a.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
 
     // One host at a time; a host with no records is a finding, not a pass.
     let (code, v) = verify_json(&["--clickhouse", &url, "--host", "host-a"]);
-    assert_eq!((code, v["chains"].as_array().unwrap().len()), (1, 1), "{v:#}");
+    assert_eq!(
+        (code, v["chains"].as_array().unwrap().len()),
+        (1, 1),
+        "{v:#}"
+    );
     let out = loader(&["audit", "verify", "--clickhouse", &url, "--host", "host-c"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("clickhouse host=host-c: NOT verified: no records in the store"));
@@ -178,9 +201,15 @@ fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_it
     let (code, v) = verify_json(&["--clickhouse", &url, "--since", &since, "--until", &until]);
     assert_eq!(code, 1, "{v:#}");
     let b = chain(&v, "host-b");
-    assert_eq!((b["first_seq"].clone(), b["last_seq"].clone()), (json!(5), json!(15)));
+    assert_eq!(
+        (b["first_seq"].clone(), b["last_seq"].clone()),
+        (json!(5), json!(15))
+    );
     assert_eq!(b["report"]["problems"], json!([]), "{v:#}");
-    assert_eq!(chain(&v, "host-a")["report"]["problems"][0]["problem"], "seq_gap");
+    assert_eq!(
+        chain(&v, "host-a")["report"]["problems"][0]["problem"],
+        "seq_gap"
+    );
 
     // What cannot be read is exit 2 with one line.
     let out = loader(&["audit", "verify", "--clickhouse", "http://127.0.0.1:1"]);
@@ -216,7 +245,9 @@ fn verdicts(report: &Value) -> Vec<(String, Value, Value, Value)> {
         .iter()
         .flat_map(|list| report[list].as_array().unwrap().iter())
         .map(|h| {
-            let unmatched = h.get("proxy_unmatched").map_or(json!(null), |u| u["count"].clone());
+            let unmatched = h
+                .get("proxy_unmatched")
+                .map_or(json!(null), |u| u["count"].clone());
             (
                 h["host"].as_str().unwrap().to_owned(),
                 h["verdict"].clone(),
@@ -259,7 +290,10 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
         for agent in 0..2 {
             for proxy in 0..2 {
                 let (code, out) = fleet.curl(agent, proxy);
-                assert_eq!(code, 0, "round {round}, agent {agent} via proxy {proxy}: {out}");
+                assert_eq!(
+                    code, 0,
+                    "round {round}, agent {agent} via proxy {proxy}: {out}"
+                );
                 assert!(out.contains("hello from the origin"), "{out}");
                 std::thread::sleep(std::time::Duration::from_millis(300));
             }
@@ -277,7 +311,10 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while fleet.proxies.iter().any(|p| records(&p.log) < 8) {
-        assert!(std::time::Instant::now() < deadline, "proxy logs incomplete");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "proxy logs incomplete"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     shipped(&fleet);
@@ -291,7 +328,10 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
         zst.sort();
         zst
     };
-    assert!(!segments(&fleet.agents[1]).is_empty(), "agent-2's log rotated");
+    assert!(
+        !segments(&fleet.agents[1]).is_empty(),
+        "agent-2's log rotated"
+    );
 
     let files = || {
         let mut args = Vec::new();
@@ -310,7 +350,10 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
     assert_eq!((code, &f["verdict"]), (0, &json!("consistent")), "{f:#}");
     let (code, s) = cross_check(&from_store());
     assert_eq!((code, &s["verdict"]), (0, &json!("consistent")), "{s:#}");
-    assert_eq!(s["summary"], f["summary"], "the store's report is the files' report");
+    assert_eq!(
+        s["summary"], f["summary"],
+        "the store's report is the files' report"
+    );
     assert_eq!(verdicts(&s), verdicts(&f));
     assert_eq!(s["summary"]["matched"], 8, "{s:#}");
     assert_eq!(s["summary"]["hosts"], 2);
@@ -323,7 +366,10 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
     assert_eq!(code, 0, "{out}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while records(&fleet.proxies[0].log) < 10 {
-        assert!(std::time::Instant::now() < deadline, "proxy-1 did not record it");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "proxy-1 did not record it"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     shipped(&fleet);
@@ -333,9 +379,15 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
         let a1 = host(&r, "hosts", "agent-1");
         assert_eq!(a1["verdict"], "discrepancies", "{r:#}");
         assert_eq!(a1["proxy_unmatched"]["count"], 1, "{r:#}");
-        let client = a1["proxy_unmatched"]["listed"][0]["client"].as_str().unwrap();
+        let client = a1["proxy_unmatched"]["listed"][0]["client"]
+            .as_str()
+            .unwrap();
         assert!(client.starts_with("10.201.1.2:"), "{client}");
-        assert_eq!(host(&r, "hosts", "agent-2")["verdict"], "consistent", "{r:#}");
+        assert_eq!(
+            host(&r, "hosts", "agent-2")["verdict"],
+            "consistent",
+            "{r:#}"
+        );
     }
 
     // 2. Someone deletes a record of proxy-2 in the store: proxy-2's chain in the store is
@@ -351,15 +403,20 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
         assert_eq!(host(&s, "hosts", a)["log"]["intact"], true, "{a}: {s:#}");
     }
     let (_, f) = cross_check(&files());
-    assert_eq!(host(&f, "proxies", "proxy-2")["verdict"], "consistent", "{f:#}");
+    assert_eq!(
+        host(&f, "proxies", "proxy-2")["verdict"],
+        "consistent",
+        "{f:#}"
+    );
 
     // 3. Someone replaces a segment on agent-2 (one record changed, recompressed): the files
     // say agent-2's chain is broken; the store keeps what was shipped before.
     let segment = segments(&fleet.agents[1])[0].clone();
     let original = zstd::decode_all(File::open(&segment).unwrap()).unwrap();
-    let forged = String::from_utf8(original)
-        .unwrap()
-        .replacen("\"established\"", "\"connect4\"", 1);
+    let forged =
+        String::from_utf8(original)
+            .unwrap()
+            .replacen("\"established\"", "\"connect4\"", 1);
     std::fs::write(&segment, zstd::encode_all(forged.as_bytes(), 3).unwrap()).unwrap();
     let (code, f) = cross_check(&files());
     assert_eq!((code, &f["verdict"]), (3, &json!("tampered")), "{f:#}");
