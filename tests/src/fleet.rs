@@ -14,13 +14,11 @@
 //! agent hosts. Every address lives only inside namespaces this fixture created, and
 //! everything is torn down on drop, also when a test panics.
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::topology::{
-    agent_command, own_hostname, start_origin, wire, Netns, ORIGIN_NAME, PROXY_PORT,
+    agent_command, own_hostname, run_proxy, start_origin, wire, Netns, ORIGIN_NAME, PROXY_PORT,
 };
 use crate::{workspace_bin, Loader, TestCgroups};
 
@@ -173,16 +171,8 @@ impl Fleet {
     pub fn curl(&self, agent: usize, proxy: usize) -> (i32, String) {
         let a = &self.agents[agent];
         let home = self.dir.path().join(format!("home-{}", a.name));
-        let mut cmd = agent_command(&a.host, &a.cgroups.agent, &home, &self.ca_pem, "curl");
-        cmd.args([
-            "-sS",
-            "--max-time",
-            "10",
-            "--proxy",
-            &self.proxies[proxy].url(),
-        ])
-        .arg(format!("https://{ORIGIN_NAME}/hello.txt"));
-        run(&mut cmd)
+        let cmd = agent_command(&a.host, &a.cgroups.agent, &home, &self.ca_pem, "curl");
+        self.fetch_hello(cmd, proxy)
     }
 
     /// The same request from `agent`'s host but outside its agent cgroup (as root): traffic
@@ -191,14 +181,14 @@ impl Fleet {
         let mut cmd = self.agents[agent].host.command("curl");
         cmd.env_clear()
             .env("PATH", "/usr/bin:/bin")
-            .env("CURL_CA_BUNDLE", &self.ca_pem)
-            .args([
-                "-sS",
-                "--max-time",
-                "10",
-                "--proxy",
-                &self.proxies[proxy].url(),
-            ])
+            .env("CURL_CA_BUNDLE", &self.ca_pem);
+        self.fetch_hello(cmd, proxy)
+    }
+
+    /// Runs `curl` (as `cmd`) for the origin's hello.txt through `proxy`.
+    fn fetch_hello(&self, mut cmd: Command, proxy: usize) -> (i32, String) {
+        cmd.args(["-sS", "--max-time", "10", "--proxy"])
+            .arg(self.proxies[proxy].url())
             .arg(format!("https://{ORIGIN_NAME}/hello.txt"));
         run(&mut cmd)
     }
@@ -263,33 +253,9 @@ allowed_domains = [{{ domain = "{ORIGIN_NAME}", ports = [443], allow_private = t
         ),
     )
     .unwrap();
-    let stderr = dir.join("proxy.stderr");
-    let ready = dir.join("proxy.ready");
     let mut cmd = host.command(workspace_bin("egress-proxy"));
     own_hostname(&mut cmd, name);
-    let mut child = cmd
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(File::create(&stderr).unwrap())
-        .spawn()
-        .expect("start egress-proxy");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ready.exists() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "{name}: egress-proxy exited ({status}): {}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: egress-proxy not ready in 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (child, stderr) = run_proxy(cmd, &config, dir);
     Proxy {
         child: Some(child),
         host,

@@ -604,12 +604,18 @@ secret_file = "{secret}"
         ),
     )
     .unwrap();
+    let (child, stderr) = run_proxy(host.command(workspace_bin("egress-proxy")), &config, dir);
+    (child, log, stderr)
+}
+
+/// Runs `egress-proxy run --config CONFIG` as `cmd` (a command in the proxy host's namespace),
+/// its stderr in `dir/proxy.stderr`, and returns once it said it is ready.
+pub(crate) fn run_proxy(mut cmd: Command, config: &Path, dir: &Path) -> (Child, PathBuf) {
     let stderr = dir.join("proxy.stderr");
     let ready = dir.join("proxy.ready");
-    let mut child = host
-        .command(workspace_bin("egress-proxy"))
+    let mut child = cmd
         .args(["run", "--config"])
-        .arg(&config)
+        .arg(config)
         .arg("--ready-file")
         .arg(&ready)
         .stdout(Stdio::null())
@@ -620,14 +626,19 @@ secret_file = "{secret}"
     while !ready.exists() {
         if let Some(status) = child.try_wait().unwrap() {
             panic!(
-                "egress-proxy exited ({status}): {}",
+                "egress-proxy ({}) exited ({status}): {}",
+                config.display(),
                 std::fs::read_to_string(&stderr).unwrap_or_default()
             );
         }
-        assert!(Instant::now() < deadline, "egress-proxy not ready in 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "egress-proxy ({}) not ready in 10 s",
+            config.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    (child, log, stderr)
+    (child, stderr)
 }
 
 /// Waits (bounded) until something listens on `addr:port` inside `ns`.
