@@ -109,30 +109,70 @@ pub struct RuleCount {
     pub denied: u64,
 }
 
-/// Collects records, then buckets them in [`Builder::finish`].
+/// Bucket widths records are counted in while they stream by, ms: each divides the next,
+/// and every width of [`WIDTHS_MS`] from 5 min on is a multiple of the last, so the counts
+/// re-bucket exactly into whatever width the whole span needs at the end.
+const BASE_MS: [i64; 6] = [1_000, 5_000, 10_000, 30_000, 60_000, 300_000];
+
+/// Most base buckets a span may cover before the base widens (then 5 min buckets stay, one
+/// per 5 min of span: a month is 8,640 of them per series).
+const MAX_BASE_BUCKETS: i64 = 600;
+
+/// Counts records as they stream by, then buckets them in [`Builder::finish`]. Memory is a
+/// few hundred counts per timeline and kind, whatever the number of records.
 #[derive(Default)]
 pub struct Builder {
     hosts: Vec<(&'static str, String)>,
-    points: Vec<(u32, Kind, i64)>,
+    /// Per (timeline, kind): count per base bucket (`time div base`).
+    counts: BTreeMap<(u32, Kind), std::collections::HashMap<i64, u64>>,
+    base: usize,
+    span: Option<(i64, i64)>,
     rules: BTreeMap<String, (u64, u64)>,
 }
 
 impl Builder {
-    /// Counts a record of `host` in `log` at `time_ms`.
-    pub fn add(&mut self, log: &'static str, host: &str, kind: Kind, time_ms: i64) {
-        let i = match self.hosts.iter().position(|(l, h)| *l == log && h == host) {
-            Some(i) => i,
-            None => {
-                self.hosts.push((log, host.to_owned()));
-                self.hosts.len() - 1
+    /// A new timeline for one log of `host` (`host` may be named later, [`Builder::rename`]);
+    /// returns its index for [`Builder::add`].
+    pub fn timeline(&mut self, log: &'static str, host: &str) -> usize {
+        self.hosts.push((log, host.to_owned()));
+        self.hosts.len() - 1
+    }
+
+    /// Names the host of timeline `i`.
+    pub fn rename(&mut self, i: usize, host: &str) {
+        host.clone_into(&mut self.hosts[i].1);
+    }
+
+    /// Counts a record of timeline `i` at `time_ms`.
+    pub fn add(&mut self, i: usize, kind: Kind, time_ms: i64) {
+        let (min, max) = self.span.get_or_insert((time_ms, time_ms));
+        (*min, *max) = ((*min).min(time_ms), (*max).max(time_ms));
+        while (*max - *min) / BASE_MS[self.base] > MAX_BASE_BUCKETS && self.base + 1 < BASE_MS.len()
+        {
+            let (from, to) = (BASE_MS[self.base], BASE_MS[self.base + 1]);
+            for counts in self.counts.values_mut() {
+                let old = std::mem::take(counts);
+                for (b, n) in old {
+                    *counts.entry((b * from).div_euclid(to)).or_default() += n;
+                }
             }
-        };
-        self.points.push((i as u32, kind, time_ms));
+            self.base += 1;
+        }
+        let b = time_ms.div_euclid(BASE_MS[self.base]);
+        *self
+            .counts
+            .entry((i as u32, kind))
+            .or_default()
+            .entry(b)
+            .or_default() += 1;
     }
 
     /// Counts a proxy record by its rule.
     pub fn rule(&mut self, rule: &str, allowed: bool) {
-        let (a, d) = self.rules.entry(rule.to_owned()).or_default();
+        if !self.rules.contains_key(rule) {
+            self.rules.insert(rule.to_owned(), (0, 0));
+        }
+        let (a, d) = self.rules.get_mut(rule).expect("inserted");
         *if allowed { a } else { d } += 1;
     }
 
@@ -148,25 +188,28 @@ impl Builder {
             })
             .collect();
         proxy_rules.sort_by_key(|r| std::cmp::Reverse(r.allowed + r.denied));
-        let (Some(min), Some(max)) = (
-            self.points.iter().map(|p| p.2).min(),
-            self.points.iter().map(|p| p.2).max(),
-        ) else {
+        let Some((min, max)) = self.span else {
             return Activity {
                 proxy_rules,
                 ..Activity::default()
             };
         };
-        let bucket_ms = *WIDTHS_MS
+        let base = BASE_MS[self.base];
+        let fits = *WIDTHS_MS
             .iter()
             .find(|w| (max - min) / **w < MAX_BUCKETS as i64)
             .unwrap_or(&WIDTHS_MS[WIDTHS_MS.len() - 1]);
+        // The base only widens when the span needs more than MAX_BUCKETS of the width before.
+        let bucket_ms = fits.max(base);
         let start_ms = min - min.rem_euclid(bucket_ms);
         let n = (((max - start_ms) / bucket_ms) as usize + 1).min(MAX_BUCKETS);
-        let mut counts: BTreeMap<(u32, Kind), Vec<u64>> = BTreeMap::new();
-        for (host, kind, t) in self.points {
-            let b = (((t - start_ms) / bucket_ms) as usize).min(n - 1);
-            counts.entry((host, kind)).or_insert_with(|| vec![0; n])[b] += 1;
+        let mut series: BTreeMap<(u32, Kind), Vec<u64>> = BTreeMap::new();
+        for (key, counts) in self.counts {
+            let out = series.entry(key).or_insert_with(|| vec![0; n]);
+            for (b, c) in counts {
+                let i = (((b * base - start_ms) / bucket_ms) as usize).min(n - 1);
+                out[i] += c;
+            }
         }
         let hosts = self
             .hosts
@@ -175,7 +218,7 @@ impl Builder {
             .map(|(i, (log, host))| HostTimeline {
                 log,
                 host,
-                series: counts
+                series: series
                     .range((i as u32, Kind::AttemptAllowed)..=(i as u32, Kind::ProxyDenied))
                     .map(|((_, kind), counts)| Series {
                         kind: *kind,
@@ -202,21 +245,12 @@ mod tests {
     #[test]
     fn a_week_of_records_fits_in_bounded_buckets_and_keeps_every_count() {
         let mut b = Builder::default();
+        let (agent, proxy) = (b.timeline("kernel", "agent"), b.timeline("proxy", "proxy"));
         let week = 7 * 86_400_000;
         let t0 = 1_800_000_000_000;
         for i in 0..10_000i64 {
-            b.add(
-                "kernel",
-                "agent",
-                Kind::AttemptDenied,
-                t0 + i * (week / 10_000),
-            );
-            b.add(
-                "proxy",
-                "proxy",
-                Kind::ProxyAllowed,
-                t0 + i * (week / 10_000),
-            );
+            b.add(agent, Kind::AttemptDenied, t0 + i * (week / 10_000));
+            b.add(proxy, Kind::ProxyAllowed, t0 + i * (week / 10_000));
             b.rule(
                 if i % 3 == 0 {
                     "default-deny"
@@ -226,7 +260,7 @@ mod tests {
                 i % 3 != 0,
             );
         }
-        b.add("kernel", "agent", Kind::Connection, t0 + week);
+        b.add(agent, Kind::Connection, t0 + week);
         let a = b.finish();
         assert_eq!(a.bucket_ms, 7_200_000, "two-hour buckets for a week");
         assert!(a.start_ms <= t0 && a.start_ms % a.bucket_ms == 0);
