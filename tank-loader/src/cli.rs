@@ -228,13 +228,13 @@ pub enum AuditCommand {
         /// One agent host's kernel audit log (tank-loader's): the log file (its rotated
         /// segments beside it are read too), a directory of its segments, or several segments
         /// of it. Repeat --kernel for each host.
-        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        #[arg(long, value_name = "FILE", num_args = 1.., required_unless_present = "clickhouse")]
         kernel: Vec<PathBuf>,
         /// The --kernel logs, one per occurrence (filled by [`parse`]).
         #[arg(skip)]
         kernel_logs: Vec<Vec<PathBuf>>,
         /// One proxy host's audit log (egress-proxy's), as for --kernel. Repeat for each proxy.
-        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        #[arg(long, value_name = "FILE", num_args = 1.., required_unless_present = "clickhouse")]
         proxy: Vec<PathBuf>,
         /// The --proxy logs, one per occurrence (filled by [`parse`]).
         #[arg(skip)]
@@ -282,6 +282,10 @@ pub enum AuditCommand {
         /// a week of a fleet's records opens quickly.
         #[arg(long, value_name = "FILE")]
         html: Option<PathBuf>,
+        /// Read every chain in a log store too (each host's kernel and proxy logs, as shipped);
+        /// with --kernel/--proxy, files and store are checked together.
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
