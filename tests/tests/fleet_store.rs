@@ -10,8 +10,9 @@ use std::process::{Command, Output};
 
 use serde_json::{json, Value};
 use tank_ebpf_common::chain::{ChainWriter, Options, Rotation};
+use tank_ebpf_common::event::hook;
 use tank_integration_tests::store::{ClickHouse, Shipped, Shipper};
-use tank_integration_tests::{require_root, workspace_bin};
+use tank_integration_tests::{network_records, require_root, workspace_bin};
 
 const T0: i64 = 1_800_000_000_000;
 
@@ -309,12 +310,19 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
             store.wait_rows(p.name, "proxy", records(&p.log));
         }
     };
+    // Every connection in both logs before anything is compared: 4 per agent host (2 rounds,
+    // 2 proxies) as `established` records, 4 per proxy as opening and closing records.
+    let established = |a: &tank_integration_tests::fleet::Agent| {
+        network_records(&a.loader.audit_log)
+            .iter()
+            .filter(|r| r.unmapped.hook.0 == hook::ESTABLISHED)
+            .count()
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while fleet.proxies.iter().any(|p| records(&p.log) < 8) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "proxy logs incomplete"
-        );
+    while fleet.proxies.iter().any(|p| records(&p.log) < 8)
+        || fleet.agents.iter().any(|a| established(a) < 4)
+    {
+        assert!(std::time::Instant::now() < deadline, "logs incomplete");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     shipped(&fleet);
