@@ -364,6 +364,17 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
     );
     assert_eq!(verdicts(&s), verdicts(&f));
     assert_eq!(s["summary"]["matched"], 8, "{s:#}");
+    // The cross-check reads whole chains: a time range is refused, in one line.
+    let out = loader(&[
+        "audit",
+        "cross-check",
+        "--clickhouse",
+        &store.url(),
+        "--since",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
     assert_eq!(s["summary"]["hosts"], 2);
     assert_eq!(s["summary"]["proxies"], 2);
 
