@@ -161,7 +161,8 @@ pub enum PolicyCommand {
     /// the processes, counts and first/last seen in its `comment`; the proxies are the
     /// destinations judged `proxy`. Refused attempts, raw and ping sockets are never
     /// suggested (they are listed as comments). Logs that do not verify are refused. The
-    /// output (mode `enforce`) passes `tank-loader check`. Exit 0 printed, 1 error.
+    /// output (mode `enforce`) passes `tank-loader check`. Exit 0 printed, 2 a log cannot be
+    /// read or does not verify (as `egress-proxy policy suggest`).
     Suggest {
         /// Kernel audit logs.
         #[arg(value_name = "KERNEL_LOG", required = true)]

@@ -170,8 +170,18 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 until,
                 cgroup,
             };
-            write!(out, "{}", tank_loader::suggest::suggest(&opts)?)?;
-            Ok(ExitCode::SUCCESS)
+            // As `egress-proxy policy suggest`, and as `audit verify` for a log it cannot
+            // read: 2.
+            match tank_loader::suggest::suggest(&opts) {
+                Ok(text) => {
+                    write!(out, "{text}")?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("tank-loader: {e:#}");
+                    Ok(ExitCode::from(2))
+                }
+            }
         }
         Command::GenerateManual { out_dir } => {
             tank_ebpf_common::manual::generate(tank_loader::cli::command(), &out_dir)?;

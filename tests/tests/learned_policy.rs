@@ -108,6 +108,18 @@ fn a_policy_learnt_in_audit_mode_lets_the_work_through_and_refuses_what_audit_on
         suggested.contains(&format!("proxies = [\"{PROXY_IP}:{PROXY_PORT}\"]")),
         "{suggested}"
     );
+    // A log that does not verify teaches nothing: one line, exit 2 (both binaries).
+    let edited = hosts.dir.path().join("kernel-edited.jsonl");
+    let text = std::fs::read_to_string(&hosts.loader.audit_log).unwrap();
+    std::fs::write(&edited, text.replacen("\"pid\":", "\"pid\": ", 1)).unwrap();
+    let out = Command::new(workspace_bin("tank-loader"))
+        .args(["policy", "suggest"])
+        .arg(&edited)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
     let proxy_suggested = run(Command::new(workspace_bin("egress-proxy"))
         .args(["policy", "suggest"])
         .arg(&hosts.proxy_log));

@@ -437,9 +437,10 @@ pub fn read_verified(path: &std::path::Path, verifier: &str) -> std::io::Result<
     let (report, records) = crate::chain::read(path)?;
     if !report.is_intact() {
         return Err(std::io::Error::other(format!(
-            "`{}` does not verify ({} problems; see `{verifier}`): no policy is learnt from records that may have been edited",
+            "`{}` does not verify ({} problem{}; see `{verifier}`): no policy is learnt from records that may have been edited",
             path.display(),
-            report.problems.len()
+            report.problems.len(),
+            if report.problems.len() == 1 { "" } else { "s" }
         )));
     }
     Ok(records

@@ -16,7 +16,11 @@
 //!   (connect, CONNECT, request) and over an established one, beside direct TCP;
 //! - the cost of budgets: the same egress-proxy binary with a budget on every rule (every
 //!   ceiling set, none ever reached: `egress-proxy-budgets`) beside it without
-//!   (`egress-proxy`), throughput and new tunnels/s as ratios within each round.
+//!   (`egress-proxy`), throughput and new tunnels/s as ratios within each round; then
+//!   [`BUDGET_PAIRS`] more back-to-back pairs of the two alone (order alternating), each
+//!   also measuring the proxy's CPU time per MiB and per tunnel (summed over its threads
+//!   from `/proc/PID/task/*/schedstat`): the wall-clock ratio moves with whatever else the
+//!   machine runs, the CPU cost of the same work much less.
 //!
 //! `TANK_BENCH_BASELINE_PROXY=/path/to/egress-proxy` adds that binary as one more row
 //! (`egress-proxy-baseline`), for before/after comparisons in one run. The load average is
@@ -39,6 +43,8 @@ use serde_json::{json, Map, Value};
 
 /// Rounds per figure; each round visits every target once.
 const ROUNDS: usize = 5;
+/// Back-to-back pairs of budgets on / off after the rounds.
+const BUDGET_PAIRS: usize = 12;
 /// Throughput: measured window per sample, after a warm-up.
 const THROUGHPUT_WINDOW: Duration = Duration::from_millis(1000);
 const THROUGHPUT_WARMUP: Duration = Duration::from_millis(200);
@@ -136,6 +142,19 @@ pub fn run() -> Result<Value> {
             push(i, "tunnel_request_p99_us", open.p99 as f64);
         }
     }
+    // `running` follows `targets` past its first row (direct).
+    let proxy_named = |name: &str| {
+        let i = targets.iter().position(|t| t.name == name).expect("target");
+        &running[i - 1]
+    };
+    let budget_cost = budget_pairs(
+        [
+            proxy_named("egress-proxy"),
+            proxy_named("egress-proxy-budgets"),
+        ],
+        origins.source,
+        origins.closer,
+    )?;
     drop(running);
 
     // Ratios within each round, against direct, the bare relay and squid.
@@ -211,6 +230,10 @@ pub fn run() -> Result<Value> {
         "new_tunnels_ge_1_5x_tinyproxy": ours("new_tunnels_per_s") >= 1.5 * fig("tinyproxy", "new_tunnels_per_s"),
         "budgets_throughput_within_5pct": fig("egress-proxy-budgets", "throughput_ratio_to_budgets_off") >= 0.95,
         "budgets_new_tunnels_within_5pct": fig("egress-proxy-budgets", "new_tunnels_ratio_to_budgets_off") >= 0.95,
+        "budgets_pairs_throughput_within_5pct": budget_cost["throughput_ratio"]["median"].as_f64() >= Some(0.95),
+        "budgets_pairs_new_tunnels_within_5pct": budget_cost["new_tunnels_ratio"]["median"].as_f64() >= Some(0.95),
+        "budgets_pairs_cpu_per_mib_within_5pct": budget_cost["cpu_per_mib_ratio"]["median"].as_f64().is_some_and(|r| r <= 1.05),
+        "budgets_pairs_cpu_per_tunnel_within_5pct": budget_cost["cpu_per_tunnel_ratio"]["median"].as_f64().is_some_and(|r| r <= 1.05),
     });
     let result = json!({
         "machine": {
@@ -224,8 +247,10 @@ pub fn run() -> Result<Value> {
             "figures": t.figures,
         })).collect::<Vec<_>>(),
         "goals": goals,
+        "budget_cost": budget_cost,
         "settings": {
             "rounds": ROUNDS,
+            "budget_pairs": BUDGET_PAIRS,
             "throughput_window_ms": THROUGHPUT_WINDOW.as_millis() as u64,
             "rate_window_ms": RATE_WINDOW.as_millis() as u64,
             "rate_clients": RATE_CLIENTS,
@@ -321,6 +346,28 @@ fn print_table(r: &Value) {
             cell(f, "new_tunnels_ratio_to_budgets_off")
         );
     }
+    let b = &r["budget_cost"];
+    let q = |k: &str| {
+        let v = &b[k];
+        format!(
+            "{} [{} {}] ({}–{})",
+            v["median"], v["q1"], v["q3"], v["min"], v["max"]
+        )
+    };
+    println!(
+        "budgets on / off, {} back-to-back pairs (median [quartiles] (min–max)):",
+        r["settings"]["budget_pairs"]
+    );
+    println!(
+        "  throughput x {}; proxy CPU per MiB x {}",
+        q("throughput_ratio"),
+        q("cpu_per_mib_ratio")
+    );
+    println!(
+        "  new tunnels/s x {}; proxy CPU per tunnel x {}",
+        q("new_tunnels_ratio"),
+        q("cpu_per_tunnel_ratio")
+    );
     println!("goals: {}", r["goals"]);
 }
 
@@ -710,6 +757,8 @@ fn throughput(proxy: Option<SocketAddr>, source: SocketAddr) -> Result<f64> {
 struct Rate {
     per_s: f64,
     errors: u64,
+    /// Tunnels opened in the window.
+    count: u64,
 }
 
 fn linger_zero(s: &TcpStream) {
@@ -761,6 +810,7 @@ fn tunnel_rate(proxy: SocketAddr, closer: SocketAddr) -> Result<Rate> {
     Ok(Rate {
         per_s: ok.load(Ordering::Relaxed) as f64 / secs,
         errors: errors.load(Ordering::Relaxed),
+        count: ok.load(Ordering::Relaxed),
     })
 }
 
@@ -808,4 +858,63 @@ fn latency(proxy: Option<SocketAddr>, echo: SocketAddr, fresh: bool) -> Result<P
         p50: at(0.50),
         p99: at(0.99),
     })
+}
+
+/// CPU time `pid` has run, all threads, ns (`/proc/PID/task/*/schedstat`, first field).
+fn cpu_ns(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// Median, quartiles, min and max.
+fn quartiles(v: &[f64]) -> Value {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| round(s[((s.len() - 1) as f64 * q).round() as usize], 3);
+    json!({"median": at(0.5), "q1": at(0.25), "q3": at(0.75), "min": at(0.0), "max": at(1.0)})
+}
+
+/// [`BUDGET_PAIRS`] back-to-back pairs of `[off, on]`, the order alternating: throughput and
+/// new tunnels/s with the proxy's CPU per MiB and per tunnel, each as a ratio on / off
+/// within its pair.
+fn budget_pairs(pair: [&Running; 2], source: SocketAddr, closer: SocketAddr) -> Result<Value> {
+    let mut ratios: [Vec<f64>; 4] = Default::default();
+    for k in 0..BUDGET_PAIRS {
+        eprintln!("bench: budgets pair {}/{BUDGET_PAIRS}", k + 1);
+        // [off, on] of: MiB/s, CPU ns per MiB, tunnels/s, CPU ns per tunnel.
+        let mut m = [[0f64; 4]; 2];
+        for j in 0..2 {
+            let i = (j + k) % 2;
+            let (addr, pid) = (pair[i].addr, pair[i].child.id());
+            let cpu = cpu_ns(pid)?;
+            let start = Instant::now();
+            let bytes_per_s = throughput(Some(addr), source)?;
+            // The window's bytes; the warm-up's CPU is spent at the same rate.
+            let mib = bytes_per_s * start.elapsed().as_secs_f64() / MIB;
+            m[i][0] = bytes_per_s / MIB;
+            m[i][1] = (cpu_ns(pid)? - cpu) as f64 / mib;
+            let cpu = cpu_ns(pid)?;
+            let rate = tunnel_rate(addr, closer)?;
+            m[i][2] = rate.per_s;
+            m[i][3] = (cpu_ns(pid)? - cpu) as f64 / rate.count.max(1) as f64;
+        }
+        for (f, r) in ratios.iter_mut().enumerate() {
+            r.push(m[1][f] / m[0][f]);
+        }
+    }
+    let [tput, cpu_mib, rate, cpu_tunnel] = ratios.map(|r| quartiles(&r));
+    Ok(json!({
+        "throughput_ratio": tput,
+        "cpu_per_mib_ratio": cpu_mib,
+        "new_tunnels_ratio": rate,
+        "cpu_per_tunnel_ratio": cpu_tunnel,
+    }))
 }
