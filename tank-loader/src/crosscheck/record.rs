@@ -118,7 +118,9 @@ pub(super) struct Unmapped<'a> {
 impl<'a> Fields<'a> {
     /// The line's fields, or why it is not a JSON object of this shape.
     pub fn parse(line: &'a [u8]) -> serde_json::Result<Self> {
-        serde_json::from_slice(line)
+        // One UTF-8 check of the whole line: parsing from `str` skips it per string.
+        let text = std::str::from_utf8(line).map_err(serde::de::Error::custom)?;
+        serde_json::from_str(text)
     }
 
     /// The chain's fields, for the verifier (`None`: not a chained record).
