@@ -203,7 +203,7 @@ pub enum AuditCommand {
         json: bool,
         /// Read the records from a log store.
         #[command(flatten)]
-        store: StoreArgs,
+        store: Box<StoreArgs>,
     },
     /// Match a fleet's proxy logs against its kernel logs: every proxied connection must be in
     /// both, in the kernel log of the host it came from.
@@ -286,7 +286,7 @@ pub enum AuditCommand {
         /// Read every chain in a log store too (each host's kernel and proxy logs, as shipped);
         /// with --kernel/--proxy, files and store are checked together.
         #[command(flatten)]
-        store: StoreArgs,
+        store: Box<StoreArgs>,
     },
 }
 
