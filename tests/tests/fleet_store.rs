@@ -364,6 +364,16 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
     );
     assert_eq!(verdicts(&s), verdicts(&f));
     assert_eq!(s["summary"]["matched"], 8, "{s:#}");
+    // The human report names each chain as the store holds it.
+    let out = loader(&["audit", "cross-check", "--clickhouse", &store.url()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for chain in ["host=agent-1 log=kernel", "host=proxy-2 log=proxy"] {
+        assert!(
+            text(&out).contains(&format!("clickhouse {chain}")),
+            "{}",
+            text(&out)
+        );
+    }
     // The cross-check reads whole chains: a time range is refused, in one line.
     let out = loader(&[
         "audit",
