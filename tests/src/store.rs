@@ -46,7 +46,7 @@ fn stop(child: &mut Child, grace: Duration) {
 
 /// A running `clickhouse-server` with tank's table loaded.
 pub struct ClickHouse {
-    child: Child,
+    child: Option<Child>,
     /// Its config, data and log.
     pub dir: tempfile::TempDir,
     /// Its HTTP port on 127.0.0.1.
@@ -86,21 +86,42 @@ impl ClickHouse {
             ),
         )
         .unwrap();
-        let log = dir.path().join("server.log");
-        let child = Command::new("clickhouse-server")
-            .arg(format!("--config-file={}", config.display()))
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(File::create(&log).unwrap())
-            .stderr(Stdio::from(
-                File::options().append(true).open(&log).unwrap(),
-            ))
-            .spawn()
-            .expect("start clickhouse-server (package clickhouse-server: cargo xtask setup)");
-        let mut server = Self { child, dir, port };
+        let child = spawn(dir.path());
+        let mut server = Self {
+            child: Some(child),
+            dir,
+            port,
+        };
+        server.wait_ready();
+        let sql = std::fs::read_to_string(repo().join("image/fleet/clickhouse.sql")).unwrap();
+        for statement in sql.split(";\n").filter(|s| !s.trim().is_empty()) {
+            server.query(statement);
+        }
+        server
+    }
+
+    /// Stops the server (an outage of the store); [`Self::restart`] brings it back with its
+    /// data.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, Duration::from_secs(30));
+        }
+    }
+
+    /// Starts the stopped server again, on the same port and data.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "clickhouse-server already running");
+        self.child = Some(spawn(self.dir.path()));
+        self.wait_ready();
+    }
+
+    /// Waits (bounded) until the server answers.
+    fn wait_ready(&mut self) {
+        let log = self.dir.path().join("server.log");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while server.try_query("SELECT 1").is_err() {
-            if let Some(status) = server.child.try_wait().unwrap() {
+        while self.try_query("SELECT 1").is_err() {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().unwrap() {
                 panic!(
                     "clickhouse-server exited ({status}): {}",
                     std::fs::read_to_string(&log).unwrap_or_default()
@@ -113,11 +134,6 @@ impl ClickHouse {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let sql = std::fs::read_to_string(repo().join("image/fleet/clickhouse.sql")).unwrap();
-        for statement in sql.split(";\n").filter(|s| !s.trim().is_empty()) {
-            server.query(statement);
-        }
-        server
     }
 
     /// `http://127.0.0.1:PORT`, as `--clickhouse` and the shippers take it.
@@ -211,8 +227,31 @@ impl ClickHouse {
 
 impl Drop for ClickHouse {
     fn drop(&mut self) {
-        stop(&mut self.child, Duration::from_secs(20));
+        self.stop();
     }
+}
+
+/// `clickhouse-server` on the config in `dir`, its output appended to `dir/server.log`.
+fn spawn(dir: &Path) -> Child {
+    let log = dir.join("server.log");
+    let output = || {
+        File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap()
+    };
+    Command::new("clickhouse-server")
+        .arg(format!(
+            "--config-file={}",
+            dir.join("config.xml").display()
+        ))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(output())
+        .stderr(output())
+        .spawn()
+        .expect("start clickhouse-server (package clickhouse-server: cargo xtask setup)")
 }
 
 /// One log a shipper tails: its path, its kind and the host it is shipped as.

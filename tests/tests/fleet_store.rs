@@ -88,7 +88,7 @@ fn chain<'a>(v: &'a Value, host: &str) -> &'a Value {
 #[test]
 fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_its_host() {
     require_root();
-    let store = ClickHouse::start();
+    let mut store = ClickHouse::start();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (
         dir.path().join("a/kernel.jsonl"),
@@ -142,6 +142,20 @@ fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_it
         "{}",
         text(&out)
     );
+
+    // The store goes away while host-a writes on: the shipper holds the records and delivers
+    // them once it is back (it retries, never drops).
+    store.stop();
+    let (mut w, _) = ChainWriter::open(&a).expect("reopen host-a's log");
+    for i in 31..=35 {
+        w.append(&record(i)).expect("append");
+    }
+    w.sync().expect("sync");
+    drop(w);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    store.restart();
+    store.wait_rows("host-a", "kernel", 35);
+    assert_eq!(store.rows("host-a", "kernel"), 35, "each record once");
 
     // A batch the shipper sent twice is no problem: identical rows are read once.
     store.query(
