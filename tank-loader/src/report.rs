@@ -142,6 +142,13 @@ fn findings(o: &mut String, c: &Fleet) {
             "Proxy log".to_owned()
         };
         any |= log_findings(o, &name, &p.log);
+        let titled = |t: &str| {
+            if several {
+                format!("{name}: {t}")
+            } else {
+                t.to_owned()
+            }
+        };
         let i = &p.inspected;
         if !i.miscounted.is_empty() {
             any = true;
@@ -155,7 +162,7 @@ fn findings(o: &mut String, c: &Fleet) {
             });
             table(
                 o,
-                &format!("{name}: inspected tunnels whose request records do not add up"),
+                &titled("Inspected tunnels whose request records do not add up"),
                 "warn",
                 &["line", "tunnel uid", "tunnel says", "request records"],
                 i.miscounted.count,
@@ -170,7 +177,7 @@ fn findings(o: &mut String, c: &Fleet) {
                 .map(|(uid, n)| vec![uid.clone(), n.to_string()]);
             table(
                 o,
-                &format!("{name}: request records naming no tunnel record (a lost record)"),
+                &titled("Request records naming no tunnel record (a lost record)"),
                 "warn",
                 &["tunnel uid", "request records"],
                 i.orphaned.len() as u64,
@@ -214,19 +221,27 @@ fn findings(o: &mut String, c: &Fleet) {
             "Kernel log".to_owned()
         };
         any |= log_findings(o, &name, &h.log);
+        // A fleet's lists name their host; one host's read as they always did.
+        let titled = |t: &str| {
+            if c.hosts.len() > 1 {
+                format!("{name}: {t}")
+            } else {
+                t.to_owned()
+            }
+        };
         if !h.proxy_unmatched.is_empty() {
             any = true;
-            table(o, &format!("{name}: proxy records with no kernel record (traffic not from the agent's cgroup, or a lost kernel record)"), "warn",
+            table(o, &titled("Proxy records with no kernel record (traffic not from the agent's cgroup, or a lost kernel record)"), "warn",
                 &["log", "line", "seq", "time", "client", "destination", "action", "rule"], h.proxy_unmatched.count,
                 h.proxy_unmatched.listed.iter().map(proxy_row));
         }
         for (title, list) in [
             (
-                "kernel connections to the proxy with no proxy record (proxy log lost or cut)",
+                "Kernel connections to the proxy with no proxy record (proxy log lost or cut)",
                 &h.kernel_unmatched,
             ),
             (
-                "established connections with no connect attempt (kernel record lost)",
+                "Established connections with no connect attempt (kernel record lost)",
                 &h.established_without_attempt,
             ),
         ] {
@@ -234,7 +249,7 @@ fn findings(o: &mut String, c: &Fleet) {
                 any = true;
                 table(
                     o,
-                    &format!("{name}: {title}"),
+                    &titled(title),
                     "warn",
                     &["line", "seq", "time", "cookie", "from", "to", "process"],
                     list.count,
@@ -257,7 +272,7 @@ fn findings(o: &mut String, c: &Fleet) {
             });
             table(
                 o,
-                &format!("{name}: attempts the kernel could not record (ring buffer full), as the kernel log accounts for them"),
+                &titled("Attempts the kernel could not record (ring buffer full), as the kernel log accounts for them"),
                 "warn",
                 &["line", "seq", "from", "to", "counter", "count"],
                 h.unrecorded.count,
