@@ -309,8 +309,7 @@ pub struct StoreArgs {
     /// named here with no records in the store is a finding.
     #[arg(long = "host", value_name = "HOST", requires = "clickhouse")]
     pub hosts: Vec<String>,
-    /// Only records from this time on (2026-12-01T10:00:00Z, or ms since the epoch); audit
-    /// verify only (the cross-check reads whole chains).
+    /// Only records from this time on (2026-12-01T10:00:00Z, or ms since the epoch).
     ///
     /// Each chain is read from its first record in the range to its last: every record in
     /// between is checked, what comes before is not (the report names the seq range).

@@ -16,7 +16,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use serde::Serialize;
-use tank_ebpf_common::chain::{self, Line, Problem, Report};
+use tank_ebpf_common::chain::{self, Line, Report};
 use tank_ebpf_common::ocsf::LogName;
 
 use crate::crosscheck::Source;
@@ -304,6 +304,7 @@ impl Store {
                 label: chain.label(),
                 kind: chain.log,
                 anchor: None,
+                starts_at: chain.ranged.then_some(chain.first_seq),
                 lines: Box::new(self.lines(&chain, page).map(|l| l.map(Line::Complete))),
             })
             .collect())
@@ -315,20 +316,18 @@ impl Store {
     pub fn verify(&self, filter: &Filter) -> Result<Vec<Verified>, Error> {
         let mut out = Vec::new();
         for chain in self.chains(filter)? {
-            let mut v = chain::StreamVerifier::new(None);
+            let mut v = chain::StreamVerifier::new(None)
+                .starting_at(chain.ranged.then_some(chain.first_seq));
             for line in self.lines(&chain, Self::page_for(1)) {
                 v.line(&line.map_err(|e| Error::Io {
                     url: self.url.to_string(),
                     source: e,
                 })?);
             }
-            let mut report = v.finish();
-            if chain.ranged {
-                report.problems.retain(|p| {
-                    !matches!(p, Problem::MissingStart { first_seq, .. } if *first_seq == chain.first_seq)
-                });
-            }
-            out.push(Verified { chain, report });
+            out.push(Verified {
+                report: v.finish(),
+                chain,
+            });
         }
         Ok(out)
     }

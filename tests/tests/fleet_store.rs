@@ -301,7 +301,17 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
 
     // Real clients from both agent hosts through both proxies. Spaced out: agent-2's log
     // rotates meanwhile, and a shipper follows one rotation at a time.
+    // Round 1 ends well before `second_round` and round 2 begins well after it.
+    let mut second_round = 0;
     for round in 0..2 {
+        if round == 1 {
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            second_round = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
+            std::thread::sleep(std::time::Duration::from_millis(700));
+        }
         for agent in 0..2 {
             for proxy in 0..2 {
                 let (code, out) = fleet.curl(agent, proxy);
@@ -388,17 +398,13 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
             text(&out)
         );
     }
-    // The cross-check reads whole chains: a time range is refused, in one line.
-    let out = loader(&[
-        "audit",
-        "cross-check",
-        "--clickhouse",
-        &store.url(),
-        "--since",
-        "0",
-    ]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    // A time range: every chain from its first record in round 2 on, so each starts mid-chain
+    // on purpose; round 2's four connections per side match, nothing is missing.
+    let mut ranged = from_store();
+    ranged.extend(["--since".to_owned(), second_round.to_string()]);
+    let (code, r) = cross_check(&ranged);
+    assert_eq!((code, &r["verdict"]), (0, &json!("consistent")), "{r:#}");
+    assert_eq!(r["summary"]["matched"], 4, "{r:#}");
     assert_eq!(s["summary"]["hosts"], 2);
     assert_eq!(s["summary"]["proxies"], 2);
 
