@@ -110,21 +110,65 @@ pub struct RuleCount {
 }
 
 /// Bucket widths records are counted in while they stream by, ms: each divides the next,
-/// and every width of [`WIDTHS_MS`] from 5 min on is a multiple of the last, so the counts
-/// re-bucket exactly into whatever width the whole span needs at the end.
-const BASE_MS: [i64; 6] = [1_000, 5_000, 10_000, 30_000, 60_000, 300_000];
+/// and every width of [`WIDTHS_MS`] at least as wide as one of them is a multiple of it, so
+/// the counts re-bucket exactly into whatever width the whole span needs at the end.
+const BASE_MS: [i64; 10] = [
+    1_000, 5_000, 10_000, 30_000, 60_000, 300_000, 1_800_000, 3_600_000, 10_800_000, 86_400_000,
+];
 
-/// Most base buckets a span may cover before the base widens (then 5 min buckets stay, one
-/// per 5 min of span: a month is 8,640 of them per series).
+/// Most base buckets the span may cover before the base widens: a timeline holds at most this
+/// many counts (plus one) for a span of up to 600 days.
 const MAX_BASE_BUCKETS: i64 = 600;
 
-/// Counts records as they stream by, then buckets them in [`Builder::finish`]. Memory is a
-/// few hundred counts per timeline and kind, whatever the number of records.
+/// The kinds, for indexing.
+const KINDS: usize = 5;
+
+/// One timeline's counts of one kind, per base bucket from `first` (a bucket index).
+#[derive(Default)]
+struct Counts {
+    first: i64,
+    counts: Vec<u64>,
+}
+
+impl Counts {
+    fn add(&mut self, b: i64) {
+        if self.counts.is_empty() {
+            self.first = b;
+        } else if b < self.first {
+            let more = (self.first - b) as usize;
+            self.counts.splice(0..0, std::iter::repeat_n(0, more));
+            self.first = b;
+        }
+        let i = (b - self.first) as usize;
+        if i >= self.counts.len() {
+            self.counts.resize(i + 1, 0);
+        }
+        self.counts[i] += 1;
+    }
+
+    /// The same counts in buckets `to` wide instead of `from` (a multiple of it).
+    fn widen(&mut self, from: i64, to: i64) {
+        let Some(last) = self.counts.len().checked_sub(1) else {
+            return;
+        };
+        let last = last as i64;
+        let first = (self.first * from).div_euclid(to);
+        let mut out =
+            vec![0; ((self.first + last) * from).div_euclid(to) as usize - first as usize + 1];
+        for (j, n) in self.counts.iter().enumerate() {
+            out[((self.first + j as i64) * from).div_euclid(to) as usize - first as usize] += n;
+        }
+        (self.first, self.counts) = (first, out);
+    }
+}
+
+/// Counts records as they stream by, then buckets them in [`Builder::finish`]. Memory is at
+/// most [`MAX_BASE_BUCKETS`] counts per timeline and kind, whatever the number of records.
 #[derive(Default)]
 pub struct Builder {
     hosts: Vec<(&'static str, String)>,
-    /// Per (timeline, kind): count per base bucket (`time div base`).
-    counts: BTreeMap<(u32, Kind), std::collections::HashMap<i64, u64>>,
+    /// Per timeline and kind (`timeline * KINDS + kind`).
+    counts: Vec<Counts>,
     base: usize,
     span: Option<(i64, i64)>,
     rules: BTreeMap<String, (u64, u64)>,
@@ -135,6 +179,8 @@ impl Builder {
     /// returns its index for [`Builder::add`].
     pub fn timeline(&mut self, log: &'static str, host: &str) -> usize {
         self.hosts.push((log, host.to_owned()));
+        self.counts
+            .resize_with(self.hosts.len() * KINDS, Counts::default);
         self.hosts.len() - 1
     }
 
@@ -150,21 +196,12 @@ impl Builder {
         while (*max - *min) / BASE_MS[self.base] > MAX_BASE_BUCKETS && self.base + 1 < BASE_MS.len()
         {
             let (from, to) = (BASE_MS[self.base], BASE_MS[self.base + 1]);
-            for counts in self.counts.values_mut() {
-                let old = std::mem::take(counts);
-                for (b, n) in old {
-                    *counts.entry((b * from).div_euclid(to)).or_default() += n;
-                }
+            for counts in &mut self.counts {
+                counts.widen(from, to);
             }
             self.base += 1;
         }
-        let b = time_ms.div_euclid(BASE_MS[self.base]);
-        *self
-            .counts
-            .entry((i as u32, kind))
-            .or_default()
-            .entry(b)
-            .or_default() += 1;
+        self.counts[i * KINDS + kind as usize].add(time_ms.div_euclid(BASE_MS[self.base]));
     }
 
     /// Counts a proxy record by its rule.
@@ -203,14 +240,21 @@ impl Builder {
         let bucket_ms = fits.max(base);
         let start_ms = min - min.rem_euclid(bucket_ms);
         let n = (((max - start_ms) / bucket_ms) as usize + 1).min(MAX_BUCKETS);
-        let mut series: BTreeMap<(u32, Kind), Vec<u64>> = BTreeMap::new();
-        for (key, counts) in self.counts {
-            let out = series.entry(key).or_insert_with(|| vec![0; n]);
-            for (b, c) in counts {
-                let i = (((b * base - start_ms) / bucket_ms) as usize).min(n - 1);
-                out[i] += c;
+        const ALL: [Kind; KINDS] = [
+            Kind::AttemptAllowed,
+            Kind::AttemptDenied,
+            Kind::Connection,
+            Kind::ProxyAllowed,
+            Kind::ProxyDenied,
+        ];
+        let series = |c: &Counts| {
+            let mut out = vec![0; n];
+            for (j, count) in c.counts.iter().enumerate() {
+                let t = (c.first + j as i64) * base;
+                out[(((t - start_ms) / bucket_ms) as usize).min(n - 1)] += count;
             }
-        }
+            out
+        };
         let hosts = self
             .hosts
             .into_iter()
@@ -218,13 +262,17 @@ impl Builder {
             .map(|(i, (log, host))| HostTimeline {
                 log,
                 host,
-                series: series
-                    .range((i as u32, Kind::AttemptAllowed)..=(i as u32, Kind::ProxyDenied))
-                    .map(|((_, kind), counts)| Series {
-                        kind: *kind,
-                        name: kind.name(),
-                        total: counts.iter().sum(),
-                        counts: counts.clone(),
+                series: ALL
+                    .iter()
+                    .filter(|kind| !self.counts[i * KINDS + **kind as usize].counts.is_empty())
+                    .map(|kind| {
+                        let counts = series(&self.counts[i * KINDS + *kind as usize]);
+                        Series {
+                            kind: *kind,
+                            name: kind.name(),
+                            total: counts.iter().sum(),
+                            counts,
+                        }
                     })
                     .collect(),
             })
@@ -261,6 +309,8 @@ mod tests {
             );
         }
         b.add(agent, Kind::Connection, t0 + week);
+        // Counted in bounded memory: at most MAX_BASE_BUCKETS + 1 counts per timeline and kind.
+        assert!(b.counts.iter().all(|c| c.counts.len() as i64 <= MAX_BASE_BUCKETS + 1));
         let a = b.finish();
         assert_eq!(a.bucket_ms, 7_200_000, "two-hour buckets for a week");
         assert!(a.start_ms <= t0 && a.start_ms % a.bucket_ms == 0);
