@@ -310,7 +310,10 @@ mod tests {
         }
         b.add(agent, Kind::Connection, t0 + week);
         // Counted in bounded memory: at most MAX_BASE_BUCKETS + 1 counts per timeline and kind.
-        assert!(b.counts.iter().all(|c| c.counts.len() as i64 <= MAX_BASE_BUCKETS + 1));
+        assert!(b
+            .counts
+            .iter()
+            .all(|c| c.counts.len() as i64 <= MAX_BASE_BUCKETS + 1));
         let a = b.finish();
         assert_eq!(a.bucket_ms, 7_200_000, "two-hour buckets for a week");
         assert!(a.start_ms <= t0 && a.start_ms % a.bucket_ms == 0);

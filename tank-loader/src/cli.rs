@@ -327,7 +327,6 @@ impl StoreArgs {
         Some(clickhouse::Store::new(url, &self.table).map(|store| {
             let filter = clickhouse::Filter {
                 hosts: self.hosts.clone(),
-                log: None,
                 since: self.since,
                 until: self.until,
             };

@@ -141,8 +141,6 @@ impl From<Error> for io::Error {
 pub struct Filter {
     /// Only these hosts (the shipper's `host` column); all when empty.
     pub hosts: Vec<String>,
-    /// Only this kind of log.
-    pub log: Option<LogName>,
     /// Records from this time on (ms since the epoch).
     pub since: Option<i64>,
     /// Records up to this time.
@@ -216,9 +214,6 @@ impl Store {
             let hosts: Vec<String> = filter.hosts.iter().map(|h| quote(h)).collect();
             clauses.push(format!("host IN ({})", hosts.join(", ")));
         }
-        if let Some(log) = filter.log {
-            clauses.push(format!("log = '{}'", log.as_str()));
-        }
         if let Some(since) = filter.since {
             clauses.push(format!("time_ms >= {since}"));
         }
@@ -238,6 +233,9 @@ impl Store {
         let mut chains = Vec::new();
         for row in body.split(|b| *b == b'\n').filter(|r| !r.is_empty()) {
             let fields: Vec<Vec<u8>> = row.split(|b| *b == b'\t').map(unescape).collect();
+            if fields.len() != 6 {
+                return Err(self.answer(format!("a chain row {:?}", String::from_utf8_lossy(row))));
+            }
             let text = |i: usize| String::from_utf8_lossy(&fields[i]).into_owned();
             let number = |i: usize| text(i).parse::<u64>().ok();
             let log = match fields.get(1).map(Vec::as_slice) {
@@ -245,8 +243,7 @@ impl Store {
                 Some(b"proxy") => LogName::Proxy,
                 _ => return Err(self.answer(format!("a chain row {:?}", text(0)))),
             };
-            let (Some(rows), Some(first_seq), Some(last_seq), 6) =
-                (number(3), number(4), number(5), fields.len())
+            let (Some(rows), Some(first_seq), Some(last_seq)) = (number(3), number(4), number(5))
             else {
                 return Err(self.answer(format!("a chain row {:?}", String::from_utf8_lossy(row))));
             };
