@@ -2,8 +2,10 @@
 //!
 //! Tunnels move data with `splice(2)` through a pipe per direction: the payload goes from
 //! one socket's receive queue to the other's send queue without being copied through user
-//! space, which is what lets a tunnel run near loopback speed. If a pipe cannot be had the
-//! relay falls back to read/write through a buffer.
+//! space, which is what lets a tunnel run near loopback speed. A direction holds its pipe
+//! only while it has bytes to move; empty pipes go back to a small pool, so an idle tunnel
+//! holds its two sockets and nothing else in the kernel. If a pipe cannot be had the relay
+//! falls back to read/write through a buffer.
 //!
 //! Both directions run in one task; a tunnel ends when both sides have closed (half-close is
 //! passed on), on an error, after `idle_timeout` with no bytes either way, on shutdown, or
@@ -13,6 +15,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -80,12 +83,52 @@ pub enum Upstream {
     Body(BodyKind),
 }
 
+/// Empty relay pipes kept for reuse, at most. A direction holds a pipe only while it has
+/// bytes to move and gives it back when its source runs dry, so an idle tunnel holds none
+/// (two descriptors, not six, and no pipe in the kernel) and a busy one takes a pipe from
+/// here instead of making one (two system calls and a kernel allocation) at every burst.
+pub const POOLED_PIPES: usize = 32;
+
+static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
 struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
 }
 
 impl Pipe {
+    /// An empty pipe: one from the pool, else a new one.
+    fn take() -> io::Result<Pipe> {
+        let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match pooled {
+            Some(pipe) => Ok(pipe),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Gives an empty pipe back (closed when the pool is full). Only an empty pipe is
+    /// shared: every byte spliced into it was spliced out before it is given back.
+    fn give(self) {
+        debug_assert_eq!(self.queued(), 0, "a pipe given back still holds bytes");
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let surplus = if pool.len() < POOLED_PIPES {
+            pool.push(self);
+            None
+        } else {
+            Some(self)
+        };
+        drop(pool);
+        drop(surplus);
+    }
+
+    /// Bytes waiting in the pipe (checked in debug builds only).
+    fn queued(&self) -> libc::c_int {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on a pipe we own, into a valid c_int.
+        unsafe { libc::ioctl(self.r.as_raw_fd(), libc::FIONREAD, &mut n) };
+        n
+    }
+
     fn new() -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
@@ -173,56 +216,70 @@ impl Side<'_> {
 
 /// Moves everything from `from` to `to` until `from` closes, then half-closes `to`.
 ///
-/// The pipe is made when the first bytes are ready, so a tunnel that never carries data
-/// (or a refused one) costs no pipe.
+/// A pipe is taken when bytes are ready and given back whenever `from` runs dry (the pipe
+/// is empty then), so a direction waiting for data, or one that never carries any, holds
+/// no pipe.
 async fn pump(from: &TcpStream, to: &TcpStream, side: Side<'_>) -> io::Result<()> {
-    from.readable().await?;
-    match Pipe::new().ok() {
-        Some(pipe) => loop {
-            let n = loop {
-                from.readable().await?;
-                let want = side.room(CHUNK)?;
-                match from.try_io(Interest::READABLE, || {
-                    splice(from.as_raw_fd(), pipe.w.as_raw_fd(), want)
-                }) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
+    let mut pipe: Option<Pipe> = None;
+    loop {
+        from.readable().await?;
+        let want = side.room(CHUNK)?;
+        let p = match pipe {
+            Some(ref p) => p,
+            None => match Pipe::take() {
+                Ok(p) => pipe.insert(p),
+                Err(_) => return copy(from, to, side).await,
+            },
+        };
+        let n = match from.try_io(Interest::READABLE, || {
+            splice(from.as_raw_fd(), p.w.as_raw_fd(), want)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(dry) = pipe.take() {
+                    dry.give();
                 }
-            };
-            if n == 0 {
-                shutdown_write(to);
-                return Ok(());
+                continue;
             }
-            let mut left = n;
-            while left > 0 {
-                to.writable().await?;
-                match to.try_io(Interest::WRITABLE, || {
-                    splice(pipe.r.as_raw_fd(), to.as_raw_fd(), left)
-                }) {
-                    Ok(m) => {
-                        left -= m;
-                        side.moved(m);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            if let Some(done) = pipe.take() {
+                done.give();
             }
-        },
-        None => {
-            let mut buf = vec![0u8; BUF];
-            loop {
-                from.readable().await?;
-                let want = side.room(BUF)?;
-                let n = read(from, &mut buf[..want]).await?;
-                if n == 0 {
-                    shutdown_write(to);
-                    return Ok(());
+            shutdown_write(to);
+            return Ok(());
+        }
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice(p.r.as_raw_fd(), to.as_raw_fd(), left)
+            }) {
+                Ok(m) => {
+                    left -= m;
+                    side.moved(m);
                 }
-                write_all(to, &buf[..n]).await?;
-                side.moved(n);
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// [`pump`] through a buffer, for when no pipe can be had (descriptors exhausted).
+async fn copy(from: &TcpStream, to: &TcpStream, side: Side<'_>) -> io::Result<()> {
+    let mut buf = vec![0u8; BUF];
+    loop {
+        from.readable().await?;
+        let want = side.room(BUF)?;
+        let n = read(from, &mut buf[..want]).await?;
+        if n == 0 {
+            shutdown_write(to);
+            return Ok(());
+        }
+        write_all(to, &buf[..n]).await?;
+        side.moved(n);
     }
 }
 

@@ -5,8 +5,9 @@
 //! and closed at once and never counts under the caps, so outsiders holding connections
 //! open cannot crowd out the agent hosts.
 //!
-//! Descriptors: a tunnel holds six (two sockets, two pipes) and a refused connection one
-//! while it lingers, so `max_connections` is checked against `RLIMIT_NOFILE` at start and
+//! Descriptors: a tunnel holds two sockets, and a pipe for each direction that has bytes in
+//! flight (six at most; an idle tunnel two), and a refused connection one while it
+//! lingers, so `max_connections` is checked against `RLIMIT_NOFILE` at start and
 //! lowered, with one line, to what it leaves room for; refused connections lingering at
 //! once are capped at the same number, and past it answered and closed at once. A spare
 //! descriptor is kept so that, should `accept` still meet `EMFILE`, a waiting connection is
@@ -29,13 +30,15 @@ use super::{connection, Shared};
 use crate::audit::Draft;
 use crate::http::response;
 use crate::policy::{Limits, Policy, Reason, Refusal};
+use crate::relay;
 
-/// Descriptors one connection may hold: client and origin sockets, a pipe each way, plus
-/// one for a refused connection lingering in its place.
+/// Descriptors one connection may hold: client and origin sockets, a pipe each way while
+/// both directions move bytes at once, plus one for a refused connection lingering in its
+/// place.
 const FDS_PER_CONNECTION: usize = 7;
 /// Descriptors kept for everything else: listeners, the audit log, the runtime, the admin
-/// listener's connections, the spare.
-const FDS_RESERVED: usize = 96;
+/// listener's connections, the spare, and the relay's pool of empty pipes.
+const FDS_RESERVED: usize = 96 + 2 * relay::POOLED_PIPES;
 /// Longest pause between accepts while descriptors are exhausted.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 

@@ -1,7 +1,9 @@
-//! `cargo xtask bench [kernel|proxy|inspect|crosscheck|all]`: benchmarks, each ratio measured
-//! side by side in one run. Results go to `target/bench/<suite>.json` and a table on stdout.
+//! `cargo xtask bench [kernel|proxy|inspect|idle|crosscheck|all]`: benchmarks, each ratio
+//! measured side by side in one run. Results go to `target/bench/<suite>.json` and a table on
+//! stdout.
 
 mod crosscheck;
+mod idle;
 mod inspect;
 mod proxy;
 pub mod splice_relay;
@@ -14,14 +16,18 @@ pub enum Suite {
     /// The kernel gate (root): connect latency, throughput, denied-attempt rate, cold start.
     Kernel,
     /// egress-proxy against squid, tinyproxy and a bare splice relay, then inspecting
-    /// against mitmproxy and squid's ssl_bump.
+    /// against mitmproxy and squid's ssl_bump, then 100,000 idle tunnels held (root).
     Proxy,
     /// Only the inspection figures of `proxy`.
     Inspect,
+    /// Only the fleet-load figures of `proxy` (root): 100,000 idle tunnels held, memory per
+    /// tunnel, refusals, new tunnels/s while held.
+    Idle,
     /// `tank-loader audit cross-check` over a synthetic fleet of 1,000 hosts and 2 proxies
     /// (1M and 10M records): records/s on one core and peak memory. No root needed.
     Crosscheck,
-    /// Kernel, proxy and inspect (crosscheck apart: it writes about 12 GB of logs).
+    /// Kernel, proxy (idle tunnels included) and inspect (crosscheck apart: it writes about
+    /// 12 GB of logs).
     All,
 }
 
@@ -67,6 +73,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let figures = inspect::run(&proxy::build_proxy()?)?;
         std::fs::write(
             out.join("proxy-inspect.json"),
+            serde_json::to_vec_pretty(&figures)?,
+        )?;
+    }
+    if matches!(opts.suite, Suite::Proxy | Suite::Idle | Suite::All) {
+        let figures = idle::run()?;
+        std::fs::write(
+            out.join("proxy-idle.json"),
             serde_json::to_vec_pretty(&figures)?,
         )?;
     }
