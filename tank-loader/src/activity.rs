@@ -109,30 +109,107 @@ pub struct RuleCount {
     pub denied: u64,
 }
 
-/// Collects records, then buckets them in [`Builder::finish`].
+/// Bucket widths records are counted in while they stream by, ms: each divides the next,
+/// and every width of [`WIDTHS_MS`] at least as wide as one of them is a multiple of it, so
+/// the counts re-bucket exactly into whatever width the whole span needs at the end.
+const BASE_MS: [i64; 10] = [
+    1_000, 5_000, 10_000, 30_000, 60_000, 300_000, 1_800_000, 3_600_000, 10_800_000, 86_400_000,
+];
+
+/// Most base buckets the span may cover before the base widens: a timeline holds at most this
+/// many counts (plus one) for a span of up to 600 days.
+const MAX_BASE_BUCKETS: i64 = 600;
+
+/// The kinds, for indexing.
+const KINDS: usize = 5;
+
+/// One timeline's counts of one kind, per base bucket from `first` (a bucket index).
+#[derive(Default)]
+struct Counts {
+    first: i64,
+    counts: Vec<u64>,
+}
+
+impl Counts {
+    fn add(&mut self, b: i64) {
+        if self.counts.is_empty() {
+            self.first = b;
+        } else if b < self.first {
+            let more = (self.first - b) as usize;
+            self.counts.splice(0..0, std::iter::repeat_n(0, more));
+            self.first = b;
+        }
+        let i = (b - self.first) as usize;
+        if i >= self.counts.len() {
+            self.counts.resize(i + 1, 0);
+        }
+        self.counts[i] += 1;
+    }
+
+    /// The same counts in buckets `to` wide instead of `from` (a multiple of it).
+    fn widen(&mut self, from: i64, to: i64) {
+        let Some(last) = self.counts.len().checked_sub(1) else {
+            return;
+        };
+        let last = last as i64;
+        let first = (self.first * from).div_euclid(to);
+        let mut out =
+            vec![0; ((self.first + last) * from).div_euclid(to) as usize - first as usize + 1];
+        for (j, n) in self.counts.iter().enumerate() {
+            out[((self.first + j as i64) * from).div_euclid(to) as usize - first as usize] += n;
+        }
+        (self.first, self.counts) = (first, out);
+    }
+}
+
+/// Counts records as they stream by, then buckets them in [`Builder::finish`]. Memory is at
+/// most [`MAX_BASE_BUCKETS`] counts per timeline and kind, whatever the number of records.
 #[derive(Default)]
 pub struct Builder {
     hosts: Vec<(&'static str, String)>,
-    points: Vec<(u32, Kind, i64)>,
+    /// Per timeline and kind (`timeline * KINDS + kind`).
+    counts: Vec<Counts>,
+    base: usize,
+    span: Option<(i64, i64)>,
     rules: BTreeMap<String, (u64, u64)>,
 }
 
 impl Builder {
-    /// Counts a record of `host` in `log` at `time_ms`.
-    pub fn add(&mut self, log: &'static str, host: &str, kind: Kind, time_ms: i64) {
-        let i = match self.hosts.iter().position(|(l, h)| *l == log && h == host) {
-            Some(i) => i,
-            None => {
-                self.hosts.push((log, host.to_owned()));
-                self.hosts.len() - 1
+    /// A new timeline for one log of `host` (`host` may be named later, [`Builder::rename`]);
+    /// returns its index for [`Builder::add`].
+    pub fn timeline(&mut self, log: &'static str, host: &str) -> usize {
+        self.hosts.push((log, host.to_owned()));
+        self.counts
+            .resize_with(self.hosts.len() * KINDS, Counts::default);
+        self.hosts.len() - 1
+    }
+
+    /// Names the host of timeline `i`.
+    pub fn rename(&mut self, i: usize, host: &str) {
+        host.clone_into(&mut self.hosts[i].1);
+    }
+
+    /// Counts a record of timeline `i` at `time_ms`.
+    pub fn add(&mut self, i: usize, kind: Kind, time_ms: i64) {
+        let (min, max) = self.span.get_or_insert((time_ms, time_ms));
+        (*min, *max) = ((*min).min(time_ms), (*max).max(time_ms));
+        while (*max - *min) / BASE_MS[self.base] > MAX_BASE_BUCKETS && self.base + 1 < BASE_MS.len()
+        {
+            let (from, to) = (BASE_MS[self.base], BASE_MS[self.base + 1]);
+            for counts in &mut self.counts {
+                counts.widen(from, to);
             }
-        };
-        self.points.push((i as u32, kind, time_ms));
+            self.base += 1;
+        }
+        self.counts[i * KINDS + kind as usize].add(time_ms.div_euclid(BASE_MS[self.base]));
     }
 
     /// Counts a proxy record by its rule.
     pub fn rule(&mut self, rule: &str, allowed: bool) {
-        let (a, d) = self.rules.entry(rule.to_owned()).or_default();
+        if !self.rules.contains_key(rule) {
+            self.rules.insert(rule.to_owned(), (0, 0));
+        }
+        let (a, d) = self.rules.get_mut(rule).expect("inserted");
         *if allowed { a } else { d } += 1;
     }
 
@@ -148,26 +225,36 @@ impl Builder {
             })
             .collect();
         proxy_rules.sort_by_key(|r| std::cmp::Reverse(r.allowed + r.denied));
-        let (Some(min), Some(max)) = (
-            self.points.iter().map(|p| p.2).min(),
-            self.points.iter().map(|p| p.2).max(),
-        ) else {
+        let Some((min, max)) = self.span else {
             return Activity {
                 proxy_rules,
                 ..Activity::default()
             };
         };
-        let bucket_ms = *WIDTHS_MS
+        let base = BASE_MS[self.base];
+        let fits = *WIDTHS_MS
             .iter()
             .find(|w| (max - min) / **w < MAX_BUCKETS as i64)
             .unwrap_or(&WIDTHS_MS[WIDTHS_MS.len() - 1]);
+        // The base only widens when the span needs more than MAX_BUCKETS of the width before.
+        let bucket_ms = fits.max(base);
         let start_ms = min - min.rem_euclid(bucket_ms);
         let n = (((max - start_ms) / bucket_ms) as usize + 1).min(MAX_BUCKETS);
-        let mut counts: BTreeMap<(u32, Kind), Vec<u64>> = BTreeMap::new();
-        for (host, kind, t) in self.points {
-            let b = (((t - start_ms) / bucket_ms) as usize).min(n - 1);
-            counts.entry((host, kind)).or_insert_with(|| vec![0; n])[b] += 1;
-        }
+        const ALL: [Kind; KINDS] = [
+            Kind::AttemptAllowed,
+            Kind::AttemptDenied,
+            Kind::Connection,
+            Kind::ProxyAllowed,
+            Kind::ProxyDenied,
+        ];
+        let series = |c: &Counts| {
+            let mut out = vec![0; n];
+            for (j, count) in c.counts.iter().enumerate() {
+                let t = (c.first + j as i64) * base;
+                out[(((t - start_ms) / bucket_ms) as usize).min(n - 1)] += count;
+            }
+            out
+        };
         let hosts = self
             .hosts
             .into_iter()
@@ -175,13 +262,17 @@ impl Builder {
             .map(|(i, (log, host))| HostTimeline {
                 log,
                 host,
-                series: counts
-                    .range((i as u32, Kind::AttemptAllowed)..=(i as u32, Kind::ProxyDenied))
-                    .map(|((_, kind), counts)| Series {
-                        kind: *kind,
-                        name: kind.name(),
-                        total: counts.iter().sum(),
-                        counts: counts.clone(),
+                series: ALL
+                    .iter()
+                    .filter(|kind| !self.counts[i * KINDS + **kind as usize].counts.is_empty())
+                    .map(|kind| {
+                        let counts = series(&self.counts[i * KINDS + *kind as usize]);
+                        Series {
+                            kind: *kind,
+                            name: kind.name(),
+                            total: counts.iter().sum(),
+                            counts,
+                        }
                     })
                     .collect(),
             })
@@ -202,21 +293,12 @@ mod tests {
     #[test]
     fn a_week_of_records_fits_in_bounded_buckets_and_keeps_every_count() {
         let mut b = Builder::default();
+        let (agent, proxy) = (b.timeline("kernel", "agent"), b.timeline("proxy", "proxy"));
         let week = 7 * 86_400_000;
         let t0 = 1_800_000_000_000;
         for i in 0..10_000i64 {
-            b.add(
-                "kernel",
-                "agent",
-                Kind::AttemptDenied,
-                t0 + i * (week / 10_000),
-            );
-            b.add(
-                "proxy",
-                "proxy",
-                Kind::ProxyAllowed,
-                t0 + i * (week / 10_000),
-            );
+            b.add(agent, Kind::AttemptDenied, t0 + i * (week / 10_000));
+            b.add(proxy, Kind::ProxyAllowed, t0 + i * (week / 10_000));
             b.rule(
                 if i % 3 == 0 {
                     "default-deny"
@@ -226,7 +308,12 @@ mod tests {
                 i % 3 != 0,
             );
         }
-        b.add("kernel", "agent", Kind::Connection, t0 + week);
+        b.add(agent, Kind::Connection, t0 + week);
+        // Counted in bounded memory: at most MAX_BASE_BUCKETS + 1 counts per timeline and kind.
+        assert!(b
+            .counts
+            .iter()
+            .all(|c| c.counts.len() as i64 <= MAX_BASE_BUCKETS + 1));
         let a = b.finish();
         assert_eq!(a.bucket_ms, 7_200_000, "two-hour buckets for a week");
         assert!(a.start_ms <= t0 && a.start_ms % a.bucket_ms == 0);

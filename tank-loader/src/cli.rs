@@ -3,14 +3,42 @@
 
 use std::path::PathBuf;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tank_ebpf_common::chain;
 
-use crate::{config, crosscheck};
+use crate::{clickhouse, config, crosscheck};
 
 /// The clap definition of the whole `tank-loader` command line, for man pages and completions.
 pub fn command() -> clap::Command {
     Cli::command()
+}
+
+/// Parses the command line (exits on a usage error, as clap does). `audit cross-check` gets
+/// its logs grouped by occurrence: `--kernel A B --kernel C` is two logs, A+B and C.
+pub fn parse() -> Cli {
+    let matches = command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Command::Audit {
+        command:
+            AuditCommand::CrossCheck {
+                kernel_logs,
+                proxy_logs,
+                ..
+            },
+    } = &mut cli.command
+    {
+        let sub = matches
+            .subcommand_matches("audit")
+            .and_then(|m| m.subcommand_matches("cross-check"))
+            .expect("the cross-check's matches");
+        let groups = |id: &str| -> Vec<Vec<PathBuf>> {
+            sub.get_occurrences::<PathBuf>(id)
+                .map(|o| o.map(|g| g.cloned().collect()).collect())
+                .unwrap_or_default()
+        };
+        (*kernel_logs, *proxy_logs) = (groups("kernel"), groups("proxy"));
+    }
+    cli
 }
 
 /// Kernel-enforced egress containment for an AI agent's cgroup.
@@ -160,39 +188,62 @@ pub enum AuditCommand {
     /// (a crash mid-write, reported and never accepted), and a missing, reordered, truncated
     /// or replaced segment; lists spans opened and never closed (proxy tunnels whose proxy
     /// died). Prints the same report as `egress-proxy audit verify`.
+    ///
+    /// With --clickhouse, verifies every chain in the log store instead (one per host and
+    /// log, read back in chain order), with the same report per chain: a record deleted,
+    /// edited or missing in the store is found, for the host it belongs to.
     #[command(after_help = chain::VERIFY_EXIT_CODES)]
     Verify {
         /// The log file (its rotated segments beside it are read too), a directory holding one
         /// log's segments, or several segment files.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "clickhouse", conflicts_with = "clickhouse")]
         files: Vec<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Read the records from a log store.
+        #[command(flatten)]
+        store: Box<StoreArgs>,
     },
-    /// Match the proxy log against the kernel log: every proxied connection must be in both.
+    /// Match a fleet's proxy logs against its kernel logs: every proxied connection must be in
+    /// both, in the kernel log of the host it came from.
     ///
-    /// Verifies both chains, then pairs each proxy record with the kernel's `established`
+    /// Verifies every chain, then pairs each proxy record with the kernel's `established`
     /// record of the same TCP connection: the kernel's local address and port must be the
     /// client the proxy saw, the kernel's destination the proxy address the client reached, and
-    /// the kernel's time within --window-ms of the proxy's start_time. A proxy record with no
-    /// kernel record is traffic that did not come from the agent's cgroup (or a lost kernel
-    /// record); a kernel connection with no proxy record means the proxy log lost or dropped
-    /// it. Also lists established records whose connect attempt is missing, and counts denied
-    /// attempts by destination and process. Copy both logs with their `.head` anchors.
+    /// the kernel's time within --window-ms of the proxy's start_time. Each host is named by
+    /// its kernel log's start record, and owns the client addresses its own established
+    /// connections show. Per host: proxy records from its addresses with no kernel record
+    /// (traffic that did not come from the agent's cgroup, or a lost kernel record), kernel
+    /// connections with no proxy record (the proxy log lost or dropped it), established records
+    /// whose connect attempt is missing, and denied attempts by destination and process. A
+    /// proxy record from an address no kernel log shows is unattributed, a finding of its own.
+    /// The logs are read once, merged by time, holding only the window in memory. Copy every
+    /// log with its `.head` anchor.
     ///
-    /// Exit codes: 0 consistent (both chains intact, everything matched); 1 discrepancies (both
-    /// chains intact, something unmatched or unreadable); 3 tampered (a chain failed
-    /// verification; matching still runs on what the damaged log holds); 2 usage error or an
-    /// input that cannot be read.
+    /// Exit codes: 0 consistent (every chain intact, everything matched); 1 discrepancies
+    /// (chains intact, something unmatched, unattributed or unreadable); 3 tampered (a chain
+    /// failed verification; matching still runs on what the damaged log holds); 2 usage error
+    /// or an input that cannot be read.
     CrossCheck {
-        /// The kernel audit log (tank-loader's, from the agent host): the log file (its rotated
-        /// segments beside it are read too), a directory of its segments, or several segments.
-        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        /// One agent host's kernel audit log (tank-loader's): the log file (its rotated
+        /// segments beside it are read too), a directory of its segments, or several segments
+        /// of it. Repeat --kernel for each host.
+        #[arg(long, value_name = "FILE", num_args = 1.., required_unless_present = "clickhouse")]
         kernel: Vec<PathBuf>,
-        /// The proxy audit log (egress-proxy's, from the proxy host), as for --kernel.
-        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        /// The --kernel logs, one per occurrence (filled by [`parse`]).
+        #[arg(skip)]
+        kernel_logs: Vec<Vec<PathBuf>>,
+        /// One proxy host's audit log (egress-proxy's), as for --kernel. Repeat for each proxy.
+        #[arg(long, value_name = "FILE", num_args = 1.., required_unless_present = "clickhouse")]
         proxy: Vec<PathBuf>,
+        /// The --proxy logs, one per occurrence (filled by [`parse`]).
+        #[arg(skip)]
+        proxy_logs: Vec<Vec<PathBuf>>,
+        /// Only the hosts with this client address (as their kernel log or the proxy shows
+        /// it), and only the connections from it. Repeat for several.
+        #[arg(long, value_name = "ADDR")]
+        client: Vec<std::net::IpAddr>,
         /// Greatest time between a kernel connection and its proxy record, in milliseconds.
         ///
         /// The kernel stamps the end of the handshake on the agent host, the proxy its accept
@@ -209,6 +260,17 @@ pub enum AuditCommand {
         /// Ports are always compared exactly: NAT that rewrites ports is not supported.
         #[arg(long, value_name = "KERNEL_ADDR=PROXY_SEEN_ADDR")]
         nat: Vec<crosscheck::Nat>,
+        /// How far behind the newest record read a record may still appear in its own log, ms.
+        ///
+        /// A proxy writes a refused or failed connection's one record when it ends, stamped
+        /// with its accept; the loader drains the kernel's records a little after they happen.
+        /// A connection is held this long past the window before it is reported unmatched, and
+        /// memory holds that much time of the fleet's connections.
+        #[arg(long, value_name = "MS", default_value_t = crosscheck::DEFAULT_LATE_MS)]
+        late_ms: u64,
+        /// Items listed per list of findings (every item is counted).
+        #[arg(long, value_name = "N", default_value_t = crosscheck::DEFAULT_MAX_LISTED)]
+        max_listed: usize,
         /// Machine-readable output: the whole report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -217,8 +279,58 @@ pub enum AuditCommand {
         /// Verdict first, then the findings, then pictures: attempts and connections over time
         /// per host, refusals by process and destination, proxy records by rule, and each log's
         /// chain with its head. No script and nothing fetched from the network; lists are cut
-        /// at 100 rows (`--json` has them all), so a week of records opens quickly.
+        /// at 100 rows and a fleet's hosts drawn in full at 12 (those with findings first), so
+        /// a week of a fleet's records opens quickly.
         #[arg(long, value_name = "FILE")]
         html: Option<PathBuf>,
+        /// Read every chain in a log store too (each host's kernel and proxy logs, as shipped);
+        /// with --kernel/--proxy, files and store are checked together.
+        #[command(flatten)]
+        store: Box<StoreArgs>,
     },
+}
+
+/// Where `audit verify` and `audit cross-check` read a fleet's records from a ClickHouse log
+/// store (image/fleet/clickhouse.sql), and which of them.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// Read the records from ClickHouse's HTTP interface: http://[USER[:PASSWORD]@]HOST:PORT.
+    ///
+    /// Every chain (one host's kernel or proxy log, as its shipper labelled it) is read back in
+    /// chain order and checked exactly as its files would be. Plain HTTP: reach a remote store
+    /// through a tunnel. A password in the URL is visible to other users in the process list;
+    /// prefer a read-only user with no password on a loopback tunnel.
+    #[arg(long, value_name = "URL")]
+    pub clickhouse: Option<clickhouse::Url>,
+    /// The table holding the records (DATABASE.TABLE).
+    #[arg(long, value_name = "TABLE", default_value = clickhouse::DEFAULT_TABLE, requires = "clickhouse")]
+    pub table: String,
+    /// Only the chains this host shipped (the shipper's host name); repeat for several. A host
+    /// named here with no records in the store is a finding.
+    #[arg(long = "host", value_name = "HOST", requires = "clickhouse")]
+    pub hosts: Vec<String>,
+    /// Only records from this time on (2026-12-01T10:00:00Z, or ms since the epoch).
+    ///
+    /// Each chain is read from its first record in the range to its last: every record in
+    /// between is checked, what comes before is not (the report names the seq range).
+    #[arg(long, value_name = "TIME", value_parser = tank_ebpf_common::ocsf::parse_time, requires = "clickhouse")]
+    pub since: Option<i64>,
+    /// Only records up to this time.
+    #[arg(long, value_name = "TIME", value_parser = tank_ebpf_common::ocsf::parse_time, requires = "clickhouse")]
+    pub until: Option<i64>,
+}
+
+impl StoreArgs {
+    /// The store and the filter, when --clickhouse is given.
+    pub fn store(&self) -> Option<Result<(clickhouse::Store, clickhouse::Filter), String>> {
+        let url = self.clickhouse.clone()?;
+        Some(clickhouse::Store::new(url, &self.table).map(|store| {
+            let filter = clickhouse::Filter {
+                hosts: self.hosts.clone(),
+                since: self.since,
+                until: self.until,
+            };
+            (store, filter)
+        }))
+    }
 }

@@ -8,17 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 use tank_ebpf_common::chain;
 
 use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
-use tank_ebpf_common::ocsf::lifecycle;
-use tank_loader::cli::{AuditCommand, Cli, Command, PolicyCommand};
+use tank_ebpf_common::ocsf::{lifecycle, LogName};
+use tank_loader::cli::{AuditCommand, Command, PolicyCommand};
 use tank_loader::config::Config;
 use tank_loader::{crosscheck, gate, metrics, nft, report, run, status, trace};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = tank_loader::cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TANK_LOG")
@@ -109,22 +108,49 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Audit {
-            command: AuditCommand::Verify { files, json },
-        } => verify(&files, json, &mut out),
+            command: AuditCommand::Verify { files, json, store },
+        } => match store.store() {
+            Some(Ok((store, filter))) => {
+                Ok(ExitCode::from(tank_loader::clickhouse::verify_command(
+                    &store,
+                    &filter,
+                    json,
+                    &mut out,
+                    &mut std::io::stderr(),
+                )?))
+            }
+            Some(Err(e)) => {
+                eprintln!("tank-loader: --table: {e}");
+                Ok(ExitCode::from(2))
+            }
+            None => verify(&files, json, &mut out),
+        },
         Command::Audit {
             command:
                 AuditCommand::CrossCheck {
-                    kernel,
-                    proxy,
+                    kernel_logs,
+                    proxy_logs,
+                    client,
                     window_ms,
                     nat,
+                    late_ms,
+                    max_listed,
                     json,
                     html,
+                    store,
+                    ..
                 },
         } => cross_check(
-            &kernel,
-            &proxy,
-            &crosscheck::Options { window_ms, nat },
+            &kernel_logs,
+            &proxy_logs,
+            &store,
+            &crosscheck::Options {
+                window_ms,
+                late_ms,
+                nat,
+                clients: client,
+                max_listed,
+            },
             json,
             html.as_deref(),
             &mut out,
@@ -204,26 +230,46 @@ fn verify(files: &[PathBuf], json: bool, out: &mut impl Write) -> anyhow::Result
 }
 
 fn cross_check(
-    kernel: &[PathBuf],
-    proxy: &[PathBuf],
+    kernel: &[Vec<PathBuf>],
+    proxy: &[Vec<PathBuf>],
+    store: &tank_loader::cli::StoreArgs,
     opts: &crosscheck::Options,
     json: bool,
     html: Option<&Path>,
     out: &mut impl Write,
 ) -> anyhow::Result<ExitCode> {
     // An input that cannot be read is a usage problem (exit 2), not a finding about the logs.
-    let read = |paths: &[PathBuf]| {
-        crosscheck::Log::read_series(paths)
-            .inspect_err(|e| eprintln!("tank-loader: cannot read {}: {e}", paths[0].display()))
-            .ok()
+    let cannot_read = |what: &str, e: std::io::Error| {
+        eprintln!("tank-loader: cannot read {what}: {e}");
+        Ok(ExitCode::from(2))
     };
-    let Some(kernel) = read(kernel) else {
-        return Ok(ExitCode::from(2));
+    let mut sources = Vec::new();
+    for (kind, logs) in [(LogName::Kernel, kernel), (LogName::Proxy, proxy)] {
+        for paths in logs {
+            match crosscheck::Source::files(kind, paths) {
+                Ok(s) => sources.push(s),
+                Err(e) => return cannot_read(&paths[0].display().to_string(), e),
+            }
+        }
+    }
+    match store.store() {
+        Some(Ok((store, filter))) => match store.sources(&filter) {
+            Ok(s) => sources.extend(s),
+            Err(e) => {
+                eprintln!("tank-loader: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        Some(Err(e)) => {
+            eprintln!("tank-loader: --table: {e}");
+            return Ok(ExitCode::from(2));
+        }
+        None => {}
+    }
+    let report = match crosscheck::check(sources, opts) {
+        Ok(r) => r,
+        Err(e) => return cannot_read("an audit log", e),
     };
-    let Some(proxy) = read(proxy) else {
-        return Ok(ExitCode::from(2));
-    };
-    let report = crosscheck::check(&kernel, &proxy, opts);
     if let Some(file) = html {
         std::fs::write(file, report::html(&report))
             .with_context(|| format!("cannot write the HTML report to {}", file.display()))?;

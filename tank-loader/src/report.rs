@@ -6,7 +6,7 @@
 //! Self-contained on purpose: no script at all, no font, image or style fetched from anywhere
 //! (a Content-Security-Policy forbids it too), pictures are inline SVG. Everything taken from
 //! the logs is escaped: process names and hostnames are the agent's to choose. The page is
-//! built from the bounded [`CrossCheck`] report and lists are cut at [`MAX_ROWS`], so a week of
+//! built from the bounded [`Fleet`] report and lists are cut at [`MAX_ROWS`], so a week of
 //! records opens as fast as a minute of them.
 
 use std::collections::HashMap;
@@ -15,29 +15,34 @@ use std::fmt::Write as _;
 use tank_ebpf_common::chain::Problem;
 
 use crate::activity::{Kind, Series};
-use crate::crosscheck::{when, CrossCheck, DeniedGroup, KernelConnection, LogCheck, Verdict};
+use crate::crosscheck::{
+    when, DeniedGroup, Fleet, HostCheck, KernelConnection, LogCheck, ProxyConnection, Verdict,
+};
 
 /// Most rows of any list; the rest are counted and left to `--json`.
 pub const MAX_ROWS: usize = 100;
 /// Most bars in a bar chart; the rest are summed into one.
 const MAX_BARS: usize = 12;
+/// Most hosts whose findings, timelines and chains are drawn in full (those with findings
+/// first); the hosts table lists [`MAX_ROWS`] of them.
+const MAX_HOSTS_DRAWN: usize = 12;
 const BLUE: &str = "#2f6fb0";
 const RED: &str = "#c0392b";
 const GREEN: &str = "#27885a";
 
 /// The whole page.
-pub fn html(c: &CrossCheck) -> String {
+pub fn html(c: &Fleet) -> String {
     let mut o = String::with_capacity(64 * 1024);
     let (class, word, meaning) = match c.verdict {
         Verdict::Consistent => (
             "ok",
             "CONSISTENT",
-            "Both chains verify and every proxied connection appears in both logs.",
+            "Every chain verifies and every proxied connection appears in both logs.",
         ),
         Verdict::Discrepancies => (
             "warn",
             "DISCREPANCIES",
-            "Both chains verify, but the logs disagree: see the findings.",
+            "Every chain verifies, but the logs disagree: see the findings.",
         ),
         Verdict::Tampered => (
             "bad",
@@ -45,6 +50,7 @@ pub fn html(c: &CrossCheck) -> String {
             "A log failed chain verification: records were edited, removed, reordered or cut.",
         ),
     };
+    let s = &c.summary;
     let _ = write!(
         o,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
@@ -52,25 +58,62 @@ pub fn html(c: &CrossCheck) -> String {
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>tank cross-check: {word}</title><style>{STYLE}</style></head><body>\n\
          <header class=\"verdict {class}\"><h1>Verdict: {word}</h1><p>{meaning}</p>\
-         <p class=\"numbers\">{} of {} proxy records matched &middot; {} kernel connections to the proxy \
-         &middot; kernel log {} &middot; proxy log {}</p></header>\n",
-        c.matched,
-        c.proxy_records,
-        c.kernel_proxy_connections,
-        chain_word(&c.kernel_log),
-        chain_word(&c.proxy_log),
+         <p class=\"numbers\">{} of {} proxy records matched &middot; {} kernel connections to a proxy \
+         &middot; {} hosts ({} with findings), {} proxy logs &middot; {} unattributed \
+         &middot; logs {}</p></header>\n",
+        s.matched,
+        s.proxy_records,
+        s.kernel_proxy_connections,
+        s.hosts,
+        s.hosts_with_findings,
+        s.proxies,
+        c.unattributed.count,
+        match s.tampered_logs {
+            0 => "intact".to_owned(),
+            n => format!("{n} not intact"),
+        },
     );
+    let files = |logs: Vec<&LogCheck>| {
+        let mut names: Vec<String> = logs
+            .iter()
+            .take(3)
+            .map(|l| format!("<code>{}</code>", esc(&l.file)))
+            .collect();
+        if logs.len() > 3 {
+            names.push(format!("{} more", logs.len() - 3));
+        }
+        names.join(", ")
+    };
     let _ = writeln!(
         o,
-        "<p class=\"meta\">Kernel log <code>{}</code>, proxy log <code>{}</code>; match window {} ms; {}; \
+        "<p class=\"meta\">Kernel logs {}; proxy logs {}; match window {} ms; {}{}; \
          report by tank-loader {}.</p>",
-        esc(&c.kernel_log.file.display().to_string()),
-        esc(&c.proxy_log.file.display().to_string()),
+        files(c.hosts.iter().map(|h| &h.log).collect()),
+        files(c.proxies.iter().map(|p| &p.log).collect()),
         c.window_ms,
         if c.nat.is_empty() {
             "no NAT".to_owned()
         } else {
-            esc(&c.nat.iter().map(|n| format!("NAT {}={}", n.kernel, n.proxy)).collect::<Vec<_>>().join(", "))
+            esc(&c
+                .nat
+                .iter()
+                .map(|n| format!("NAT {}={}", n.kernel, n.proxy))
+                .collect::<Vec<_>>()
+                .join(", "))
+        },
+        if c.clients.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; only clients {} ({} kernel logs left out)",
+                esc(&c
+                    .clients
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")),
+                c.left_out.len()
+            )
         },
         env!("CARGO_PKG_VERSION"),
     );
@@ -80,151 +123,260 @@ pub fn html(c: &CrossCheck) -> String {
     o
 }
 
-fn chain_word(log: &LogCheck) -> String {
-    match log.problems.len() {
-        0 => "intact".to_owned(),
-        n => format!("{n} chain problem(s)"),
-    }
+/// The hosts to draw in full: those with findings first, at most [`MAX_HOSTS_DRAWN`].
+fn drawn(c: &Fleet) -> Vec<&HostCheck> {
+    let mut hosts: Vec<&HostCheck> = c.hosts.iter().collect();
+    hosts.sort_by_key(|h| std::cmp::Reverse(h.verdict));
+    hosts.truncate(MAX_HOSTS_DRAWN);
+    hosts
 }
 
-fn findings(o: &mut String, c: &CrossCheck) {
+fn findings(o: &mut String, c: &Fleet) {
     o.push_str("<section><h2>Findings</h2>\n");
     let mut any = false;
-    for (name, log) in [("Kernel", &c.kernel_log), ("Proxy", &c.proxy_log)] {
-        if !log.problems.is_empty() {
+    let several = c.proxies.len() > 1;
+    for p in &c.proxies {
+        let name = if several {
+            format!("Proxy log {}", p.log.file)
+        } else {
+            "Proxy log".to_owned()
+        };
+        any |= log_findings(o, &name, &p.log);
+        let titled = |t: &str| {
+            if several {
+                format!("{name}: {t}")
+            } else {
+                t.to_owned()
+            }
+        };
+        let i = &p.inspected;
+        if !i.miscounted.is_empty() {
             any = true;
-            let rows = log.problems.iter().map(|p| vec![p.to_string()]);
+            let rows = i.miscounted.listed.iter().map(|t| {
+                vec![
+                    t.line.to_string(),
+                    t.uid.clone(),
+                    t.says.to_string(),
+                    t.found.to_string(),
+                ]
+            });
             table(
                 o,
-                &format!("{name} log: chain problems"),
-                "bad",
-                &["problem"],
-                log.problems.len(),
+                &titled("Inspected tunnels whose request records do not add up"),
+                "warn",
+                &["line", "tunnel uid", "tunnel says", "request records"],
+                i.miscounted.count,
                 rows,
             );
         }
-        if !log.unreadable.is_empty() {
+        if !i.orphaned.is_empty() {
             any = true;
-            let rows = log
-                .unreadable
+            let rows = i
+                .orphaned
                 .iter()
-                .map(|u| vec![u.line.to_string(), u.seq.to_string(), u.why.clone()]);
+                .map(|(uid, n)| vec![uid.clone(), n.to_string()]);
             table(
                 o,
-                &format!("{name} log: records the check could not read"),
+                &titled("Request records naming no tunnel record (a lost record)"),
                 "warn",
-                &["line", "seq", "why"],
-                log.unreadable.len(),
+                &["tunnel uid", "request records"],
+                i.orphaned.len() as u64,
                 rows,
             );
         }
     }
-    if !c.proxy_unmatched.is_empty() {
+    if !c.unattributed.is_empty() {
         any = true;
-        let rows = c.proxy_unmatched.iter().map(|p| {
-            vec![
-                p.line.to_string(),
-                p.seq.to_string(),
-                when(p.start_time),
-                p.client.to_string(),
-                p.destination.clone(),
-                p.action.as_str().to_owned(),
-                p.rule.clone(),
-            ]
+        let rows = c.unattributed.listed.iter().map(|u| {
+            let mut row = proxy_row(&u.record);
+            row.push(u.claimed_by.join(", "));
+            row
         });
-        table(o, "Proxy records with no kernel record (traffic not from the agent's cgroup, or a lost kernel record)", "warn",
-            &["line", "seq", "time", "client", "destination", "action", "rule"], c.proxy_unmatched.len(), rows);
+        table(
+            o,
+            "Proxy records from an address no kernel log accounts for (unattributed)",
+            "warn",
+            &[
+                "log",
+                "line",
+                "seq",
+                "time",
+                "client",
+                "destination",
+                "action",
+                "rule",
+                "shown by hosts",
+            ],
+            c.unattributed.count,
+            rows,
+        );
     }
-    for (title, list) in [
-        (
-            "Kernel connections to the proxy with no proxy record (proxy log lost or cut)",
-            &c.kernel_unmatched,
-        ),
-        (
-            "Established connections with no connect attempt (kernel record lost)",
-            &c.established_without_attempt,
-        ),
-    ] {
-        if !list.is_empty() {
+    if c.hosts.len() > 1 {
+        hosts_table(o, c);
+    }
+    for h in drawn(c) {
+        let name = if c.hosts.len() > 1 {
+            format!("Host {}", h.host)
+        } else {
+            "Kernel log".to_owned()
+        };
+        any |= log_findings(o, &name, &h.log);
+        // A fleet's lists name their host; one host's read as they always did.
+        let titled = |t: &str| {
+            if c.hosts.len() > 1 {
+                format!("{name}: {t}")
+            } else {
+                t.to_owned()
+            }
+        };
+        if !h.proxy_unmatched.is_empty() {
             any = true;
+            table(o, &titled("Proxy records with no kernel record (traffic not from the agent's cgroup, or a lost kernel record)"), "warn",
+                &["log", "line", "seq", "time", "client", "destination", "action", "rule"], h.proxy_unmatched.count,
+                h.proxy_unmatched.listed.iter().map(proxy_row));
+        }
+        for (title, list) in [
+            (
+                "Kernel connections to the proxy with no proxy record (proxy log lost or cut)",
+                &h.kernel_unmatched,
+            ),
+            (
+                "Established connections with no connect attempt (kernel record lost)",
+                &h.established_without_attempt,
+            ),
+        ] {
+            if !list.is_empty() {
+                any = true;
+                table(
+                    o,
+                    &titled(title),
+                    "warn",
+                    &["line", "seq", "time", "cookie", "from", "to", "process"],
+                    list.count,
+                    list.listed.iter().map(kernel_row),
+                );
+            }
+        }
+        if !h.unrecorded.is_empty() {
+            // Not a discrepancy (the kernel log accounts for them), but attempts with no record.
+            any = true;
+            let rows = h.unrecorded.listed.iter().map(|u| {
+                vec![
+                    u.line.to_string(),
+                    u.seq.to_string(),
+                    u.start_time.map_or("-".to_owned(), when),
+                    when(u.end_time),
+                    u.counter.clone(),
+                    u.count.to_string(),
+                ]
+            });
             table(
                 o,
-                title,
+                &titled("Attempts the kernel could not record (ring buffer full), as the kernel log accounts for them"),
                 "warn",
-                &["line", "seq", "time", "cookie", "from", "to", "process"],
-                list.len(),
-                list.iter().map(kernel_row),
+                &["line", "seq", "from", "to", "counter", "count"],
+                h.unrecorded.count,
+                rows,
             );
         }
-    }
-    let i = &c.inspected;
-    if !i.miscounted.is_empty() {
-        any = true;
-        let rows = i.miscounted.iter().map(|t| {
-            vec![
-                t.line.to_string(),
-                t.uid.clone(),
-                t.says.to_string(),
-                t.found.to_string(),
-            ]
-        });
-        table(
-            o,
-            "Inspected tunnels whose request records do not add up",
-            "warn",
-            &["line", "tunnel uid", "tunnel says", "request records"],
-            i.miscounted.len(),
-            rows,
-        );
-    }
-    if !i.orphaned.is_empty() {
-        any = true;
-        let rows = i
-            .orphaned
-            .iter()
-            .map(|(uid, n)| vec![uid.clone(), n.to_string()]);
-        table(
-            o,
-            "Request records naming no tunnel record (a tunnel still open, or a lost record)",
-            "warn",
-            &["tunnel uid", "request records"],
-            i.orphaned.len(),
-            rows,
-        );
-    }
-    if !c.unrecorded.is_empty() {
-        // Not a discrepancy (the kernel log accounts for them), but attempts with no record.
-        any = true;
-        let rows = c.unrecorded.iter().map(|u| {
-            vec![
-                u.line.to_string(),
-                u.seq.to_string(),
-                u.start_time.map_or("-".to_owned(), when),
-                when(u.end_time),
-                u.counter.to_owned(),
-                u.count.to_string(),
-            ]
-        });
-        table(
-            o,
-            "Attempts the kernel could not record (ring buffer full), as the kernel log accounts for them",
-            "warn",
-            &["line", "seq", "from", "to", "counter", "count"],
-            c.unrecorded.len(),
-            rows,
-        );
     }
     if !any {
-        o.push_str("<p class=\"none\">No findings: both chains verify and every proxied connection is in both logs.</p>\n");
+        o.push_str("<p class=\"none\">No findings: every chain verifies and every proxied connection is in both logs.</p>\n");
     }
+    let sum = |f: fn(&HostCheck) -> u64| c.hosts.iter().map(f).sum::<u64>();
     let _ = write!(
         o,
-        "<p class=\"info\">Informational: {} allowed connects to the proxy never established (e.g. proxy down); \
+        "<p class=\"info\">Informational: {} allowed connects to a proxy never established (e.g. proxy down); \
          {} direct connections to listed endpoints; {} groups of denied attempts (below).</p>\n</section>\n",
-        c.allowed_never_connected,
-        c.direct_listed_connections,
-        c.denied.len()
+        sum(|h| h.allowed_never_connected),
+        sum(|h| h.direct_listed_connections),
+        sum(|h| h.denied.len() as u64),
     );
+}
+
+/// A log's chain problems and unreadable records; true if it has any.
+fn log_findings(o: &mut String, name: &str, log: &LogCheck) -> bool {
+    if !log.problems.is_empty() {
+        let rows = log.described.iter().map(|p| vec![p.clone()]);
+        table(
+            o,
+            &format!("{name}: chain problems"),
+            "bad",
+            &["problem"],
+            log.problems.len() as u64,
+            rows,
+        );
+    }
+    if !log.unreadable.is_empty() {
+        let rows = log
+            .unreadable
+            .listed
+            .iter()
+            .map(|u| vec![u.line.to_string(), u.seq.to_string(), u.why.clone()]);
+        table(
+            o,
+            &format!("{name}: records the check could not read"),
+            "warn",
+            &["line", "seq", "why"],
+            log.unreadable.count,
+            rows,
+        );
+    }
+    !log.problems.is_empty() || !log.unreadable.is_empty()
+}
+
+/// One row per host, those with findings first.
+fn hosts_table(o: &mut String, c: &Fleet) {
+    let mut hosts: Vec<&HostCheck> = c.hosts.iter().collect();
+    hosts.sort_by_key(|h| std::cmp::Reverse(h.verdict));
+    let rows = hosts.into_iter().map(|h| {
+        vec![
+            h.host.clone(),
+            format!("{:?}", h.verdict).to_lowercase(),
+            h.addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            format!("{} of {}", h.matched, h.kernel_proxy_connections),
+            h.proxy_unmatched.count.to_string(),
+            h.kernel_unmatched.count.to_string(),
+            if h.log.intact {
+                "intact".to_owned()
+            } else {
+                format!("{} problem(s)", h.log.problems.len())
+            },
+        ]
+    });
+    table(
+        o,
+        "Hosts",
+        "plain",
+        &[
+            "host",
+            "verdict",
+            "addresses",
+            "matched",
+            "proxy records unmatched",
+            "kernel connections unmatched",
+            "chain",
+        ],
+        c.hosts.len() as u64,
+        rows,
+    );
+}
+
+fn proxy_row(p: &ProxyConnection) -> Vec<String> {
+    vec![
+        p.log.clone(),
+        p.line.to_string(),
+        p.seq.to_string(),
+        when(p.start_time),
+        p.client.to_string(),
+        p.destination.clone(),
+        p.action.as_str().to_owned(),
+        p.rule.clone(),
+    ]
 }
 
 fn kernel_row(k: &KernelConnection) -> Vec<String> {
@@ -245,7 +397,7 @@ fn table(
     title: &str,
     class: &str,
     header: &[&str],
-    total: usize,
+    total: u64,
     rows: impl Iterator<Item = Vec<String>>,
 ) {
     let _ = write!(
@@ -257,7 +409,9 @@ fn table(
         let _ = write!(o, "<th>{}</th>", esc(h));
     }
     o.push_str("</tr>\n");
+    let mut shown = 0u64;
     for row in rows.take(MAX_ROWS) {
+        shown += 1;
         o.push_str("<tr>");
         for cell in row {
             let _ = write!(o, "<td>{}</td>", esc(&cell));
@@ -265,22 +419,29 @@ fn table(
         o.push_str("</tr>\n");
     }
     o.push_str("</table>\n");
-    if total > MAX_ROWS {
+    if total > shown {
         let _ = writeln!(
             o,
-            "<p class=\"more\">{} more not shown; `--json` lists them all.</p>",
-            total - MAX_ROWS
+            "<p class=\"more\">{} more not shown; `--json` lists them (up to --max-listed).</p>",
+            total - shown
         );
     }
 }
 
-fn pictures(o: &mut String, c: &CrossCheck) {
+fn pictures(o: &mut String, c: &Fleet) {
     let a = &c.activity;
     o.push_str("<section><h2>Activity over time</h2>\n");
     if a.hosts.is_empty() {
         o.push_str("<p class=\"none\">The logs hold no network record.</p>\n");
     }
-    for h in &a.hosts {
+    // The proxies, then the hosts drawn in full.
+    let drawn_hosts: Vec<&str> = drawn(c).iter().map(|h| h.host.as_str()).collect();
+    let timelines: Vec<_> = a
+        .hosts
+        .iter()
+        .filter(|t| t.log == "proxy" || drawn_hosts.contains(&t.host.as_str()))
+        .collect();
+    for h in &timelines {
         let _ = writeln!(
             o,
             "<h3>{} log, host <code>{}</code></h3>",
@@ -289,11 +450,24 @@ fn pictures(o: &mut String, c: &CrossCheck) {
         );
         timeline(o, a.start_ms, a.bucket_ms, &h.series);
     }
+    if timelines.len() < a.hosts.len() {
+        let _ = writeln!(
+            o,
+            "<p class=\"more\">{} more timelines not drawn; `--json` has them all.</p>",
+            a.hosts.len() - timelines.len()
+        );
+    }
     o.push_str("</section>\n<section><h2>Refusals by the kernel</h2>\n");
     // Sums by key; a week of denials to random ports is many groups, so no linear search.
     let mut by_process: HashMap<String, u64> = HashMap::new();
     let mut by_destination: HashMap<String, u64> = HashMap::new();
-    for g in &c.denied {
+    let several = c.hosts.len() > 1;
+    let denied: Vec<(&HostCheck, &DeniedGroup)> = c
+        .hosts
+        .iter()
+        .flat_map(|h| h.denied.iter().map(move |g| (h, g)))
+        .collect();
+    for (_, g) in &denied {
         let dst = g
             .destination
             .map_or(format!("(socket creation: {})", g.reason), |d| {
@@ -317,21 +491,31 @@ fn pictures(o: &mut String, c: &CrossCheck) {
         let bars: Vec<(String, Vec<u64>)> = list.into_iter().map(|(k, n)| (k, vec![n])).collect();
         bar_chart(o, &bars, &[("denied attempts", RED)]);
     }
+    let mut header = vec![
+        "count",
+        "destination",
+        "protocol",
+        "process",
+        "reason",
+        "first",
+        "last",
+    ];
+    if several {
+        header.insert(0, "host");
+    }
     table(
         o,
         "Denied attempts by destination, process and reason",
         "plain",
-        &[
-            "count",
-            "destination",
-            "protocol",
-            "process",
-            "reason",
-            "first",
-            "last",
-        ],
-        c.denied.len(),
-        c.denied.iter().map(DeniedGroup::cells),
+        &header,
+        denied.len() as u64,
+        denied.iter().map(|(h, g)| {
+            let mut cells = g.cells();
+            if several {
+                cells.insert(0, h.host.clone());
+            }
+            cells
+        }),
     );
     o.push_str("</section>\n<section><h2>Proxy records by rule</h2>\n");
     let rules: Vec<(String, Vec<u64>)> = a
@@ -341,8 +525,19 @@ fn pictures(o: &mut String, c: &CrossCheck) {
         .collect();
     bar_chart(o, &rules, &[("allowed", BLUE), ("refused", RED)]);
     o.push_str("</section>\n<section><h2>Chains</h2>\n");
-    for (name, log) in [("kernel", &c.kernel_log), ("proxy", &c.proxy_log)] {
-        chain(o, name, log);
+    for p in &c.proxies {
+        chain(o, "proxy", &p.log);
+    }
+    let hosts = drawn(c);
+    for h in &hosts {
+        chain(o, "kernel", &h.log);
+    }
+    if hosts.len() < c.hosts.len() {
+        let _ = writeln!(
+            o,
+            "<p class=\"more\">{} more kernel logs not drawn (the hosts table has their chains).</p>",
+            c.hosts.len() - hosts.len()
+        );
     }
     o.push_str("</section>\n");
 }
@@ -514,7 +709,7 @@ fn chain(o: &mut String, name: &str, log: &LogCheck) {
          <tr><th>head</th><td>seq {} &middot; <code>{}</code></td></tr><tr><th>anchor</th><td>{}</td></tr></table>\n",
         if intact { "ok" } else { "bad" },
         if intact { "intact".to_owned() } else { format!("{} problem(s)", log.problems.len()) },
-        esc(&log.file.display().to_string()),
+        esc(&log.file),
         log.records,
         log.segments,
         log.unclosed,
@@ -618,6 +813,7 @@ th{background:#f5f5f7}td{word-break:break-all}code{font-size:12px}.meta,.info,.m
 mod tests {
     use super::*;
     use crate::activity::Builder;
+    use crate::crosscheck::{Listed, ProxyCheck, Summary};
     use tank_ebpf_common::chain::{self, Head};
 
     fn log_check(problems: Vec<Problem>) -> LogCheck {
@@ -630,34 +826,30 @@ mod tests {
                 hash: chain::Hash([0xab; 32]),
             },
             anchor: None,
+            described: problems.iter().map(|p| p.to_string()).collect(),
             problems,
             segments: 1,
             unclosed: 0,
-            unreadable: vec![],
+            unreadable: Listed::default(),
         }
     }
 
-    fn report(verdict: Verdict, kernel_problems: Vec<Problem>) -> CrossCheck {
-        let mut activity = Builder::default();
-        activity.add(
-            "kernel",
-            "agent-<1>",
-            Kind::AttemptDenied,
-            1_800_000_000_000,
-        );
-        activity.rule("allowed_domains:web", true);
-        CrossCheck {
-            verdict,
-            kernel_log: log_check(kernel_problems),
-            proxy_log: log_check(vec![]),
-            window_ms: 5000,
-            nat: vec![],
+    fn host(kernel_problems: Vec<Problem>) -> HostCheck {
+        HostCheck {
+            host: "agent-<1>".into(),
+            host_from: crate::crosscheck::HostFrom::StartRecord,
+            verdict: if kernel_problems.is_empty() {
+                Verdict::Consistent
+            } else {
+                Verdict::Tampered
+            },
+            log: log_check(kernel_problems),
+            addresses: vec!["10.0.0.5".parse().unwrap()],
             matched: 2,
-            proxy_records: 2,
             kernel_proxy_connections: 2,
-            proxy_unmatched: vec![],
-            kernel_unmatched: vec![],
-            established_without_attempt: vec![],
+            proxy_unmatched: Listed::default(),
+            kernel_unmatched: Listed::default(),
+            established_without_attempt: Listed::default(),
             allowed_never_connected: 0,
             direct_listed_connections: 0,
             denied: (0..150)
@@ -671,9 +863,45 @@ mod tests {
                     last_time: 1_800_000_000_000,
                 })
                 .collect(),
-            unrecorded: vec![],
+            denied_ungrouped: 0,
+            unrecorded: Listed::default(),
+            unrecorded_attempts: 0,
+        }
+    }
+
+    fn report(verdict: Verdict, kernel_problems: Vec<Problem>) -> Fleet {
+        let mut activity = Builder::default();
+        let agent = activity.timeline("kernel", "agent-<1>");
+        activity.add(agent, Kind::AttemptDenied, 1_800_000_000_000);
+        activity.rule("allowed_domains:web", true);
+        Fleet {
+            verdict,
+            window_ms: 5000,
+            late_ms: 60_000,
+            nat: vec![],
+            clients: vec![],
+            summary: Summary {
+                hosts: 1,
+                proxies: 1,
+                matched: 2,
+                proxy_records: 2,
+                kernel_proxy_connections: 2,
+                ..Summary::default()
+            },
+            hosts: vec![host(kernel_problems)],
+            proxies: vec![ProxyCheck {
+                host: "proxy".into(),
+                verdict: Verdict::Consistent,
+                log: log_check(vec![]),
+                proxy_records: 2,
+                matched: 2,
+                unattributed: 0,
+                inspected: Default::default(),
+            }],
+            unattributed: Listed::default(),
+            left_out: vec![],
+            peak_window: 1,
             activity: activity.finish(),
-            inspected: Default::default(),
         }
     }
 
@@ -702,16 +930,12 @@ mod tests {
     fn the_page_does_not_grow_with_the_logs() {
         let mut big = report(Verdict::Consistent, vec![]);
         let mut activity = Builder::default();
+        let agent = activity.timeline("kernel", "agent");
         for i in 0..1_000_000i64 {
-            activity.add(
-                "kernel",
-                "agent",
-                Kind::AttemptDenied,
-                1_800_000_000_000 + i * 600,
-            );
+            activity.add(agent, Kind::AttemptDenied, 1_800_000_000_000 + i * 600);
         }
         big.activity = activity.finish();
-        big.denied = (0..50_000u32)
+        big.hosts[0].denied = (0..50_000u32)
             .map(|i| DeniedGroup {
                 destination: Some(format!("192.0.2.{}:{}", i % 250, 1000 + i).parse().unwrap()),
                 protocol: "udp".into(),
@@ -741,6 +965,7 @@ mod tests {
         assert!(page.contains("Verdict: TAMPERED"));
         assert!(page.contains("Kernel log: chain problems (1)"));
         assert!(page.contains("kernel log: 1 problem(s)"));
+        assert!(page.contains("<td>line 4: prev does not match"), "{page}");
         assert!(page.contains("#c0392b\"/>"), "a red link on the chain");
         assert!(!page.contains("No findings"));
     }
@@ -748,14 +973,17 @@ mod tests {
     #[test]
     fn attempts_the_kernel_could_not_record_are_a_finding() {
         let mut c = report(Verdict::Consistent, vec![]);
-        c.unrecorded = vec![crate::crosscheck::UnrecordedGroup {
-            line: 7,
-            seq: 7,
-            counter: "unrecorded_denied",
-            count: 1234,
-            start_time: None,
-            end_time: 1_800_000_000_000,
-        }];
+        c.hosts[0].unrecorded.push(
+            crate::crosscheck::UnrecordedGroup {
+                line: 7,
+                seq: 7,
+                counter: "unrecorded_denied".into(),
+                count: 1234,
+                start_time: None,
+                end_time: 1_800_000_000_000,
+            },
+            10,
+        );
         let page = html(&c);
         assert!(page.contains("could not record (ring buffer full)"));
         assert!(page.contains("<td>unrecorded_denied</td><td>1234</td>"));

@@ -137,8 +137,10 @@ fn curl_and_git_through_the_proxy_match_the_kernel_records_one_to_one() {
     let (code, report) = cross_check(&hosts.loader.audit_log, &hosts.proxy_log);
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["verdict"], "consistent", "{report:#}");
-    assert_eq!(report["matched"], proxied as u64, "{report:#}");
-    let denied = report["denied"].as_array().expect("denied groups");
+    assert_eq!(report["summary"]["matched"], proxied as u64, "{report:#}");
+    let denied = report["hosts"][0]["denied"]
+        .as_array()
+        .expect("denied groups");
     assert!(
         denied.iter().any(|g| g["destination"]
             .as_str()
@@ -201,8 +203,10 @@ fn traffic_injected_at_the_proxy_from_outside_the_agent_cgroup_is_flagged() {
     let (code, report) = cross_check(&hosts.loader.audit_log, &hosts.proxy_log);
     assert_eq!(code, 1, "{report:#}");
     assert_eq!(report["verdict"], "discrepancies");
-    assert_eq!(report["matched"], proxied as u64, "{report:#}");
-    let unmatched = report["proxy_unmatched"].as_array().unwrap();
+    assert_eq!(report["summary"]["matched"], proxied as u64, "{report:#}");
+    let unmatched = report["hosts"][0]["proxy_unmatched"]["listed"]
+        .as_array()
+        .unwrap();
     assert_eq!(unmatched.len(), 2, "{report:#}");
     assert!(unmatched.iter().all(|u| u["client"]
         .as_str()
@@ -210,7 +214,13 @@ fn traffic_injected_at_the_proxy_from_outside_the_agent_cgroup_is_flagged() {
     assert!(unmatched
         .iter()
         .any(|u| u["destination"] == format!("{FORBIDDEN_NAME}:443")));
-    assert_eq!(report["kernel_unmatched"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        report["hosts"][0]["kernel_unmatched"]["listed"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
 }
 
 #[test]
@@ -228,7 +238,10 @@ fn a_deleted_proxy_record_is_flagged_even_when_the_proxy_log_is_rechained() {
     assert_eq!(code, 3, "{report:#}");
     assert_eq!(report["verdict"], "tampered");
     assert_eq!(
-        report["kernel_unmatched"].as_array().unwrap().len(),
+        report["hosts"][0]["kernel_unmatched"]["listed"]
+            .as_array()
+            .unwrap()
+            .len(),
         1,
         "{report:#}"
     );
@@ -239,14 +252,16 @@ fn a_deleted_proxy_record_is_flagged_even_when_the_proxy_log_is_rechained() {
     let (code, report) = cross_check(&hosts.loader.audit_log, &rewritten);
     assert_eq!(code, 1, "{report:#}");
     assert_eq!(report["verdict"], "discrepancies");
-    let missing = report["kernel_unmatched"].as_array().unwrap();
+    let missing = report["hosts"][0]["kernel_unmatched"]["listed"]
+        .as_array()
+        .unwrap();
     assert_eq!(missing.len(), 1, "{report:#}");
     assert_eq!(
         missing[0]["dst"],
         format!("{PROXY_IP}:{PROXY_PORT}"),
         "{report:#}"
     );
-    assert_eq!(report["matched"], proxied as u64 - 1);
+    assert_eq!(report["summary"]["matched"], proxied as u64 - 1);
 }
 
 #[test]
@@ -266,7 +281,10 @@ fn a_deleted_kernel_record_is_flagged_even_when_the_kernel_log_is_rechained() {
     let (code, report) = cross_check(&cut, &hosts.proxy_log);
     assert_eq!(code, 3, "{report:#}");
     assert_eq!(
-        report["proxy_unmatched"].as_array().unwrap().len(),
+        report["hosts"][0]["proxy_unmatched"]["listed"]
+            .as_array()
+            .unwrap()
+            .len(),
         1,
         "{report:#}"
     );
@@ -275,9 +293,11 @@ fn a_deleted_kernel_record_is_flagged_even_when_the_kernel_log_is_rechained() {
     rechain_without(&hosts.loader.audit_log, &rewritten, established);
     let (code, report) = cross_check(&rewritten, &hosts.proxy_log);
     assert_eq!(code, 1, "{report:#}");
-    let unmatched = report["proxy_unmatched"].as_array().unwrap();
+    let unmatched = report["hosts"][0]["proxy_unmatched"]["listed"]
+        .as_array()
+        .unwrap();
     assert_eq!(unmatched.len(), 1, "{report:#}");
-    assert_eq!(report["matched"], proxied as u64 - 1);
+    assert_eq!(report["summary"]["matched"], proxied as u64 - 1);
 
     // Deleting the attempt instead leaves an established connection with no attempt.
     let attempt = line_of(&hosts.loader.audit_log, |v| {
@@ -288,7 +308,7 @@ fn a_deleted_kernel_record_is_flagged_even_when_the_kernel_log_is_rechained() {
     let (code, report) = cross_check(&rewritten, &hosts.proxy_log);
     assert_eq!(code, 1, "{report:#}");
     assert_eq!(
-        report["established_without_attempt"]
+        report["hosts"][0]["established_without_attempt"]["listed"]
             .as_array()
             .unwrap()
             .len(),
@@ -475,7 +495,13 @@ fn an_inspected_tunnel_matches_the_kernel_record_and_its_requests_are_counted() 
     let (code, report) = cross_check(&hosts.loader.audit_log, &hosts.proxy_log);
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["verdict"], "consistent", "{report:#}");
-    assert_eq!(report["matched"], 1, "{report:#}");
-    assert_eq!(report["inspected"]["tunnels"], 1, "{report:#}");
-    assert_eq!(report["inspected"]["requests"], 2, "{report:#}");
+    assert_eq!(report["summary"]["matched"], 1, "{report:#}");
+    assert_eq!(
+        report["proxies"][0]["inspected"]["tunnels"], 1,
+        "{report:#}"
+    );
+    assert_eq!(
+        report["proxies"][0]["inspected"]["requests"], 2,
+        "{report:#}"
+    );
 }

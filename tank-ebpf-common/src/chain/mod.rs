@@ -56,8 +56,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use segment::{series, SegmentLink};
-pub use verify::{read, read_series, verify, Problem, Record, Report, SegmentSummary};
+pub use segment::{series, SegmentLink, Series};
+pub use verify::{
+    lines, read, read_anchor, read_series, verify, ChainFields, Line, Lines, Problem, Record,
+    Report, SegmentSummary, StreamVerifier,
+};
 pub use writer::{ChainWriter, Options, Recovery, Rotated, Rotation, Settings, FLUSH_BYTES};
 
 /// A SHA-256 of one record's line; written as 64 lowercase hex digits.

@@ -82,7 +82,7 @@ pub(super) fn rotated(log: &Path) -> io::Result<Vec<OnDisk>> {
 }
 
 /// The lines of a segment or log file, decompressing a `.zst`.
-pub(super) fn reader(path: &Path) -> io::Result<Box<dyn BufRead>> {
+pub(super) fn reader(path: &Path) -> io::Result<Box<dyn BufRead + Send>> {
     let file = File::open(path)?;
     if path.extension().is_some_and(|e| e == "zst") {
         Ok(Box::new(BufReader::new(zstd::stream::read::Decoder::new(

@@ -323,26 +323,135 @@ pub fn read(path: &Path) -> io::Result<(Report, Vec<Record>)> {
 /// Verifies the series named by `paths` (see [`segment::series`]) as one chain.
 pub fn read_series(paths: &[PathBuf]) -> io::Result<(Report, Vec<Record>)> {
     let series = segment::series(paths)?;
-    let mut v = Verifier::default();
-    for file in &series.files {
-        v.file(file)?;
+    let mut v = StreamVerifier::new(read_anchor(&series)?);
+    let mut records = Vec::new();
+    for line in lines(&series) {
+        match line? {
+            Line::File(path) => v.file(&path),
+            Line::Complete(bytes) => records.extend(v.line(&bytes)),
+            Line::Partial => v.partial(),
+        }
     }
-    let anchor = match series.anchor.as_deref().map(std::fs::read) {
-        Some(Ok(bytes)) => serde_json::from_slice::<Head>(&bytes).ok(),
-        Some(Err(e)) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => None,
-    };
-    Ok(v.finish(anchor))
+    Ok((v.finish(), records))
 }
 
-#[derive(Default)]
-struct Verifier {
-    records: Vec<Record>,
+/// The anchor of `series` (`<log>.head` of its active file), if it has a readable one.
+pub fn read_anchor(series: &segment::Series) -> io::Result<Option<Head>> {
+    match series.anchor.as_deref().map(std::fs::read) {
+        Some(Ok(bytes)) => Ok(serde_json::from_slice::<Head>(&bytes).ok()),
+        Some(Err(e)) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(None),
+    }
+}
+
+/// One item of a log's lines in chain order: what [`lines`] reads from a series of files, and
+/// what a log store gives back (records only: a store has no files).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A file of the series begins; the lines after it are its own.
+    File(PathBuf),
+    /// One complete line, without its newline.
+    Complete(Vec<u8>),
+    /// A last line with no newline (a crash or a cut mid-record): reported, never accepted.
+    Partial,
+}
+
+/// The lines of `series`, file by file, read as they are asked for (memory: one line).
+pub fn lines(series: &segment::Series) -> Lines {
+    Lines {
+        files: series.files.clone().into_iter(),
+        reader: None,
+    }
+}
+
+/// The iterator [`lines`] returns.
+pub struct Lines {
+    files: std::vec::IntoIter<PathBuf>,
+    reader: Option<Box<dyn BufRead + Send>>,
+}
+
+impl Iterator for Lines {
+    type Item = io::Result<Line>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let Some(reader) = self.reader.as_mut() else {
+            let path = self.files.next()?;
+            return Some(segment::reader(&path).map(|r| {
+                self.reader = Some(r);
+                Line::File(path)
+            }));
+        };
+        let mut buf = Vec::new();
+        match reader.read_until(b'\n', &mut buf) {
+            Err(e) => {
+                self.reader = None;
+                Some(Err(e))
+            }
+            Ok(0) => {
+                self.reader = None;
+                self.next()
+            }
+            Ok(_) if buf.last() != Some(&b'\n') => {
+                self.reader = None;
+                Some(Ok(Line::Partial))
+            }
+            Ok(_) => {
+                buf.pop();
+                Some(Ok(Line::Complete(buf)))
+            }
+        }
+    }
+}
+
+/// The chain's fields of one record, as [`StreamVerifier::chained`] takes them from a caller
+/// that parsed the line itself (one parse for the chain and for what the caller reads).
+#[derive(Clone, Debug)]
+pub struct ChainFields {
+    /// `metadata.sequence`.
+    pub seq: u64,
+    /// `unmapped.prev`.
+    pub prev: Hash,
+    /// `unmapped.segment`, on a segment's first record.
+    pub segment: Option<SegmentLink>,
+    /// `unmapped.opens` is `true`.
+    pub opens: bool,
+    /// `unmapped.closes`.
+    pub closes: Option<u64>,
+}
+
+impl ChainFields {
+    /// The chain's fields of a parsed record; `None` when it is not a chained record.
+    pub fn of(value: &serde_json::Value) -> Option<Self> {
+        let (seq, prev) = link_of(value)?;
+        Some(Self {
+            seq,
+            prev: prev.parse().ok()?,
+            segment: chain_field(value, SEGMENT)
+                .and_then(|l| serde_json::from_value::<SegmentLink>(l.clone()).ok()),
+            opens: chain_field(value, OPENS) == Some(&serde_json::Value::Bool(true)),
+            closes: chain_field(value, CLOSES).and_then(|c| c.as_u64()),
+        })
+    }
+}
+
+/// Verifies one log's chain as its lines go by, keeping no record: memory is the spans still
+/// open and one summary per file, whatever the log's length. [`read_series`] feeds it a series
+/// of files; `audit cross-check` feeds it many logs at once, from files or a log store.
+///
+/// Feed it in chain order: [`file`](Self::file) when a file begins (none for a store),
+/// [`line`](Self::line) or [`chained`](Self::chained) per complete line, [`partial`](Self::partial)
+/// for a cut last line; then [`finish`](Self::finish).
+pub struct StreamVerifier {
     problems: Vec<Problem>,
     segments: Vec<SegmentSummary>,
+    /// The file being read, if the lines come from files.
+    current: Option<SegmentSummary>,
     head: Option<Head>,
     line: usize,
-    hashes: Vec<(u64, Hash)>,
+    records: u64,
+    anchor: Option<Head>,
+    /// The hash of the last record whose `seq` the anchor names.
+    anchored: Option<Hash>,
     removed_through: u64,
     first: Option<(String, u64)>,
     open: BTreeMap<u64, usize>,
@@ -355,102 +464,146 @@ fn name_of(path: &Path) -> String {
     )
 }
 
-impl Verifier {
-    fn file(&mut self, path: &Path) -> io::Result<()> {
-        let mut reader = segment::reader(path)?;
-        let file = name_of(path);
-        let mut summary = SegmentSummary {
+impl StreamVerifier {
+    /// A verifier of a log whose anchor (`<log>.head`) says `anchor`, if it has one.
+    pub fn new(anchor: Option<Head>) -> Self {
+        Self {
+            problems: Vec::new(),
+            segments: Vec::new(),
+            current: None,
+            head: None,
+            line: 0,
+            records: 0,
+            anchor,
+            anchored: None,
+            removed_through: 0,
+            first: None,
+            open: BTreeMap::new(),
+        }
+    }
+
+    /// A verifier of part of a log on purpose, from `seq` on (a time range read from a log
+    /// store): that the records before `seq` are absent is no problem; a record missing from
+    /// `seq` on still is.
+    pub fn starting_at(mut self, seq: Option<u64>) -> Self {
+        if let Some(seq) = seq {
+            self.removed_through = self.removed_through.max(seq.saturating_sub(1));
+        }
+        self
+    }
+
+    /// The 1-based line number of the last line fed, across the series.
+    pub fn line_number(&self) -> usize {
+        self.line
+    }
+
+    /// A new file of the series begins.
+    pub fn file(&mut self, path: &Path) {
+        self.segments.extend(self.current.take());
+        self.current = Some(SegmentSummary {
             file: path.to_owned(),
             records: 0,
             first_seq: 0,
             last_seq: 0,
             line_offset: self.line,
+        });
+    }
+
+    /// The last line of the current file has no newline.
+    pub fn partial(&mut self) {
+        self.line += 1;
+        self.problems
+            .push(Problem::PartialLastLine { line: self.line });
+    }
+
+    /// One complete line (without its newline): parses it, checks its link and returns it as
+    /// a record, or `None` when it is not a chained record (a problem is noted).
+    pub fn line(&mut self, line: &[u8]) -> Option<Record> {
+        let value = serde_json::from_slice::<serde_json::Value>(line).ok();
+        let fields = value.as_ref().and_then(ChainFields::of);
+        let (line, seq) = self.chained(line, fields)?;
+        Some(Record {
+            line,
+            seq,
+            value: value.expect("fields come from the value"),
+        })
+    }
+
+    /// One complete line whose chain fields the caller parsed (`None`: it has none, or it is
+    /// not JSON): checks its link; returns its line number and `seq` when it is a record.
+    pub fn chained(&mut self, line: &[u8], fields: Option<ChainFields>) -> Option<(usize, u64)> {
+        self.line += 1;
+        let Some(ChainFields {
+            seq,
+            prev,
+            segment: link,
+            opens,
+            closes,
+        }) = fields
+        else {
+            self.problems.push(Problem::Malformed { line: self.line });
+            return None;
         };
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            if reader.read_until(b'\n', &mut buf)? == 0 {
-                break;
-            }
-            self.line += 1;
-            if buf.last() != Some(&b'\n') {
-                self.problems
-                    .push(Problem::PartialLastLine { line: self.line });
-                break;
-            }
-            buf.pop();
-            let parsed = serde_json::from_slice::<serde_json::Value>(&buf)
-                .ok()
-                .and_then(|v| {
-                    let (seq, prev) = link_of(&v)?;
-                    let prev = prev.parse::<Hash>().ok()?;
-                    Some((seq, prev, v))
-                });
-            let Some((seq, prev, value)) = parsed else {
-                self.problems.push(Problem::Malformed { line: self.line });
-                continue;
-            };
-            let link = chain_field(&value, SEGMENT)
-                .and_then(|l| serde_json::from_value::<SegmentLink>(l.clone()).ok());
-            if let Some(l) = &link {
-                self.removed_through = self.removed_through.max(l.removed_through_seq);
-            }
-            let first_in_file = summary.records == 0;
-            match self.head.clone() {
-                None => {
-                    // A later start is judged at the end, once every retention record is read.
-                    self.first = Some((file.clone(), seq));
-                    if seq == 1 && prev != Hash::GENESIS {
-                        self.problems
-                            .push(Problem::HashMismatch { line: self.line });
-                    }
-                }
-                Some(head) if first_in_file => self.boundary(&file, &head, seq, prev, link),
-                Some(head) => {
-                    if seq != head.seq + 1 {
-                        self.problems.push(Problem::SeqGap {
-                            line: self.line,
-                            expected: head.seq + 1,
-                            found: seq,
-                        });
-                    }
-                    if prev != head.hash {
-                        self.problems
-                            .push(Problem::HashMismatch { line: self.line });
-                    }
+        if let Some(l) = &link {
+            self.removed_through = self.removed_through.max(l.removed_through_seq);
+        }
+        let first_in_file = self.current.as_ref().is_some_and(|s| s.records == 0);
+        let file = self.current.as_ref().map(|s| name_of(&s.file));
+        match self.head.clone() {
+            None => {
+                // A later start is judged at the end, once every retention record is read.
+                self.first = Some((file.unwrap_or_default(), seq));
+                if seq == 1 && prev != Hash::GENESIS {
+                    self.problems
+                        .push(Problem::HashMismatch { line: self.line });
                 }
             }
-            if chain_field(&value, OPENS) == Some(&serde_json::Value::Bool(true)) {
-                self.open.insert(seq, self.line);
+            Some(head) if first_in_file => {
+                self.boundary(&file.unwrap_or_default(), &head, seq, prev, link)
             }
-            if let Some(closes) = chain_field(&value, CLOSES).and_then(|c| c.as_u64()) {
-                let before_series = self.first.as_ref().is_some_and(|(_, f)| closes < *f);
-                if self.open.remove(&closes).is_none() && !before_series {
-                    self.problems.push(Problem::UnknownClose {
+            Some(head) => {
+                if seq != head.seq + 1 {
+                    self.problems.push(Problem::SeqGap {
                         line: self.line,
-                        closes,
+                        expected: head.seq + 1,
+                        found: seq,
                     });
                 }
+                if prev != head.hash {
+                    self.problems
+                        .push(Problem::HashMismatch { line: self.line });
+                }
             }
-            let head = Head {
-                seq,
-                hash: Hash::of(&buf),
-            };
-            if first_in_file {
+        }
+        if opens {
+            self.open.insert(seq, self.line);
+        }
+        if let Some(closes) = closes {
+            let before_series = self.first.as_ref().is_some_and(|(_, f)| closes < *f);
+            if self.open.remove(&closes).is_none() && !before_series {
+                self.problems.push(Problem::UnknownClose {
+                    line: self.line,
+                    closes,
+                });
+            }
+        }
+        let head = Head {
+            seq,
+            hash: Hash::of(line),
+        };
+        if let Some(summary) = self.current.as_mut() {
+            if summary.records == 0 {
                 summary.first_seq = seq;
             }
             summary.last_seq = seq;
             summary.records += 1;
-            self.hashes.push((seq, head.hash));
-            self.head = Some(head);
-            self.records.push(Record {
-                line: self.line,
-                seq,
-                value,
-            });
         }
-        self.segments.push(summary);
-        Ok(())
+        if self.anchor.as_ref().is_some_and(|a| a.seq == seq) {
+            self.anchored = Some(head.hash);
+        }
+        self.head = Some(head);
+        self.records += 1;
+        Some((self.line, seq))
     }
 
     /// The first record of a file after the first: does it continue the file before?
@@ -498,7 +651,9 @@ impl Verifier {
         }
     }
 
-    fn finish(mut self, anchor: Option<Head>) -> (Report, Vec<Record>) {
+    /// What the whole log came to.
+    pub fn finish(mut self) -> Report {
+        self.segments.extend(self.current.take());
         if let Some((file, first_seq)) = &self.first {
             if first_seq.saturating_sub(1) > self.removed_through {
                 self.problems.insert(
@@ -511,9 +666,9 @@ impl Verifier {
             }
         }
         let head = self.head.unwrap_or_else(Head::genesis);
-        if let Some(anchor) = &anchor {
-            match self.hashes.iter().rev().find(|(seq, _)| *seq == anchor.seq) {
-                Some((_, hash)) if *hash != anchor.hash => self
+        if let Some(anchor) = &self.anchor {
+            match self.anchored {
+                Some(hash) if hash != anchor.hash => self
                     .problems
                     .push(Problem::AnchorMismatch { seq: anchor.seq }),
                 Some(_) => {}
@@ -532,16 +687,13 @@ impl Verifier {
             .into_iter()
             .map(|(seq, line)| Open { line, seq })
             .collect();
-        (
-            Report {
-                records: self.records.len() as u64,
-                head,
-                anchor,
-                problems: self.problems,
-                segments: self.segments,
-                unclosed,
-            },
-            self.records,
-        )
+        Report {
+            records: self.records,
+            head,
+            anchor: self.anchor,
+            problems: self.problems,
+            segments: self.segments,
+            unclosed,
+        }
     }
 }

@@ -30,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
 use super::proxy::{build_release, free_port, loadavg, scratch_dir, spread, version_of, Running};
+use super::uptime;
 use crate::{cmd, setup};
 
 const ROUNDS: usize = 5;
@@ -239,13 +240,6 @@ pub fn run(proxy_bin: &Path) -> Result<Value> {
     });
     print_table(&result);
     Ok(result)
-}
-
-fn uptime() -> String {
-    Command::new("uptime")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
 }
 
 type StartFn = fn(&Tools, &Path, u16, &Path) -> Result<(Running, PathBuf)>;

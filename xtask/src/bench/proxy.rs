@@ -380,13 +380,19 @@ pub(super) fn build_proxy() -> Result<PathBuf> {
 
 /// Builds `target` of egress-proxy (`args` select it) in release mode; returns its path.
 pub(super) fn build_release(args: &[&str], target: &str) -> Result<PathBuf> {
+    build_release_of("egress-proxy", args, target)
+}
+
+/// Builds `target` of `package` in release mode (`args` say which: `--bin`, `--example`);
+/// returns its executable.
+pub(super) fn build_release_of(package: &str, args: &[&str], target: &str) -> Result<PathBuf> {
     eprintln!(
-        "bench: cargo build --release -p egress-proxy {}",
+        "bench: cargo build --release -p {package} {}",
         args.join(" ")
     );
     let out = cmd::cargo(
         &[
-            &["build", "--release", "-p", "egress-proxy"][..],
+            &["build", "--release", "-p", package][..],
             args,
             &["--message-format=json-render-diagnostics"],
         ]
