@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tank_ebpf_common::chain;
 
-use crate::{config, crosscheck};
+use crate::{clickhouse, config, crosscheck};
 
 /// The clap definition of the whole `tank-loader` command line, for man pages and completions.
 pub fn command() -> clap::Command {
@@ -188,15 +188,22 @@ pub enum AuditCommand {
     /// (a crash mid-write, reported and never accepted), and a missing, reordered, truncated
     /// or replaced segment; lists spans opened and never closed (proxy tunnels whose proxy
     /// died). Prints the same report as `egress-proxy audit verify`.
+    ///
+    /// With --clickhouse, verifies every chain in the log store instead (one per host and
+    /// log, read back in chain order), with the same report per chain: a record deleted,
+    /// edited or missing in the store is found, for the host it belongs to.
     #[command(after_help = chain::VERIFY_EXIT_CODES)]
     Verify {
         /// The log file (its rotated segments beside it are read too), a directory holding one
         /// log's segments, or several segment files.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "clickhouse", conflicts_with = "clickhouse")]
         files: Vec<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Read the records from a log store.
+        #[command(flatten)]
+        store: Box<StoreArgs>,
     },
     /// Match a fleet's proxy logs against its kernel logs: every proxied connection must be in
     /// both, in the kernel log of the host it came from.
@@ -222,13 +229,13 @@ pub enum AuditCommand {
         /// One agent host's kernel audit log (tank-loader's): the log file (its rotated
         /// segments beside it are read too), a directory of its segments, or several segments
         /// of it. Repeat --kernel for each host.
-        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        #[arg(long, value_name = "FILE", num_args = 1.., required_unless_present = "clickhouse")]
         kernel: Vec<PathBuf>,
         /// The --kernel logs, one per occurrence (filled by [`parse`]).
         #[arg(skip)]
         kernel_logs: Vec<Vec<PathBuf>>,
         /// One proxy host's audit log (egress-proxy's), as for --kernel. Repeat for each proxy.
-        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        #[arg(long, value_name = "FILE", num_args = 1.., required_unless_present = "clickhouse")]
         proxy: Vec<PathBuf>,
         /// The --proxy logs, one per occurrence (filled by [`parse`]).
         #[arg(skip)]
@@ -276,5 +283,54 @@ pub enum AuditCommand {
         /// a week of a fleet's records opens quickly.
         #[arg(long, value_name = "FILE")]
         html: Option<PathBuf>,
+        /// Read every chain in a log store too (each host's kernel and proxy logs, as shipped);
+        /// with --kernel/--proxy, files and store are checked together.
+        #[command(flatten)]
+        store: Box<StoreArgs>,
     },
+}
+
+/// Where `audit verify` and `audit cross-check` read a fleet's records from a ClickHouse log
+/// store (image/fleet/clickhouse.sql), and which of them.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// Read the records from ClickHouse's HTTP interface: http://[USER[:PASSWORD]@]HOST:PORT.
+    ///
+    /// Every chain (one host's kernel or proxy log, as its shipper labelled it) is read back in
+    /// chain order and checked exactly as its files would be. Plain HTTP: reach a remote store
+    /// through a tunnel. A password in the URL is visible to other users in the process list;
+    /// prefer a read-only user with no password on a loopback tunnel.
+    #[arg(long, value_name = "URL")]
+    pub clickhouse: Option<clickhouse::Url>,
+    /// The table holding the records (DATABASE.TABLE).
+    #[arg(long, value_name = "TABLE", default_value = clickhouse::DEFAULT_TABLE, requires = "clickhouse")]
+    pub table: String,
+    /// Only the chains this host shipped (the shipper's host name); repeat for several. A host
+    /// named here with no records in the store is a finding.
+    #[arg(long = "host", value_name = "HOST", requires = "clickhouse")]
+    pub hosts: Vec<String>,
+    /// Only records from this time on (2026-12-01T10:00:00Z, or ms since the epoch).
+    ///
+    /// Each chain is read from its first record in the range to its last: every record in
+    /// between is checked, what comes before is not (the report names the seq range).
+    #[arg(long, value_name = "TIME", value_parser = tank_ebpf_common::ocsf::parse_time, requires = "clickhouse")]
+    pub since: Option<i64>,
+    /// Only records up to this time.
+    #[arg(long, value_name = "TIME", value_parser = tank_ebpf_common::ocsf::parse_time, requires = "clickhouse")]
+    pub until: Option<i64>,
+}
+
+impl StoreArgs {
+    /// The store and the filter, when --clickhouse is given.
+    pub fn store(&self) -> Option<Result<(clickhouse::Store, clickhouse::Filter), String>> {
+        let url = self.clickhouse.clone()?;
+        Some(clickhouse::Store::new(url, &self.table).map(|store| {
+            let filter = clickhouse::Filter {
+                hosts: self.hosts.clone(),
+                since: self.since,
+                until: self.until,
+            };
+            (store, filter)
+        }))
+    }
 }

@@ -7,6 +7,7 @@ pub mod activity;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cli;
+pub mod clickhouse;
 pub mod config;
 pub mod crosscheck;
 pub mod drain;

@@ -108,8 +108,23 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Audit {
-            command: AuditCommand::Verify { files, json },
-        } => verify(&files, json, &mut out),
+            command: AuditCommand::Verify { files, json, store },
+        } => match store.store() {
+            Some(Ok((store, filter))) => {
+                Ok(ExitCode::from(tank_loader::clickhouse::verify_command(
+                    &store,
+                    &filter,
+                    json,
+                    &mut out,
+                    &mut std::io::stderr(),
+                )?))
+            }
+            Some(Err(e)) => {
+                eprintln!("tank-loader: --table: {e}");
+                Ok(ExitCode::from(2))
+            }
+            None => verify(&files, json, &mut out),
+        },
         Command::Audit {
             command:
                 AuditCommand::CrossCheck {
@@ -122,11 +137,13 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     max_listed,
                     json,
                     html,
+                    store,
                     ..
                 },
         } => cross_check(
             &kernel_logs,
             &proxy_logs,
+            &store,
             &crosscheck::Options {
                 window_ms,
                 late_ms,
@@ -215,6 +232,7 @@ fn verify(files: &[PathBuf], json: bool, out: &mut impl Write) -> anyhow::Result
 fn cross_check(
     kernel: &[Vec<PathBuf>],
     proxy: &[Vec<PathBuf>],
+    store: &tank_loader::cli::StoreArgs,
     opts: &crosscheck::Options,
     json: bool,
     html: Option<&Path>,
@@ -233,6 +251,20 @@ fn cross_check(
                 Err(e) => return cannot_read(&paths[0].display().to_string(), e),
             }
         }
+    }
+    match store.store() {
+        Some(Ok((store, filter))) => match store.sources(&filter) {
+            Ok(s) => sources.extend(s),
+            Err(e) => {
+                eprintln!("tank-loader: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        Some(Err(e)) => {
+            eprintln!("tank-loader: --table: {e}");
+            return Ok(ExitCode::from(2));
+        }
+        None => {}
     }
     let report = match crosscheck::check(sources, opts) {
         Ok(r) => r,

@@ -7,9 +7,11 @@
 
 pub mod appliance;
 pub mod browser;
+pub mod fleet;
 pub mod prometheus;
 pub mod reroute;
 pub mod seccomp;
+pub mod store;
 pub mod topology;
 
 use std::net::IpAddr;
@@ -145,6 +147,8 @@ pub struct Loader {
     env: Vec<(String, String)>,
     /// Network namespace the loader and its CLI run in (the agent host's), if not ours.
     netns: Option<PathBuf>,
+    /// Host name of a UTS namespace of their own, if not ours.
+    hostname: Option<String>,
 }
 
 impl Loader {
@@ -195,6 +199,7 @@ impl Loader {
             nft_table,
             env: Vec::new(),
             netns: None,
+            hostname: None,
         }
     }
 
@@ -209,11 +214,20 @@ impl Loader {
         self.netns = Some(path.to_owned());
     }
 
+    /// Runs the loader and its CLI under the host name `name` from now on (a UTS namespace
+    /// of their own), so its records name that host.
+    pub fn set_hostname(&mut self, name: &str) {
+        self.hostname = Some(name.to_owned());
+    }
+
     /// `tank-loader` as a command, in the loader's network namespace.
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
         if let Some(ns) = &self.netns {
             topology::enter_netns(&mut cmd, ns);
+        }
+        if let Some(name) = &self.hostname {
+            topology::own_hostname(&mut cmd, name);
         }
         cmd
     }

@@ -222,41 +222,13 @@ impl TwoHosts {
     /// A command that runs as the agent: in the agent cgroup, on the agent host, as
     /// [`AGENT_UID`], with a clean environment and `HOME` in the fixture's directory.
     pub fn agent_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = self.agent.command(program);
-        let procs = File::options()
-            .write(true)
-            .open(self.cgroups.agent.join("cgroup.procs"))
-            .expect("open the agent cgroup");
-        let home = self.dir.path().join("home");
-        let _ = std::fs::create_dir(&home);
-        std::os::unix::fs::chown(&home, Some(AGENT_UID), Some(AGENT_UID)).expect("chown home");
-        // A clean environment, as a container's would be: nothing of the test runner's
-        // (proxy variables, CA bundles) leaks in. The throwaway CA and the proxy's inspection
-        // CA are the only ones trusted, as the appliance configures the agent (image/).
-        cmd.env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("HOME", &home)
-            .env("LANG", "C.UTF-8")
-            .env("SSL_CERT_FILE", &self.trust_pem)
-            .env("CURL_CA_BUNDLE", &self.trust_pem)
-            .env("GIT_SSL_CAINFO", &self.trust_pem)
-            .current_dir(&home);
-        // SAFETY: only write(2), setgroups(2), setgid(2) and setuid(2) run between fork and
-        // exec, on a descriptor opened before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                // "0" moves the writing process itself.
-                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
-                    || libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(AGENT_UID) != 0
-                    || libc::setuid(AGENT_UID) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd
+        agent_command(
+            &self.agent,
+            &self.cgroups.agent,
+            &self.dir.path().join("home"),
+            &self.trust_pem,
+            program,
+        )
     }
 
     /// `curl URL` as the agent, through the proxy (the agent's environment trusts only the
@@ -380,6 +352,70 @@ impl Drop for TwoHosts {
     }
 }
 
+/// A command that runs as an agent: in the cgroup at `cgroup`, on the host `host`, as
+/// [`AGENT_UID`], with a clean environment, `HOME` at `home` (created) and only `trust_pem`
+/// trusted.
+pub fn agent_command(
+    host: &Netns,
+    cgroup: &Path,
+    home: &Path,
+    trust_pem: &Path,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Command {
+    let mut cmd = host.command(program);
+    let procs = File::options()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .expect("open the agent cgroup");
+    let _ = std::fs::create_dir(home);
+    std::os::unix::fs::chown(home, Some(AGENT_UID), Some(AGENT_UID)).expect("chown home");
+    // A clean environment, as a container's would be: nothing of the test runner's
+    // (proxy variables, CA bundles) leaks in. The throwaway CA and the proxy's inspection
+    // CA are the only ones trusted, as the appliance configures the agent (image/).
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", home)
+        .env("LANG", "C.UTF-8")
+        .env("SSL_CERT_FILE", trust_pem)
+        .env("CURL_CA_BUNDLE", trust_pem)
+        .env("GIT_SSL_CAINFO", trust_pem)
+        .current_dir(home);
+    // SAFETY: only write(2), setgroups(2), setgid(2) and setuid(2) run between fork and
+    // exec, on a descriptor opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // "0" moves the writing process itself.
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
+                || libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(AGENT_UID) != 0
+                || libc::setuid(AGENT_UID) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Makes `cmd` run in a UTS namespace of its own named `hostname`, so the records it writes
+/// name that host (`device.hostname`), as on a machine of its own.
+pub fn own_hostname(cmd: &mut Command, hostname: &str) {
+    let name = hostname.as_bytes().to_vec();
+    // SAFETY: only unshare(2) and sethostname(2) run between fork and exec, on a buffer
+    // allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWUTS) != 0
+                || libc::sethostname(name.as_ptr().cast(), name.len()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A veth pair with one end in each namespace, both up.
 pub fn wire(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     a.ip(&[
@@ -398,7 +434,7 @@ fn chmod(path: &Path, mode: u32) {
 /// The HTTPS origin: Python's static file server behind TLS, serving `hello.txt` and a git
 /// repository (dumb HTTP protocol), with a certificate for [`ORIGIN_NAME`] and
 /// [`FORBIDDEN_NAME`] from a throwaway CA written to `ca_pem`.
-fn start_origin(internet: &Netns, dir: &Path, ca_pem: &Path) -> Child {
+pub(crate) fn start_origin(internet: &Netns, dir: &Path, ca_pem: &Path) -> Child {
     let www = dir.join("www");
     std::fs::create_dir(&www).expect("origin directory");
     std::fs::write(www.join("hello.txt"), "hello from the origin\n").unwrap();
@@ -568,12 +604,18 @@ secret_file = "{secret}"
         ),
     )
     .unwrap();
+    let (child, stderr) = run_proxy(host.command(workspace_bin("egress-proxy")), &config, dir);
+    (child, log, stderr)
+}
+
+/// Runs `egress-proxy run --config CONFIG` as `cmd` (a command in the proxy host's namespace),
+/// its stderr in `dir/proxy.stderr`, and returns once it said it is ready.
+pub(crate) fn run_proxy(mut cmd: Command, config: &Path, dir: &Path) -> (Child, PathBuf) {
     let stderr = dir.join("proxy.stderr");
     let ready = dir.join("proxy.ready");
-    let mut child = host
-        .command(workspace_bin("egress-proxy"))
+    let mut child = cmd
         .args(["run", "--config"])
-        .arg(&config)
+        .arg(config)
         .arg("--ready-file")
         .arg(&ready)
         .stdout(Stdio::null())
@@ -584,18 +626,23 @@ secret_file = "{secret}"
     while !ready.exists() {
         if let Some(status) = child.try_wait().unwrap() {
             panic!(
-                "egress-proxy exited ({status}): {}",
+                "egress-proxy ({}) exited ({status}): {}",
+                config.display(),
                 std::fs::read_to_string(&stderr).unwrap_or_default()
             );
         }
-        assert!(Instant::now() < deadline, "egress-proxy not ready in 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "egress-proxy ({}) not ready in 10 s",
+            config.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    (child, log, stderr)
+    (child, stderr)
 }
 
 /// Waits (bounded) until something listens on `addr:port` inside `ns`.
-fn wait_listening(ns: &Netns, child: &mut Child, addr: &str, port: u16, what: &str) {
+pub(crate) fn wait_listening(ns: &Netns, child: &mut Child, addr: &str, port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let target: std::net::SocketAddr = format!("{addr}:{port}").parse().unwrap();
     loop {

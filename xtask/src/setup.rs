@@ -69,6 +69,15 @@ const PACKAGES: &[(&str, &str)] = &[
         "Node's TLS client, a real client of the inspection tests",
     ),
     ("python3-pip", "installs the OCSF validator's PyPI packages"),
+    (
+        "clickhouse-server",
+        "the fleet's log store in the store tests (Debian's 18.16: no newer server build is in the registries)",
+    ),
+    (
+        "syslog-ng-core",
+        "the shipper of the store tests, run from image/fleet/syslog-ng-tank.conf",
+    ),
+    ("syslog-ng-mod-http", "syslog-ng's HTTP destination into ClickHouse"),
 ];
 
 /// Commands and the Debian package that brings each when it is not on PATH: npm comes with

@@ -482,6 +482,16 @@ impl StreamVerifier {
         }
     }
 
+    /// A verifier of part of a log on purpose, from `seq` on (a time range read from a log
+    /// store): that the records before `seq` are absent is no problem; a record missing from
+    /// `seq` on still is.
+    pub fn starting_at(mut self, seq: Option<u64>) -> Self {
+        if let Some(seq) = seq {
+            self.removed_through = self.removed_through.max(seq.saturating_sub(1));
+        }
+        self
+    }
+
     /// The 1-based line number of the last line fed, across the series.
     pub fn line_number(&self) -> usize {
         self.line

@@ -21,6 +21,9 @@ pub struct Source {
     /// Its anchor (`<log>.head`), when the source has one: a log that ends before it, or
     /// whose anchored record changed, does not verify.
     pub anchor: Option<Head>,
+    /// The first `seq` the source gives on purpose (a time range read from a store), so its
+    /// chain is not missing its start; `None`: the whole log.
+    pub starts_at: Option<u64>,
     /// Its lines in chain order. [`Line::File`] marks where each file of a series begins (a
     /// store gives none); an `Err` ends the cross-check as an input that cannot be read.
     pub lines: Box<dyn Iterator<Item = io::Result<Line>> + Send>,
@@ -44,6 +47,7 @@ impl Source {
                 .join(" "),
             kind,
             anchor: chain::read_anchor(&series)?,
+            starts_at: None,
             lines: Box::new(chain::lines(&series)),
         })
     }

@@ -244,7 +244,7 @@ impl Cursor {
             timeline: activity.timeline(log, &source.label),
             label: source.label,
             lines: source.lines,
-            verifier: StreamVerifier::new(source.anchor),
+            verifier: StreamVerifier::new(source.anchor).starting_at(source.starts_at),
             unreadable: Listed::default(),
             clock: i64::MIN,
             next: None,

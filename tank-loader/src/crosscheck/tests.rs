@@ -50,6 +50,7 @@ fn lines_source(kind: LogName, label: &str, lines: Vec<Vec<u8>>) -> Source {
         label: label.to_owned(),
         kind,
         anchor: None,
+        starts_at: None,
         lines: Box::new(lines.into_iter().map(|l| Ok(Line::Complete(l)))),
     }
 }

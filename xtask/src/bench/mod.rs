@@ -26,7 +26,8 @@ pub enum Suite {
     /// `tank-loader audit cross-check` over a synthetic fleet of 1,000 hosts and 2 proxies
     /// (1M and 10M records): records/s on one core and peak memory. No root needed.
     Crosscheck,
-    /// Kernel, proxy, inspect and idle (crosscheck apart: it writes about 11 GB of logs).
+    /// Kernel, proxy (idle tunnels included) and inspect (crosscheck apart: it writes about
+    /// 11 GB of logs).
     All,
 }
 
