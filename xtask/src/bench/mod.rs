@@ -27,7 +27,7 @@ pub enum Suite {
     /// (1M and 10M records): records/s on one core and peak memory. No root needed.
     Crosscheck,
     /// Kernel, proxy (idle tunnels included) and inspect (crosscheck apart: it writes about
-    /// 12 GB of logs).
+    /// 11 GB of logs).
     All,
 }
 
