@@ -27,10 +27,8 @@ use tank_ebpf_common::allow::ipv4_mapped;
 use tank_ebpf_common::chain::{ChainWriter, Options, Rotation};
 use tank_ebpf_common::event::{hook, reason, verdict, Event};
 use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
-use tank_ebpf_common::ocsf::proxy::{
-    Connection, ConnectionRecord, Phase, ProxyDetails, RequestKind, Traffic,
-};
-use tank_ebpf_common::ocsf::{lifecycle, Endpoint};
+use tank_ebpf_common::ocsf::lifecycle;
+use tank_ebpf_common::ocsf::proxy::{Connection, ConnectionRecord, Phase, Traffic};
 
 const SEGMENT_BYTES: u64 = 1 << 20;
 
@@ -84,34 +82,14 @@ fn open(path: &Path, rotate: bool) -> ChainWriter {
 }
 
 fn connection(start_ms: i64, client: SocketAddr, listener: SocketAddr, phase: Phase) -> Connection {
-    Connection {
-        allowed: true,
+    Connection::tunnel(
         start_ms,
-        duration_ms: 0,
-        phase,
         client,
-        local: listener,
-        target: Endpoint {
-            hostname: Some("api.example.com".into()),
-            port: Some(443),
-            ..Endpoint::default()
-        },
-        traffic: Traffic::default(),
-        url: None,
-        uid: None,
-        details: ProxyDetails {
-            kind: RequestKind::Connect,
-            rule: "allowed_domains:api".into(),
-            http_method: None,
-            error: None,
-            url_bytes: None,
-            tunnel: None,
-            sni: None,
-            alpn: Vec::new(),
-            requests: None,
-            budget: None,
-        },
-    }
+        listener,
+        "api.example.com",
+        "allowed_domains:api",
+        phase,
+    )
 }
 
 impl Proxy {

@@ -131,6 +131,50 @@ pub struct Connection {
     pub details: ProxyDetails,
 }
 
+impl Connection {
+    /// An allowed CONNECT tunnel from `client` through the proxy's `local` end to
+    /// `host`:443 under `rule`, at `start_ms`, in `phase`, no bytes moved yet. For tests and
+    /// for tools that write sample logs; change what matters with
+    /// `Connection { duration_ms, ..Connection::tunnel(..) }`.
+    pub fn tunnel(
+        start_ms: i64,
+        client: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+        host: &str,
+        rule: &str,
+        phase: Phase,
+    ) -> Self {
+        Connection {
+            allowed: true,
+            start_ms,
+            duration_ms: 0,
+            phase,
+            client,
+            local,
+            target: Endpoint {
+                hostname: Some(host.to_owned()),
+                port: Some(443),
+                ..Endpoint::default()
+            },
+            traffic: Traffic::default(),
+            url: None,
+            uid: None,
+            details: ProxyDetails {
+                kind: RequestKind::Connect,
+                rule: rule.to_owned(),
+                http_method: None,
+                error: None,
+                url_bytes: None,
+                tunnel: None,
+                sni: None,
+                alpn: Vec::new(),
+                requests: None,
+                budget: None,
+            },
+        }
+    }
+}
+
 impl ConnectionRecord {
     /// True for an allowed connection.
     pub fn allowed(&self) -> bool {

@@ -10,8 +10,8 @@ use tank_ebpf_common::chain::{ChainWriter, Hash, Line, Link};
 use tank_ebpf_common::event::{hook, reason, verdict, Event};
 use tank_ebpf_common::ocsf::kernel::{Formatter, LifecycleRecord};
 use tank_ebpf_common::ocsf::proxy::{
-    Connection, ConnectionRecord, HttpRequest, Phase, ProxyDetails, Request, RequestDetails,
-    RequestKind, RequestRecord, Traffic, Url,
+    Connection, ConnectionRecord, HttpRequest, Phase, Request, RequestDetails, RequestRecord,
+    Traffic, Url,
 };
 use tank_ebpf_common::ocsf::{lifecycle, protocol, Endpoint, LogName};
 
@@ -164,32 +164,15 @@ fn proxied(dt: i64, port: u16) -> Value {
 
 fn proxied_as(dt: i64, port: u16, phase: Phase) -> Value {
     let c = Connection {
-        allowed: true,
-        start_ms: T0 + dt,
         duration_ms: 50,
-        phase,
-        client: SocketAddr::from((AGENT, port)),
-        local: "10.0.0.1:3128".parse().unwrap(),
-        target: Endpoint {
-            hostname: Some("example.com".into()),
-            port: Some(443),
-            ..Endpoint::default()
-        },
-        traffic: Traffic::default(),
-        url: None,
-        uid: None,
-        details: ProxyDetails {
-            kind: RequestKind::Connect,
-            rule: "allowed_domains:web".into(),
-            http_method: None,
-            error: None,
-            url_bytes: None,
-            tunnel: None,
-            sni: None,
-            alpn: Vec::new(),
-            requests: None,
-            budget: None,
-        },
+        ..Connection::tunnel(
+            T0 + dt,
+            SocketAddr::from((AGENT, port)),
+            "10.0.0.1:3128".parse().unwrap(),
+            "example.com",
+            "allowed_domains:web",
+            phase,
+        )
     };
     serde_json::to_value(ConnectionRecord::new(c, "proxy", "0")).unwrap()
 }
