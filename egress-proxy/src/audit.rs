@@ -271,7 +271,7 @@ impl Audit {
             tracing::warn!(
                 log = %path.display(),
                 partial_bytes = r.partial_bytes,
-                "audit log ended in a partial record (crash mid-write); it stays in the log and `audit verify` reports it"
+                "audit log ended in a partial record (crash mid-write, never synced); it was cut and the chain continues from the last complete record"
             );
         }
         // Anchor what is there now, so a log cut before the first new record is caught.

@@ -42,7 +42,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let (mut log, recovery) = ChainWriter::open_with(&cfg.audit_log, cfg.audit.clone())?;
     if let Some(r) = recovery {
         tracing::warn!(log = %cfg.audit_log.display(), partial_bytes = r.partial_bytes,
-            "the audit log ended in a partial record (a crash mid-write); it stays in the log and `audit verify` reports it");
+            "the audit log ended in a partial record (a crash mid-write, never synced); it was cut and its events are drained again from the ring");
     }
 
     // Maps a previous run pinned hold what it read; new ones hold nothing the log has.

@@ -121,8 +121,8 @@ impl Settings {
 /// What [`ChainWriter::open`] found and repaired at the end of an existing log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recovery {
-    /// Bytes of the partial last line a crash left; it stays in the log, terminated by a
-    /// newline, and [`super::verify`] keeps reporting it.
+    /// Bytes of the partial last line a crash left (never synced: the anchor is before
+    /// it), cut from the log; the writer's caller logs it, with the figure.
     pub partial_bytes: usize,
 }
 
@@ -268,7 +268,7 @@ impl ChainWriter {
     /// (from its last rotated segment when the active file is empty or gone). The writer holds
     /// an exclusive `flock` on the log for its lifetime.
     ///
-    /// A partial last line (a crash mid-write) is terminated and reported in the returned
+    /// A partial last line (a crash mid-write) is cut and reported in the returned
     /// [`Recovery`]; the chain continues from the last complete record.
     pub fn open_with(path: &Path, opts: Options) -> Result<(Self, Option<Recovery>), ChainError> {
         let mut file = open_active(path)?;
@@ -283,9 +283,19 @@ impl ChainWriter {
                 problem,
             },
         })?;
+        // The fragment was never made durable (a batch is synced, and the anchor moved, only
+        // once it is written whole), so cutting it loses nothing that was recorded: the
+        // kernel log's events are drained again from the ring, which is consumed only after
+        // the sync. Leaving it in would keep the chain from ever verifying again.
         let recovery = if partial_bytes > 0 {
-            file.write_all(b"\n")
-                .map_err(io_err(path, "terminate a partial last line"))?;
+            let len = file
+                .metadata()
+                .map_err(io_err(path, "read its length"))?
+                .len();
+            file.set_len(len - partial_bytes as u64)
+                .map_err(io_err(path, "cut a partial last line"))?;
+            file.sync_data()
+                .map_err(io_err(path, "sync after cutting a partial last line"))?;
             Some(Recovery { partial_bytes })
         } else {
             None
