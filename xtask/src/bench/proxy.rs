@@ -270,7 +270,7 @@ pub(super) fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
-/// Median, min and max of a series of per-round values.
+/// Median, quartiles, min and max of a series of per-round values.
 pub(super) fn spread(v: &[f64]) -> Value {
     if v.is_empty() {
         return Value::Null;
@@ -278,8 +278,11 @@ pub(super) fn spread(v: &[f64]) -> Value {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let digits = if s[s.len() / 2].abs() >= 100.0 { 0 } else { 3 };
+    let at = |q: f64| round(s[((s.len() - 1) as f64 * q).round() as usize], digits);
     json!({
         "median": round(s[s.len() / 2], digits),
+        "q1": at(0.25),
+        "q3": at(0.75),
         "min": round(s[0], digits),
         "max": round(s[s.len() - 1], digits),
     })
@@ -880,14 +883,6 @@ fn cpu_ns(pid: u32) -> Result<u64> {
     Ok(total)
 }
 
-/// Median, quartiles, min and max.
-fn quartiles(v: &[f64]) -> Value {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| round(s[((s.len() - 1) as f64 * q).round() as usize], 3);
-    json!({"median": at(0.5), "q1": at(0.25), "q3": at(0.75), "min": at(0.0), "max": at(1.0)})
-}
-
 /// [`BUDGET_PAIRS`] back-to-back pairs of `[off, on]`, the order alternating: throughput and
 /// new tunnels/s with the proxy's CPU per MiB and per tunnel, each as a ratio on / off
 /// within its pair.
@@ -916,7 +911,7 @@ fn budget_pairs(pair: [&Running; 2], source: SocketAddr, closer: SocketAddr) -> 
             r.push(m[1][f] / m[0][f]);
         }
     }
-    let [tput, cpu_mib, rate, cpu_tunnel] = ratios.map(|r| quartiles(&r));
+    let [tput, cpu_mib, rate, cpu_tunnel] = ratios.map(|r| spread(&r));
     Ok(json!({
         "throughput_ratio": tput,
         "cpu_per_mib_ratio": cpu_mib,
