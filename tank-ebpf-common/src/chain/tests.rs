@@ -553,3 +553,27 @@ fn spans_opened_and_never_closed_are_listed() {
     let problems = verify(&path).unwrap().problems;
     assert_eq!(problems, vec![Problem::UnknownClose { line: 4, closes: a }]);
 }
+
+#[test]
+fn hash_parses_exactly_what_hex_decodes() {
+    let h = Hash::of(b"a record");
+    let text = h.to_string();
+    assert_eq!(text.parse::<Hash>().unwrap(), h);
+    assert_eq!(text.to_uppercase().parse::<Hash>().unwrap(), h);
+    let mut out = [0u8; 32];
+    for bad in [
+        String::new(),
+        text[..63].to_owned(),
+        text[..62].to_owned(),
+        format!("{text}00"),
+        format!("{}g", &text[..63]),
+        format!("x{}", &text[1..]),
+        format!("{}é", &text[..62]),
+    ] {
+        assert_eq!(
+            bad.parse::<Hash>().map(|h| h.0),
+            hex::decode_to_slice(&bad, &mut out).map(|()| out),
+            "{bad:?}"
+        );
+    }
+}
