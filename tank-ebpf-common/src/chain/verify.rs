@@ -1,6 +1,6 @@
 //! Verifying a log, or a series of its segments, as one chain.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::io::{self, BufRead};
 use std::path::{Path, PathBuf};
 
@@ -472,7 +472,10 @@ pub struct StreamVerifier {
     anchored: Option<Hash>,
     removed_through: u64,
     first: Option<(String, u64)>,
-    open: BTreeMap<u64, usize>,
+    /// Spans open: `seq` of the opening record -> its line. Hashed (foldhash), not ordered:
+    /// a proxy log opens and closes thousands of tunnels a second, and only the report at
+    /// the end wants them in order.
+    open: HashMap<u64, usize, foldhash::fast::RandomState>,
 }
 
 fn name_of(path: &Path) -> String {
@@ -496,7 +499,7 @@ impl StreamVerifier {
             anchored: None,
             removed_through: 0,
             first: None,
-            open: BTreeMap::new(),
+            open: HashMap::default(),
         }
     }
 
@@ -566,19 +569,22 @@ impl StreamVerifier {
             self.removed_through = self.removed_through.max(l.removed_through_seq);
         }
         let first_in_file = self.current.as_ref().is_some_and(|s| s.records == 0);
-        let file = self.current.as_ref().map(|s| name_of(&s.file));
+        // Named only where a problem may need it, not on every line.
+        let file = |v: &Self| {
+            v.current
+                .as_ref()
+                .map_or(String::new(), |s| name_of(&s.file))
+        };
         match self.head.clone() {
             None => {
                 // A later start is judged at the end, once every retention record is read.
-                self.first = Some((file.unwrap_or_default(), seq));
+                self.first = Some((file(self), seq));
                 if seq == 1 && prev != Hash::GENESIS {
                     self.problems
                         .push(Problem::HashMismatch { line: self.line });
                 }
             }
-            Some(head) if first_in_file => {
-                self.boundary(&file.unwrap_or_default(), &head, seq, prev, link)
-            }
+            Some(head) if first_in_file => self.boundary(&file(self), &head, seq, prev, link),
             Some(head) => {
                 if seq != head.seq + 1 {
                     self.problems.push(Problem::SeqGap {
@@ -700,11 +706,12 @@ impl StreamVerifier {
                 None => {}
             }
         }
-        let unclosed = self
+        let mut unclosed: Vec<Open> = self
             .open
             .into_iter()
             .map(|(seq, line)| Open { line, seq })
             .collect();
+        unclosed.sort_unstable_by_key(|o| o.seq);
         Report {
             records: self.records,
             head,

@@ -116,24 +116,16 @@ impl Scope {
     }
 }
 
-/// A connection waiting in the window for its other half.
+/// A connection waiting in the window for its other half (its tuple is the window's key,
+/// not repeated here).
 enum Item {
     /// A kernel connection to a proxy (`established`, reason `proxy`, tcp).
-    Kernel {
-        tuple: Tuple,
-        conn: KernelConnection,
-    },
+    Kernel { conn: KernelConnection },
     /// A proxy record (its opening record for a relayed connection).
-    Proxy { tuple: Tuple, conn: PendingProxy },
+    Proxy { conn: PendingProxy },
 }
 
 impl Item {
-    fn tuple(&self) -> Tuple {
-        match self {
-            Item::Kernel { tuple, .. } | Item::Proxy { tuple, .. } => *tuple,
-        }
-    }
-
     /// The time it is matched on: the kernel's handshake, the proxy's accept.
     fn time(&self) -> i64 {
         match self {
@@ -185,7 +177,7 @@ struct Cursor {
     timeline: usize,
     /// The newest record time read from this source.
     clock: i64,
-    next: Option<Item>,
+    next: Option<(Tuple, Item)>,
     state: State,
 }
 
@@ -351,7 +343,7 @@ impl Host {
         scope: &Scope,
         m: &mut Matcher,
         activity: &mut Builder,
-    ) -> Result<Option<Item>, String> {
+    ) -> Result<Option<(Tuple, Item)>, String> {
         let At {
             line,
             seq,
@@ -446,10 +438,10 @@ impl Host {
                     }
                     Some(src) => {
                         self.kernel_proxy_connections += 1;
-                        Ok(Some(Item::Kernel {
-                            tuple: (scope.seen(src), scope.seen(dst)),
-                            conn: conn(),
-                        }))
+                        Ok(Some((
+                            (scope.seen(src), scope.seen(dst)),
+                            Item::Kernel { conn: conn() },
+                        )))
                     }
                     // Nothing to match it by: it can have no proxy record.
                     None => {
@@ -587,7 +579,7 @@ impl Proxy {
         at: At,
         scope: &Scope,
         activity: &mut Builder,
-    ) -> Result<Option<Item>, String> {
+    ) -> Result<Option<(Tuple, Item)>, String> {
         let At {
             line,
             seq,
@@ -643,19 +635,21 @@ impl Proxy {
         activity.add(timeline, counted, start_time);
         activity.rule(rule, allowed);
         self.proxy_records += 1;
-        Ok(Some(Item::Proxy {
-            tuple: (client, listener),
-            conn: PendingProxy {
-                line,
-                seq,
-                start_time,
-                client,
-                hostname: f.dst_endpoint.hostname.as_deref().map(Box::from),
-                port: f.dst_endpoint.port,
-                action,
-                rule: rule.into(),
+        Ok(Some((
+            (client, listener),
+            Item::Proxy {
+                conn: PendingProxy {
+                    line,
+                    seq,
+                    start_time,
+                    client,
+                    hostname: f.dst_endpoint.hostname.as_deref().map(Box::from),
+                    port: f.dst_endpoint.port,
+                    action,
+                    rule: rule.into(),
+                },
             },
-        }))
+        )))
     }
 
     /// An inspected tunnel's record: its opening, or its end with the count of its requests,
@@ -766,12 +760,16 @@ impl Matcher {
 
     /// A connection read from `cursors[source]` enters the window, paired with the nearest
     /// other half within the window that is free, or paired with one farther from it.
-    fn arrive(&mut self, source: u32, item: Item) {
-        let (tuple, time) = (item.tuple(), item.time());
+    fn arrive(&mut self, source: u32, (tuple, item): (Tuple, Item)) {
+        let time = item.time();
         let kernel_side = matches!(item, Item::Kernel { .. });
         let id = self.next_id;
         self.next_id += 1;
-        let held = self.tuples.entry(tuple).or_default();
+        // Most tuples hold one pair: room for two, not the four a first push reserves.
+        let held = self
+            .tuples
+            .entry(tuple)
+            .or_insert_with(|| Vec::with_capacity(2));
         let distance = |a: i64, b: i64| a.abs_diff(b);
         let best = held
             .iter()
