@@ -10,6 +10,7 @@
 //! counted and the first `max_listed` of each kind kept.
 
 use std::cmp::Reverse;
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -59,7 +60,8 @@ pub fn check(sources: Vec<Source>, opts: &Options) -> io::Result<Fleet> {
         }
     }
     let mut now = i64::MIN;
-    while let Some(Reverse((t, i))) = heap.pop() {
+    while let Some(mut top) = heap.peek_mut() {
+        let Reverse((t, i)) = *top;
         now = now.max(t);
         m.expire(now, &mut cursors);
         let item = cursors[i]
@@ -67,8 +69,12 @@ pub fn check(sources: Vec<Source>, opts: &Options) -> io::Result<Fleet> {
             .take()
             .expect("a queued cursor holds its next item");
         m.arrive(i as u32, item);
-        if let Some(t) = cursors[i].advance(&scope, &mut m, &mut activity)? {
-            heap.push(Reverse((t, i)));
+        // The source's next record takes its place at the top: one sift, not a pop and a push.
+        match cursors[i].advance(&scope, &mut m, &mut activity)? {
+            Some(t) => *top = Reverse((t, i)),
+            None => {
+                PeekMut::pop(top);
+            }
         }
     }
     m.expire(i64::MAX, &mut cursors);

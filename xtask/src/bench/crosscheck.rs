@@ -3,16 +3,20 @@
 //!
 //! `tank-loader/examples/fleet_logs.rs` writes the fleet with the real chain writer (1,000
 //! agent hosts, 2 proxies; see its docs for the interleaving, clock skew and the
-//! discrepancies it plants) at two sizes, [`SMALL`] and [`LARGE`] records. Each round runs
-//! the release cross-check once on each size (order alternating), pinned to one CPU with
-//! `taskset`, and takes: records/s (every line of every log, by wall time and by the CPU
-//! time the process used) and its peak resident memory (`ru_maxrss` from `wait4`: the
-//! process's VmHWM when it exited). Every run's report must find exactly what was planted,
-//! or the bench fails: a fast wrong answer is no figure. Goals: >= 1,000,000 records/s,
-//! and peak memory that does not grow with the record count (LARGE's against SMALL's).
+//! discrepancies it plants) at three sizes, [`FLEETS`]: 1M records (250 s of the fleet's
+//! time, less than the matching window's and the activity picture's first minutes take to
+//! fill), 3M and 10M (2,500 s). Each round runs the release cross-check once on each size
+//! (the order rotating), pinned to one CPU with `taskset`, and takes: records/s (every line
+//! of every log, by wall time and by the CPU time the process used) and its peak resident
+//! memory (`ru_maxrss` from `wait4`: the process's VmHWM when it exited). Every run's report
+//! must find exactly what was planted, or the bench fails: a fast wrong answer is no figure.
+//! Goals: >= 1,000,000 records/s, and peak memory that does not grow with the record count
+//! (each size's against the smallest's; the 3M and 10M fleets are both well past the
+//! window's fill).
 //!
 //! The logs take about 1 KB a record: the bench checks the free space first and scales the
-//! large fleet down (and says so in its report) when the disk is short, and removes them after.
+//! largest fleet down (and says so in its report) when the disk is short, and removes them
+//! after.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -26,8 +30,12 @@ use super::uptime;
 
 const HOSTS: u64 = 1000;
 const PROXIES: u64 = 2;
-const SMALL: u64 = 1_000_000;
-const LARGE: u64 = 10_000_000;
+/// The fleets, by name and records.
+const FLEETS: [(&str, u64); 3] = [
+    ("small", 1_000_000),
+    ("medium", 3_000_000),
+    ("large", 10_000_000),
+];
 const ROUNDS: usize = 3;
 /// Disk per record written, with room to spare (measured: about 940 bytes).
 const BYTES_PER_RECORD: u64 = 1100;
@@ -44,16 +52,17 @@ pub fn run() -> Result<Value> {
     let free = free_bytes(dir.path())?;
     // Both fleets stay on disk for the interleaved rounds; keep a quarter of the disk free.
     let room = (free / 4 * 3) / BYTES_PER_RECORD;
-    let large = LARGE.min(room.saturating_sub(SMALL));
-    if large < 2 * SMALL {
+    let [(_, small), (_, medium), (_, wanted)] = FLEETS;
+    let large = wanted.min(room.saturating_sub(small + medium));
+    if large < 2 * medium {
         bail!(
             "{} free in {}: too little for the fleets (about {} GB)",
             free / 1_000_000_000,
             dir.path().display(),
-            (SMALL + LARGE) * BYTES_PER_RECORD / 1_000_000_000
+            (small + medium + wanted) * BYTES_PER_RECORD / 1_000_000_000
         );
     }
-    if large < LARGE {
+    if large < wanted {
         eprintln!(
             "bench: only {} GB free: the large fleet is scaled down to {large} records",
             free / 1_000_000_000
@@ -61,7 +70,7 @@ pub fn run() -> Result<Value> {
     }
     let cpu = last_cpu();
     let mut fleets = Vec::new();
-    for (name, records) in [("small", SMALL), ("large", large)] {
+    for (name, records) in [FLEETS[0], FLEETS[1], ("large", large)] {
         let out = dir.path().join(name);
         eprintln!(
             "bench: writing the {name} fleet ({records} records, {HOSTS} hosts, {PROXIES} proxies)"
@@ -82,7 +91,8 @@ pub fn run() -> Result<Value> {
     }
     let mut samples: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); fleets.len()];
     for r in 0..ROUNDS {
-        let order: Vec<usize> = if r % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
+        // Each size first, middle and last once over the rounds.
+        let order = (0..fleets.len()).map(|k| (k + r) % fleets.len());
         for i in order {
             let (name, fleet) = &fleets[i];
             let s = cross_check(&loader, fleet, cpu, &dir.path().join("report.json"))?;
@@ -108,7 +118,7 @@ pub fn run() -> Result<Value> {
         "proxies": PROXIES,
         "rounds": ROUNDS,
         "goal_records_per_s": 1_000_000,
-        "scaled_down": large < LARGE,
+        "scaled_down": large < wanted,
     });
     for ((name, fleet), s) in fleets.iter().zip(&samples) {
         let bytes: u64 = fleet["bytes"].as_u64().unwrap_or(0);
@@ -125,7 +135,9 @@ pub fn run() -> Result<Value> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    result["peak_rss_large_over_small"] = json!(round(peak(1) / peak(0), 3));
+    for (i, (name, _)) in fleets.iter().enumerate().skip(1) {
+        result[format!("peak_rss_{name}_over_small")] = json!(round(peak(i) / peak(0), 3));
+    }
     print_table(&result);
     Ok(result)
 }
@@ -227,7 +239,7 @@ fn print_table(r: &Value) {
         "fleet", "records", "records/s wall (goal 1M)", "records/s cpu", "peak RSS MiB"
     );
     let cell = |v: &Value| format!("{} [{}-{}]", v["median"], v["min"], v["max"]);
-    for name in ["small", "large"] {
+    for (name, _) in FLEETS {
         let f = &r[name];
         println!(
             "{name:<8} {:>12} {:>28} {:>28} {:>22}",
@@ -238,7 +250,7 @@ fn print_table(r: &Value) {
         );
     }
     println!(
-        "peak RSS large/small: {} (goal: not growing with the records, ~1.0)",
-        r["peak_rss_large_over_small"]
+        "peak RSS medium/small: {}, large/small: {} (goal: not growing with the records, ~1.0)",
+        r["peak_rss_medium_over_small"], r["peak_rss_large_over_small"]
     );
 }
