@@ -11,6 +11,8 @@ use std::process::{Command, Output};
 use serde_json::{json, Value};
 use tank_ebpf_common::chain::{ChainWriter, Options, Rotation};
 use tank_ebpf_common::event::hook;
+use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
+use tank_ebpf_common::ocsf::lifecycle;
 use tank_integration_tests::store::{ClickHouse, Shipped, Shipper};
 use tank_integration_tests::{network_records, require_root, workspace_bin};
 
@@ -476,4 +478,274 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
     assert_eq!(host(&s, "hosts", "agent-2")["log"]["intact"], true, "{s:#}");
 
     drop(shippers);
+}
+
+/// A kernel log of `host` as the loader writes one (a start record naming the host, then
+/// records, a lifecycle record opening each segment), rotating every few records.
+struct HostLog {
+    writer: ChainWriter,
+    host: &'static str,
+}
+
+impl HostLog {
+    fn open(path: &Path, host: &'static str, compress: bool) -> Self {
+        let opts = Options {
+            rotation: Rotation {
+                max_bytes: Some(1500),
+                compress,
+                ..Rotation::default()
+            },
+            ..Options::default()
+        };
+        let (mut writer, _) = ChainWriter::open_with(path, opts).expect("open the log");
+        let start = LifecycleRecord::new(host, "0", lifecycle::START, "started".into(), json!({}));
+        writer.append(&start).expect("append");
+        Self { writer, host }
+    }
+
+    /// Appends `records`, rotating when the rule says so, as the drain does; then syncs.
+    fn write(&mut self, records: std::ops::RangeInclusive<i64>) {
+        let segment = LifecycleRecord::new(
+            self.host,
+            "0",
+            lifecycle::OTHER,
+            "new audit log segment".into(),
+            json!({ "event": "segment" }),
+        );
+        for i in records {
+            if self.writer.rotation_due() {
+                self.writer.rotate(&segment).expect("rotate");
+            }
+            self.writer.append(&record(i)).expect("append");
+        }
+        self.writer.sync().expect("sync");
+    }
+}
+
+/// The rotated segments of the log in `dir`: `(uncompressed, compressed)`.
+fn segments_in(dir: &Path) -> (usize, usize) {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".jsonl.0"))
+        .collect();
+    let compressed = names.iter().filter(|n| n.ends_with(".zst")).count();
+    (names.len() - compressed, compressed)
+}
+
+/// `audit backfill --json` of `log` as `host`'s kernel log: its exit code, report and stderr.
+fn backfill(store: &ClickHouse, host: &str, log: &str, args: &[&str]) -> (i32, Value, String) {
+    let url = store.url();
+    let out = loader(
+        &[
+            &["audit", "backfill", "--clickhouse", &url, "--host", host][..],
+            &["--log", log],
+            args,
+        ]
+        .concat(),
+    );
+    let value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), value, stderr)
+}
+
+/// Distinct `seq` of `host`'s kernel log in the store.
+fn distinct_seqs(store: &ClickHouse, host: &str) -> u64 {
+    store
+        .query(&format!(
+            "SELECT uniqExact(seq) FROM tank.audit WHERE host = '{host}' AND log = 'kernel'"
+        ))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_hosts_files() {
+    require_root();
+    let store = ClickHouse::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kernel-audit.jsonl");
+    std::fs::write(&path, "").unwrap();
+    let name = "host-gap";
+    let log = Shipped {
+        path: path.clone(),
+        log: "kernel",
+        host: name.to_owned(),
+    };
+    let mut shipper = Shipper::start(&store, &[log]);
+    let mut w = HostLog::open(&path, name, true);
+    w.write(1..=3);
+    store.wait_rows(name, "kernel", 4);
+
+    // The shipper is down while the writer rotates several times; segments are compressed,
+    // which the shipper never reads.
+    shipper.stop();
+    w.write(4..=40);
+    drop(w); // finishes compressing
+    let (uncompressed, compressed) = segments_in(dir.path());
+    assert!(compressed >= 2, "the log rotated at least twice");
+    assert_eq!(uncompressed, 0, "every segment compressed");
+    shipper.restart();
+    let file = path.to_str().unwrap();
+    let (code, f) = verify_json(&[file]);
+    assert_eq!(code, 0, "{f:#}");
+    let (records, last) = (
+        f["records"].as_u64().unwrap(),
+        f["head"]["seq"].as_u64().unwrap(),
+    );
+    store.wait_last_seq(name, "kernel", last);
+
+    // The store misses what the segments in between hold, and says so for that host.
+    let held = distinct_seqs(&store, name);
+    assert!(held < records, "the store holds {held} of {records}");
+    let url = store.url();
+    let (code, v) = verify_json(&["--clickhouse", &url, "--host", name]);
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(
+        chain(&v, name)["report"]["problems"][0]["problem"],
+        "seq_gap",
+        "{v:#}"
+    );
+
+    // Backfill inserts exactly the missing lines.
+    let rows_before = store.rows(name, "kernel");
+    let (code, b, err) = backfill(&store, name, "kernel", &["--json", file]);
+    assert_eq!(code, 0, "{err}{b:#}");
+    assert_eq!(b["records"], records, "{b:#}");
+    assert_eq!(b["present"], held, "{b:#}");
+    assert_eq!(b["inserted"], records - held, "{b:#}");
+    assert_eq!(b["differing"], 0, "{b:#}");
+    assert_eq!(store.rows(name, "kernel"), rows_before + records - held);
+    assert_eq!(distinct_seqs(&store, name), records);
+
+    // The store's chain is now the files' chain: intact, same records and head, and the
+    // cross-check from the store says what it says from the files.
+    let (code, v) = verify_json(&["--clickhouse", &url]);
+    assert_eq!(code, 0, "{v:#}");
+    let c = chain(&v, name);
+    assert_eq!(c["report"]["records"], records, "{c:#}");
+    assert_eq!(c["report"]["head"], f["head"], "{c:#}");
+    // The cross-check wants a proxy log too: one a proxy host never shipped, backfilled whole.
+    let proxy_log = dir.path().join("proxy").join("audit.jsonl");
+    std::fs::create_dir(proxy_log.parent().unwrap()).unwrap();
+    let (mut p, _) = ChainWriter::open(&proxy_log).expect("open the proxy log");
+    let start = LifecycleRecord::of(
+        tank_ebpf_common::ocsf::proxy::PRODUCT,
+        tank_ebpf_common::ocsf::LogName::Proxy,
+        "proxy-gap",
+        "0",
+        lifecycle::START,
+        "started".into(),
+        json!({}),
+    );
+    p.append(&start).expect("append");
+    p.sync().expect("sync");
+    drop(p);
+    let proxy_file = proxy_log.to_str().unwrap();
+    let (code, b, err) = backfill(&store, "proxy-gap", "proxy", &["--json", proxy_file]);
+    assert_eq!((code, &b["inserted"]), (0, &json!(1)), "{err}{b:#}");
+    let (file_code, files) = cross_check(&[
+        "--kernel".to_owned(),
+        file.to_owned(),
+        "--proxy".to_owned(),
+        proxy_file.to_owned(),
+    ]);
+    let (store_code, stored) = cross_check(&["--clickhouse".to_owned(), url.clone()]);
+    assert_eq!(file_code, store_code, "{files:#}\n{stored:#}");
+    assert_ne!(store_code, 3, "{stored:#}");
+    assert_eq!(stored["summary"], files["summary"]);
+    assert_eq!(verdicts(&stored), verdicts(&files));
+    assert_eq!(host(&stored, "hosts", name)["log"]["records"], records);
+
+    // A second run inserts nothing.
+    let rows = store.rows(name, "kernel");
+    let (code, b, err) = backfill(&store, name, "kernel", &["--json", file]);
+    assert_eq!(code, 0, "{err}{b:#}");
+    assert_eq!(
+        (b["inserted"].clone(), b["present"].clone()),
+        (json!(0), json!(records))
+    );
+    let out = loader(&[
+        "audit",
+        "backfill",
+        "--clickhouse",
+        &url,
+        "--host",
+        name,
+        "--log",
+        "kernel",
+        file,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "backfill host={name} log=kernel: {records} records in "
+        )) && text(&out).contains(&format!("held {records}, inserted 0")),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(store.rows(name, "kernel"), rows, "nothing inserted");
+
+    // A record the store holds with another line is evidence: reported, not overwritten.
+    let seq = 7;
+    let line = store.query(&format!(
+        "SELECT line FROM tank.audit WHERE host = '{name}' AND seq = {seq} LIMIT 1 \
+         FORMAT TabSeparatedRaw"
+    ));
+    store.mutate(&format!(
+        "ALTER TABLE tank.audit DELETE WHERE host = '{name}' AND seq = {seq}"
+    ));
+    let forged = line.trim_end().replacen("\"time\":", "\"time\": ", 1);
+    assert_ne!(forged, line.trim_end());
+    let row = json!({ "host": name, "log": "kernel", "line": forged });
+    store.query(&format!("INSERT INTO tank.audit FORMAT JSONEachRow {row}"));
+    let rows = store.rows(name, "kernel");
+    let (code, b, err) = backfill(&store, name, "kernel", &["--json", file]);
+    assert_eq!(code, 1, "{err}{b:#}");
+    assert_eq!(
+        (&b["differing"], &b["differing_seqs"], &b["inserted"]),
+        (&json!(1), &json!([seq]), &json!(0)),
+        "{b:#}"
+    );
+    assert_eq!(store.rows(name, "kernel"), rows, "nothing inserted");
+
+    // Refused, with one line and nothing inserted: a copy of the log with a record edited
+    // (it does not verify), the log named as the other kind, a store that cannot be reached.
+    let copy = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
+        }
+    }
+    let active = copy.path().join("kernel-audit.jsonl");
+    let edited = std::fs::read_to_string(&active)
+        .unwrap()
+        .replacen("record ", "recorb ", 1);
+    std::fs::write(&active, edited).unwrap();
+    let refused = |args: &[&str], log: &str, says: &str| {
+        let (code, _, err) = backfill(&store, "host-copy", log, args);
+        assert_eq!(code, 2, "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{err}");
+    };
+    let copied = active.to_str().unwrap();
+    refused(&[copied], "kernel", "does not verify");
+    refused(&[copied], "kernel", "tank-loader audit verify");
+    refused(&[file], "proxy", "metadata.log_name");
+    assert_eq!(store.rows("host-copy", "kernel"), 0);
+    let out = loader(&[
+        "audit",
+        "backfill",
+        "--clickhouse",
+        "http://127.0.0.1:1",
+        "--host",
+        name,
+        "--log",
+        "kernel",
+        file,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 }
