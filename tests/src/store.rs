@@ -182,6 +182,11 @@ impl ClickHouse {
         self.of_chain(host, log, "count()")
     }
 
+    /// Distinct `seq` of `host`'s `log` in tank's table: its records, each copy counted once.
+    pub fn seqs(&self, host: &str, log: &str) -> u64 {
+        self.of_chain(host, log, "uniqExact(seq)")
+    }
+
     /// The greatest `seq` of `host`'s `log` in tank's table (0 for none).
     pub fn last_seq(&self, host: &str, log: &str) -> u64 {
         self.of_chain(host, log, "max(seq)")
@@ -197,9 +202,9 @@ impl ClickHouse {
         .expect("a number")
     }
 
-    /// Waits (bounded) until `host`'s `log` has at least `n` rows.
-    pub fn wait_rows(&self, host: &str, log: &str, n: u64) {
-        self.wait_for(host, log, "rows", n, Self::rows);
+    /// Waits (bounded) until `host`'s `log` has at least `n` distinct records.
+    pub fn wait_seqs(&self, host: &str, log: &str, n: u64) {
+        self.wait_for(host, log, "distinct seq", n, Self::seqs);
     }
 
     /// Waits (bounded) until `host`'s `log` has a record of `seq` or later.
@@ -309,8 +314,9 @@ impl Shipper {
         );
         for l in logs {
             config += &format!(
-                "tank_audit_log(path(\"{}\") log(\"{}\") host(\"{}\") url(\"{}\"));\n",
-                l.path.display(),
+                "tank_audit_log(dir(\"{}\") file(\"{}\") log(\"{}\") host(\"{}\") url(\"{}\"));\n",
+                l.path.parent().expect("a log in a directory").display(),
+                l.path.file_name().expect("a log file").to_string_lossy(),
                 l.log,
                 l.host,
                 store.url()
