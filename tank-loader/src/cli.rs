@@ -323,7 +323,8 @@ pub enum AuditCommand {
         /// The host's name in the store: the shipper's host("...") for this log.
         #[arg(long, value_name = "HOST")]
         host: String,
-        /// Which log this is: the shipper's log("..."); every record must say so.
+        /// Which log this is, `kernel` or `proxy`: the shipper's log("..."); every record must
+        /// say so.
         #[arg(long, value_name = "LOG", value_parser = parse_log_name)]
         log: LogName,
         /// The shipper's name("...") of the log, if it sets one.

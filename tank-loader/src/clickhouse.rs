@@ -1,5 +1,6 @@
 //! Audit records read back from ClickHouse, the fleet's log store, for `audit verify
-//! --clickhouse` and `audit cross-check --clickhouse`.
+//! --clickhouse` and `audit cross-check --clickhouse`, and written into it for `audit
+//! backfill` (crate::backfill).
 //!
 //! A shipper on every host inserts each record's exact line into one table
 //! (image/fleet/clickhouse.sql); the server derives the typed columns (`seq`, `time_ms`, ...)
@@ -8,7 +9,8 @@
 //! lines of a file, so the store gives the same verdicts as the files it was shipped from.
 //!
 //! The client is a small blocking HTTP/1.1 one over `std::net` (a query per page, `POST`, the
-//! answer in `TabSeparated`): plain HTTP only, as ClickHouse's HTTP interface listens by
+//! answer in `TabSeparated`; an insert is its rows after the `INSERT`, in the shipper's
+//! JSONEachRow): plain HTTP only, as ClickHouse's HTTP interface listens by
 //! default. docs/operations.md ("Fleet") says how to reach a store over TLS.
 
 use std::io::{self, BufRead, BufReader, Write};
