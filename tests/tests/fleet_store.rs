@@ -525,6 +525,46 @@ impl HostLog {
     }
 }
 
+/// A host's kernel log shipped by syslog-ng into a store of the test's own, then written on
+/// across several rotations while the shipper is stopped (segments compressed or not).
+struct Outage {
+    // Drop order is field order: the writer first, the directory last.
+    log: HostLog,
+    shipper: Shipper,
+    store: ClickHouse,
+    path: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    name: &'static str,
+}
+
+impl Outage {
+    fn of(name: &'static str, compress: bool) -> Self {
+        let store = ClickHouse::start();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kernel-audit.jsonl");
+        std::fs::write(&path, "").unwrap();
+        let shipped = Shipped {
+            path: path.clone(),
+            log: "kernel",
+            host: name.to_owned(),
+        };
+        let mut shipper = Shipper::start(&store, &[shipped]);
+        let mut log = HostLog::open(&path, name, compress);
+        log.write(1..=3);
+        store.wait_seqs(name, "kernel", 4);
+        shipper.stop();
+        log.write(4..=40);
+        Self {
+            log,
+            shipper,
+            store,
+            path,
+            dir,
+            name,
+        }
+    }
+}
+
 /// The rotated segments of the log in `dir`: `(uncompressed, compressed)`.
 fn segments_in(dir: &Path) -> (usize, usize) {
     let names: Vec<String> = std::fs::read_dir(dir)
@@ -555,25 +595,16 @@ fn backfill(store: &ClickHouse, host: &str, log: &str, args: &[&str]) -> (i32, V
 #[test]
 fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_hosts_files() {
     require_root();
-    let store = ClickHouse::start();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kernel-audit.jsonl");
-    std::fs::write(&path, "").unwrap();
-    let name = "host-gap";
-    let log = Shipped {
-        path: path.clone(),
-        log: "kernel",
-        host: name.to_owned(),
-    };
-    let mut shipper = Shipper::start(&store, &[log]);
-    let mut w = HostLog::open(&path, name, true);
-    w.write(1..=3);
-    store.wait_seqs(name, "kernel", 4);
-
-    // The shipper is down while the writer rotates several times; segments are compressed,
-    // which the shipper never reads.
-    shipper.stop();
-    w.write(4..=40);
+    // Segments compressed, which the shipper never reads.
+    // Bound in this order so they drop in the reverse: writer, shipper, store, files.
+    let Outage {
+        dir,
+        path,
+        name,
+        store,
+        mut shipper,
+        log: w,
+    } = Outage::of("host-gap", true);
     drop(w); // finishes compressing
     let (uncompressed, compressed) = segments_in(dir.path());
     assert!(compressed >= 2, "the log rotated at least twice");
@@ -745,26 +776,17 @@ fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_ho
 #[test]
 fn uncompressed_segments_a_stopped_shipper_missed_are_shipped_when_it_starts_again() {
     require_root();
-    let store = ClickHouse::start();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kernel-audit.jsonl");
-    std::fs::write(&path, "").unwrap();
-    let name = "host-plain";
-    let log = Shipped {
-        path: path.clone(),
-        log: "kernel",
-        host: name.to_owned(),
-    };
-    let mut shipper = Shipper::start(&store, &[log]);
-    // `compress = false`: segments stay as rotated, and the shipper reads them.
-    let mut w = HostLog::open(&path, name, false);
-    w.write(1..=3);
-    store.wait_seqs(name, "kernel", 4);
-
-    // Down across several rotations, as in the backfill test; the segments between are read
-    // when it is back, and the store holds the whole chain without a backfill.
-    shipper.stop();
-    w.write(4..=40);
+    // `compress = false`: segments stay as rotated; the segments between are read when the
+    // shipper is back, and the store holds the whole chain without a backfill.
+    // Bound in this order so they drop in the reverse: writer, shipper, store, files.
+    let Outage {
+        dir,
+        path,
+        name,
+        store,
+        mut shipper,
+        log: mut w,
+    } = Outage::of("host-plain", false);
     let (uncompressed, compressed) = segments_in(dir.path());
     assert!(
         uncompressed >= 2 && compressed == 0,
