@@ -596,20 +596,13 @@ fn backfill(store: &ClickHouse, host: &str, log: &str, args: &[&str]) -> (i32, V
 fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_hosts_files() {
     require_root();
     // Segments compressed, which the shipper never reads.
-    // Bound in this order so they drop in the reverse: writer, shipper, store, files.
-    let Outage {
-        dir,
-        path,
-        name,
-        store,
-        mut shipper,
-        log: w,
-    } = Outage::of("host-gap", true);
-    drop(w); // finishes compressing
-    let (uncompressed, compressed) = segments_in(dir.path());
+    let mut o = Outage::of("host-gap", true);
+    drop(o.log); // finishes compressing
+    let (store, name, path, dir) = (&o.store, o.name, &o.path, o.dir.path());
+    let (uncompressed, compressed) = segments_in(dir);
     assert!(compressed >= 2, "the log rotated at least twice");
     assert_eq!(uncompressed, 0, "every segment compressed");
-    shipper.restart();
+    o.shipper.restart();
     let file = path.to_str().unwrap();
     let (code, f) = verify_json(&[file]);
     assert_eq!(code, 0, "{f:#}");
@@ -633,7 +626,7 @@ fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_ho
 
     // Backfill inserts exactly the missing lines.
     let rows_before = store.rows(name, "kernel");
-    let (code, b, err) = backfill(&store, name, "kernel", &["--json", file]);
+    let (code, b, err) = backfill(store, name, "kernel", &["--json", file]);
     assert_eq!(code, 0, "{err}{b:#}");
     assert_eq!(b["records"], records, "{b:#}");
     assert_eq!(b["present"], held, "{b:#}");
@@ -650,7 +643,7 @@ fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_ho
     assert_eq!(c["report"]["records"], records, "{c:#}");
     assert_eq!(c["report"]["head"], f["head"], "{c:#}");
     // The cross-check wants a proxy log too: one a proxy host never shipped, backfilled whole.
-    let proxy_log = dir.path().join("proxy").join("audit.jsonl");
+    let proxy_log = dir.join("proxy").join("audit.jsonl");
     std::fs::create_dir(proxy_log.parent().unwrap()).unwrap();
     let (mut p, _) = ChainWriter::open(&proxy_log).expect("open the proxy log");
     let start = LifecycleRecord::of(
@@ -666,7 +659,7 @@ fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_ho
     p.sync().expect("sync");
     drop(p);
     let proxy_file = proxy_log.to_str().unwrap();
-    let (code, b, err) = backfill(&store, "proxy-gap", "proxy", &["--json", proxy_file]);
+    let (code, b, err) = backfill(store, "proxy-gap", "proxy", &["--json", proxy_file]);
     assert_eq!((code, &b["inserted"]), (0, &json!(1)), "{err}{b:#}");
     let (file_code, files) = cross_check(&[
         "--kernel".to_owned(),
@@ -683,7 +676,7 @@ fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_ho
 
     // A second run inserts nothing.
     let rows = store.rows(name, "kernel");
-    let (code, b, err) = backfill(&store, name, "kernel", &["--json", file]);
+    let (code, b, err) = backfill(store, name, "kernel", &["--json", file]);
     assert_eq!(code, 0, "{err}{b:#}");
     assert_eq!(
         (b["inserted"].clone(), b["present"].clone()),
@@ -724,7 +717,7 @@ fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_ho
     let row = json!({ "host": name, "log": "kernel", "line": forged });
     store.query(&format!("INSERT INTO tank.audit FORMAT JSONEachRow {row}"));
     let rows = store.rows(name, "kernel");
-    let (code, b, err) = backfill(&store, name, "kernel", &["--json", file]);
+    let (code, b, err) = backfill(store, name, "kernel", &["--json", file]);
     assert_eq!(code, 1, "{err}{b:#}");
     assert_eq!(
         (&b["differing"], &b["differing_seqs"], &b["inserted"]),
@@ -736,7 +729,7 @@ fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_ho
     // Refused, with one line and nothing inserted: a copy of the log with a record edited
     // (it does not verify), the log named as the other kind, a store that cannot be reached.
     let copy = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(dir.path()).unwrap() {
+    for e in std::fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
         if e.file_type().unwrap().is_file() {
             std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
@@ -748,7 +741,7 @@ fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_ho
         .replacen("record ", "recorb ", 1);
     std::fs::write(&active, edited).unwrap();
     let refused = |args: &[&str], log: &str, says: &str| {
-        let (code, _, err) = backfill(&store, "host-copy", log, args);
+        let (code, _, err) = backfill(store, "host-copy", log, args);
         assert_eq!(code, 2, "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains(says), "{err}");
@@ -778,21 +771,14 @@ fn uncompressed_segments_a_stopped_shipper_missed_are_shipped_when_it_starts_aga
     require_root();
     // `compress = false`: segments stay as rotated; the segments between are read when the
     // shipper is back, and the store holds the whole chain without a backfill.
-    // Bound in this order so they drop in the reverse: writer, shipper, store, files.
-    let Outage {
-        dir,
-        path,
-        name,
-        store,
-        mut shipper,
-        log: mut w,
-    } = Outage::of("host-plain", false);
-    let (uncompressed, compressed) = segments_in(dir.path());
+    let mut o = Outage::of("host-plain", false);
+    let (store, name, path, dir) = (&o.store, o.name, &o.path, o.dir.path());
+    let (uncompressed, compressed) = segments_in(dir);
     assert!(
         uncompressed >= 2 && compressed == 0,
         "{uncompressed} segments"
     );
-    shipper.restart();
+    o.shipper.restart();
     let file = path.to_str().unwrap();
     let (code, f) = verify_json(&[file]);
     assert_eq!(code, 0, "{f:#}");
@@ -806,10 +792,10 @@ fn uncompressed_segments_a_stopped_shipper_missed_are_shipped_when_it_starts_aga
     // Shipping on across rotations: every record arrives; a segment read by both sources is
     // there twice, which the reader takes once.
     for round in 0..4 {
-        w.write(41 + round * 10..=50 + round * 10);
+        o.log.write(41 + round * 10..=50 + round * 10);
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    drop(w);
+    drop(o.log);
     let (code, f) = verify_json(&[file]);
     assert_eq!(code, 0, "{f:#}");
     let records = f["records"].as_u64().unwrap();
@@ -818,7 +804,7 @@ fn uncompressed_segments_a_stopped_shipper_missed_are_shipped_when_it_starts_aga
     assert_eq!(code, 0, "{v:#}");
     assert_eq!(chain(&v, name)["report"]["records"], records, "{v:#}");
     assert_eq!(chain(&v, name)["report"]["head"], f["head"], "{v:#}");
-    let (code, b, err) = backfill(&store, name, "kernel", &["--json", file]);
+    let (code, b, err) = backfill(store, name, "kernel", &["--json", file]);
     assert_eq!((code, &b["inserted"]), (0, &json!(0)), "{err}{b:#}");
     // What reading segments costs: the rows once the shipper has sent all it will (no new
     // row for 2 s), against the records.
@@ -837,7 +823,7 @@ fn uncompressed_segments_a_stopped_shipper_missed_are_shipped_when_it_starts_aga
     }
     eprintln!(
         "{records} records in {} segments and the active file: {} rows in the store",
-        segments_in(dir.path()).0,
+        segments_in(dir).0,
         rows.0
     );
 }
