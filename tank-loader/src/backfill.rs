@@ -10,8 +10,9 @@
 //!
 //! It never ships a broken chain as good: the series is verified whole (against its anchor)
 //! before anything is inserted, and a series that does not verify is refused. It reads the
-//! files twice, so memory stays bounded whatever their size: the first pass verifies and
-//! compares with the store, planning the inserts as batches, each with the SHA-256 of its body;
+//! files twice, so memory holds one batch and the list of missing `seq` ranges, whatever the
+//! files' size: the first pass verifies and compares with the store (a page of it at a time),
+//! planning the inserts as batches, each with the SHA-256 of its body;
 //! the second pass sends a batch only if it reads back byte for byte as planned (a log that
 //! rotated or changed in between stops it, and a rerun does the rest). A row the store holds
 //! for a `seq` whose line differs from the file is left alone and reported: that is evidence
@@ -400,6 +401,8 @@ pub fn backfill(store: &Store, target: &Target, paths: &[PathBuf]) -> Result<Out
         missing: to_insert,
     };
     let series = chain::series(paths).map_err(read)?;
+    // Here the verifier only parses: each batch's digest is what says the lines are those
+    // verified (a rotation since is picked up by the new listing of the series).
     let mut verifier = StreamVerifier::new(None);
     let mut batches = plan.iter();
     let mut batch = batches.next();
