@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tank_ebpf_common::chain;
+use tank_ebpf_common::ocsf::LogName;
 
 use crate::{clickhouse, config, crosscheck};
 
@@ -49,9 +50,11 @@ pub fn parse() -> Cli {
 /// bpffs: it stays in force when the loader exits or crashes, until `tank-loader detach`.
 ///
 /// Exit codes: 0 success; 1 failure, an invalid config, (audit verify) a log that does not
-/// verify, (status) enforcement not fully in place, (trace --no-follow) unreadable records, or
-/// (audit cross-check) discrepancies between the logs; 2 usage error or (audit verify, audit
-/// cross-check) an input that cannot be read; 3 (audit cross-check) a log that does not verify.
+/// verify, (status) enforcement not fully in place, (trace --no-follow) unreadable records,
+/// (audit cross-check) discrepancies between the logs, or (audit backfill) records in the store
+/// that differ from the files; 2 usage error or (audit verify, audit cross-check, audit
+/// backfill) an input that cannot be read, or (audit backfill) a log that does not verify; 3
+/// (audit cross-check) a log that does not verify.
 #[derive(Parser)]
 #[command(name = "tank-loader", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
@@ -288,6 +291,58 @@ pub enum AuditCommand {
         #[command(flatten)]
         store: Box<StoreArgs>,
     },
+    /// Put into the log store every record of this host's log that the store lacks (a segment
+    /// its shipper missed), from the host's files.
+    ///
+    /// Reads the log as `audit verify` does (its rotated segments, compressed or not, then the
+    /// active file) and verifies it whole against its anchor: a log that does not verify is
+    /// refused and nothing is inserted (run `audit verify` on it). Then asks the store which
+    /// records of the chain --host/--log/--name it holds in the log's range, and inserts
+    /// exactly the missing lines, unchanged, in chain order, as the rows the shipper sends
+    /// (host, log, name, line). Idempotent: a second run inserts nothing. A record the store
+    /// holds with a different line is left as it is and reported (exit 1): that is for the
+    /// auditor. Run it on the host (or on a copy of its log with the `.head` anchor), when
+    /// `audit verify --clickhouse` reports records missing (`seq_gap`) for that host.
+    ///
+    /// Exit codes: 0 the store holds every record of the files (inserted or already there); 1
+    /// it also holds records that differ from the files (listed, left alone); 2 a usage error,
+    /// a log that cannot be read or does not verify, or a store that cannot be read or refused
+    /// an insert (what was inserted before is a verified part; run it again).
+    Backfill {
+        /// The host's log file (its rotated segments beside it are read too), a directory
+        /// holding one log's segments, or several segment files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The store's HTTP interface: http://[USER[:PASSWORD]@]HOST:PORT (a user that may
+        /// SELECT and INSERT the table).
+        #[arg(long, value_name = "URL")]
+        clickhouse: clickhouse::Url,
+        /// The table holding the records (DATABASE.TABLE).
+        #[arg(long, value_name = "TABLE", default_value = clickhouse::DEFAULT_TABLE)]
+        table: String,
+        /// The host's name in the store: the shipper's host("...") for this log.
+        #[arg(long, value_name = "HOST")]
+        host: String,
+        /// Which log this is, `kernel` or `proxy`: the shipper's log("..."); every record must
+        /// say so.
+        #[arg(long, value_name = "LOG", value_parser = parse_log_name)]
+        log: LogName,
+        /// The shipper's name("...") of the log, if it sets one.
+        #[arg(long, value_name = "NAME", default_value = "")]
+        name: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `kernel` or `proxy`, as the shipper's `log` column and records' `metadata.log_name` say.
+fn parse_log_name(s: &str) -> Result<LogName, String> {
+    match s {
+        "kernel" => Ok(LogName::Kernel),
+        "proxy" => Ok(LogName::Proxy),
+        _ => Err("expected `kernel` (tank-loader's log) or `proxy` (egress-proxy's)".to_owned()),
+    }
 }
 
 /// Where `audit verify` and `audit cross-check` read a fleet's records from a ClickHouse log

@@ -1,5 +1,6 @@
 //! Audit records read back from ClickHouse, the fleet's log store, for `audit verify
-//! --clickhouse` and `audit cross-check --clickhouse`.
+//! --clickhouse` and `audit cross-check --clickhouse`, and written into it for `audit
+//! backfill` (crate::backfill).
 //!
 //! A shipper on every host inserts each record's exact line into one table
 //! (image/fleet/clickhouse.sql); the server derives the typed columns (`seq`, `time_ms`, ...)
@@ -8,7 +9,8 @@
 //! lines of a file, so the store gives the same verdicts as the files it was shipped from.
 //!
 //! The client is a small blocking HTTP/1.1 one over `std::net` (a query per page, `POST`, the
-//! answer in `TabSeparated`): plain HTTP only, as ClickHouse's HTTP interface listens by
+//! answer in `TabSeparated`; an insert is its rows after the `INSERT`, in the shipper's
+//! JSONEachRow): plain HTTP only, as ClickHouse's HTTP interface listens by
 //! default. docs/operations.md ("Fleet") says how to reach a store over TLS.
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -16,7 +18,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use serde::Serialize;
-use tank_ebpf_common::chain::{self, Line, Report};
+use tank_ebpf_common::chain::{self, Hash, Line, Report};
 use tank_ebpf_common::ocsf::LogName;
 
 use crate::crosscheck::Source;
@@ -188,6 +190,13 @@ pub struct Store {
     table: String,
 }
 
+impl std::fmt::Display for Store {
+    /// `tank.audit at http://logs:8123` (never the password).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at {}", self.table, self.url)
+    }
+}
+
 impl Store {
     /// The store at `url`, table `table` (`DATABASE.TABLE` or `TABLE`).
     pub fn new(url: Url, table: &str) -> Result<Self, String> {
@@ -224,11 +233,14 @@ impl Store {
             true => String::new(),
             false => format!(" WHERE {}", clauses.join(" AND ")),
         };
-        let body = self.query(&format!(
-            "SELECT host, log, name, count(), min(seq), max(seq) FROM {}{wher} \
-             GROUP BY host, log, name ORDER BY host, log, name FORMAT TabSeparated",
-            self.table
-        ))?;
+        let body = self.query(
+            format!(
+                "SELECT host, log, name, count(), min(seq), max(seq) FROM {}{wher} \
+                 GROUP BY host, log, name ORDER BY host, log, name FORMAT TabSeparated",
+                self.table
+            )
+            .as_bytes(),
+        )?;
         let ranged = filter.since.is_some() || filter.until.is_some();
         let mut chains = Vec::new();
         for row in body.split(|b| *b == b'\n').filter(|r| !r.is_empty()) {
@@ -264,24 +276,57 @@ impl Store {
     /// page at a time of `page` rows; rows identical to the one before (a batch the shipper
     /// sent twice) are given once.
     pub fn lines(&self, chain: &Chain, page: usize) -> Lines {
-        let mut wher = format!(
-            "host = {} AND log = '{}' AND name = {}",
-            quote(&chain.host),
-            chain.log.as_str(),
-            quote(&chain.name)
-        );
+        let mut wher = chain_where(&chain.host, chain.log, &chain.name);
         if chain.ranged {
             wher += &format!(" AND seq <= {}", chain.last_seq);
         }
+        let from = if chain.ranged { chain.first_seq } else { 0 };
         Lines {
-            store: self.clone(),
-            wher,
-            next_seq: if chain.ranged { chain.first_seq } else { 0 },
-            page: page.max(PAGE_MIN),
-            rows: Vec::new().into_iter(),
+            rows: Rows::new(self.clone(), wher, "line", from, page),
             last: None,
-            done: false,
         }
+    }
+
+    /// The records the store holds of one chain (`host`, `log`, `name`) from `seq` on, as
+    /// `(seq, SHA-256 of the line)` in `seq` order, a row per copy: what `audit backfill`
+    /// compares a host's files with, without reading every line back.
+    pub fn held(
+        &self,
+        host: &str,
+        log: LogName,
+        name: &str,
+        from: u64,
+    ) -> impl Iterator<Item = Result<(u64, Hash), Error>> {
+        let store = self.clone();
+        Rows::new(
+            self.clone(),
+            chain_where(host, log, name),
+            "lower(hex(SHA256(line)))",
+            from,
+            Self::page_for(1),
+        )
+        .map(move |row| {
+            let (seq, hash) = row?;
+            let hash = std::str::from_utf8(&hash)
+                .ok()
+                .and_then(|h| h.parse::<Hash>().ok())
+                .ok_or_else(|| {
+                    store.answer(format!("a hash {:?}", String::from_utf8_lossy(&hash)))
+                })?;
+            Ok((seq, hash))
+        })
+    }
+
+    /// Inserts `rows` (JSONEachRow: one `{"host", "log", "name", "line"}` object a line, as a
+    /// shipper sends them) into the table, as one insert.
+    pub fn insert(&self, rows: &[u8]) -> Result<(), Error> {
+        let mut body = format!(
+            "INSERT INTO {} (host, log, name, line) FORMAT JSONEachRow\n",
+            self.table
+        )
+        .into_bytes();
+        body.extend_from_slice(rows);
+        self.query(&body).map(drop)
     }
 
     /// The page size for reading `chains` chains side by side.
@@ -336,8 +381,9 @@ impl Store {
         }
     }
 
-    /// Runs `sql` and returns the body of the answer.
-    fn query(&self, sql: &str) -> Result<Vec<u8>, Error> {
+    /// Runs `sql` (a query, or an insert with its data after it) and returns the body of the
+    /// answer.
+    fn query(&self, sql: &[u8]) -> Result<Vec<u8>, Error> {
         let io = |source| Error::Io {
             url: self.url.to_string(),
             source,
@@ -354,7 +400,7 @@ impl Store {
         Ok(body)
     }
 
-    fn post(&self, sql: &str) -> io::Result<(u16, Vec<u8>)> {
+    fn post(&self, sql: &[u8]) -> io::Result<(u16, Vec<u8>)> {
         let addrs: Vec<_> = self.url.authority.to_socket_addrs()?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         let mut stream = None;
@@ -386,7 +432,7 @@ impl Store {
         }
         head += "\r\n";
         stream.write_all(head.as_bytes())?;
-        stream.write_all(sql.as_bytes())?;
+        stream.write_all(sql)?;
         stream.flush()?;
         read_response(BufReader::new(stream))
     }
@@ -564,28 +610,58 @@ fn cut_page(rows: &mut Vec<(u64, Vec<u8>)>, page: usize) -> Option<u64> {
     Some(last)
 }
 
-/// The lines of one chain, page by page ([`Store::lines`]).
-pub struct Lines {
+/// The `where` of one chain's rows.
+fn chain_where(host: &str, log: LogName, name: &str) -> String {
+    format!(
+        "host = {} AND log = '{}' AND name = {}",
+        quote(host),
+        log.as_str(),
+        quote(name)
+    )
+}
+
+/// One column of one chain's rows with their `seq`, in `seq` order, page by page: every copy
+/// of a row, as the store holds it.
+struct Rows {
     store: Store,
     wher: String,
+    column: &'static str,
     next_seq: u64,
     page: usize,
     rows: std::vec::IntoIter<(u64, Vec<u8>)>,
-    last: Option<(u64, Vec<u8>)>,
     done: bool,
 }
 
-impl Lines {
+impl Rows {
+    fn new(store: Store, wher: String, column: &'static str, from: u64, page: usize) -> Self {
+        Self {
+            store,
+            wher,
+            column,
+            next_seq: from,
+            page: page.max(PAGE_MIN),
+            rows: Vec::new().into_iter(),
+            done: false,
+        }
+    }
+
     /// The next page: rows from `next_seq` on.
     fn fetch(&mut self) -> Result<(), Error> {
-        let body = self.store.query(&format!(
-            "SELECT seq, line FROM {} WHERE {} AND seq >= {} ORDER BY seq, line LIMIT {} \
-             FORMAT TabSeparated",
-            self.store.table, self.wher, self.next_seq, self.page
-        ))?;
+        let body = self.store.query(
+            format!(
+                "SELECT seq, {c} FROM {} WHERE {} AND seq >= {} ORDER BY seq, {c} LIMIT {} \
+                 FORMAT TabSeparated",
+                self.store.table,
+                self.wher,
+                self.next_seq,
+                self.page,
+                c = self.column,
+            )
+            .as_bytes(),
+        )?;
         let mut rows = Vec::new();
         for row in body.split(|b| *b == b'\n').filter(|r| !r.is_empty()) {
-            let (seq, line) = match row.iter().position(|b| *b == b'\t') {
+            let (seq, value) = match row.iter().position(|b| *b == b'\t') {
                 Some(tab) => (
                     std::str::from_utf8(&row[..tab])
                         .ok()
@@ -598,7 +674,7 @@ impl Lines {
                 self.store
                     .answer(format!("a row {:?}", String::from_utf8_lossy(row)))
             })?;
-            rows.push((seq, unescape(line)));
+            rows.push((seq, unescape(value)));
         }
         match cut_page(&mut rows, self.page) {
             Some(next) => self.next_seq = next,
@@ -609,25 +685,45 @@ impl Lines {
     }
 }
 
-impl Iterator for Lines {
-    type Item = io::Result<Vec<u8>>;
+impl Iterator for Rows {
+    type Item = Result<(u64, Vec<u8>), Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if let Some(row) = self.rows.next() {
-                if self.last.as_ref() == Some(&row) {
-                    continue;
-                }
-                self.last = Some(row.clone());
-                return Some(Ok(row.1));
+                return Some(Ok(row));
             }
             if self.done {
                 return None;
             }
             if let Err(e) = self.fetch() {
                 self.done = true;
-                return Some(Err(e.into()));
+                return Some(Err(e));
             }
+        }
+    }
+}
+
+/// The lines of one chain, page by page ([`Store::lines`]).
+pub struct Lines {
+    rows: Rows,
+    last: Option<(u64, Vec<u8>)>,
+}
+
+impl Iterator for Lines {
+    type Item = io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let row = match self.rows.next()? {
+                Ok(row) => row,
+                Err(e) => return Some(Err(e.into())),
+            };
+            if self.last.as_ref() == Some(&row) {
+                continue;
+            }
+            self.last = Some(row.clone());
+            return Some(Ok(row.1));
         }
     }
 }

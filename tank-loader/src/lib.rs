@@ -4,6 +4,7 @@
 //! library too, so they read audit records and find cgroups with the same code as the loader.
 
 pub mod activity;
+pub mod backfill;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cli;

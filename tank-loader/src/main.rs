@@ -155,6 +155,36 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             html.as_deref(),
             &mut out,
         ),
+        Command::Audit {
+            command:
+                AuditCommand::Backfill {
+                    files,
+                    clickhouse,
+                    table,
+                    host,
+                    log,
+                    name,
+                    json,
+                },
+        } => {
+            let store = match tank_loader::clickhouse::Store::new(clickhouse, &table) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("tank-loader: --table: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let target = tank_loader::backfill::Target { host, log, name };
+            let code = tank_loader::backfill::command(
+                &store,
+                &target,
+                &files,
+                json,
+                &mut out,
+                &mut std::io::stderr(),
+            )?;
+            Ok(ExitCode::from(code))
+        }
         Command::Policy {
             command:
                 PolicyCommand::Suggest {

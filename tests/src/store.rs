@@ -179,25 +179,56 @@ impl ClickHouse {
 
     /// Rows of `host`'s `log` (`kernel` or `proxy`) in tank's table.
     pub fn rows(&self, host: &str, log: &str) -> u64 {
+        self.of_chain(host, log, "count()")
+    }
+
+    /// Distinct `seq` of `host`'s `log` in tank's table: its records, each copy counted once.
+    pub fn seqs(&self, host: &str, log: &str) -> u64 {
+        self.of_chain(host, log, "uniqExact(seq)")
+    }
+
+    /// The greatest `seq` of `host`'s `log` in tank's table (0 for none).
+    pub fn last_seq(&self, host: &str, log: &str) -> u64 {
+        self.of_chain(host, log, "max(seq)")
+    }
+
+    /// `aggregate` (a number) over the rows of `host`'s `log`.
+    fn of_chain(&self, host: &str, log: &str, aggregate: &str) -> u64 {
         self.query(&format!(
-            "SELECT count() FROM tank.audit WHERE host = '{host}' AND log = '{log}'"
+            "SELECT {aggregate} FROM tank.audit WHERE host = '{host}' AND log = '{log}'"
         ))
         .trim()
         .parse()
-        .expect("a count")
+        .expect("a number")
     }
 
-    /// Waits (bounded) until `host`'s `log` has at least `n` rows.
-    pub fn wait_rows(&self, host: &str, log: &str, n: u64) {
+    /// Waits (bounded) until `host`'s `log` has at least `n` distinct records.
+    pub fn wait_seqs(&self, host: &str, log: &str, n: u64) {
+        self.wait_for(host, log, "distinct seq", n, Self::seqs);
+    }
+
+    /// Waits (bounded) until `host`'s `log` has a record of `seq` or later.
+    pub fn wait_last_seq(&self, host: &str, log: &str, seq: u64) {
+        self.wait_for(host, log, "as last seq", seq, Self::last_seq);
+    }
+
+    fn wait_for(
+        &self,
+        host: &str,
+        log: &str,
+        what: &str,
+        n: u64,
+        have: fn(&Self, &str, &str) -> u64,
+    ) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let have = self.rows(host, log);
+            let have = have(self, host, log);
             if have >= n {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "the store has {have} of {n} rows of {host}'s {log} log after 20 s: seq {}",
+                "the store has {have} of {n} {what} of {host}'s {log} log after 20 s: seq {}",
                 self.query(&format!(
                     "SELECT groupArray(seq) FROM tank.audit WHERE host = '{host}' AND log = '{log}'"
                 ))
@@ -267,7 +298,7 @@ pub struct Shipped {
 
 /// A running syslog-ng shipping some logs into a [`ClickHouse`] with the repository's block.
 pub struct Shipper {
-    child: Child,
+    child: Option<Child>,
     /// Its config, persist file, control socket and output.
     pub dir: tempfile::TempDir,
 }
@@ -283,48 +314,69 @@ impl Shipper {
         );
         for l in logs {
             config += &format!(
-                "tank_audit_log(path(\"{}\") log(\"{}\") host(\"{}\") url(\"{}\"));\n",
-                l.path.display(),
+                "tank_audit_log(dir(\"{}\") file(\"{}\") log(\"{}\") host(\"{}\") url(\"{}\"));\n",
+                l.path.parent().expect("a log in a directory").display(),
+                l.path.file_name().expect("a log file").to_string_lossy(),
                 l.log,
                 l.host,
                 store.url()
             );
         }
-        let conf = dir.path().join("syslog-ng.conf");
-        std::fs::write(&conf, config).unwrap();
-        let out = dir.path().join("syslog-ng.out");
-        let child = Command::new("syslog-ng")
+        std::fs::write(dir.path().join("syslog-ng.conf"), config).unwrap();
+        let mut shipper = Self { child: None, dir };
+        shipper.restart();
+        shipper
+    }
+
+    /// Stops syslog-ng (a shipper down, or blocked); [`Self::restart`] starts it again with
+    /// its persist file, where it left off.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts the stopped shipper again.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "syslog-ng already running");
+        let dir = self.dir.path();
+        let out = dir.join("syslog-ng.out");
+        let output = || {
+            File::options()
+                .create(true)
+                .append(true)
+                .open(&out)
+                .unwrap()
+        };
+        let mut child = Command::new("syslog-ng")
             .args(["-F", "--no-caps", "-f"])
-            .arg(&conf)
+            .arg(dir.join("syslog-ng.conf"))
             .arg("-R")
-            .arg(dir.path().join("persist"))
+            .arg(dir.join("persist"))
             .arg("-p")
-            .arg(dir.path().join("pid"))
+            .arg(dir.join("pid"))
             .arg("-c")
-            .arg(dir.path().join("ctl"))
+            .arg(dir.join("ctl"))
             .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(Stdio::from(
-                File::options().append(true).open(&out).unwrap(),
-            ))
+            .stdout(output())
+            .stderr(output())
             .spawn()
             .expect(
                 "start syslog-ng (packages syslog-ng-core, syslog-ng-mod-http: cargo xtask setup)",
             );
-        let mut shipper = Self { child, dir };
         std::thread::sleep(Duration::from_millis(300));
-        if let Some(status) = shipper.child.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().unwrap() {
             panic!(
                 "syslog-ng exited ({status}): {}",
                 std::fs::read_to_string(&out).unwrap_or_default()
             );
         }
-        shipper
+        self.child = Some(child);
     }
 }
 
 impl Drop for Shipper {
     fn drop(&mut self) {
-        stop(&mut self.child, Duration::from_secs(10));
+        self.stop();
     }
 }

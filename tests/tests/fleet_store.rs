@@ -11,6 +11,8 @@ use std::process::{Command, Output};
 use serde_json::{json, Value};
 use tank_ebpf_common::chain::{ChainWriter, Options, Rotation};
 use tank_ebpf_common::event::hook;
+use tank_ebpf_common::ocsf::kernel::LifecycleRecord;
+use tank_ebpf_common::ocsf::lifecycle;
 use tank_integration_tests::store::{ClickHouse, Shipped, Shipper};
 use tank_integration_tests::{network_records, require_root, workspace_bin};
 
@@ -107,8 +109,8 @@ fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_it
     // Written while the shipper tails them: it follows each rotation to the new active file.
     write_log(&a);
     write_log(&b);
-    store.wait_rows("host-a", "kernel", 30);
-    store.wait_rows("host-b", "kernel", 30);
+    store.wait_seqs("host-a", "kernel", 30);
+    store.wait_seqs("host-b", "kernel", 30);
     let segments = std::fs::read_dir(a.parent().unwrap())
         .unwrap()
         .filter(|e| {
@@ -154,22 +156,25 @@ fn the_store_verifies_like_the_files_and_finds_a_record_deleted_or_edited_for_it
     drop(w);
     std::thread::sleep(std::time::Duration::from_secs(2));
     store.restart();
-    store.wait_rows("host-a", "kernel", 35);
-    assert_eq!(store.rows("host-a", "kernel"), 35, "each record once");
+    store.wait_seqs("host-a", "kernel", 35);
 
-    // A batch the shipper sent twice is no problem: identical rows are read once.
+    // A batch the shipper sent twice is no problem: identical rows are read once. (The
+    // shipper itself sends a segment twice when it reads it both before and after the
+    // rename, image/fleet/syslog-ng-tank.conf.)
+    let rows = store.rows("host-b", "kernel");
     store.query(
         "INSERT INTO tank.audit (host, log, name, line) \
          SELECT host, log, name, line FROM tank.audit WHERE host = 'host-b' AND seq <= 3",
     );
-    assert_eq!(store.rows("host-b", "kernel"), 33);
+    assert!(store.rows("host-b", "kernel") >= rows + 3);
     assert_eq!(verify_json(&["--clickhouse", &url]).0, 0);
 
     // Someone deletes a record of host-a in the store, and edits one of host-b (a mutation
     // cannot rewrite `line`, a key's source: deleted and inserted changed).
     store.mutate("ALTER TABLE tank.audit DELETE WHERE host = 'host-a' AND seq = 12");
     let edited = store.query(
-        "SELECT line FROM tank.audit WHERE host = 'host-b' AND seq = 20 FORMAT TabSeparatedRaw",
+        "SELECT line FROM tank.audit WHERE host = 'host-b' AND seq = 20 LIMIT 1 \
+         FORMAT TabSeparatedRaw",
     );
     store.mutate("ALTER TABLE tank.audit DELETE WHERE host = 'host-b' AND seq = 20");
     let forged = edited.trim_end().replace("record 20", "record 2O");
@@ -327,11 +332,11 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
     let records = |path: &Path| tank_ebpf_common::chain::read(path).unwrap().1.len() as u64;
     let shipped = |fleet: &Fleet| {
         for a in &fleet.agents {
-            store.wait_rows(a.name, "kernel", records(&a.loader.audit_log));
+            store.wait_seqs(a.name, "kernel", records(&a.loader.audit_log));
         }
         for p in &fleet.proxies {
             // Connection records: an opening and a closing record per relayed connection.
-            store.wait_rows(p.name, "proxy", records(&p.log));
+            store.wait_seqs(p.name, "proxy", records(&p.log));
         }
     };
     // Every connection in both logs before anything is compared: 4 per agent host (2 rounds,
@@ -407,6 +412,26 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
     assert_eq!(r["summary"]["matched"], 4, "{r:#}");
     assert_eq!(s["summary"]["hosts"], 2);
     assert_eq!(s["summary"]["proxies"], 2);
+    // Backfill reads the real writers' logs (agent-2's in compressed segments): each verifies,
+    // and every record the shipper delivered is in the store byte for byte (same SHA-256).
+    let logs = fleet
+        .agents
+        .iter()
+        .map(|a| (a.name, "kernel", &a.loader.audit_log))
+        .chain(fleet.proxies.iter().map(|p| (p.name, "proxy", &p.log)));
+    for (name, kind, log) in logs {
+        let held = store.seqs(name, kind);
+        let (code, b, err) = backfill(&store, name, kind, &["--json", log.to_str().unwrap()]);
+        assert_eq!(
+            (code, &b["differing"]),
+            (0, &json!(0)),
+            "{name}: {err}{b:#}"
+        );
+        assert!(
+            held > 0 && b["present"].as_u64().unwrap() >= held,
+            "{name}: {b:#}"
+        );
+    }
 
     // 1. Traffic at proxy-1 from agent-1's host but outside its agent cgroup: the proxy
     // records it, agent-1's kernel log never saw it. Found for agent-1, from the store and
@@ -476,4 +501,349 @@ fn a_fleet_shipped_to_the_store_cross_checks_like_its_files_and_each_finding_nam
     assert_eq!(host(&s, "hosts", "agent-2")["log"]["intact"], true, "{s:#}");
 
     drop(shippers);
+}
+
+/// A kernel log of `host` as the loader writes one (a start record naming the host, then
+/// records, a lifecycle record opening each segment), rotating every few records.
+struct HostLog {
+    writer: ChainWriter,
+    host: &'static str,
+}
+
+impl HostLog {
+    fn open(path: &Path, host: &'static str, compress: bool) -> Self {
+        let opts = Options {
+            rotation: Rotation {
+                max_bytes: Some(1500),
+                compress,
+                ..Rotation::default()
+            },
+            ..Options::default()
+        };
+        let (mut writer, _) = ChainWriter::open_with(path, opts).expect("open the log");
+        let start = LifecycleRecord::new(host, "0", lifecycle::START, "started".into(), json!({}));
+        writer.append(&start).expect("append");
+        Self { writer, host }
+    }
+
+    /// Appends `records`, rotating when the rule says so, as the drain does; then syncs.
+    fn write(&mut self, records: std::ops::RangeInclusive<i64>) {
+        let segment = LifecycleRecord::new(
+            self.host,
+            "0",
+            lifecycle::OTHER,
+            "new audit log segment".into(),
+            json!({ "event": "segment" }),
+        );
+        for i in records {
+            if self.writer.rotation_due() {
+                self.writer.rotate(&segment).expect("rotate");
+            }
+            self.writer.append(&record(i)).expect("append");
+        }
+        self.writer.sync().expect("sync");
+    }
+}
+
+/// A host's kernel log shipped by syslog-ng into a store of the test's own, then written on
+/// across several rotations while the shipper is stopped (segments compressed or not).
+struct Outage {
+    // Drop order is field order: the writer first, the directory last.
+    log: HostLog,
+    shipper: Shipper,
+    store: ClickHouse,
+    path: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    name: &'static str,
+}
+
+impl Outage {
+    fn of(name: &'static str, compress: bool) -> Self {
+        let store = ClickHouse::start();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kernel-audit.jsonl");
+        std::fs::write(&path, "").unwrap();
+        let shipped = Shipped {
+            path: path.clone(),
+            log: "kernel",
+            host: name.to_owned(),
+        };
+        let mut shipper = Shipper::start(&store, &[shipped]);
+        let mut log = HostLog::open(&path, name, compress);
+        log.write(1..=3);
+        store.wait_seqs(name, "kernel", 4);
+        shipper.stop();
+        log.write(4..=40);
+        Self {
+            log,
+            shipper,
+            store,
+            path,
+            dir,
+            name,
+        }
+    }
+}
+
+/// The rotated segments of the log in `dir`: `(uncompressed, compressed)`.
+fn segments_in(dir: &Path) -> (usize, usize) {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".jsonl.0"))
+        .collect();
+    let compressed = names.iter().filter(|n| n.ends_with(".zst")).count();
+    (names.len() - compressed, compressed)
+}
+
+/// `audit backfill --json` of `log` as `host`'s kernel log: its exit code, report and stderr.
+fn backfill(store: &ClickHouse, host: &str, log: &str, args: &[&str]) -> (i32, Value, String) {
+    let url = store.url();
+    let out = loader(
+        &[
+            &["audit", "backfill", "--clickhouse", &url, "--host", host][..],
+            &["--log", log],
+            args,
+        ]
+        .concat(),
+    );
+    let value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), value, stderr)
+}
+
+#[test]
+fn segments_a_stopped_shipper_never_read_are_backfilled_exactly_once_from_the_hosts_files() {
+    require_root();
+    // Segments compressed, which the shipper never reads.
+    let mut o = Outage::of("host-gap", true);
+    drop(o.log); // finishes compressing
+    let (store, name, path, dir) = (&o.store, o.name, &o.path, o.dir.path());
+    let (uncompressed, compressed) = segments_in(dir);
+    assert!(compressed >= 2, "the log rotated at least twice");
+    assert_eq!(uncompressed, 0, "every segment compressed");
+    o.shipper.restart();
+    let file = path.to_str().unwrap();
+    let (code, f) = verify_json(&[file]);
+    assert_eq!(code, 0, "{f:#}");
+    let (records, last) = (
+        f["records"].as_u64().unwrap(),
+        f["head"]["seq"].as_u64().unwrap(),
+    );
+    store.wait_last_seq(name, "kernel", last);
+
+    // The store misses what the segments in between hold, and says so for that host.
+    let held = store.seqs(name, "kernel");
+    assert!(held < records, "the store holds {held} of {records}");
+    let url = store.url();
+    let (code, v) = verify_json(&["--clickhouse", &url, "--host", name]);
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(
+        chain(&v, name)["report"]["problems"][0]["problem"],
+        "seq_gap",
+        "{v:#}"
+    );
+
+    // Backfill inserts exactly the missing lines.
+    let rows_before = store.rows(name, "kernel");
+    let (code, b, err) = backfill(store, name, "kernel", &["--json", file]);
+    assert_eq!(code, 0, "{err}{b:#}");
+    assert_eq!(b["records"], records, "{b:#}");
+    assert_eq!(b["present"], held, "{b:#}");
+    assert_eq!(b["inserted"], records - held, "{b:#}");
+    assert_eq!(b["differing"], 0, "{b:#}");
+    assert_eq!(store.rows(name, "kernel"), rows_before + records - held);
+    assert_eq!(store.seqs(name, "kernel"), records);
+
+    // The store's chain is now the files' chain: intact, same records and head, and the
+    // cross-check from the store says what it says from the files.
+    let (code, v) = verify_json(&["--clickhouse", &url]);
+    assert_eq!(code, 0, "{v:#}");
+    let c = chain(&v, name);
+    assert_eq!(c["report"]["records"], records, "{c:#}");
+    assert_eq!(c["report"]["head"], f["head"], "{c:#}");
+    // The cross-check wants a proxy log too: one a proxy host never shipped, backfilled whole.
+    let proxy_log = dir.join("proxy").join("audit.jsonl");
+    std::fs::create_dir(proxy_log.parent().unwrap()).unwrap();
+    let (mut p, _) = ChainWriter::open(&proxy_log).expect("open the proxy log");
+    let start = LifecycleRecord::of(
+        tank_ebpf_common::ocsf::proxy::PRODUCT,
+        tank_ebpf_common::ocsf::LogName::Proxy,
+        "proxy-gap",
+        "0",
+        lifecycle::START,
+        "started".into(),
+        json!({}),
+    );
+    p.append(&start).expect("append");
+    p.sync().expect("sync");
+    drop(p);
+    let proxy_file = proxy_log.to_str().unwrap();
+    let (code, b, err) = backfill(store, "proxy-gap", "proxy", &["--json", proxy_file]);
+    assert_eq!((code, &b["inserted"]), (0, &json!(1)), "{err}{b:#}");
+    let (file_code, files) = cross_check(&[
+        "--kernel".to_owned(),
+        file.to_owned(),
+        "--proxy".to_owned(),
+        proxy_file.to_owned(),
+    ]);
+    let (store_code, stored) = cross_check(&["--clickhouse".to_owned(), url.clone()]);
+    assert_eq!(file_code, store_code, "{files:#}\n{stored:#}");
+    assert_ne!(store_code, 3, "{stored:#}");
+    assert_eq!(stored["summary"], files["summary"]);
+    assert_eq!(verdicts(&stored), verdicts(&files));
+    assert_eq!(host(&stored, "hosts", name)["log"]["records"], records);
+
+    // A second run inserts nothing.
+    let rows = store.rows(name, "kernel");
+    let (code, b, err) = backfill(store, name, "kernel", &["--json", file]);
+    assert_eq!(code, 0, "{err}{b:#}");
+    assert_eq!(
+        (b["inserted"].clone(), b["present"].clone()),
+        (json!(0), json!(records))
+    );
+    let out = loader(&[
+        "audit",
+        "backfill",
+        "--clickhouse",
+        &url,
+        "--host",
+        name,
+        "--log",
+        "kernel",
+        file,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "backfill host={name} log=kernel: {records} records in "
+        )) && text(&out).contains(&format!("held {records}, inserted 0")),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(store.rows(name, "kernel"), rows, "nothing inserted");
+
+    // A record the store holds with another line is evidence: reported, not overwritten.
+    let seq = 7;
+    let line = store.query(&format!(
+        "SELECT line FROM tank.audit WHERE host = '{name}' AND seq = {seq} LIMIT 1 \
+         FORMAT TabSeparatedRaw"
+    ));
+    store.mutate(&format!(
+        "ALTER TABLE tank.audit DELETE WHERE host = '{name}' AND seq = {seq}"
+    ));
+    let forged = line.trim_end().replacen("\"time\":", "\"time\": ", 1);
+    assert_ne!(forged, line.trim_end());
+    let row = json!({ "host": name, "log": "kernel", "line": forged });
+    store.query(&format!("INSERT INTO tank.audit FORMAT JSONEachRow {row}"));
+    let rows = store.rows(name, "kernel");
+    let (code, b, err) = backfill(store, name, "kernel", &["--json", file]);
+    assert_eq!(code, 1, "{err}{b:#}");
+    assert_eq!(
+        (&b["differing"], &b["differing_seqs"], &b["inserted"]),
+        (&json!(1), &json!([seq]), &json!(0)),
+        "{b:#}"
+    );
+    assert_eq!(store.rows(name, "kernel"), rows, "nothing inserted");
+
+    // Refused, with one line and nothing inserted: a copy of the log with a record edited
+    // (it does not verify), the log named as the other kind, a store that cannot be reached.
+    let copy = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
+        }
+    }
+    let active = copy.path().join("kernel-audit.jsonl");
+    let edited = std::fs::read_to_string(&active)
+        .unwrap()
+        .replacen("record ", "recorb ", 1);
+    std::fs::write(&active, edited).unwrap();
+    let refused = |args: &[&str], log: &str, says: &str| {
+        let (code, _, err) = backfill(store, "host-copy", log, args);
+        assert_eq!(code, 2, "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{err}");
+    };
+    let copied = active.to_str().unwrap();
+    refused(&[copied], "kernel", "does not verify");
+    refused(&[copied], "kernel", "tank-loader audit verify");
+    refused(&[file], "proxy", "metadata.log_name");
+    assert_eq!(store.rows("host-copy", "kernel"), 0);
+    let out = loader(&[
+        "audit",
+        "backfill",
+        "--clickhouse",
+        "http://127.0.0.1:1",
+        "--host",
+        name,
+        "--log",
+        "kernel",
+        file,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+}
+
+#[test]
+fn uncompressed_segments_a_stopped_shipper_missed_are_shipped_when_it_starts_again() {
+    require_root();
+    // `compress = false`: segments stay as rotated; the segments between are read when the
+    // shipper is back, and the store holds the whole chain without a backfill.
+    let mut o = Outage::of("host-plain", false);
+    let (store, name, path, dir) = (&o.store, o.name, &o.path, o.dir.path());
+    let (uncompressed, compressed) = segments_in(dir);
+    assert!(
+        uncompressed >= 2 && compressed == 0,
+        "{uncompressed} segments"
+    );
+    o.shipper.restart();
+    let file = path.to_str().unwrap();
+    let (code, f) = verify_json(&[file]);
+    assert_eq!(code, 0, "{f:#}");
+    store.wait_seqs(name, "kernel", f["records"].as_u64().unwrap());
+    let url = store.url();
+    let (code, v) = verify_json(&["--clickhouse", &url]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(chain(&v, name)["report"]["records"], f["records"], "{v:#}");
+    assert_eq!(chain(&v, name)["report"]["head"], f["head"], "{v:#}");
+
+    // Shipping on across rotations: every record arrives; a segment read by both sources is
+    // there twice, which the reader takes once.
+    for round in 0..4 {
+        o.log.write(41 + round * 10..=50 + round * 10);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    drop(o.log);
+    let (code, f) = verify_json(&[file]);
+    assert_eq!(code, 0, "{f:#}");
+    let records = f["records"].as_u64().unwrap();
+    store.wait_seqs(name, "kernel", records);
+    let (code, v) = verify_json(&["--clickhouse", &url]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(chain(&v, name)["report"]["records"], records, "{v:#}");
+    assert_eq!(chain(&v, name)["report"]["head"], f["head"], "{v:#}");
+    let (code, b, err) = backfill(store, name, "kernel", &["--json", file]);
+    assert_eq!((code, &b["inserted"]), (0, &json!(0)), "{err}{b:#}");
+    // What reading segments costs: the rows once the shipper has sent all it will (no new
+    // row for 2 s), against the records.
+    let mut rows = (store.rows(name, "kernel"), std::time::Instant::now());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while rows.1.elapsed() < std::time::Duration::from_secs(2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shipper never settled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = store.rows(name, "kernel");
+        if now != rows.0 {
+            rows = (now, std::time::Instant::now());
+        }
+    }
+    eprintln!(
+        "{records} records in {} segments and the active file: {} rows in the store",
+        segments_in(dir).0,
+        rows.0
+    );
 }
