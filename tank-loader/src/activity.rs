@@ -12,8 +12,10 @@ use serde::Serialize;
 /// Most buckets in a timeline.
 pub const MAX_BUCKETS: usize = 120;
 
-/// Bucket widths to choose from, ms: the smallest that fits the span in [`MAX_BUCKETS`].
-const WIDTHS_MS: [i64; 17] = [
+/// Bucket widths to choose from, ms: the smallest that fits the span in [`MAX_BUCKETS`]. Past
+/// 30 days each is ten times the one before, up to one that fits any two `i64` times: a log
+/// whose times are garbage (edited, or a clock gone wrong) still gives a bounded picture.
+const WIDTHS_MS: [i64; 26] = [
     1_000,
     5_000,
     10_000,
@@ -31,6 +33,15 @@ const WIDTHS_MS: [i64; 17] = [
     86_400_000,
     604_800_000,
     2_592_000_000,
+    25_920_000_000,
+    259_200_000_000,
+    2_592_000_000_000,
+    25_920_000_000_000,
+    259_200_000_000_000,
+    2_592_000_000_000_000,
+    25_920_000_000_000_000,
+    259_200_000_000_000_000,
+    2_592_000_000_000_000_000,
 ];
 
 /// What one record counts as.
@@ -111,9 +122,28 @@ pub struct RuleCount {
 
 /// Bucket widths records are counted in while they stream by, ms: each divides the next,
 /// and every width of [`WIDTHS_MS`] at least as wide as one of them is a multiple of it, so
-/// the counts re-bucket exactly into whatever width the whole span needs at the end.
-const BASE_MS: [i64; 10] = [
-    1_000, 5_000, 10_000, 30_000, 60_000, 300_000, 1_800_000, 3_600_000, 10_800_000, 86_400_000,
+/// the counts re-bucket exactly into whatever width the whole span needs at the end. From a
+/// day on they are [`WIDTHS_MS`]' own, so the widest holds any span in a few buckets.
+const BASE_MS: [i64; 19] = [
+    1_000,
+    5_000,
+    10_000,
+    30_000,
+    60_000,
+    300_000,
+    1_800_000,
+    3_600_000,
+    10_800_000,
+    86_400_000,
+    2_592_000_000,
+    25_920_000_000,
+    259_200_000_000,
+    2_592_000_000_000,
+    25_920_000_000_000,
+    259_200_000_000_000,
+    2_592_000_000_000_000,
+    25_920_000_000_000_000,
+    259_200_000_000_000_000,
 ];
 
 /// Most base buckets the span may cover before the base widens: a timeline holds at most this
@@ -155,17 +185,19 @@ impl Counts {
         let Some(last) = self.counts.len().checked_sub(1) else {
             return;
         };
-        let last = last as i64;
-        let first = (self.first * from).div_euclid(to);
-        let mut out =
-            vec![0; ((self.first + last) * from).div_euclid(to) as usize - first as usize + 1];
+        // In i128: a bucket index times its width may lie past i64 for garbage times.
+        let (from, to) = (i128::from(from), i128::from(to));
+        let at = |j: usize| (i128::from(self.first) + j as i128) * from;
+        let first = at(0).div_euclid(to);
+        let mut out = vec![0; (at(last).div_euclid(to) - first) as usize + 1];
         for (j, n) in self.counts.iter().enumerate() {
-            out[((self.first + j as i64) * from).div_euclid(to) as usize - first as usize] += n;
+            out[(at(j).div_euclid(to) - first) as usize] += n;
         }
         // Into the same allocation: it keeps the room reserved for a whole span.
         self.counts.clear();
         self.counts.extend_from_slice(&out);
-        self.first = first;
+        // A bucket index of a wider width is smaller, so it fits the i64 the narrower one did.
+        self.first = first as i64;
     }
 }
 
@@ -200,7 +232,9 @@ impl Builder {
     pub fn add(&mut self, i: usize, kind: Kind, time_ms: i64) {
         let (min, max) = self.span.get_or_insert((time_ms, time_ms));
         (*min, *max) = ((*min).min(time_ms), (*max).max(time_ms));
-        while (*max - *min) / BASE_MS[self.base] > MAX_BASE_BUCKETS && self.base + 1 < BASE_MS.len()
+        // abs_diff: the span of two arbitrary times does not fit an i64.
+        while max.abs_diff(*min) / BASE_MS[self.base] as u64 > MAX_BASE_BUCKETS as u64
+            && self.base + 1 < BASE_MS.len()
         {
             let (from, to) = (BASE_MS[self.base], BASE_MS[self.base + 1]);
             for counts in &mut self.counts {
@@ -241,12 +275,13 @@ impl Builder {
         let base = BASE_MS[self.base];
         let fits = *WIDTHS_MS
             .iter()
-            .find(|w| (max - min) / **w < MAX_BUCKETS as i64)
+            .find(|w| max.abs_diff(min) / (**w as u64) < MAX_BUCKETS as u64)
             .unwrap_or(&WIDTHS_MS[WIDTHS_MS.len() - 1]);
         // The base only widens when the span needs more than MAX_BUCKETS of the width before.
         let bucket_ms = fits.max(base);
-        let start_ms = min - min.rem_euclid(bucket_ms);
-        let n = (((max - start_ms) / bucket_ms) as usize + 1).min(MAX_BUCKETS);
+        // Saturating: only times near the ends of i64 (garbage) come near it.
+        let start_ms = min.div_euclid(bucket_ms).saturating_mul(bucket_ms);
+        let n = ((max.abs_diff(start_ms) / bucket_ms as u64) as usize + 1).min(MAX_BUCKETS);
         const ALL: [Kind; KINDS] = [
             Kind::AttemptAllowed,
             Kind::AttemptDenied,
@@ -257,8 +292,8 @@ impl Builder {
         let series = |c: &Counts| {
             let mut out = vec![0; n];
             for (j, count) in c.counts.iter().enumerate() {
-                let t = (c.first + j as i64) * base;
-                out[(((t - start_ms) / bucket_ms) as usize).min(n - 1)] += count;
+                let t = (c.first + j as i64).saturating_mul(base);
+                out[((t.abs_diff(start_ms) / bucket_ms as u64) as usize).min(n - 1)] += count;
             }
             out
         };
@@ -339,6 +374,25 @@ mod tests {
             (a.proxy_rules[1].allowed, a.proxy_rules[1].denied),
             (0, 3334)
         );
+    }
+
+    #[test]
+    fn garbage_times_still_give_a_bounded_picture() {
+        // An edited log (or a clock gone wrong) may hold any i64 as a time.
+        let mut b = Builder::default();
+        let agent = b.timeline("kernel", "agent");
+        let times = [1_800_000_000_000, i64::MAX, 0, i64::MIN, -1, 1_800_000_000_001];
+        for t in times {
+            b.add(agent, Kind::AttemptDenied, t);
+        }
+        assert!(b
+            .counts
+            .iter()
+            .all(|c| c.counts.len() as i64 <= MAX_BASE_BUCKETS + 1));
+        let a = b.finish();
+        let s = &a.hosts[0].series[0];
+        assert!(s.counts.len() <= MAX_BUCKETS);
+        assert_eq!(s.total, times.len() as u64, "every record counted");
     }
 
     #[test]
