@@ -381,7 +381,14 @@ mod tests {
         // An edited log (or a clock gone wrong) may hold any i64 as a time.
         let mut b = Builder::default();
         let agent = b.timeline("kernel", "agent");
-        let times = [1_800_000_000_000, i64::MAX, 0, i64::MIN, -1, 1_800_000_000_001];
+        let times = [
+            1_800_000_000_000,
+            i64::MAX,
+            0,
+            i64::MIN,
+            -1,
+            1_800_000_000_001,
+        ];
         for t in times {
             b.add(agent, Kind::AttemptDenied, t);
         }
