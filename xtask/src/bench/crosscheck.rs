@@ -50,7 +50,7 @@ pub fn run() -> Result<Value> {
         .prefix("tank-bench-crosscheck")
         .tempdir_in(std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into()))?;
     let free = free_bytes(dir.path())?;
-    // Both fleets stay on disk for the interleaved rounds; keep a quarter of the disk free.
+    // All three fleets stay on disk for the interleaved rounds; keep a quarter of the disk free.
     let room = (free / 4 * 3) / BYTES_PER_RECORD;
     let [(_, small), (_, medium), (_, wanted)] = FLEETS;
     let large = wanted.min(room.saturating_sub(small + medium));

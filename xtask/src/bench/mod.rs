@@ -24,10 +24,10 @@ pub enum Suite {
     /// tunnel, refusals, new tunnels/s while held.
     Idle,
     /// `tank-loader audit cross-check` over a synthetic fleet of 1,000 hosts and 2 proxies
-    /// (1M and 10M records): records/s on one core and peak memory. No root needed.
+    /// (1M, 3M and 10M records): records/s on one core and peak memory. No root needed.
     Crosscheck,
     /// Kernel, proxy (idle tunnels included) and inspect (crosscheck apart: it writes about
-    /// 11 GB of logs).
+    /// 13 GB of logs).
     All,
 }
 
