@@ -12,10 +12,9 @@ use serde::Serialize;
 /// Most buckets in a timeline.
 pub const MAX_BUCKETS: usize = 120;
 
-/// Bucket widths to choose from, ms: the smallest that fits the span in [`MAX_BUCKETS`]. Past
-/// 30 days each is ten times the one before, up to one that fits any two `i64` times: a log
-/// whose times are garbage (edited, or a clock gone wrong) still gives a bounded picture.
-const WIDTHS_MS: [i64; 26] = [
+/// Bucket widths to choose from, ms: the smallest that fits the span in [`MAX_BUCKETS`], or
+/// past the last one [`wider`]'s.
+const WIDTHS_MS: [i64; 17] = [
     1_000,
     5_000,
     10_000,
@@ -33,16 +32,15 @@ const WIDTHS_MS: [i64; 26] = [
     86_400_000,
     604_800_000,
     2_592_000_000,
-    25_920_000_000,
-    259_200_000_000,
-    2_592_000_000_000,
-    25_920_000_000_000,
-    259_200_000_000_000,
-    2_592_000_000_000_000,
-    25_920_000_000_000_000,
-    259_200_000_000_000_000,
-    2_592_000_000_000_000_000,
 ];
+
+/// A width past both tables: ten times `w`, from 30 days on. Only a log whose times are
+/// garbage (edited, or a clock gone wrong) gets here; the widest needed for any two `i64`
+/// times is 2.6e18 ms, so a span of them still fits a few buckets and memory stays bounded.
+fn wider(w: i64) -> i64 {
+    w.max(WIDTHS_MS[WIDTHS_MS.len() - 1] / 10)
+        .saturating_mul(10)
+}
 
 /// What one record counts as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -122,28 +120,10 @@ pub struct RuleCount {
 
 /// Bucket widths records are counted in while they stream by, ms: each divides the next,
 /// and every width of [`WIDTHS_MS`] at least as wide as one of them is a multiple of it, so
-/// the counts re-bucket exactly into whatever width the whole span needs at the end. From a
-/// day on they are [`WIDTHS_MS`]' own, so the widest holds any span in a few buckets.
-const BASE_MS: [i64; 19] = [
-    1_000,
-    5_000,
-    10_000,
-    30_000,
-    60_000,
-    300_000,
-    1_800_000,
-    3_600_000,
-    10_800_000,
-    86_400_000,
-    2_592_000_000,
-    25_920_000_000,
-    259_200_000_000,
-    2_592_000_000_000,
-    25_920_000_000_000,
-    259_200_000_000_000,
-    2_592_000_000_000_000,
-    25_920_000_000_000_000,
-    259_200_000_000_000_000,
+/// the counts re-bucket exactly into whatever width the whole span needs at the end. Past a
+/// day, [`wider`]'s (30 days, then ten times each), which the widths past the table share.
+const BASE_MS: [i64; 10] = [
+    1_000, 5_000, 10_000, 30_000, 60_000, 300_000, 1_800_000, 3_600_000, 10_800_000, 86_400_000,
 ];
 
 /// Most base buckets the span may cover before the base widens: a timeline holds at most this
@@ -208,7 +188,8 @@ pub struct Builder {
     hosts: Vec<(&'static str, String)>,
     /// Per timeline and kind (`timeline * KINDS + kind`).
     counts: Vec<Counts>,
-    base: usize,
+    /// The base width counts are kept in, ms (0 before the first record: `BASE_MS[0]`).
+    base_ms: i64,
     span: Option<(i64, i64)>,
     rules: BTreeMap<String, (u64, u64)>,
 }
@@ -233,16 +214,22 @@ impl Builder {
         let (min, max) = self.span.get_or_insert((time_ms, time_ms));
         (*min, *max) = ((*min).min(time_ms), (*max).max(time_ms));
         // abs_diff: the span of two arbitrary times does not fit an i64.
-        while max.abs_diff(*min) / BASE_MS[self.base] as u64 > MAX_BASE_BUCKETS as u64
-            && self.base + 1 < BASE_MS.len()
-        {
-            let (from, to) = (BASE_MS[self.base], BASE_MS[self.base + 1]);
+        let from = self.base_ms.max(BASE_MS[0]);
+        let mut to = from;
+        while max.abs_diff(*min) / to as u64 > MAX_BASE_BUCKETS as u64 {
+            to = BASE_MS
+                .iter()
+                .copied()
+                .find(|w| *w > to)
+                .unwrap_or_else(|| wider(to));
+        }
+        if to != from {
             for counts in &mut self.counts {
                 counts.widen(from, to);
             }
-            self.base += 1;
         }
-        self.counts[i * KINDS + kind as usize].add(time_ms.div_euclid(BASE_MS[self.base]));
+        self.base_ms = to;
+        self.counts[i * KINDS + kind as usize].add(time_ms.div_euclid(to));
     }
 
     /// Counts a proxy record by its rule.
@@ -272,11 +259,16 @@ impl Builder {
                 ..Activity::default()
             };
         };
-        let base = BASE_MS[self.base];
-        let fits = *WIDTHS_MS
+        let base = self.base_ms;
+        let fits_span = |w: i64| max.abs_diff(min) / (w as u64) < MAX_BUCKETS as u64;
+        let mut fits = WIDTHS_MS
             .iter()
-            .find(|w| max.abs_diff(min) / (**w as u64) < MAX_BUCKETS as u64)
-            .unwrap_or(&WIDTHS_MS[WIDTHS_MS.len() - 1]);
+            .copied()
+            .find(|w| fits_span(*w))
+            .unwrap_or(WIDTHS_MS[WIDTHS_MS.len() - 1]);
+        while !fits_span(fits) {
+            fits = wider(fits);
+        }
         // The base only widens when the span needs more than MAX_BUCKETS of the width before.
         let bucket_ms = fits.max(base);
         // Saturating: only times near the ends of i64 (garbage) come near it.
