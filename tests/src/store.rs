@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::prometheus::free_port;
+
 /// The repository's root (the tests crate sits in `tests/`).
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -19,13 +21,9 @@ pub fn repo() -> PathBuf {
         .to_owned()
 }
 
-/// A loopback TCP port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a loopback port")
-        .port()
-}
+/// Starts of a server whose port was taken before it bound it (free when picked, then taken
+/// by another test's server or an outgoing connection's ephemeral port).
+const PORT_TRIES: usize = 5;
 
 /// Stops `child` (SIGTERM, then SIGKILL after `grace`) and reaps it.
 fn stop(child: &mut Child, grace: Duration) {
@@ -59,6 +57,18 @@ impl ClickHouse {
     // Not `Default`: starting a server is a side effect, not a default value.
     #[allow(clippy::new_without_default)]
     pub fn start() -> Self {
+        for _ in 1..PORT_TRIES {
+            match Self::try_start() {
+                Ok(server) => return server,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("{log}"),
+            }
+        }
+        Self::try_start().unwrap_or_else(|log| panic!("{log}"))
+    }
+
+    /// One start on freshly picked ports; on failure, what the server said.
+    fn try_start() -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (port, tcp_port) = (free_port(), free_port());
         let data = dir.path().join("data");
@@ -92,12 +102,12 @@ impl ClickHouse {
             dir,
             port,
         };
-        server.wait_ready();
+        server.wait_ready()?;
         let sql = std::fs::read_to_string(repo().join("image/fleet/clickhouse.sql")).unwrap();
         for statement in sql.split(";\n").filter(|s| !s.trim().is_empty()) {
             server.query(statement);
         }
-        server
+        Ok(server)
     }
 
     /// Stops the server (an outage of the store); [`Self::restart`] brings it back with its
@@ -112,28 +122,28 @@ impl ClickHouse {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "clickhouse-server already running");
         self.child = Some(spawn(self.dir.path()));
-        self.wait_ready();
+        self.wait_ready().unwrap_or_else(|log| panic!("{log}"));
     }
 
-    /// Waits (bounded) until the server answers.
-    fn wait_ready(&mut self) {
+    /// Waits (bounded) until the server answers; if it exits or stays silent, what it logged.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let log = self.dir.path().join("server.log");
         let deadline = Instant::now() + Duration::from_secs(30);
+        let logged = || std::fs::read_to_string(&log).unwrap_or_default();
         while self.try_query("SELECT 1").is_err() {
             let child = self.child.as_mut().expect("running");
             if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "clickhouse-server exited ({status}): {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
+                return Err(format!("clickhouse-server exited ({status}): {}", logged()));
             }
-            assert!(
-                Instant::now() < deadline,
-                "clickhouse-server did not answer in 30 s: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "clickhouse-server did not answer in 30 s: {}",
+                    logged()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
+        Ok(())
     }
 
     /// `http://127.0.0.1:PORT`, as `--clickhouse` and the shippers take it.
