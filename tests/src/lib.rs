@@ -433,9 +433,24 @@ pub fn nft_section(extra: &str) -> (String, String) {
 }
 
 /// The connection records of a verified kernel audit log (panics if the chain is broken).
+///
+/// A loader may be appending while this reads: a read that catches a batch half-written
+/// (the file grows a page at a time, so its last line is not yet whole) is taken again, for a
+/// bounded while. A partial last line that stays, and any other problem, panics.
 pub fn network_records(log: &Path) -> Vec<NetworkRecord> {
-    let Ok((report, records)) = chain::read(log) else {
-        return Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (report, records) = loop {
+        let Ok((report, records)) = chain::read(log) else {
+            return Vec::new();
+        };
+        let mid_write = matches!(
+            report.problems.as_slice(),
+            [chain::Problem::PartialLastLine { .. }]
+        );
+        if !mid_write || Instant::now() >= deadline {
+            break (report, records);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     };
     assert!(
         report.is_intact(),
