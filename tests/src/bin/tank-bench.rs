@@ -40,6 +40,8 @@ const THROUGHPUT_SECS: f64 = 0.5;
 /// Denied attempts per flood worker: two workers make 1,000,000 events, which the bench's
 /// 128 MiB ring buffer holds (about 1.19 million of 112 bytes) while the drain is stopped.
 const FLOOD_PER_WORKER: u64 = 500_000;
+/// The guarded cases' ring buffer: 128 MiB.
+const RING_BYTES: u64 = 128 << 20;
 const COLD_STARTS: usize = 5;
 const MAP_ENTRIES: usize = 10_000;
 const DRAIN_ROUNDS: usize = 3;
@@ -73,7 +75,7 @@ fn bench(scrape: bool) -> Value {
     let metrics_listen = metrics.map_or(String::new(), |a| format!("metrics_listen = \"{a}\"\n"));
     let gate1_loader = Loader::start(
         &gate1,
-        &format!("{proxy}\n{metrics_listen}ring_buffer_bytes = 134217728"),
+        &format!("{proxy}\n{metrics_listen}ring_buffer_bytes = {RING_BYTES}"),
     );
     let gate10k = TestCgroups::new();
     // The same ring as gate1, so the two differ only in the allow map: with the default
@@ -82,7 +84,7 @@ fn bench(scrape: bool) -> Value {
     let gate10k_loader = Loader::start(
         &gate10k,
         &format!(
-            "{proxy}\nring_buffer_bytes = 134217728\n{}",
+            "{proxy}\nring_buffer_bytes = {RING_BYTES}\n{}",
             many_entries(MAP_ENTRIES)
         ),
     );
