@@ -18,6 +18,9 @@
 //!
 //! Usage: tank-bench OUT.json [--scrape-metrics]
 
+mod ceilings;
+mod null_gate;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -93,8 +96,12 @@ fn bench(scrape: bool) -> Value {
     }
     // Two ungated cgroups: the baseline, and a second one for the A/A control.
     let (base, base_b) = (&gate1.sibling, &gate10k.sibling);
+    // The same hooks with programs that do nothing: what any gate on them costs.
+    let null = TestCgroups::new();
+    let _null_gate = null_gate::NullGate::attach(&null.agent);
 
-    // connect()+close latency: unconfined vs allowed-and-recorded vs 10k-entry allow map.
+    // connect()+close latency: unconfined vs allowed-and-recorded vs 10k-entry allow map vs
+    // null hooks.
     let args = [
         "connect".to_owned(),
         listener.addr.to_string(),
@@ -108,7 +115,13 @@ fn bench(scrape: bool) -> Value {
     };
     let latency = interleaved(
         LATENCY_ROUNDS,
-        &[base.as_path(), base_b, &gate1.agent, &gate10k.agent],
+        &[
+            base.as_path(),
+            base_b,
+            &gate1.agent,
+            &gate10k.agent,
+            &null.agent,
+        ],
         p50,
     );
     eprintln!(
@@ -169,10 +182,19 @@ fn bench(scrape: bool) -> Value {
         drop(loader);
     }
 
+    // The disk's durable write bandwidth where the log is, before the flood leaves its
+    // segments to compress in the background.
+    let log_dir = gate1_loader
+        .audit_log
+        .parent()
+        .expect("audit log directory");
+    let disk = ceilings::disk_bytes_per_s(log_dir);
+
     // Denied attempts flood an unlisted port on loopback with the drain stopped, then the
     // drain is timed from a full ring (`denied_flood`): no ring to hide a slow drain.
     let denied_target = listener.other_addr.to_string();
     let flood = denied_flood(&gate1_loader, &gate1, &denied_target, None);
+    let (record_bytes, hash) = ceilings::records(&gate1_loader.audit_log);
     // With --scrape-metrics: the same, in rounds alternating between unscraped and scraped
     // every second during the drain, so the scrape's cost is seen against the drain's spread.
     let scraped = metrics.map(|addr| {
@@ -203,10 +225,13 @@ fn bench(scrape: bool) -> Value {
             "unconfined_control": median(&latency[1]),
             "gate_allowed_recorded": median(&latency[2]),
             "gate_10k_entries": median(&latency[3]),
+            "null_hooks": median(&latency[4]),
         },
         "connect_ratio_control_vs_unconfined": ratio_spread(&latency[1], &latency[0]),
         "connect_ratio_gate_vs_unconfined": ratio_spread(&latency[2], &latency[0]),
         "connect_ratio_10k_vs_1_entry": ratio_spread(&latency[3], &latency[2]),
+        "connect_ratio_null_hooks_vs_unconfined": ratio_spread(&latency[4], &latency[0]),
+        "connect_ratio_gate_vs_null_hooks": ratio_spread(&latency[2], &latency[4]),
         "throughput_bytes_per_s": {
             "unconfined": median(&throughput[0]),
             "unconfined_control": median(&throughput[1]),
@@ -223,6 +248,7 @@ fn bench(scrape: bool) -> Value {
             "drain_seconds": flood.drain_secs,
             "drain_events_per_s": flood.drain_rate(),
         },
+        "drain_ceilings": ceilings::figures(record_bytes, disk, hash, flood.drain_rate()),
         "drain_events_per_s_scraped": scraped,
         "programs": programs,
         "cold_start_ms": { "median": med(&mut cold.clone()), "all": cold },
@@ -256,12 +282,17 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// A ratio measured round by round, from the per-round ratios `a[i] / b[i]` (the same round
-/// of both cases): their median, quartiles, min and max.
+/// of both cases): their median, quartiles, min and max, and a 95% confidence interval of the
+/// median (distribution-free: the order statistics at ranks n/2 ± 0.98·√n), which says
+/// whether a goal such as 1.03x is told apart from the figure or lies inside its uncertainty.
 fn ratio_spread(a: &[f64], b: &[f64]) -> Value {
     let mut r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
     r.sort_by(f64::total_cmp);
     let at = |q: f64| r[((r.len() - 1) as f64 * q).round() as usize];
+    let n = r.len() as f64;
+    let k = ((n - 1.96 * n.sqrt()) / 2.0).floor().max(0.0) as usize;
     json!({
+        "median_ci95": [r[k], r[r.len() - 1 - k]],
         "median": at(0.5),
         "p25": at(0.25),
         "p75": at(0.75),
@@ -545,30 +576,35 @@ fn program_costs(
 fn print_table(f: &Value) {
     let row = |name: &str, value: String, goal: &str, ok: bool| {
         println!(
-            "{name:<44} {value:>40}   {goal:<10} {}",
+            "{name:<44} {value:>54}   {goal:<10} {}",
             if ok { "met" } else { "NOT MET" }
         );
     };
     println!(
-        "{:<44} {:>40}   {:<10}",
+        "{:<44} {:>54}   {:<10}",
         "kernel benchmark", "measured", "goal"
     );
     let spread = |key: &str| {
         let s = &f[key];
         let v = |k: &str| s[k].as_f64().unwrap();
+        let ci = |i: usize| s["median_ci95"][i].as_f64().unwrap();
         (
             v("median"),
             format!(
-                "{:.3}x [{:.3} {:.3}] ({:.3}-{:.3})",
+                "{:.3}x [{:.3} {:.3}] ({:.3}-{:.3}) ci {:.3}-{:.3}",
                 v("median"),
                 v("p25"),
                 v("p75"),
                 v("min"),
-                v("max")
+                v("max"),
+                ci(0),
+                ci(1)
             ),
         )
     };
-    println!("ratios: median of per-round ratios [quartiles] (min-max)");
+    println!(
+        "ratios: median of per-round ratios [quartiles] (min-max) ci: the median's 95% interval"
+    );
     let (r, text) = spread("connect_ratio_gate_vs_unconfined");
     row(
         "connect+close p50, gate / unconfined",
@@ -578,6 +614,10 @@ fn print_table(f: &Value) {
     );
     let (_, text) = spread("connect_ratio_control_vs_unconfined");
     row("  control: unconfined / unconfined", text, "-", true);
+    let (_, text) = spread("connect_ratio_null_hooks_vs_unconfined");
+    row("  floor: null programs on the same hooks", text, "-", true);
+    let (_, text) = spread("connect_ratio_gate_vs_null_hooks");
+    row("  tank's programs' work: gate / null", text, "-", true);
     let (t, text) = spread("throughput_ratio_gate_vs_unconfined");
     let control = &f["throughput_ratio_control_vs_unconfined"];
     // Unchanged within the spread: no further below 1 than the A/A control's own spread.
@@ -622,6 +662,38 @@ fn print_table(f: &Value) {
         format!("{drain:.0}"),
         ">= 1000000",
         drain >= 1_000_000.0,
+    );
+    let c = &f["drain_ceilings"];
+    let c = |k: &str| c[k].as_f64().unwrap();
+    row(
+        "    MB/s written durably, bytes per record",
+        format!(
+            "{:.0} MB/s, {:.0} B",
+            c("drain_bytes_per_s") / 1e6,
+            c("record_bytes")
+        ),
+        "-",
+        true,
+    );
+    row(
+        "    ceiling: the disk's durable writes",
+        format!(
+            "{:.0} MB/s = {:.0}/s",
+            c("disk_bytes_per_s") / 1e6,
+            c("disk_events_per_s")
+        ),
+        "-",
+        true,
+    );
+    row(
+        "    ceiling: SHA-256 of each line, one core",
+        format!(
+            "{:.0} MB/s = {:.0}/s",
+            c("sha256_bytes_per_s") / 1e6,
+            c("sha256_events_per_s")
+        ),
+        "-",
+        true,
     );
     if let Some(s) = f["drain_events_per_s_scraped"].as_object() {
         let (plain, scraped) = (&s["unscraped"], &s["scraped_every_1s"]);
