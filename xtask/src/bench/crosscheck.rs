@@ -14,6 +14,13 @@
 //! peak memory that does not grow with the record count (each size's against the
 //! smallest's; 3M and 10M are both past those first minutes).
 //!
+//! Beside it, each round times two floors of the work per line over the small fleet, on the
+//! same CPU: SHA-256 of every line (the cross-check verifies every chain as it reads, each
+//! line hashed once), and that plus serde_json reading every line while keeping nothing
+//! (`IgnoredAny`: the least a serde_json reader does, whatever fields it then takes). Their
+//! rates are ceilings no cross-check of these records, verifying them as it reads, can pass on
+//! this core.
+//!
 //! The logs take about 1 KB a record: the bench checks the free space first and scales the
 //! largest fleet down (and says so in its report) when the disk is short, and removes them
 //! after.
@@ -23,7 +30,9 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use serde::de::IgnoredAny;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::proxy::{build_release_of, loadavg, round, spread};
 use super::uptime;
@@ -90,7 +99,15 @@ pub fn run() -> Result<Value> {
         fleets.push((name, fleet));
     }
     let mut samples: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); fleets.len()];
+    let (mut hash_rates, mut read_rates) = (Vec::new(), Vec::new());
     for r in 0..ROUNDS {
+        let (hash, read) = ceilings(&fleets[0].1, cpu)?;
+        eprintln!(
+            "bench: round {}: SHA-256 of every line alone {hash:.0} records/s, with serde_json reading it {read:.0}",
+            r + 1
+        );
+        hash_rates.push(hash);
+        read_rates.push(read);
         // Each size first, middle and last once over the rounds.
         let order = (0..fleets.len()).map(|k| (k + r) % fleets.len());
         for i in order {
@@ -119,6 +136,8 @@ pub fn run() -> Result<Value> {
         "rounds": ROUNDS,
         "goal_records_per_s": 1_000_000,
         "scaled_down": large < wanted,
+        "sha256_alone_records_per_s": spread(&hash_rates),
+        "sha256_and_json_read_records_per_s": spread(&read_rates),
     });
     for ((name, fleet), s) in fleets.iter().zip(&samples) {
         let bytes: u64 = fleet["bytes"].as_u64().unwrap_or(0);
@@ -184,6 +203,93 @@ fn cross_check(loader: &Path, fleet: &Value, cpu: usize, report: &Path) -> Resul
     let records = fleet["records"].as_f64().context("records")?;
     let cpu_secs = usage.0;
     Ok((records / wall, records / cpu_secs, usage.1 as f64 / 1024.0))
+}
+
+/// Records/s over every line of `fleet`'s logs (segments and active files), on `cpu`, the
+/// files read before the clock starts: of SHA-256 alone, and of SHA-256 plus serde_json
+/// reading the line into nothing.
+fn ceilings(fleet: &Value, cpu: usize) -> Result<(f64, f64)> {
+    let pinned = Pinned::to(cpu)?;
+    let (mut lines, mut hash_secs, mut read_secs) = (0u64, 0.0, 0.0);
+    for log in ["kernel_logs", "proxy_logs"]
+        .iter()
+        .flat_map(|k| fleet[k].as_array().into_iter().flatten())
+    {
+        let log = Path::new(log.as_str().context("a path")?);
+        let name = log
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("a log name")?;
+        for entry in std::fs::read_dir(log.parent().context("a log directory")?)? {
+            let path = entry?.path();
+            let file = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            // The active file and its segments (`<log>.` and digits), not the anchor.
+            let segment = file
+                .strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if file != name && !segment {
+                continue;
+            }
+            let bytes = std::fs::read(&path)?;
+            let each = || bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+            let started = Instant::now();
+            for line in each() {
+                std::hint::black_box(Sha256::digest(line));
+                lines += 1;
+            }
+            hash_secs += started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            for line in each() {
+                serde_json::from_slice::<IgnoredAny>(line)
+                    .with_context(|| format!("a line of {} is not JSON", path.display()))?;
+            }
+            read_secs += started.elapsed().as_secs_f64();
+        }
+    }
+    drop(pinned);
+    let records = fleet["records"].as_u64().context("records")?;
+    if lines < records {
+        bail!("read {lines} lines of the fleet's {records} records");
+    }
+    let lines = lines as f64;
+    Ok((lines / hash_secs, lines / (hash_secs + read_secs)))
+}
+
+/// This thread pinned to one CPU while it lives, then back on the CPUs it had.
+struct Pinned(libc::cpu_set_t);
+
+impl Pinned {
+    fn to(cpu: usize) -> Result<Self> {
+        // SAFETY: cpu_set_t is plain data; the calls read and write the one we pass, for this
+        // thread (pid 0).
+        unsafe {
+            let mut old: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            if libc::sched_getaffinity(0, size, &mut old) != 0 {
+                bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+            }
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut one);
+            if libc::sched_setaffinity(0, size, &one) != 0 {
+                bail!(
+                    "sched_setaffinity to CPU {cpu}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            Ok(Self(old))
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: as in `to`, restoring the set it read.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+    }
 }
 
 /// Waits for `pid`: its exit code, and (user + system CPU seconds, peak RSS KiB).
@@ -252,5 +358,10 @@ fn print_table(r: &Value) {
     println!(
         "peak RSS medium/small: {}, large/small: {} (goal: not growing with the records, ~1.0)",
         r["peak_rss_medium_over_small"], r["peak_rss_large_over_small"]
+    );
+    println!(
+        "ceilings, small fleet, records/s: SHA-256 of every line alone {}; with serde_json reading each {}",
+        cell(&r["sha256_alone_records_per_s"]),
+        cell(&r["sha256_and_json_read_records_per_s"])
     );
 }
