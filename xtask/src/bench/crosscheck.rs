@@ -15,7 +15,7 @@
 //! smallest's; 3M and 10M are both past those first minutes).
 //!
 //! Beside it, each round times two floors of the work per line over the small fleet, on the
-//! same CPU: SHA-256 of every line (the cross-check verifies every chain as it reads, each
+//! same CPU (`tank-loader/examples/line_floors.rs`, release): SHA-256 of every line (the cross-check verifies every chain as it reads, each
 //! line hashed once), and that plus serde_json reading every line while keeping nothing
 //! (`IgnoredAny`: the least a serde_json reader does, whatever fields it then takes). Their
 //! rates are ceilings no cross-check of these records, verifying them as it reads, can pass on
@@ -30,9 +30,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde::de::IgnoredAny;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::proxy::{build_release_of, loadavg, round, spread};
 use super::uptime;
@@ -55,6 +53,7 @@ pub fn run() -> Result<Value> {
     let uptime_start = uptime();
     let generator = build_release_of("tank-loader", &["--example", "fleet_logs"], "fleet_logs")?;
     let loader = build_release_of("tank-loader", &["--bin", "tank-loader"], "tank-loader")?;
+    let floors = build_release_of("tank-loader", &["--example", "line_floors"], "line_floors")?;
     let dir = tempfile::Builder::new()
         .prefix("tank-bench-crosscheck")
         .tempdir_in(std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into()))?;
@@ -99,9 +98,10 @@ pub fn run() -> Result<Value> {
         fleets.push((name, fleet));
     }
     let mut samples: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); fleets.len()];
-    let (mut hash_rates, mut read_rates) = (Vec::new(), Vec::new());
+    let (mut hash_rates, mut read_rates, mut mean_line) = (Vec::new(), Vec::new(), 0.0);
     for r in 0..ROUNDS {
-        let (hash, read) = ceilings(&fleets[0].1, cpu)?;
+        let (hash, read, line_bytes) = ceilings(&floors, &fleets[0].1, cpu)?;
+        mean_line = line_bytes;
         eprintln!(
             "bench: round {}: SHA-256 of every line alone {hash:.0} records/s, with serde_json reading it {read:.0}",
             r + 1
@@ -138,6 +138,7 @@ pub fn run() -> Result<Value> {
         "scaled_down": large < wanted,
         "sha256_alone_records_per_s": spread(&hash_rates),
         "sha256_and_json_read_records_per_s": spread(&read_rates),
+        "small_fleet_mean_line_bytes": round(mean_line, 0),
     });
     for ((name, fleet), s) in fleets.iter().zip(&samples) {
         let bytes: u64 = fleet["bytes"].as_u64().unwrap_or(0);
@@ -205,91 +206,38 @@ fn cross_check(loader: &Path, fleet: &Value, cpu: usize, report: &Path) -> Resul
     Ok((records / wall, records / cpu_secs, usage.1 as f64 / 1024.0))
 }
 
-/// Records/s over every line of `fleet`'s logs (segments and active files), on `cpu`, the
-/// files read before the clock starts: of SHA-256 alone, and of SHA-256 plus serde_json
-/// reading the line into nothing.
-fn ceilings(fleet: &Value, cpu: usize) -> Result<(f64, f64)> {
-    let pinned = Pinned::to(cpu)?;
-    let (mut lines, mut hash_secs, mut read_secs) = (0u64, 0.0, 0.0);
-    for log in ["kernel_logs", "proxy_logs"]
-        .iter()
-        .flat_map(|k| fleet[k].as_array().into_iter().flatten())
-    {
-        let log = Path::new(log.as_str().context("a path")?);
-        let name = log
-            .file_name()
-            .and_then(|n| n.to_str())
-            .context("a log name")?;
-        for entry in std::fs::read_dir(log.parent().context("a log directory")?)? {
-            let path = entry?.path();
-            let file = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            // The active file and its segments (`<log>.` and digits), not the anchor.
-            let segment = file
-                .strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix('.'))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-            if file != name && !segment {
-                continue;
-            }
-            let bytes = std::fs::read(&path)?;
-            let each = || bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty());
-            let started = Instant::now();
-            for line in each() {
-                std::hint::black_box(Sha256::digest(line));
-                lines += 1;
-            }
-            hash_secs += started.elapsed().as_secs_f64();
-            let started = Instant::now();
-            for line in each() {
-                serde_json::from_slice::<IgnoredAny>(line)
-                    .with_context(|| format!("a line of {} is not JSON", path.display()))?;
-            }
-            read_secs += started.elapsed().as_secs_f64();
+/// The per-line floors over `fleet`'s logs on `cpu` (`line_floors`, release): records/s of
+/// SHA-256 alone, and of SHA-256 plus serde_json reading each line into nothing; and the
+/// lines' mean size.
+fn ceilings(floors: &Path, fleet: &Value, cpu: usize) -> Result<(f64, f64, f64)> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &cpu.to_string()]).arg(floors);
+    for logs in ["kernel_logs", "proxy_logs"] {
+        for log in fleet[logs].as_array().context("log list")? {
+            cmd.arg(log.as_str().context("a path")?);
         }
     }
-    drop(pinned);
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run taskset line_floors")?;
+    if !out.status.success() {
+        bail!("line_floors failed");
+    }
+    let f: Value = serde_json::from_slice(&out.stdout).context("line_floors' output")?;
     let records = fleet["records"].as_u64().context("records")?;
-    if lines < records {
-        bail!("read {lines} lines of the fleet's {records} records");
+    if f["lines"].as_u64().unwrap_or(0) < records {
+        bail!(
+            "line_floors read {} lines of the fleet's {records} records",
+            f["lines"]
+        );
     }
-    let lines = lines as f64;
-    Ok((lines / hash_secs, lines / (hash_secs + read_secs)))
-}
-
-/// This thread pinned to one CPU while it lives, then back on the CPUs it had.
-struct Pinned(libc::cpu_set_t);
-
-impl Pinned {
-    fn to(cpu: usize) -> Result<Self> {
-        // SAFETY: cpu_set_t is plain data; the calls read and write the one we pass, for this
-        // thread (pid 0).
-        unsafe {
-            let mut old: libc::cpu_set_t = std::mem::zeroed();
-            let size = std::mem::size_of::<libc::cpu_set_t>();
-            if libc::sched_getaffinity(0, size, &mut old) != 0 {
-                bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
-            }
-            let mut one: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut one);
-            if libc::sched_setaffinity(0, size, &one) != 0 {
-                bail!(
-                    "sched_setaffinity to CPU {cpu}: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            Ok(Self(old))
-        }
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        // SAFETY: as in `to`, restoring the set it read.
-        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
-    }
+    let rate = |k: &str| f[k].as_f64().with_context(|| format!("line_floors' {k}"));
+    Ok((
+        rate("sha256_records_per_s")?,
+        rate("sha256_and_read_records_per_s")?,
+        rate("mean_line_bytes")?,
+    ))
 }
 
 /// Waits for `pid`: its exit code, and (user + system CPU seconds, peak RSS KiB).
