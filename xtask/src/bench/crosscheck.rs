@@ -15,11 +15,11 @@
 //! smallest's; 3M and 10M are both past those first minutes).
 //!
 //! Beside it, each round times two floors of the work per line over the small fleet, on the
-//! same CPU (`tank-loader/examples/line_floors.rs`, release): SHA-256 of every line (the cross-check verifies every chain as it reads, each
-//! line hashed once), and that plus serde_json reading every line while keeping nothing
-//! (`IgnoredAny`: the least a serde_json reader does, whatever fields it then takes). Their
-//! rates are ceilings no cross-check of these records, verifying them as it reads, can pass on
-//! this core.
+//! same CPU (`tank-loader/examples/line_floors.rs`, release): SHA-256 of every line (the
+//! cross-check verifies every chain as it reads, each line hashed once), and that plus
+//! serde_json reading every line while keeping nothing (`IgnoredAny`: the least a serde_json
+//! reader does, whatever fields it then takes). Their rates are ceilings no cross-check of
+//! these records, verifying them as it reads, can pass on this core.
 //!
 //! The logs take about 1 KB a record: the bench checks the free space first and scales the
 //! largest fleet down (and says so in its report) when the disk is short, and removes them
