@@ -559,10 +559,11 @@ impl Writer {
                 "unrecorded_refusals": o.unrecorded,
             }),
         );
-        // It needs the same room as any refusal record after it.
+        // It needs the same room as any refusal record after it, and serving resumes only
+        // with room for more than itself (else the next request meets the full disk again).
         if self
             .writer
-            .append_keeping(&record, self.reserve + self.held())
+            .append_keeping(&record, self.reserve + self.held() + chain::RESUME_ROOM)
             .is_err()
         {
             return false;

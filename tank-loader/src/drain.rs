@@ -34,7 +34,7 @@ use anyhow::Context;
 use aya::maps::{MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
 use std::os::fd::AsFd;
-use tank_ebpf_common::chain::{ChainError, ChainWriter};
+use tank_ebpf_common::chain::{self, ChainError, ChainWriter};
 use tank_ebpf_common::event::{hook, verdict, Event};
 use tank_ebpf_common::ocsf::kernel::{
     Formatter, LifecycleRecord, UnrecordedRecord, UnrecordedTotals,
@@ -55,10 +55,6 @@ const ANCHOR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Events appended between two syncs at most: bounds the batch a crash can force the next
 /// loader to read again.
 const BATCH: usize = 1 << 16;
-
-/// Room beyond its reserve the log must have again before a drain stalled by a full disk
-/// resumes (what `tank-loader status` checks too).
-const RESUME_ROOM: u64 = 64 * 1024;
 
 /// What the drain has accounted for, kept beside the log in `<log>.drain` after each sync.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,7 +283,7 @@ impl Drain {
         let Some(stall) = &self.stall else {
             return Ok(true);
         };
-        match log.make_room(log.reserve_bytes() + RESUME_ROOM) {
+        match log.make_room(log.reserve_bytes() + chain::RESUME_ROOM) {
             Err(e) if e.is_full() => return Ok(false),
             r => r?,
         }

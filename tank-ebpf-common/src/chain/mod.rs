@@ -61,7 +61,9 @@ pub use verify::{
     lines, read, read_anchor, read_series, verify, ChainFields, Line, Lines, Problem, Record,
     Report, SegmentSummary, StreamVerifier,
 };
-pub use writer::{ChainWriter, Options, Recovery, Rotated, Rotation, Settings, FLUSH_BYTES};
+pub use writer::{
+    ChainWriter, Options, Recovery, Rotated, Rotation, Settings, FLUSH_BYTES, RESUME_ROOM,
+};
 
 /// A SHA-256 of one record's line; written as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -21,6 +21,11 @@ const ANCHOR_WIDTH: usize = 127;
 /// A batch is written to the file once it holds this many bytes.
 pub const FLUSH_BYTES: usize = 1 << 20;
 
+/// Room beyond its reserve a log must have again before a writer that a full disk stopped
+/// resumes: with less, the first records after the outage record would meet the full disk
+/// again, and the writer would flap between refusing and serving.
+pub const RESUME_ROOM: u64 = 64 * 1024;
+
 /// When and how a writer rotates its log into segments. All off by default.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rotation {
